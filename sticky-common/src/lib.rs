@@ -1,0 +1,189 @@
+//! The Rust mirror of `sticky-ebpf/include/sticky.h`: every map key, value
+//! and constant that user space shares with the kernel programs.
+//!
+//! The kernel side is C (see `sticky-ebpf`), so nothing checks these layouts
+//! at compile time. `tests/layout.rs` compiles the header with the C compiler
+//! and compares every size and offset with the definitions here: change both
+//! files together and that test tells you if they drifted.
+
+/// Worker listeners occupy slots `0..MAX_WORKERS` of the listener sockarray.
+pub const MAX_WORKERS: u32 = 256;
+/// Slot of the sorting listener, which takes every SYN.
+pub const SORTING_SLOT: u32 = MAX_WORKERS;
+/// Slot of the supervisor's 503 listener, used when no worker is alive.
+pub const REJECT_SLOT: u32 = MAX_WORKERS + 1;
+pub const SLOTS: u32 = MAX_WORKERS + 2;
+/// Longest session id, in bytes.
+pub const SID_MAX: usize = 64;
+/// Longest `name=` of the sid query parameter, in bytes.
+pub const PARAM_MAX: usize = 16;
+/// Bytes of the first data segment the kernel parser looks at.
+pub const SCAN_MAX: usize = 1024;
+pub const NO_WORKER: u32 = u32::MAX;
+pub const SESSIONS_MAX: u32 = 1 << 20;
+pub const FLOWS_MAX: u32 = 65536;
+
+/// How connections without a known sid are spread (`enum sticky_balance`).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Balance {
+    Random = 0,
+    RoundRobin = 1,
+    LeastConnection = 2,
+}
+
+/// `enum sticky_mode`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Every SYN to the sorting listener, placement by sid.
+    Sticky = 0,
+    /// Balance at SYN time with no stickiness: the benchmark floor.
+    SynBalance = 1,
+}
+
+/// `struct sticky_config`, the one entry of the `config` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    pub worker_count: u32,
+    pub balance: u32,
+    pub mode: u32,
+    pub param_len: u32,
+    pub param_word: [u64; 2],
+    pub param_mask: [u64; 2],
+}
+
+impl Config {
+    /// Builds the config, encoding `param` ("sid") as the masked words the
+    /// kernel compares against. `param` must be 1..=15 bytes.
+    pub fn new(worker_count: u32, balance: Balance, mode: Mode, param: &str) -> Config {
+        let mut name = param.as_bytes().to_vec();
+        name.push(b'=');
+        assert!(name.len() <= PARAM_MAX, "sid parameter name too long");
+        let mut bytes = [0u8; PARAM_MAX];
+        let mut mask = [0u8; PARAM_MAX];
+        bytes[..name.len()].copy_from_slice(&name);
+        mask[..name.len()].fill(0xff);
+        let word = |b: &[u8; PARAM_MAX], i: usize| {
+            u64::from_ne_bytes(b[i * 8..i * 8 + 8].try_into().unwrap())
+        };
+        Config {
+            worker_count,
+            balance: balance as u32,
+            mode: mode as u32,
+            param_len: name.len() as u32,
+            param_word: [word(&bytes, 0), word(&bytes, 1)],
+            param_mask: [word(&mask, 0), word(&mask, 1)],
+        }
+    }
+}
+
+/// `struct sticky_worker`: one entry per worker slot of the `workers` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WorkerState {
+    pub live: u32,
+    pub sessions: u32,
+}
+
+/// `struct sticky_sid`: key of the `sessions` map, zero padded.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SidKey {
+    pub bytes: [u8; SID_MAX],
+}
+
+impl SidKey {
+    /// Validates a session id: 1..=64 bytes of `[A-Za-z0-9_-]`.
+    pub fn new(sid: &str) -> Result<SidKey, SidError> {
+        let b = sid.as_bytes();
+        if b.is_empty() {
+            return Err(SidError::Empty);
+        }
+        if b.len() > SID_MAX {
+            return Err(SidError::TooLong);
+        }
+        if !b
+            .iter()
+            .all(|&c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
+        {
+            return Err(SidError::BadByte);
+        }
+        let mut bytes = [0u8; SID_MAX];
+        bytes[..b.len()].copy_from_slice(b);
+        Ok(SidKey { bytes })
+    }
+
+    pub fn as_str(&self) -> &str {
+        let len = self.bytes.iter().position(|&b| b == 0).unwrap_or(SID_MAX);
+        std::str::from_utf8(&self.bytes[..len]).unwrap_or("")
+    }
+}
+
+/// Why a session id was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SidError {
+    Empty,
+    TooLong,
+    BadByte,
+}
+
+impl std::fmt::Display for SidError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SidError::Empty => "empty session id",
+            SidError::TooLong => "session id longer than 64 bytes",
+            SidError::BadByte => "session id must be [A-Za-z0-9_-] only",
+        })
+    }
+}
+
+/// `struct sticky_flow`: key of the `flows` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowKey {
+    pub local: [u32; 4],
+    pub remote: [u32; 4],
+    pub remote_port: u16,
+    pub family: u16,
+}
+
+/// Indices of the `counters` per-CPU map (`enum sticky_counter`), with the
+/// names `sticky` reports them under.
+pub const COUNTERS: &[&str] = &[
+    "syn",
+    "placed_softirq",
+    "placed_queue",
+    "absorbed",
+    "by_sid",
+    "balanced",
+    "rejected",
+    "sid_unknown",
+    "sid_invalid",
+    "no_sid",
+    "not_http",
+    "select_failed",
+    "filter_decisions",
+    "syn_balanced",
+];
+
+/// `enum sticky_counter` indices used by user space.
+pub mod counter {
+    pub const SYN: u32 = 0;
+    pub const PLACED_SOFTIRQ: u32 = 1;
+    pub const PLACED_QUEUE: u32 = 2;
+    pub const BY_SID: u32 = 4;
+    pub const BALANCED: u32 = 5;
+    pub const REJECTED: u32 = 6;
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain #[repr(C)] data with no padding holes that matter to the
+    // kernel (layouts checked by tests/layout.rs) and no pointers.
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::WorkerState {}
+    unsafe impl aya::Pod for super::SidKey {}
+    unsafe impl aya::Pod for super::FlowKey {}
+}

@@ -1,0 +1,147 @@
+//! Proves the Rust mirror and `sticky.h` agree: compiles a C program that
+//! prints every size, offset and constant of the header, and compares.
+
+use std::{collections::HashMap, mem::offset_of, path::PathBuf, process::Command};
+
+use sticky_common::*;
+
+const PROBE: &str = r#"
+#include <stdio.h>
+#include <stddef.h>
+#include "sticky.h"
+#define S(t) printf("sizeof %s %zu\n", #t, sizeof(struct t));
+#define O(t, f) printf("offset %s.%s %zu\n", #t, #f, offsetof(struct t, f));
+#define C(c) printf("const %s %llu\n", #c, (unsigned long long)(c));
+int main(void) {
+    S(sticky_config) O(sticky_config, worker_count) O(sticky_config, balance)
+    O(sticky_config, mode) O(sticky_config, param_len) O(sticky_config, param_word)
+    O(sticky_config, param_mask)
+    S(sticky_worker) O(sticky_worker, live) O(sticky_worker, sessions)
+    S(sticky_sid)
+    S(sticky_flow) O(sticky_flow, local) O(sticky_flow, remote)
+    O(sticky_flow, remote_port) O(sticky_flow, family)
+    C(STICKY_MAX_WORKERS) C(STICKY_SORTING_SLOT) C(STICKY_REJECT_SLOT) C(STICKY_SLOTS)
+    C(STICKY_SID_MAX) C(STICKY_PARAM_MAX) C(STICKY_SCAN_MAX) C(STICKY_NO_WORKER)
+    C(STICKY_SESSIONS_MAX) C(STICKY_FLOWS_MAX) C(STICKY_COUNTERS)
+    C(STICKY_BALANCE_RANDOM) C(STICKY_BALANCE_ROUND_ROBIN) C(STICKY_BALANCE_LEAST_CONNECTION)
+    C(STICKY_MODE_STICKY) C(STICKY_MODE_SYN_BALANCE)
+    C(STICKY_CNT_SYN) C(STICKY_CNT_PLACED_SOFTIRQ) C(STICKY_CNT_PLACED_QUEUE)
+    C(STICKY_CNT_BY_SID) C(STICKY_CNT_BALANCED) C(STICKY_CNT_REJECTED)
+    return 0;
+}
+"#;
+
+fn c_layout() -> HashMap<String, u64> {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let include = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../sticky-ebpf/include");
+    let src = dir.join("layout_probe.c");
+    let bin = dir.join("layout_probe");
+    std::fs::write(&src, PROBE).unwrap();
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let status = Command::new(&cc)
+        .arg("-I")
+        .arg(&include)
+        .arg(&src)
+        .arg("-o")
+        .arg(&bin)
+        .status()
+        .expect("a C compiler (cc) is needed to check the header layout");
+    assert!(status.success(), "compiling the layout probe failed");
+    let out = Command::new(&bin).output().unwrap();
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut parts = l.split(' ');
+            let (_, name, value) = (parts.next(), parts.next().unwrap(), parts.next().unwrap());
+            (name.to_owned(), value.parse().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn rust_mirror_matches_sticky_h() {
+    let c = c_layout();
+    let expect = |name: &str, rust: usize| {
+        assert_eq!(
+            c[name], rust as u64,
+            "{name}: C says {}, Rust says {rust}",
+            c[name]
+        );
+    };
+    expect("sticky_config", size_of::<Config>());
+    expect(
+        "sticky_config.worker_count",
+        offset_of!(Config, worker_count),
+    );
+    expect("sticky_config.balance", offset_of!(Config, balance));
+    expect("sticky_config.mode", offset_of!(Config, mode));
+    expect("sticky_config.param_len", offset_of!(Config, param_len));
+    expect("sticky_config.param_word", offset_of!(Config, param_word));
+    expect("sticky_config.param_mask", offset_of!(Config, param_mask));
+    expect("sticky_worker", size_of::<WorkerState>());
+    expect("sticky_worker.live", offset_of!(WorkerState, live));
+    expect("sticky_worker.sessions", offset_of!(WorkerState, sessions));
+    expect("sticky_sid", size_of::<SidKey>());
+    expect("sticky_flow", size_of::<FlowKey>());
+    expect("sticky_flow.local", offset_of!(FlowKey, local));
+    expect("sticky_flow.remote", offset_of!(FlowKey, remote));
+    expect("sticky_flow.remote_port", offset_of!(FlowKey, remote_port));
+    expect("sticky_flow.family", offset_of!(FlowKey, family));
+
+    expect("STICKY_MAX_WORKERS", MAX_WORKERS as usize);
+    expect("STICKY_SORTING_SLOT", SORTING_SLOT as usize);
+    expect("STICKY_REJECT_SLOT", REJECT_SLOT as usize);
+    expect("STICKY_SLOTS", SLOTS as usize);
+    expect("STICKY_SID_MAX", SID_MAX);
+    expect("STICKY_PARAM_MAX", PARAM_MAX);
+    expect("STICKY_SCAN_MAX", SCAN_MAX);
+    expect("STICKY_NO_WORKER", NO_WORKER as usize);
+    expect("STICKY_SESSIONS_MAX", SESSIONS_MAX as usize);
+    expect("STICKY_FLOWS_MAX", FLOWS_MAX as usize);
+    expect("STICKY_COUNTERS", COUNTERS.len());
+    expect("STICKY_BALANCE_RANDOM", Balance::Random as usize);
+    expect("STICKY_BALANCE_ROUND_ROBIN", Balance::RoundRobin as usize);
+    expect(
+        "STICKY_BALANCE_LEAST_CONNECTION",
+        Balance::LeastConnection as usize,
+    );
+    expect("STICKY_MODE_STICKY", Mode::Sticky as usize);
+    expect("STICKY_MODE_SYN_BALANCE", Mode::SynBalance as usize);
+    expect("STICKY_CNT_SYN", counter::SYN as usize);
+    expect(
+        "STICKY_CNT_PLACED_SOFTIRQ",
+        counter::PLACED_SOFTIRQ as usize,
+    );
+    expect("STICKY_CNT_PLACED_QUEUE", counter::PLACED_QUEUE as usize);
+    expect("STICKY_CNT_BY_SID", counter::BY_SID as usize);
+    expect("STICKY_CNT_BALANCED", counter::BALANCED as usize);
+    expect("STICKY_CNT_REJECTED", counter::REJECTED as usize);
+}
+
+#[test]
+fn sid_keys_are_validated_and_zero_padded() {
+    let k = SidKey::new("abc_DEF-019").unwrap();
+    assert_eq!(k.as_str(), "abc_DEF-019");
+    assert!(k.bytes[11..].iter().all(|&b| b == 0));
+    assert_eq!(SidKey::new(""), Err(SidError::Empty));
+    assert_eq!(SidKey::new(&"a".repeat(65)), Err(SidError::TooLong));
+    assert!(SidKey::new(&"a".repeat(64)).is_ok());
+    assert_eq!(SidKey::new("a.b"), Err(SidError::BadByte));
+    assert_eq!(SidKey::new("a b"), Err(SidError::BadByte));
+}
+
+#[test]
+fn param_words_hold_name_and_equals_sign() {
+    let c = Config::new(3, Balance::RoundRobin, Mode::Sticky, "sid");
+    assert_eq!(c.param_len, 4);
+    assert_eq!(&c.param_word[0].to_ne_bytes()[..4], b"sid=");
+    assert_eq!(
+        c.param_mask[0].to_ne_bytes(),
+        [0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0]
+    );
+    assert_eq!(c.param_mask[1], 0);
+    let long = Config::new(1, Balance::Random, Mode::Sticky, "abcdefghijklmno");
+    assert_eq!(long.param_len, 16);
+    assert_eq!(long.param_mask, [u64::MAX, u64::MAX]);
+}

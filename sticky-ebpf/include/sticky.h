@@ -1,0 +1,119 @@
+/* SPDX-License-Identifier: (MIT OR Apache-2.0) */
+/*
+ * Map keys, values and constants shared by the kernel programs and user space.
+ *
+ * User space mirrors every item here in `sticky-common` (Rust, #[repr(C)]);
+ * `sticky-common`'s layout test compiles this header with the C compiler and
+ * checks every size and offset against the Rust side. Change both together.
+ *
+ * Only fixed-width types, explicit padding, no bitfields.
+ */
+#ifndef STICKY_H
+#define STICKY_H
+
+#ifdef __BPF__
+#include <linux/types.h>
+#else
+#include <stdint.h>
+typedef uint8_t __u8;
+typedef uint16_t __u16;
+typedef uint32_t __u32;
+typedef uint64_t __u64;
+#endif
+
+/* Workers occupy slots 0..STICKY_MAX_WORKERS-1 of the listener sockarray. */
+#define STICKY_MAX_WORKERS 256
+/* The sorting listener (TCP_DEFER_ACCEPT + socket filter) that takes every SYN. */
+#define STICKY_SORTING_SLOT STICKY_MAX_WORKERS
+/* The supervisor's own listener, answering 503 when no worker is alive. */
+#define STICKY_REJECT_SLOT (STICKY_MAX_WORKERS + 1)
+#define STICKY_SLOTS (STICKY_MAX_WORKERS + 2)
+
+/* Session ids: 1..64 bytes of [A-Za-z0-9_-], zero padded in the map key. */
+#define STICKY_SID_MAX 64
+/* Query parameter name plus its '=': at most 16 bytes (compared as 2 words). */
+#define STICKY_PARAM_MAX 16
+/* How many bytes of the first data segment the parser looks at. Power of 2. */
+#define STICKY_SCAN_MAX 1024
+
+#define STICKY_NO_WORKER 0xffffffffu
+
+#define STICKY_SESSIONS_MAX (1u << 20)
+#define STICKY_FLOWS_MAX 65536
+
+enum sticky_balance {
+	STICKY_BALANCE_RANDOM = 0,
+	STICKY_BALANCE_ROUND_ROBIN = 1,
+	STICKY_BALANCE_LEAST_CONNECTION = 2,
+};
+
+enum sticky_mode {
+	/* Every SYN goes to the sorting listener; placement by sid. */
+	STICKY_MODE_STICKY = 0,
+	/* Benchmark floor: balance at SYN time, no stickiness, no sorting. */
+	STICKY_MODE_SYN_BALANCE = 1,
+};
+
+/* The one entry of the `config` array map, written by user space. */
+struct sticky_config {
+	__u32 worker_count; /* slots 0..worker_count-1 are in use */
+	__u32 balance;      /* enum sticky_balance */
+	__u32 mode;         /* enum sticky_mode */
+	__u32 param_len;    /* length of "name=" in param_word, 2..16 */
+	/* "name=" as two little words, masked by param_mask: no loop to compare. */
+	__u64 param_word[2];
+	__u64 param_mask[2];
+};
+
+/* One entry per worker slot of the `workers` array map, written by user space. */
+struct sticky_worker {
+	__u32 live;     /* 1 while the worker process runs */
+	__u32 sessions; /* live sessions it owns, for least-connection */
+};
+
+/* Key of the `sessions` hash map (value: __u32 worker index). */
+struct sticky_sid {
+	__u8 bytes[STICKY_SID_MAX];
+};
+
+/*
+ * Key of the `flows` LRU map: the socket filter's decision for a connection
+ * queued on the sorting listener, looked up when that child is migrated.
+ * Addresses in network byte order; IPv4 (also IPv4-mapped IPv6) uses word 0
+ * only, family AF_INET. The local port is the same for every listener.
+ */
+struct sticky_flow {
+	__u32 local[4];
+	__u32 remote[4];
+	__u16 remote_port; /* network byte order */
+	__u16 family;
+};
+
+/* Indices of the `counters` per-CPU array map. */
+enum sticky_counter {
+	STICKY_CNT_SYN = 0,          /* SYNs sent to the sorting listener */
+	STICKY_CNT_PLACED_SOFTIRQ,   /* placed on first data segment, in softirq */
+	STICKY_CNT_PLACED_QUEUE,     /* migrated from the sorting queue */
+	STICKY_CNT_ABSORBED,         /* pure ACK / timer of a request, re-homed */
+	STICKY_CNT_BY_SID,           /* placed on the owner of its sid */
+	STICKY_CNT_BALANCED,         /* placed by the balancing method */
+	STICKY_CNT_REJECTED,         /* no live worker: sent to the 503 listener */
+	STICKY_CNT_SID_UNKNOWN,      /* well-formed sid that no worker owns */
+	STICKY_CNT_SID_INVALID,      /* sid parameter present but malformed */
+	STICKY_CNT_NO_SID,           /* HTTP request line without a sid */
+	STICKY_CNT_NOT_HTTP,         /* first bytes are not an HTTP request line */
+	STICKY_CNT_SELECT_FAILED,    /* bpf_sk_select_reuseport refused a slot */
+	STICKY_CNT_FILTER_DECISIONS, /* decisions recorded by the socket filter */
+	STICKY_CNT_SYN_BALANCED,     /* SYN_BALANCE mode placements */
+	STICKY_COUNTERS,
+};
+
+/* Parser outcomes (sticky_parse in parse.h). */
+enum sticky_parse_result {
+	STICKY_PARSE_SID = 0,
+	STICKY_PARSE_NO_SID,
+	STICKY_PARSE_INVALID,
+	STICKY_PARSE_NOT_HTTP,
+};
+
+#endif /* STICKY_H */

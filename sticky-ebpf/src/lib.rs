@@ -1,0 +1,39 @@
+//! sticky's kernel programs, compiled from C by this crate's build script.
+//!
+//! The programs are C rather than Rust because a Rust eBPF toolchain cannot
+//! be built here (see DESIGN.md, "Toolchain"). Their sources live next to
+//! this file:
+//!
+//! - `steer.bpf.c`: `sticky_select` (SK_REUSEPORT, select-or-migrate) and
+//!   `sticky_sort` (SOCKET_FILTER on the sorting listeners), plus every map.
+//! - `parse.h`: the request-line parser both programs share.
+//! - `../include/sticky.h`: map layouts shared with user space, mirrored in
+//!   `sticky-common`.
+
+/// Aligns the embedded object: the ELF parser reads it in place.
+#[repr(C, align(32))]
+struct Aligned<Bytes: ?Sized>(Bytes);
+
+static STEER: &Aligned<[u8]> = &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/steer.o")));
+
+/// The steering object: load it with `aya::Ebpf::load`.
+pub fn steer_object() -> &'static [u8] {
+    &STEER.0
+}
+
+/// Program names inside [`steer_object`].
+pub const SELECT_PROGRAM: &str = "sticky_select";
+pub const SORT_PROGRAM: &str = "sticky_sort";
+
+/// Map names inside [`steer_object`].
+pub mod maps {
+    pub const LISTENERS: &str = "listeners";
+    pub const CONFIG: &str = "config";
+    pub const WORKERS: &str = "workers";
+    pub const SESSIONS: &str = "sessions";
+    pub const FLOWS: &str = "flows";
+    pub const COUNTERS: &str = "counters";
+}
+
+/// Path of the shared header, for the layout test in `sticky-common`.
+pub const HEADER_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/include");

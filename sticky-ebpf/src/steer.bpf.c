@@ -1,0 +1,416 @@
+// SPDX-License-Identifier: (MIT OR Apache-2.0)
+/*
+ * Steering: the two programs that place every TCP connection on the listener
+ * of the worker owning its session.
+ *
+ * - sticky_select (SK_REUSEPORT, select-or-migrate) makes every placement:
+ *   SYN -> the sorting listener; a request socket migrating with its first
+ *   data segment -> parse the sid here and pick the owner (softirq path);
+ *   a queued child migrating at rotation -> the socket filter's decision
+ *   (queue path).
+ * - sticky_sort (SOCKET_FILTER on the sorting listeners, inherited by their
+ *   children) records that decision from the first data segment.
+ *
+ * Invariants:
+ * - sticky_sort never drops or trims: it always returns the full length.
+ * - sticky_select always selects a slot explicitly; if nothing else works it
+ *   selects the 503 listener. Returning SK_PASS without a selection would let
+ *   the kernel pick any socket of the group by hash, including the spare
+ *   sorting listener.
+ */
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/tcp.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "sticky.h"
+#include "parse.h"
+
+#define AF_INET 2
+#define AF_INET6 10
+/* Request sockets report this state (include/net/tcp_states.h). */
+#define TCP_NEW_SYN_RECV 12
+
+
+char LICENSE[] SEC("license") = "Dual MIT/GPL";
+
+struct {
+	__uint(type, BPF_MAP_TYPE_REUSEPORT_SOCKARRAY);
+	__uint(max_entries, STICKY_SLOTS);
+	__type(key, __u32);
+	__type(value, __u32); /* aya expects 4-byte values here */
+} listeners SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct sticky_config);
+} config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, STICKY_MAX_WORKERS);
+	__type(key, __u32);
+	__type(value, struct sticky_worker);
+} workers SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, STICKY_SESSIONS_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct sticky_sid);
+	__type(value, __u32);
+} sessions SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, STICKY_FLOWS_MAX);
+	__type(key, struct sticky_flow);
+	__type(value, __u32);
+} flows SEC(".maps");
+
+/* Round-robin cursor (also the tie-breaker for least-connection). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} cursor SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, STICKY_COUNTERS);
+	__type(key, __u32);
+	__type(value, __u64);
+} counters SEC(".maps");
+
+/* Entry 0: the socket filter's; entry 1: the selector's. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 2);
+	__type(key, __u32);
+	__type(value, struct scratch);
+} scratch SEC(".maps");
+
+static __always_inline void count(__u32 idx)
+{
+	__u64 *v = bpf_map_lookup_elem(&counters, &idx);
+
+	if (v)
+		*v += 1; /* per-CPU: no atomic needed */
+}
+
+static __always_inline int worker_live(__u32 w)
+{
+	struct sticky_worker *st = bpf_map_lookup_elem(&workers, &w);
+
+	return st && st->live;
+}
+
+/* Balancing for connections without a known sid. NO_WORKER if none is live. */
+static __always_inline __u32 pick_worker(const struct sticky_config *cfg)
+{
+	__u32 n = cfg->worker_count, zero = 0, start, j;
+	__u32 best = STICKY_NO_WORKER, best_sessions = 0xffffffffu;
+	__u32 *cur;
+
+	if (n == 0 || n > STICKY_MAX_WORKERS)
+		return STICKY_NO_WORKER;
+	if (cfg->balance == STICKY_BALANCE_RANDOM) {
+		start = bpf_get_prandom_u32() % n;
+	} else {
+		cur = bpf_map_lookup_elem(&cursor, &zero);
+		if (!cur)
+			return STICKY_NO_WORKER;
+		start = __sync_fetch_and_add(cur, 1) % n;
+	}
+	for (j = 0; j < STICKY_MAX_WORKERS; j++) {
+		__u32 w = start + j;
+		struct sticky_worker *st;
+
+		if (j >= n)
+			break;
+		if (w >= n)
+			w -= n;
+		st = bpf_map_lookup_elem(&workers, &w);
+		if (!st || !st->live)
+			continue;
+		if (cfg->balance != STICKY_BALANCE_LEAST_CONNECTION)
+			return w;
+		/* Strictly fewer: ties go to the first from the rotating start. */
+		if (st->sessions < best_sessions) {
+			best = w;
+			best_sessions = st->sessions;
+		}
+	}
+	return best;
+}
+
+static __always_inline int select_slot(struct sk_reuseport_md *md, __u32 slot)
+{
+	if (bpf_sk_select_reuseport(md, &listeners, &slot, 0) == 0)
+		return 1;
+	count(STICKY_CNT_SELECT_FAILED);
+	return 0;
+}
+
+/*
+ * Places a connection on `owner` if it is a live worker, else balances,
+ * else sends it to the 503 listener.
+ */
+static __always_inline int place(struct sk_reuseport_md *md,
+				 const struct sticky_config *cfg, __u32 owner)
+{
+	__u32 w;
+
+	if (owner < STICKY_MAX_WORKERS && worker_live(owner) &&
+	    select_slot(md, owner)) {
+		count(STICKY_CNT_BY_SID);
+		return SK_PASS;
+	}
+	w = pick_worker(cfg);
+	if (w != STICKY_NO_WORKER && select_slot(md, w)) {
+		count(STICKY_CNT_BALANCED);
+		return SK_PASS;
+	}
+	count(STICKY_CNT_REJECTED);
+	select_slot(md, STICKY_REJECT_SLOT);
+	return SK_PASS;
+}
+
+/* Maps a parse result to the owning worker, counting the outcome. */
+static __always_inline __u32 owner_of(struct scratch *s, int result)
+{
+	__u32 *owner;
+
+	switch (result) {
+	case STICKY_PARSE_SID:
+		owner = bpf_map_lookup_elem(&sessions, &s->key);
+		if (owner)
+			return *owner;
+		count(STICKY_CNT_SID_UNKNOWN);
+		return STICKY_NO_WORKER;
+	case STICKY_PARSE_INVALID:
+		count(STICKY_CNT_SID_INVALID);
+		break;
+	case STICKY_PARSE_NOT_HTTP:
+		count(STICKY_CNT_NOT_HTTP);
+		break;
+	default:
+		count(STICKY_CNT_NO_SID);
+	}
+	return STICKY_NO_WORKER;
+}
+
+/*
+ * Decides where a connection goes: the sorting slot (SORT) or a worker
+ * (`owner`, NO_WORKER to balance). Split from sticky_select so that place()
+ * and its balancing loop are inlined, and verified, once.
+ */
+#define SORT 0xfffffffeu
+
+static __always_inline __u32 decide(struct sk_reuseport_md *md,
+				    const struct sticky_config *cfg)
+{
+	__u32 one = 1, state, family, doff_len, len, owner;
+	struct sticky_flow key = {};
+	struct bpf_sock *sk;
+	struct scratch *s;
+	__u32 *decision;
+	__u8 doff;
+
+	if (cfg->mode == STICKY_MODE_SYN_BALANCE) {
+		count(STICKY_CNT_SYN_BALANCED);
+		return STICKY_NO_WORKER;
+	}
+
+	sk = md->migrating_sk;
+	if (!sk) {
+		/* A SYN: no payload yet. Wait for it on the sorting listener. */
+		count(STICKY_CNT_SYN);
+		return SORT;
+	}
+	/* Verifier: copy bpf_sock fields to locals right after the NULL check. */
+	state = sk->state;
+	family = sk->family;
+
+	if (state == TCP_NEW_SYN_RECV) {
+		/*
+		 * A request socket whose listener was rotated away, migrating on
+		 * one of its segments (or its timer: len 0). md->data is the TCP
+		 * header. No payload: keep it with the current sorting listener,
+		 * whose TCP_DEFER_ACCEPT absorbs a pure ACK.
+		 */
+		if (md->len < sizeof(struct tcphdr) ||
+		    bpf_skb_load_bytes(md, 12, &doff, 1))
+			goto absorb;
+		doff_len = (doff >> 4) * 4;
+		if (md->len <= doff_len)
+			goto absorb;
+		s = bpf_map_lookup_elem(&scratch, &one);
+		if (!s)
+			goto absorb;
+		len = md->len - doff_len;
+		if (len > STICKY_SCAN_MAX)
+			len = STICKY_SCAN_MAX;
+		barrier_var(len);
+		if (len == 0 || bpf_skb_load_bytes(md, doff_len, s->buf, len))
+			goto absorb;
+		s->len = len;
+		count(STICKY_CNT_PLACED_SOFTIRQ);
+		return owner_of(s, sticky_parse(s, cfg));
+absorb:
+		count(STICKY_CNT_ABSORBED);
+		return SORT;
+	}
+
+	/*
+	 * A child from the sorting queue: established, its first data already
+	 * seen by sticky_sort, which left its decision under the flow key.
+	 */
+	if (family == AF_INET6) {
+		key.local[0] = sk->src_ip6[0];
+		key.local[1] = sk->src_ip6[1];
+		key.local[2] = sk->src_ip6[2];
+		key.local[3] = sk->src_ip6[3];
+		key.remote[0] = sk->dst_ip6[0];
+		key.remote[1] = sk->dst_ip6[1];
+		key.remote[2] = sk->dst_ip6[2];
+		key.remote[3] = sk->dst_ip6[3];
+		key.family = AF_INET6;
+		/* IPv4-mapped (::ffff:a.b.c.d): the filter saw an IPv4 header. */
+		if (key.remote[0] == 0 && key.remote[1] == 0 &&
+		    key.remote[2] == bpf_htonl(0xffff)) {
+			key.local[0] = key.local[3];
+			key.remote[0] = key.remote[3];
+			key.local[1] = key.local[2] = key.local[3] = 0;
+			key.remote[1] = key.remote[2] = key.remote[3] = 0;
+			key.family = AF_INET;
+		}
+	} else {
+		key.local[0] = sk->src_ip4;
+		key.remote[0] = sk->dst_ip4;
+		key.family = AF_INET;
+	}
+	key.remote_port = (__u16)sk->dst_port; /* network byte order */
+	owner = STICKY_NO_WORKER;
+	decision = bpf_map_lookup_elem(&flows, &key);
+	if (decision) {
+		owner = *decision;
+		bpf_map_delete_elem(&flows, &key);
+	}
+	count(STICKY_CNT_PLACED_QUEUE);
+	return owner;
+}
+
+SEC("sk_reuseport/migrate")
+int sticky_select(struct sk_reuseport_md *md)
+{
+	__u32 zero = 0, target;
+	struct sticky_config *cfg = bpf_map_lookup_elem(&config, &zero);
+
+	if (!cfg)
+		return SK_DROP; /* cannot happen: array maps always have entry 0 */
+	target = decide(md, cfg);
+	if (target == SORT && select_slot(md, STICKY_SORTING_SLOT))
+		return SK_PASS;
+	return place(md, cfg, target);
+}
+
+/*
+ * Runs on every segment that reaches a sorting listener or one of its
+ * children (children inherit the filter). Cheap exit unless the payload
+ * starts like an HTTP request line. Headers are read relative to the
+ * network header, the payload relative to skb->data (see below), so the
+ * same code runs under BPF_PROG_TEST_RUN.
+ */
+SEC("socket")
+int sticky_sort(struct __sk_buff *skb)
+{
+	__u32 zero = 0, ip_len, tot_len, data_off, off, len, owner;
+	struct sticky_config *cfg;
+	struct sticky_flow key = {};
+	struct tcphdr th;
+	struct scratch *s;
+	__u8 first;
+
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		struct iphdr ip;
+
+		if (bpf_skb_load_bytes_relative(skb, 0, &ip, sizeof(ip),
+						BPF_HDR_START_NET))
+			goto out;
+		if (ip.protocol != IPPROTO_TCP)
+			goto out;
+		ip_len = ip.ihl * 4;
+		tot_len = bpf_ntohs(ip.tot_len);
+		key.local[0] = ip.daddr;
+		key.remote[0] = ip.saddr;
+		key.family = AF_INET;
+	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr ip6;
+
+		if (bpf_skb_load_bytes_relative(skb, 0, &ip6, sizeof(ip6),
+						BPF_HDR_START_NET))
+			goto out;
+		if (ip6.nexthdr != IPPROTO_TCP) /* extension headers: balanced */
+			goto out;
+		ip_len = sizeof(ip6);
+		tot_len = sizeof(ip6) + bpf_ntohs(ip6.payload_len);
+		__builtin_memcpy(key.local, &ip6.daddr, 16);
+		__builtin_memcpy(key.remote, &ip6.saddr, 16);
+		key.family = AF_INET6;
+	} else {
+		goto out;
+	}
+	if (bpf_skb_load_bytes_relative(skb, ip_len, &th, sizeof(th),
+					BPF_HDR_START_NET))
+		goto out;
+	off = ip_len + th.doff * 4;
+	if (tot_len <= off)
+		goto out; /* no payload: SYN, pure ACK, FIN */
+	len = tot_len - off;
+	/*
+	 * The payload is usually in page fragments, which only
+	 * bpf_skb_load_bytes reads, relative to skb->data: the TCP header in
+	 * the receive path, the IP header under BPF_PROG_TEST_RUN. TCP has
+	 * trimmed the skb to the IP length, so the difference tells which.
+	 */
+	data_off = tot_len - skb->len;
+	if (data_off != 0 && data_off != ip_len)
+		goto out;
+	off -= data_off;
+	if (bpf_skb_load_bytes(skb, off, &first, 1) || first < 'A' || first > 'Z')
+		goto out; /* not a request line: WebSocket frames, TLS, binary */
+
+	cfg = bpf_map_lookup_elem(&config, &zero);
+	s = bpf_map_lookup_elem(&scratch, &zero);
+	if (!cfg || !s)
+		goto out;
+	if (len > STICKY_SCAN_MAX)
+		len = STICKY_SCAN_MAX;
+	barrier_var(len);
+	if (len == 0 || bpf_skb_load_bytes(skb, off, s->buf, len))
+		goto out;
+	s->len = len;
+	key.remote_port = th.source;
+
+	owner = owner_of(s, sticky_parse(s, cfg));
+	/*
+	 * Always overwrite or delete: a stale decision for a reused 4-tuple
+	 * must never route a new connection.
+	 */
+	if (owner != STICKY_NO_WORKER) {
+		bpf_map_update_elem(&flows, &key, &owner, BPF_ANY);
+		count(STICKY_CNT_FILTER_DECISIONS);
+	} else {
+		bpf_map_delete_elem(&flows, &key);
+	}
+out:
+	return skb->len; /* never trim: >= the segment's length */
+}

@@ -1,0 +1,210 @@
+//! The control socket: workers report their sessions here.
+//!
+//! Protocol (newline-terminated ASCII lines, one answer line each):
+//! - `open <sid>` / `close <sid>`: answered `ok` once the kernel map holds
+//!   the change, or `err <reason>`. Only workers (and their descendants) may
+//!   send them; the sender is identified by `SO_PEERCRED`, never by what it
+//!   says.
+//! - `stats`: `ok <counters> ...`; allowed to workers and to processes of the
+//!   supervisor's own uid or root, for operators and tests.
+//!
+//! A peer that is not a worker gets one answer and is disconnected. Lines are
+//! capped at `MAX_LINE` bytes; a longer one ends the connection.
+
+use std::{
+    io::{BufRead, BufReader, ErrorKind, Read, Write},
+    os::unix::net::{UnixListener, UnixStream},
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+
+use crate::{
+    sessions::{SessionTable, WorkerId},
+    steering::Counters,
+};
+
+const MAX_LINE: usize = 1024;
+const MAX_CONNECTIONS: usize = 1024;
+
+pub struct ControlSocket {
+    pub path: PathBuf,
+    listener: UnixListener,
+}
+
+/// What a control connection can reach.
+#[derive(Clone)]
+pub struct ControlState {
+    pub sessions: Arc<Mutex<SessionTable>>,
+    pub counters: Arc<Counters>,
+}
+
+impl ControlSocket {
+    /// Binds `path`, replacing a stale socket file but never a live one.
+    pub fn bind(path: &Path) -> Result<ControlSocket> {
+        if path.exists() {
+            if UnixStream::connect(path).is_ok() {
+                bail!(
+                    "control socket {} is in use by a running sticky; pass another --control path",
+                    path.display()
+                );
+            }
+            std::fs::remove_file(path)
+                .with_context(|| format!("removing stale {}", path.display()))?;
+        }
+        let listener = UnixListener::bind(path)
+            .with_context(|| format!("binding control socket {}", path.display()))?;
+        // Workers may drop privileges: let anyone connect; credentials decide.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+        Ok(ControlSocket {
+            path: path.to_owned(),
+            listener,
+        })
+    }
+
+    /// Serves connections on background threads for as long as the
+    /// returned guard lives; dropping it removes the socket file.
+    pub fn serve(self, state: ControlState) -> RemoveOnDrop {
+        let guard = RemoveOnDrop(self.path.clone());
+        let active = Arc::new(AtomicUsize::new(0));
+        std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || {
+                for stream in self.listener.incoming() {
+                    let Ok(stream) = stream else { continue };
+                    if active.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
+                        continue; // dropped: closes the connection
+                    }
+                    active.fetch_add(1, Ordering::Relaxed);
+                    let (state, counter) = (state.clone(), active.clone());
+                    let spawned = std::thread::Builder::new()
+                        .name("control-conn".into())
+                        .spawn(move || {
+                            let _ = serve_connection(stream, &state);
+                            counter.fetch_sub(1, Ordering::Relaxed);
+                        });
+                    if spawned.is_err() {
+                        active.fetch_sub(1, Ordering::Relaxed);
+                    }
+                }
+            })
+            .expect("spawning the control thread");
+        guard
+    }
+}
+
+/// Removes the socket file when the supervisor exits.
+pub struct RemoveOnDrop(pub PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn serve_connection(stream: UnixStream, state: &ControlState) -> std::io::Result<()> {
+    let cred = peer_cred(&stream)?;
+    let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    let mut worker = identify(state, cred.pid as u32);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = (&mut reader)
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut line)?;
+        if n == 0 {
+            return Ok(());
+        }
+        if line.last() != Some(&b'\n') {
+            let reason = if n > MAX_LINE {
+                "line too long"
+            } else {
+                "unterminated line"
+            };
+            writer.write_all(format!("err {reason}\n").as_bytes())?;
+            return Ok(());
+        }
+        let text = String::from_utf8_lossy(&line[..line.len() - 1]);
+        let text = text.trim_end_matches('\r');
+        if worker.is_none() {
+            worker = identify(state, cred.pid as u32);
+        }
+        let reply = answer(state, worker, cred.uid, text);
+        writer.write_all(reply.as_bytes())?;
+        if worker.is_none() {
+            return Ok(()); // not a worker: one answer, then goodbye
+        }
+    }
+}
+
+/// Retries briefly: a worker may connect before the supervisor has recorded
+/// its pid (it runs as soon as exec succeeds).
+fn identify(state: &ControlState, pid: u32) -> Option<WorkerId> {
+    for _ in 0..20 {
+        if let Some(id) = state.sessions.lock().unwrap().identify(pid) {
+            return Some(id);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
+
+fn answer(state: &ControlState, worker: Option<WorkerId>, uid: u32, line: &str) -> String {
+    let (command, arg) = line.split_once(' ').unwrap_or((line, ""));
+    let result = match (command, worker) {
+        ("stats", _) if worker.is_some() || uid == 0 || uid == unsafe { libc::geteuid() } => {
+            let table = state.sessions.lock().unwrap();
+            return format!(
+                "ok {} live_workers={} sessions={} {}\n",
+                state.counters.report(),
+                table.live_workers(),
+                table.session_count(),
+                table.summary()
+            );
+        }
+        ("open" | "close", None) | ("stats", None) => {
+            Err("unknown peer: not a sticky worker".to_owned())
+        }
+        ("open", Some(id)) => state.sessions.lock().unwrap().open(id, arg),
+        ("close", Some(id)) => state.sessions.lock().unwrap().close(id, arg),
+        _ => Err("unknown command (expected open <sid>, close <sid> or stats)".to_owned()),
+    };
+    match result {
+        Ok(()) => "ok\n".to_owned(),
+        Err(reason) => format!("err {reason}\n"),
+    }
+}
+
+fn peer_cred(stream: &UnixStream) -> std::io::Result<libc::ucred> {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: cred and len are valid for writing, sized for SO_PEERCRED.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if cred.pid == 0 {
+        return Err(std::io::Error::new(ErrorKind::Other, "peer has no pid"));
+    }
+    Ok(cred)
+}

@@ -1,0 +1,212 @@
+//! The listening sockets, all bound to one address:port with `SO_REUSEPORT`.
+//!
+//! - one per worker, slot `i` of the sockarray, inherited by worker `i` only;
+//! - two sorting listeners (`TCP_DEFER_ACCEPT`, socket filter), alternating
+//!   in the sorting slot (see `sorter`);
+//! - the 503 listener, answered by the supervisor when no worker is alive.
+//!
+//! Every socket is `CLOEXEC`: a copy held by another process would keep a
+//! sorting listener open and stop migration (DESIGN.md, pitfalls).
+
+use std::{
+    io,
+    net::{SocketAddr, TcpListener},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+};
+
+use anyhow::{bail, Context, Result};
+
+/// Accept queue length of every listener; capped by `net.core.somaxconn`.
+const BACKLOG: i32 = 4096;
+/// Seconds a connection may stay silent after its handshake before it is
+/// queued anyway (and then balanced): the kernel counts SYN-ACK retransmits.
+const DEFER_ACCEPT_SECS: i32 = 10;
+
+pub struct ListenerGroup {
+    pub addr: SocketAddr,
+    pub workers: Vec<OwnedFd>,
+    pub sorting: [OwnedFd; 2],
+    pub reject: TcpListener,
+}
+
+impl ListenerGroup {
+    /// Creates and binds every listener. The worker and 503 listeners listen
+    /// at once; the sorting ones are left to the sorter.
+    pub fn bind(addr: SocketAddr, workers: usize) -> Result<ListenerGroup> {
+        refuse_if_in_use(addr)?;
+        let first = reuseport_socket(addr)?;
+        // Port 0: the kernel picked one; everyone else joins that port.
+        let addr = local_addr(&first)?;
+        let mut worker_fds = vec![first];
+        for _ in 1..workers {
+            worker_fds.push(reuseport_socket(addr)?);
+        }
+        for fd in &worker_fds {
+            listen(fd)?;
+        }
+        let sorting = [reuseport_socket(addr)?, reuseport_socket(addr)?];
+        for fd in &sorting {
+            setsockopt_int(
+                fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_DEFER_ACCEPT,
+                DEFER_ACCEPT_SECS,
+            )
+            .context("TCP_DEFER_ACCEPT on the sorting listener")?;
+        }
+        let reject = reuseport_socket(addr)?;
+        listen(&reject)?;
+        Ok(ListenerGroup {
+            addr,
+            workers: worker_fds,
+            sorting,
+            reject: TcpListener::from(reject),
+        })
+    }
+}
+
+/// A second `sticky run` on the same port would join the first one's
+/// reuseport group (same uid). Binding once without `SO_REUSEPORT` fails if
+/// anything listens there, whoever it is.
+fn refuse_if_in_use(addr: SocketAddr) -> Result<()> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    let probe = socket(addr)?;
+    setsockopt_int(&probe, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+    if let Err(e) = bind(&probe, addr) {
+        if e.raw_os_error() == Some(libc::EADDRINUSE) {
+            bail!("{addr} is already in use (another sticky or server listens there); pick another --listen port or stop it");
+        }
+        return Err(e).with_context(|| format!("cannot bind {addr}"));
+    }
+    Ok(())
+}
+
+fn reuseport_socket(addr: SocketAddr) -> Result<OwnedFd> {
+    let fd = socket(addr)?;
+    setsockopt_int(&fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+    setsockopt_int(&fd, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)?;
+    if addr.is_ipv6() {
+        // [::] takes IPv4 too, as users of dual-stack servers expect.
+        setsockopt_int(&fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 0)?;
+    }
+    bind(&fd, addr).map_err(|e| {
+        if e.raw_os_error() == Some(libc::EADDRINUSE) {
+            anyhow::anyhow!(
+                "{addr} is already in use; pick another --listen port or stop what listens there"
+            )
+        } else {
+            anyhow::Error::new(e).context(format!("cannot bind {addr}"))
+        }
+    })?;
+    Ok(fd)
+}
+
+fn socket(addr: SocketAddr) -> Result<OwnedFd> {
+    let family = if addr.is_ipv6() {
+        libc::AF_INET6
+    } else {
+        libc::AF_INET
+    };
+    // SAFETY: plain syscall; the fd is owned below.
+    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error()).context("socket()");
+    }
+    // SAFETY: fd is a fresh, valid descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+pub fn listen(fd: &impl AsRawFd) -> Result<()> {
+    // SAFETY: plain syscall on a valid fd.
+    if unsafe { libc::listen(fd.as_raw_fd(), BACKLOG) } < 0 {
+        return Err(io::Error::last_os_error()).context("listen()");
+    }
+    Ok(())
+}
+
+/// `shutdown(SHUT_RD)` on a listener: stops listening and migrates its
+/// accept queue through the selector (`inet_csk_listen_stop`).
+pub fn stop_listening(fd: &impl AsRawFd) -> io::Result<()> {
+    // SAFETY: plain syscall on a valid fd.
+    if unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RD) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+pub fn setsockopt_int(fd: &impl AsRawFd, level: i32, name: i32, value: i32) -> Result<()> {
+    // SAFETY: value outlives the call; the size matches.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&value as *const i32).cast(),
+            size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error()).context(format!("setsockopt({level}, {name})"));
+    }
+    Ok(())
+}
+
+fn bind(fd: &impl AsRawFd, addr: SocketAddr) -> io::Result<()> {
+    let (storage, len) = sockaddr(addr);
+    // SAFETY: storage holds a valid sockaddr of `len` bytes.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&storage as *const libc::sockaddr_storage).cast(),
+            len,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn local_addr(fd: &OwnedFd) -> Result<SocketAddr> {
+    // Borrow the fd as a std listener just to ask its address, then forget it.
+    // SAFETY: the ManuallyDrop wrapper never closes the borrowed fd.
+    let l = std::mem::ManuallyDrop::new(unsafe { TcpListener::from_raw_fd(fd.as_raw_fd()) });
+    l.local_addr().context("getsockname()")
+}
+
+fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than sockaddr_in.
+            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin) };
+            size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: a.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: sockaddr_storage is larger than sockaddr_in6.
+            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin6) };
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
+}

@@ -1,0 +1,265 @@
+//! `sticky`: sticky sessions for multi-process servers, placed by the kernel.
+//!
+//! `sticky run` loads the steering programs, creates the listeners, starts
+//! the workers and then stays off the data path: it only rotates the sorting
+//! listener, answers the control socket and restarts workers. See
+//! ARCHITECTURE.md for the code map.
+
+mod control;
+mod listeners;
+mod reject;
+mod sessions;
+mod sorter;
+mod spawn;
+mod steering;
+mod supervisor;
+
+use std::{
+    ffi::OsString,
+    io::{BufRead, BufReader, Write},
+    net::SocketAddr,
+    os::unix::net::UnixStream,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use sticky_common::{Balance, Config, Mode, MAX_WORKERS, PARAM_MAX, REJECT_SLOT};
+
+/// Logs one line to stderr, prefixed so it stands out among worker output.
+#[macro_export]
+macro_rules! log {
+    ($($arg:tt)*) => { eprintln!("sticky: {}", format_args!($($arg)*)) };
+}
+
+#[derive(Parser)]
+#[command(
+    name = "sticky",
+    version,
+    about = "Sticky sessions for multi-process servers, placed by the Linux kernel"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start N workers behind one address, each connection placed on the worker owning its session.
+    Run(RunArgs),
+    /// Print the placement counters and sessions of a running `sticky run`.
+    Stats {
+        /// Control socket of the running sticky (default: the one for --listen's port).
+        #[arg(long)]
+        control: Option<PathBuf>,
+        /// Address the running sticky listens on, to find its control socket.
+        #[arg(long, default_value = "0.0.0.0:3000")]
+        listen: SocketAddr,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Address and port to listen on (IPv4 or IPv6; [::] takes IPv4 too; port 0 picks one).
+    #[arg(long, default_value = "0.0.0.0:3000")]
+    listen: SocketAddr,
+    /// Number of worker processes [default: one per CPU].
+    #[arg(long)]
+    workers: Option<usize>,
+    /// How connections without a known session are spread.
+    #[arg(long, value_enum, default_value_t = BalanceArg::LeastConnection)]
+    balance: BalanceArg,
+    /// Query parameter that carries the session id in the request line.
+    #[arg(long, default_value = "sid")]
+    sid_param: String,
+    /// Period of the sorting listener's rotation while connections arrive (e.g. 1ms, 500us).
+    #[arg(long, default_value = "1ms", value_parser = parse_duration)]
+    rotate: Duration,
+    /// How long workers get to exit after SIGTERM before SIGKILL.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    grace: Duration,
+    /// Path of the control socket [default: $XDG_RUNTIME_DIR or /tmp, sticky-<port>.sock].
+    #[arg(long)]
+    control: Option<PathBuf>,
+    /// `syn` balances at SYN time with no stickiness: the benchmark floor.
+    #[arg(long, value_enum, default_value_t = PlacementArg::Sticky)]
+    placement: PlacementArg,
+    /// The worker command and its arguments.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    command: Vec<OsString>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BalanceArg {
+    Random,
+    RoundRobin,
+    LeastConnection,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PlacementArg {
+    Sticky,
+    Syn,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+        Command::Stats { control, listen } => {
+            stats(control.unwrap_or_else(|| default_control(listen.port())))
+        }
+    };
+    if let Err(e) = result {
+        eprintln!("sticky: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: RunArgs) -> Result<()> {
+    let workers = args
+        .workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    if workers == 0 || workers > MAX_WORKERS as usize {
+        bail!("--workers must be between 1 and {MAX_WORKERS}");
+    }
+    let param = &args.sid_param;
+    if param.is_empty()
+        || param.len() >= PARAM_MAX
+        || !param
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"_-.".contains(&c))
+    {
+        bail!(
+            "--sid-param must be 1..{} bytes of [A-Za-z0-9_.-]",
+            PARAM_MAX - 1
+        );
+    }
+    let command = spawn::WorkerCommand::resolve(&args.command)?;
+
+    let mut steering = steering::Steering::load()?;
+    let mut maps = steering.take_maps()?;
+    let group = listeners::ListenerGroup::bind(args.listen, workers)?;
+    let balance = match args.balance {
+        BalanceArg::Random => Balance::Random,
+        BalanceArg::RoundRobin => Balance::RoundRobin,
+        BalanceArg::LeastConnection => Balance::LeastConnection,
+    };
+    let mode = match args.placement {
+        PlacementArg::Sticky => Mode::Sticky,
+        PlacementArg::Syn => Mode::SynBalance,
+    };
+    maps.config
+        .set(0, Config::new(workers as u32, balance, mode, param), 0)?;
+    for (i, fd) in group.workers.iter().enumerate() {
+        maps.listeners
+            .set(i as u32, fd, 0)
+            .context("placing a worker listener in its slot")?;
+    }
+    maps.listeners
+        .set(REJECT_SLOT, &group.reject, 0)
+        .context("placing the 503 listener in its slot")?;
+    for fd in &group.sorting {
+        steering.attach_sorter(fd)?;
+    }
+    steering.attach_selector(&group.workers[0])?;
+
+    let counters = Arc::new(maps.counters);
+    let sessions = Arc::new(Mutex::new(sessions::SessionTable::new(
+        maps.sessions,
+        maps.workers,
+        workers,
+    )));
+    let control_path = args
+        .control
+        .unwrap_or_else(|| default_control(group.addr.port()));
+    let control = control::ControlSocket::bind(&control_path)?;
+    let _remove_control = control.serve(control::ControlState {
+        sessions: sessions.clone(),
+        counters: counters.clone(),
+    });
+    reject::serve(group.reject);
+    let mut sorter = match mode {
+        Mode::Sticky => Some(
+            sorter::SortingLoop::start(maps.listeners, group.sorting, args.rotate, counters)?
+                .spawn(),
+        ),
+        Mode::SynBalance => None,
+    };
+
+    let supervisor = supervisor::Supervisor::start(
+        command,
+        group.workers,
+        control_path.clone(),
+        sessions,
+        args.grace,
+    )?;
+    log!(
+        "listening on {} with {workers} workers ({}), control socket {}",
+        group.addr,
+        match (mode, balance) {
+            (Mode::SynBalance, _) => "placement: syn, no stickiness",
+            (_, Balance::Random) => "balance: random",
+            (_, Balance::RoundRobin) => "balance: round-robin",
+            (_, Balance::LeastConnection) => "balance: least-connection",
+        },
+        control_path.display()
+    );
+    let result = supervisor.run();
+    if let Some(s) = sorter.as_mut() {
+        s.stop();
+    }
+    log!("stopped");
+    result
+}
+
+fn default_control(port: u16) -> PathBuf {
+    let dir = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
+    dir.join(format!("sticky-{port}.sock"))
+}
+
+fn stats(path: PathBuf) -> Result<()> {
+    let mut stream = UnixStream::connect(&path).with_context(|| {
+        format!(
+            "cannot reach a running sticky at {} (pass --control or --listen)",
+            path.display()
+        )
+    })?;
+    stream.write_all(b"stats\n")?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line)?;
+    let Some(body) = line.trim_end().strip_prefix("ok ") else {
+        bail!("sticky answered: {}", line.trim_end())
+    };
+    for field in body.split(' ') {
+        println!("{}", field.replacen('=', " ", 1));
+    }
+    Ok(())
+}
+
+/// "1ms", "500us", "2s", "1.5s", "100ns".
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration like 1ms, 500us or 2s"))?;
+    let secs = match unit {
+        "ns" => value / 1e9,
+        "us" | "µs" => value / 1e6,
+        "ms" => value / 1e3,
+        "s" | "" => value,
+        "m" => value * 60.0,
+        _ => return Err(format!("unknown unit in `{s}` (use ns, us, ms, s or m)")),
+    };
+    if secs <= 0.0 || !secs.is_finite() {
+        return Err(format!("`{s}` must be a positive duration"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}

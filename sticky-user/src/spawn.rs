@@ -1,0 +1,228 @@
+//! Starting a worker process with socket activation (the systemd
+//! convention): its listener as fd 3, `LISTEN_FDS=1`, `LISTEN_PID=<its pid>`,
+//! `LISTEN_FDNAMES=sticky`, plus `STICKY_WORKER` and `STICKY_CONTROL`.
+//!
+//! Hand-rolled fork/exec because `LISTEN_PID` must hold the child's own pid,
+//! known only after fork: everything is allocated before fork, and the child
+//! only writes the pid's digits into a prepared buffer (async-signal-safe;
+//! the supervisor is multi-threaded). Every other descriptor of the
+//! supervisor is `CLOEXEC`, so fd 0-2 and 3 are all a worker inherits.
+
+use std::{
+    ffi::{CString, OsStr, OsString},
+    io,
+    os::{
+        fd::{AsRawFd, OwnedFd},
+        unix::ffi::OsStrExt,
+    },
+    path::{Path, PathBuf},
+};
+
+use anyhow::{bail, Result};
+
+/// Room for the decimal pid in `LISTEN_PID=`.
+const PID_DIGITS: usize = 20;
+const LISTEN_PID: &[u8] = b"LISTEN_PID=";
+
+/// The worker command, resolved once at startup.
+#[derive(Clone)]
+pub struct WorkerCommand {
+    program: CString,
+    argv: Vec<CString>,
+    pub display: String,
+}
+
+impl WorkerCommand {
+    /// Resolves `command[0]` like a shell would (PATH search unless it holds
+    /// a '/'), so a typo fails at startup with one clear line.
+    pub fn resolve(command: &[OsString]) -> Result<WorkerCommand> {
+        let Some(first) = command.first() else {
+            bail!("no worker command given (sticky run [OPTIONS] -- COMMAND [ARGS...])")
+        };
+        let path = find_program(first)?;
+        let cstr = |s: &OsStr| {
+            CString::new(s.as_bytes()).map_err(|_| anyhow::anyhow!("NUL byte in worker command"))
+        };
+        Ok(WorkerCommand {
+            program: cstr(path.as_os_str())?,
+            argv: command.iter().map(|a| cstr(a)).collect::<Result<_>>()?,
+            display: command
+                .iter()
+                .map(|a| a.to_string_lossy())
+                .collect::<Vec<_>>()
+                .join(" "),
+        })
+    }
+
+    /// Forks and execs the worker; returns its pid once exec succeeded.
+    pub fn spawn(&self, listener: &OwnedFd, index: usize, control: &Path) -> io::Result<u32> {
+        // Everything the child needs, built before fork.
+        let mut env: Vec<Vec<u8>> = std::env::vars_os()
+            .filter(|(k, _)| {
+                let k = k.as_bytes();
+                !(k.starts_with(b"LISTEN_") || k.starts_with(b"STICKY_"))
+            })
+            .map(|(k, v)| [k.as_bytes(), b"=", v.as_bytes()].concat())
+            .collect();
+        env.push(b"LISTEN_FDS=1".to_vec());
+        env.push(b"LISTEN_FDNAMES=sticky".to_vec());
+        env.push(format!("STICKY_WORKER={index}").into_bytes());
+        env.push([b"STICKY_CONTROL=", control.as_os_str().as_bytes()].concat());
+        let mut listen_pid = LISTEN_PID.to_vec();
+        listen_pid.resize(LISTEN_PID.len() + PID_DIGITS + 1, 0);
+        let env: Vec<CString> = env
+            .into_iter()
+            .filter_map(|e| CString::new(e).ok())
+            .collect();
+        let mut envp: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
+        envp.push(listen_pid.as_ptr().cast());
+        envp.push(std::ptr::null());
+        let argv: Vec<*const libc::c_char> = self
+            .argv
+            .iter()
+            .map(|a| a.as_ptr())
+            .chain(std::iter::once(std::ptr::null()))
+            .collect();
+        let pid_buf = listen_pid.as_mut_ptr();
+
+        // Reports exec failure (errno) to the parent; closes on success.
+        let mut pipe = [0; 2];
+        // SAFETY: pipe2 writes two fds into the array.
+        if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let listener_fd = listener.as_raw_fd();
+
+        // SAFETY: the child only makes async-signal-safe calls before exec.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            let e = io::Error::last_os_error();
+            unsafe {
+                libc::close(pipe[0]);
+                libc::close(pipe[1]);
+            }
+            return Err(e);
+        }
+        if pid == 0 {
+            // SAFETY: the child, single-threaded until exec.
+            unsafe {
+                child(
+                    pipe[1],
+                    listener_fd,
+                    pid_buf.add(LISTEN_PID.len()),
+                    self.program.as_ptr(),
+                    &argv,
+                    &envp,
+                )
+            }
+        }
+        // SAFETY: plain syscalls on our own fds. setpgid here too: whichever
+        // of parent and child runs first, the group exists before we signal it.
+        unsafe {
+            libc::setpgid(pid, pid);
+            libc::close(pipe[1]);
+        }
+        let mut errno = [0u8; 4];
+        let n = loop {
+            let n = unsafe { libc::read(pipe[0], errno.as_mut_ptr().cast(), 4) };
+            if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            break n;
+        };
+        unsafe { libc::close(pipe[0]) };
+        if n == 4 {
+            // exec failed: reap the child, report why.
+            unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+            return Err(io::Error::from_raw_os_error(i32::from_ne_bytes(errno)));
+        }
+        drop(env);
+        Ok(pid as u32)
+    }
+}
+
+/// Runs in the forked child. Never returns.
+unsafe fn child(
+    err_fd: i32,
+    listener_fd: i32,
+    pid_digits: *mut u8,
+    program: *const libc::c_char,
+    argv: &[*const libc::c_char],
+    envp: &[*const libc::c_char],
+) -> ! {
+    let fail = |err_fd: i32| -> ! {
+        let errno = *libc::__errno_location();
+        let bytes = errno.to_ne_bytes();
+        libc::write(err_fd, bytes.as_ptr().cast(), 4);
+        libc::_exit(127)
+    };
+    // Its own process group: signals for a worker reach its descendants too.
+    libc::setpgid(0, 0);
+    // Rust ignores SIGPIPE; ignored signals survive exec. Undo that, and any
+    // signal mask, so the worker starts like from a shell.
+    libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    let mut empty: libc::sigset_t = std::mem::zeroed();
+    libc::sigemptyset(&mut empty);
+    libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+
+    // Keep the error pipe off fd 3.
+    let mut err_fd = err_fd;
+    if err_fd == 3 {
+        err_fd = libc::fcntl(3, libc::F_DUPFD_CLOEXEC, 4);
+    }
+    if listener_fd == 3 {
+        libc::fcntl(3, libc::F_SETFD, 0); // clear CLOEXEC
+    } else if libc::dup2(listener_fd, 3) < 0 {
+        fail(err_fd);
+    }
+
+    // LISTEN_PID=<own pid>, written in place.
+    let mut pid = libc::getpid() as u32;
+    let mut digits = [0u8; PID_DIGITS];
+    let mut n = 0;
+    loop {
+        digits[n] = b'0' + (pid % 10) as u8;
+        n += 1;
+        pid /= 10;
+        if pid == 0 {
+            break;
+        }
+    }
+    for i in 0..n {
+        *pid_digits.add(i) = digits[n - 1 - i];
+    }
+    *pid_digits.add(n) = 0;
+
+    libc::execve(program, argv.as_ptr(), envp.as_ptr());
+    fail(err_fd)
+}
+
+fn find_program(name: &OsStr) -> Result<PathBuf> {
+    let as_path = Path::new(name);
+    let executable = |p: &Path| {
+        use std::os::unix::fs::PermissionsExt;
+        p.metadata()
+            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false)
+    };
+    if name.as_bytes().contains(&b'/') {
+        if executable(as_path) {
+            return Ok(as_path.to_owned());
+        }
+        bail!(
+            "worker command {} does not exist or is not executable",
+            as_path.display()
+        );
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    for dir in std::env::split_paths(&path) {
+        let candidate = dir.join(name);
+        if executable(&candidate) {
+            return Ok(candidate);
+        }
+    }
+    bail!(
+        "worker command `{}` not found in PATH",
+        name.to_string_lossy()
+    )
+}

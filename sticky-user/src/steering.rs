@@ -1,0 +1,156 @@
+//! Loads the steering object (`sticky-ebpf`), attaches its two programs and
+//! hands out its maps, typed.
+//!
+//! Attach points: `sticky_select` on the reuseport group (through any of its
+//! listening sockets), `sticky_sort` on each sorting listener. Nothing is
+//! pinned: when the supervisor's sockets close, the kernel drops it all.
+
+use std::os::fd::AsFd;
+
+use anyhow::{anyhow, bail, Context, Result};
+use aya::{
+    maps::{Array, HashMap, MapData, PerCpuArray, ReusePortSockArray},
+    programs::{SkReuseport, SocketFilter},
+    Ebpf,
+};
+use sticky_common::{Config, SidKey, WorkerState, COUNTERS};
+use sticky_ebpf::{maps, SELECT_PROGRAM, SORT_PROGRAM};
+
+/// Socket migration through a select-or-migrate program arrived in 5.14.
+const MIN_KERNEL: (u32, u32) = (5, 14);
+
+pub struct Steering {
+    ebpf: Ebpf,
+}
+
+/// The maps user space writes or reads, taken out of the loaded object.
+pub struct SteeringMaps {
+    pub listeners: ReusePortSockArray<MapData>,
+    pub config: Array<MapData, Config>,
+    pub workers: Array<MapData, WorkerState>,
+    pub sessions: HashMap<MapData, SidKey, u32>,
+    pub counters: Counters,
+}
+
+impl Steering {
+    /// Checks the kernel and privileges, then loads both programs into the
+    /// kernel (verifying them) without attaching anything.
+    pub fn load() -> Result<Steering> {
+        check_kernel()?;
+        raise_memlock();
+        let mut ebpf = Ebpf::load(sticky_ebpf::steer_object()).map_err(|e| load_error(e.into()))?;
+        let select: &mut SkReuseport = program(&mut ebpf, SELECT_PROGRAM)?;
+        select.load().map_err(|e| load_error(e.into()))?;
+        let sort: &mut SocketFilter = program(&mut ebpf, SORT_PROGRAM)?;
+        sort.load().map_err(|e| load_error(e.into()))?;
+        Ok(Steering { ebpf })
+    }
+
+    pub fn take_maps(&mut self) -> Result<SteeringMaps> {
+        Ok(SteeringMaps {
+            listeners: self.take(maps::LISTENERS)?,
+            config: self.take(maps::CONFIG)?,
+            workers: self.take(maps::WORKERS)?,
+            sessions: self.take(maps::SESSIONS)?,
+            counters: Counters(self.take(maps::COUNTERS)?),
+        })
+    }
+
+    /// Makes `sticky_select` decide for the reuseport group `socket` is in.
+    pub fn attach_selector(&mut self, socket: impl AsFd) -> Result<()> {
+        let select: &mut SkReuseport = program(&mut self.ebpf, SELECT_PROGRAM)?;
+        select
+            .attach(socket)
+            .context("attaching the selector to the listeners (SO_ATTACH_REUSEPORT_EBPF)")
+    }
+
+    pub fn attach_sorter(&mut self, socket: impl AsFd) -> Result<()> {
+        let sort: &mut SocketFilter = program(&mut self.ebpf, SORT_PROGRAM)?;
+        sort.attach(socket)
+            .map(drop)
+            .context("attaching the socket filter (SO_ATTACH_BPF)")
+    }
+
+    fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+        &mut self,
+        name: &str,
+    ) -> Result<T> {
+        let map = self
+            .ebpf
+            .take_map(name)
+            .ok_or_else(|| anyhow!("map {name} missing from the object"))?;
+        T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing from the object"))?;
+    prog.try_into()
+        .with_context(|| format!("program {name} has an unexpected type"))
+}
+
+/// The `counters` per-CPU map, summed over CPUs.
+pub struct Counters(PerCpuArray<MapData, u64>);
+
+impl Counters {
+    pub fn get(&self, index: u32) -> u64 {
+        self.0.get(&index, 0).map(|v| v.iter().sum()).unwrap_or(0)
+    }
+
+    /// Every counter as `name=value`, in the order of `enum sticky_counter`.
+    pub fn report(&self) -> String {
+        COUNTERS
+            .iter()
+            .enumerate()
+            .map(|(i, name)| format!("{name}={}", self.get(i as u32)))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+fn check_kernel() -> Result<()> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release.trim().split(|c: char| !c.is_ascii_digit());
+    let major: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    if (major, minor) < MIN_KERNEL {
+        bail!(
+            "kernel {} is too old: sticky needs Linux {}.{} or newer for socket migration \
+             (BPF_SK_REUSEPORT_SELECT_OR_MIGRATE)",
+            release.trim(),
+            MIN_KERNEL.0,
+            MIN_KERNEL.1
+        );
+    }
+    Ok(())
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK.
+fn raise_memlock() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: plain syscall with a valid struct; failure is harmless on 5.11+.
+    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
+}
+
+/// Turns the usual load failures into one line that says what to do.
+fn load_error(e: anyhow::Error) -> anyhow::Error {
+    let text = format!("{e:#}");
+    let denied = e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .map(|io| matches!(io.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES)))
+            .unwrap_or(false)
+    }) || text.contains("Operation not permitted");
+    if denied {
+        anyhow!("loading the kernel programs was refused: sticky needs root (CAP_BPF and CAP_NET_ADMIN); run it with sudo")
+    } else {
+        e.context("loading the kernel programs failed")
+    }
+}

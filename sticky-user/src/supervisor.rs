@@ -1,0 +1,243 @@
+//! Worker processes: start them, restart them with backoff when they exit,
+//! stop them gracefully on SIGINT/SIGTERM.
+//!
+//! A worker's listener outlives the process: connections waiting in its
+//! accept queue when it dies are served by its replacement. Its sessions are
+//! forgotten at once (the selector balances their requests meanwhile).
+
+use std::{
+    os::fd::OwnedFd,
+    path::PathBuf,
+    sync::{mpsc, Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use signal_hook::{
+    consts::{SIGCHLD, SIGINT, SIGTERM},
+    iterator::Signals,
+};
+
+use crate::{log, sessions::SessionTable, spawn::WorkerCommand};
+
+/// First restart delay after a crash; doubles per quick crash.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// A worker that ran this long was healthy: its next crash restarts fast.
+const HEALTHY_AFTER: Duration = Duration::from_secs(10);
+
+struct Worker {
+    listener: OwnedFd,
+    pid: Option<u32>,
+    started: Instant,
+    backoff: Duration,
+    restart_at: Option<Instant>,
+}
+
+pub struct Supervisor {
+    command: WorkerCommand,
+    control: PathBuf,
+    sessions: Arc<Mutex<SessionTable>>,
+    workers: Vec<Worker>,
+    grace: Duration,
+    signals: mpsc::Receiver<i32>,
+}
+
+impl Supervisor {
+    /// Installs the signal handlers (before any worker exists, so no exit is
+    /// missed) and starts every worker.
+    pub fn start(
+        command: WorkerCommand,
+        listeners: Vec<OwnedFd>,
+        control: PathBuf,
+        sessions: Arc<Mutex<SessionTable>>,
+        grace: Duration,
+    ) -> Result<Supervisor> {
+        let (tx, rx) = mpsc::channel();
+        let mut signals =
+            Signals::new([SIGINT, SIGTERM, SIGCHLD]).context("installing signal handlers")?;
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                for sig in signals.forever() {
+                    if tx.send(sig).is_err() {
+                        break;
+                    }
+                }
+            })?;
+        let now = Instant::now();
+        let workers = listeners
+            .into_iter()
+            .map(|listener| Worker {
+                listener,
+                pid: None,
+                started: now,
+                backoff: BACKOFF_MIN,
+                restart_at: None,
+            })
+            .collect();
+        let mut sup = Supervisor {
+            command,
+            control,
+            sessions,
+            workers,
+            grace,
+            signals: rx,
+        };
+        for i in 0..sup.workers.len() {
+            let pid = sup
+                .spawn(i)
+                .with_context(|| format!("cannot start worker `{}`", sup.command.display))?;
+            log!("worker {i} started (pid {pid})");
+        }
+        Ok(sup)
+    }
+
+    /// Supervises until SIGINT or SIGTERM, then stops the workers.
+    pub fn run(mut self) -> Result<()> {
+        loop {
+            let now = Instant::now();
+            let next = self.workers.iter().filter_map(|w| w.restart_at).min();
+            let timeout = next
+                .map(|t| t.saturating_duration_since(now))
+                .unwrap_or(Duration::from_secs(3600));
+            match self.signals.recv_timeout(timeout) {
+                Ok(SIGCHLD) => self.reap(true),
+                Ok(sig) => return self.stop(sig),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => return self.stop(SIGTERM),
+            }
+            self.restart_due();
+        }
+    }
+
+    fn spawn(&mut self, i: usize) -> std::io::Result<u32> {
+        let pid = self
+            .command
+            .spawn(&self.workers[i].listener, i, &self.control)?;
+        let w = &mut self.workers[i];
+        w.pid = Some(pid);
+        w.started = Instant::now();
+        w.restart_at = None;
+        if let Err(e) = self.sessions.lock().unwrap().worker_started(i, pid) {
+            log!("worker {i}: cannot mark it live in the kernel map: {e:#}");
+        }
+        Ok(pid)
+    }
+
+    /// Collects every exited child; schedules restarts unless stopping.
+    fn reap(&mut self, restart: bool) {
+        loop {
+            let mut status = 0;
+            // SAFETY: plain syscall.
+            let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+            if pid <= 0 {
+                return;
+            }
+            let Some(i) = self.workers.iter().position(|w| w.pid == Some(pid as u32)) else {
+                continue;
+            };
+            if let Err(e) = self.sessions.lock().unwrap().worker_exited(i) {
+                log!("worker {i}: cannot mark it down in the kernel map: {e:#}");
+            }
+            let w = &mut self.workers[i];
+            w.pid = None;
+            if !restart {
+                log!("worker {i} (pid {pid}) {}", describe(status));
+                continue;
+            }
+            let lived = w.started.elapsed();
+            w.backoff = if lived >= HEALTHY_AFTER {
+                BACKOFF_MIN
+            } else {
+                (w.backoff * 2).min(BACKOFF_MAX)
+            };
+            let delay = w.backoff;
+            w.restart_at = Some(Instant::now() + delay);
+            log!(
+                "worker {i} (pid {pid}) {} after {lived:.1?}; restarting in {delay:?}",
+                describe(status)
+            );
+        }
+    }
+
+    fn restart_due(&mut self) {
+        let now = Instant::now();
+        for i in 0..self.workers.len() {
+            if self.workers[i].restart_at.is_some_and(|t| t <= now) {
+                match self.spawn(i) {
+                    Ok(pid) => log!("worker {i} restarted (pid {pid})"),
+                    Err(e) => {
+                        let w = &mut self.workers[i];
+                        w.backoff = (w.backoff * 2).min(BACKOFF_MAX);
+                        w.restart_at = Some(now + w.backoff);
+                        log!(
+                            "worker {i}: restart failed: {e}; retrying in {:?}",
+                            w.backoff
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// SIGTERM to every worker's process group, SIGKILL after the grace
+    /// period (or at a second signal).
+    fn stop(mut self, sig: i32) -> Result<()> {
+        log!(
+            "{} received: stopping workers (grace {:?})",
+            signal_name(sig),
+            self.grace
+        );
+        self.signal_all(libc::SIGTERM);
+        let deadline = Instant::now() + self.grace;
+        while self.workers.iter().any(|w| w.pid.is_some()) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.signals.recv_timeout(left) {
+                Ok(SIGCHLD) => self.reap(false),
+                Ok(_) => {
+                    log!("second signal: killing workers");
+                    self.signal_all(libc::SIGKILL);
+                }
+                Err(_) => {
+                    log!("grace period over: killing workers");
+                    self.signal_all(libc::SIGKILL);
+                    std::thread::sleep(Duration::from_millis(100));
+                    self.reap(false);
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn signal_all(&self, sig: i32) {
+        for pid in self.workers.iter().filter_map(|w| w.pid) {
+            // SAFETY: plain syscall; the group is the worker's own (setpgid).
+            unsafe { libc::kill(-(pid as i32), sig) };
+        }
+    }
+}
+
+fn describe(status: i32) -> String {
+    if libc::WIFEXITED(status) {
+        format!("exited with status {}", libc::WEXITSTATUS(status))
+    } else if libc::WIFSIGNALED(status) {
+        format!("was killed by {}", signal_name(libc::WTERMSIG(status)))
+    } else {
+        format!("stopped (status {status:#x})")
+    }
+}
+
+fn signal_name(sig: i32) -> String {
+    match sig {
+        libc::SIGINT => "SIGINT".into(),
+        libc::SIGTERM => "SIGTERM".into(),
+        libc::SIGKILL => "SIGKILL".into(),
+        libc::SIGSEGV => "SIGSEGV".into(),
+        libc::SIGABRT => "SIGABRT".into(),
+        libc::SIGPIPE => "SIGPIPE".into(),
+        libc::SIGHUP => "SIGHUP".into(),
+        other => format!("signal {other}"),
+    }
+}
