@@ -1,0 +1,347 @@
+//! The kernel-side request parser, run in the kernel through
+//! `BPF_PROG_TEST_RUN` on the socket filter with crafted segments.
+//!
+//! Each case is a first data segment; its outcome is read back from the
+//! filter's `flows` decision and the `counters` map. Needs root (CAP_BPF).
+//! BPF_PROG_TEST_RUN takes at most one page per packet: large first segments
+//! are exercised end to end by the integration tests.
+
+use std::net::IpAddr;
+
+use aya::{
+    maps::{Array, HashMap, MapData, PerCpuArray},
+    programs::{SocketFilter, TestRun, TestRunOptions},
+    Ebpf,
+};
+use sticky_common::{Balance, Config, FlowKey, Mode, SidKey, COUNTERS};
+
+#[derive(Debug, PartialEq, Clone, Copy)]
+enum Outcome {
+    /// Routed to this worker.
+    Owner(u32),
+    /// Well-formed sid, no owner: balanced.
+    Unknown,
+    /// sid parameter present but malformed: balanced.
+    Invalid,
+    /// HTTP request line without a sid: balanced.
+    NoSid,
+    /// Starts with A-Z but is no request line: balanced.
+    NotHttp,
+    /// Not even looked at (no payload or not starting with A-Z): balanced.
+    Ignored,
+}
+use Outcome::*;
+
+struct Harness {
+    ebpf: Ebpf,
+    config: Array<MapData, Config>,
+    sessions: HashMap<MapData, SidKey, u32>,
+    flows: HashMap<MapData, FlowKey, u32>,
+    counters: PerCpuArray<MapData, u64>,
+    next_port: u16,
+}
+
+impl Harness {
+    fn new() -> Harness {
+        let mut ebpf =
+            Ebpf::load(sticky_ebpf::steer_object()).expect("loading the object (are you root?)");
+        let prog: &mut SocketFilter = ebpf
+            .program_mut(sticky_ebpf::SORT_PROGRAM)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        prog.load().expect("the verifier accepts sticky_sort");
+        let take = |e: &mut Ebpf, n| e.take_map(n).unwrap();
+        let config: Array<MapData, Config> = take(&mut ebpf, "config").try_into().unwrap();
+        let sessions = take(&mut ebpf, "sessions").try_into().unwrap();
+        let flows = take(&mut ebpf, "flows").try_into().unwrap();
+        let counters = take(&mut ebpf, "counters").try_into().unwrap();
+        let mut h = Harness {
+            ebpf,
+            config,
+            sessions,
+            flows,
+            counters,
+            next_port: 40000,
+        };
+        h.set_param("sid");
+        h
+    }
+
+    fn set_param(&mut self, param: &str) {
+        self.config
+            .set(
+                0,
+                Config::new(4, Balance::RoundRobin, Mode::Sticky, param),
+                0,
+            )
+            .unwrap();
+    }
+
+    fn own(&mut self, sid: &str, worker: u32) {
+        self.sessions
+            .insert(SidKey::new(sid).unwrap(), worker, 0)
+            .unwrap();
+    }
+
+    fn counter(&self, name: &str) -> u64 {
+        let i = COUNTERS.iter().position(|c| *c == name).unwrap() as u32;
+        self.counters.get(&i, 0).unwrap().iter().sum()
+    }
+
+    /// Runs the filter on one segment from `client` and reports the outcome.
+    fn run(&mut self, client: IpAddr, payload: &[u8]) -> Outcome {
+        self.next_port += 1;
+        let port = self.next_port;
+        let packet = segment(client, port, payload);
+        let names = ["sid_unknown", "sid_invalid", "no_sid", "not_http"];
+        let before: Vec<u64> = names.iter().map(|n| self.counter(n)).collect();
+        let prog: &SocketFilter = self
+            .ebpf
+            .program(sticky_ebpf::SORT_PROGRAM)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        let result = prog
+            .test_run(TestRunOptions {
+                data_in: Some(&packet),
+                ..Default::default()
+            })
+            .expect("BPF_PROG_TEST_RUN");
+        // The filter must never trim or drop: it returns >= the packet length.
+        assert!(
+            result.return_value as usize >= packet.len() - 14,
+            "filter trimmed the segment"
+        );
+        if let Ok(owner) = self.flows.get(&flow_key(client, port), 0) {
+            return Owner(owner);
+        }
+        let changed: Vec<&str> = names
+            .iter()
+            .zip(&before)
+            .filter(|(n, b)| self.counter(n) != **b)
+            .map(|(n, _)| *n)
+            .collect();
+        match changed.as_slice() {
+            [] => Ignored,
+            ["sid_unknown"] => Unknown,
+            ["sid_invalid"] => Invalid,
+            ["no_sid"] => NoSid,
+            ["not_http"] => NotHttp,
+            other => panic!("several outcomes at once: {other:?}"),
+        }
+    }
+}
+
+/// Ethernet + IPv4/IPv6 + TCP (no options) + payload, as BPF_PROG_TEST_RUN wants.
+fn segment(client: IpAddr, port: u16, payload: &[u8]) -> Vec<u8> {
+    let mut tcp = Vec::new();
+    tcp.extend_from_slice(&port.to_be_bytes());
+    tcp.extend_from_slice(&3000u16.to_be_bytes());
+    tcp.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 1, 5 << 4, 0x18, 0xff, 0xff, 0, 0, 0, 0]);
+    let mut p = vec![0u8; 12];
+    match client {
+        IpAddr::V4(a) => {
+            p.extend_from_slice(&[0x08, 0x00]);
+            let total = (20 + tcp.len() + payload.len()) as u16;
+            p.extend_from_slice(&[0x45, 0]);
+            p.extend_from_slice(&total.to_be_bytes());
+            p.extend_from_slice(&[0, 0, 0x40, 0, 64, 6, 0, 0]);
+            p.extend_from_slice(&a.octets());
+            p.extend_from_slice(&[127, 0, 0, 1]);
+        }
+        IpAddr::V6(a) => {
+            p.extend_from_slice(&[0x86, 0xdd]);
+            p.extend_from_slice(&[0x60, 0, 0, 0]);
+            p.extend_from_slice(&((tcp.len() + payload.len()) as u16).to_be_bytes());
+            p.extend_from_slice(&[6, 64]);
+            p.extend_from_slice(&a.octets());
+            p.extend_from_slice(&std::net::Ipv6Addr::LOCALHOST.octets());
+        }
+    }
+    p.extend_from_slice(&tcp);
+    p.extend_from_slice(payload);
+    p
+}
+
+fn flow_key(client: IpAddr, port: u16) -> FlowKey {
+    let mut key = FlowKey {
+        remote_port: port.to_be(),
+        ..Default::default()
+    };
+    let words = |o: [u8; 16]| {
+        std::array::from_fn(|i| u32::from_ne_bytes(o[i * 4..i * 4 + 4].try_into().unwrap()))
+    };
+    match client {
+        IpAddr::V4(a) => {
+            key.family = 2;
+            key.remote[0] = u32::from_ne_bytes(a.octets());
+            key.local[0] = u32::from_ne_bytes([127, 0, 0, 1]);
+        }
+        IpAddr::V6(a) => {
+            key.family = 10;
+            key.remote = words(a.octets());
+            key.local = words(std::net::Ipv6Addr::LOCALHOST.octets());
+        }
+    }
+    key
+}
+
+fn v4() -> IpAddr {
+    "10.1.2.3".parse().unwrap()
+}
+
+#[test]
+fn first_segments_have_defined_outcomes() {
+    let mut h = Harness::new();
+    let sid20 = "AbCdEfGhIjKlMnOpQrSt";
+    let sid64 = "x".repeat(64);
+    h.own(sid20, 2);
+    h.own("other_1", 1);
+    h.own("third-3", 3);
+    h.own(&sid64, 0);
+
+    let long_path = format!("GET /{}?sid={sid20} HTTP/1.1\r\n\r\n", "p".repeat(2000));
+    let late_sid = format!("GET /x?{}&sid={sid20} HTTP/1.1\r\n\r\n", "a=b&".repeat(260));
+    let big = format!(
+        "POST /x?sid={sid20} HTTP/1.1\r\nContent-Length: 2800\r\n\r\n{}",
+        "z".repeat(2800)
+    );
+    let cases: Vec<(String, Outcome)> = vec![
+        (
+            format!(
+                "GET /socket.io/?EIO=4&transport=polling&sid={sid20} HTTP/1.1\r\nHost: x\r\n\r\n"
+            ),
+            Owner(2),
+        ),
+        (
+            format!("GET /socket.io/?sid={sid20}&EIO=4 HTTP/1.1\r\n\r\n"),
+            Owner(2),
+        ),
+        (
+            format!("POST /?sid={sid20}#frag HTTP/1.1\r\n\r\n"),
+            Owner(2),
+        ),
+        (
+            format!("GET /?EIO=4&sid={sid64} HTTP/1.1\r\n\r\n"),
+            Owner(0),
+        ),
+        (
+            format!("GET /?sid=other_1&sid={sid20} HTTP/1.1\r\n\r\n"),
+            Owner(1),
+        ), // first wins
+        (format!("GET /?&&sid=third-3 HTTP/1.0\r\n\r\n"), Owner(3)),
+        (format!("GET /?sid={sid20}\r\n"), Owner(2)), // HTTP/0.9-style line end
+        (big, Owner(2)),
+        (
+            "GET /?sid=NoSuchSession1234 HTTP/1.1\r\n\r\n".into(),
+            Unknown,
+        ),
+        (format!("GET /?sid={}x HTTP/1.1\r\n\r\n", sid64), Invalid), // 65 bytes
+        ("GET /?sid=abc.def HTTP/1.1\r\n\r\n".into(), Invalid),
+        ("GET /?sid=ab%2Dcd HTTP/1.1\r\n\r\n".into(), Invalid), // percent-encoded value
+        (format!("GET /?sid={sid20}"), Invalid), // line split: value not terminated yet
+        ("GET /?sid= HTTP/1.1\r\n\r\n".into(), NoSid),
+        ("GET /?sid=&EIO=4 HTTP/1.1\r\n\r\n".into(), NoSid),
+        (
+            "GET /?EIO=4&transport=polling HTTP/1.1\r\n\r\n".into(),
+            NoSid,
+        ),
+        (format!("GET /?xsid={sid20} HTTP/1.1\r\n\r\n"), NoSid),
+        (format!("GET /?SID={sid20} HTTP/1.1\r\n\r\n"), NoSid),
+        (format!("GET /?%73id={sid20} HTTP/1.1\r\n\r\n"), NoSid),
+        (format!("GET /sid={sid20}/x HTTP/1.1\r\n\r\n"), NoSid), // in the path
+        (format!("GET /x#?sid={sid20} HTTP/1.1\r\n\r\n"), NoSid), // in the fragment
+        (
+            format!("GET /x HTTP/1.1\r\nCookie: sid={sid20}\r\n\r\n"),
+            NoSid,
+        ), // in a header
+        ("GET /x?EIO=4&si".into(), NoSid),                       // request line split mid-name
+        ("GET /socket.io/".into(), NoSid),
+        ("GET".into(), NoSid),
+        (long_path, NoSid),                          // sid beyond the 1 KiB window
+        (late_sid, NoSid),                           // likewise, deep in the query
+        ("GETPOSTPUTDELETEPATCH /".into(), NotHttp), // method longer than 15
+        (" GET /?sid=x HTTP/1.1".into(), Ignored),
+        ("get /?sid=x HTTP/1.1".into(), Ignored),
+        ("\u{16}\u{3}\u{1}\u{2}\u{0}\u{1}".into(), Ignored), // TLS ClientHello start
+        ("G\u{0}T /?sid=x".into(), NotHttp),
+        ("".into(), Ignored), // pure ACK
+    ];
+    let mut failures = Vec::new();
+    for (payload, want) in &cases {
+        let got = h.run(v4(), payload.as_bytes());
+        if got != *want {
+            failures.push(format!(
+                "{:?}: want {want:?}, got {got:?}",
+                &payload[..payload.len().min(60)]
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "parser outcomes differ:\n{}",
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn random_bytes_never_crash_or_trim() {
+    let mut h = Harness::new();
+    h.own("AAAAAAAAAAAAAAAAAAAA", 1);
+    // xorshift: deterministic, no dependency.
+    let mut x: u64 = 0x9e3779b97f4a7c15;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let alphabet = b"GETPOS /?&=#sidAZaz09_-.%\r\n\0\xff";
+    for round in 0..2000 {
+        let len = (next() % 1500) as usize;
+        let mut payload: Vec<u8> = (0..len)
+            .map(|_| alphabet[(next() % alphabet.len() as u64) as usize])
+            .collect();
+        if round % 2 == 0 && len > 8 {
+            payload[..4].copy_from_slice(b"GET ");
+        }
+        let outcome = h.run(v4(), &payload);
+        if let Owner(w) = outcome {
+            // Only an exact, terminated sid=AAAA... may route.
+            let text = String::from_utf8_lossy(&payload);
+            assert!(
+                w == 1 && text.contains("sid=AAAAAAAAAAAAAAAAAAAA"),
+                "routed {payload:?} to {w}"
+            );
+        }
+    }
+}
+
+#[test]
+fn ipv6_segments_and_custom_param_names() {
+    let mut h = Harness::new();
+    h.own("v6session", 3);
+    let v6: IpAddr = "2001:db8::7".parse().unwrap();
+    assert_eq!(h.run(v6, b"GET /?sid=v6session HTTP/1.1\r\n\r\n"), Owner(3));
+
+    h.set_param("session_id");
+    assert_eq!(h.run(v4(), b"GET /?sid=v6session HTTP/1.1\r\n\r\n"), NoSid);
+    assert_eq!(
+        h.run(v4(), b"GET /?a=1&session_id=v6session HTTP/1.1\r\n\r\n"),
+        Owner(3)
+    );
+    assert_eq!(
+        h.run(v4(), b"GET /?session_idx=v6session HTTP/1.1\r\n\r\n"),
+        NoSid
+    );
+    h.set_param("abcdefghijklmno"); // 15 bytes: the longest name
+    assert_eq!(
+        h.run(v4(), b"GET /?abcdefghijklmno=v6session HTTP/1.1\r\n\r\n"),
+        Owner(3)
+    );
+    assert_eq!(
+        h.run(v4(), b"GET /?abcdefghijklmnO=v6session HTTP/1.1\r\n\r\n"),
+        NoSid
+    );
+}
