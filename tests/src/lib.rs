@@ -1,1 +1,333 @@
-//! Shared helpers for the integration tests live in this crate; see tests/.
+//! Support for sticky's integration tests: start a real `sticky run` with
+//! real worker processes on an ephemeral port, talk raw HTTP/1.1 to it over
+//! real sockets, read its counters from the control socket.
+//!
+//! Binaries come from `STICKY_BIN` and `STICKY_DEMO_WORKER` (set by
+//! `cargo xtask test`), else from the workspace's `target/debug`. The tests
+//! load BPF programs, so they need root.
+
+use std::{
+    collections::HashMap,
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpStream},
+    os::unix::net::UnixStream,
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+pub fn sticky_bin() -> PathBuf {
+    binary("STICKY_BIN", "sticky")
+}
+
+pub fn demo_worker_bin() -> PathBuf {
+    binary("STICKY_DEMO_WORKER", "sticky-demo-worker")
+}
+
+fn binary(var: &str, name: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(var) {
+        return p.into();
+    }
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/debug")
+        .join(name);
+    assert!(
+        p.exists(),
+        "{} not found: run `cargo xtask test` (or build the workspace first)",
+        p.display()
+    );
+    p
+}
+
+/// A running `sticky run`, stopped (SIGTERM, then SIGKILL) on drop.
+pub struct Cluster {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    pub control: PathBuf,
+    pub log: Arc<Mutex<String>>,
+    _dir: TempDir,
+}
+
+impl Cluster {
+    /// `sticky run --listen 127.0.0.1:0 --workers N <extra> -- demo-worker`.
+    pub fn start(workers: usize, extra: &[&str]) -> Cluster {
+        let worker = demo_worker_bin();
+        Cluster::start_with("127.0.0.1:0", workers, extra, &[worker.to_str().unwrap()])
+    }
+
+    pub fn start_with(listen: &str, workers: usize, extra: &[&str], command: &[&str]) -> Cluster {
+        let dir = TempDir::new();
+        let control = dir.0.join("control.sock");
+        let mut child = Command::new(sticky_bin())
+            .args([
+                "run",
+                "--listen",
+                listen,
+                "--workers",
+                &workers.to_string(),
+                "--control",
+            ])
+            .arg(&control)
+            .args(extra)
+            .arg("--")
+            .args(command)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting sticky");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("listening on ").nth(1) {
+                    let addr = rest.split(' ').next().unwrap_or("").to_owned();
+                    let _ = tx.send(addr);
+                }
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(a) => a.parse().expect("address in the listening line"),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                std::thread::sleep(Duration::from_millis(100));
+                panic!("sticky did not start:\n{}", log.lock().unwrap());
+            }
+        };
+        Cluster {
+            child: Some(child),
+            addr,
+            control,
+            log,
+            _dir: dir,
+        }
+    }
+
+    /// One request on a new connection (`Connection: close`).
+    pub fn get(&self, target: &str) -> Response {
+        request(self.addr, "GET", target, b"")
+    }
+
+    /// Registers a fresh sid on whichever worker takes the request.
+    pub fn register_any(&self, sid: &str) -> usize {
+        let r = self.get(&format!("/register?sid={sid}"));
+        assert_eq!(r.status, 200, "register {sid}: {}", r.text());
+        r.worker.expect("worker header")
+    }
+
+    /// Registers fresh sids until every worker owns at least `per_worker`;
+    /// returns (sid, owner) pairs.
+    pub fn sessions_on_every_worker(
+        &self,
+        workers: usize,
+        per_worker: usize,
+    ) -> Vec<(String, usize)> {
+        let mut owned = Vec::new();
+        let mut counts = vec![0; workers];
+        for n in 0..1000 {
+            if counts.iter().all(|&c| c >= per_worker) {
+                return owned;
+            }
+            let sid = format!("s{n:04}{}", random_sid(14));
+            let w = self.register_any(&sid);
+            counts[w] += 1;
+            owned.push((sid, w));
+        }
+        panic!("could not place sessions on every worker: {counts:?}");
+    }
+
+    /// The control socket's `stats` answer, as name -> value.
+    pub fn stats(&self) -> HashMap<String, String> {
+        let line = control_line(&self.control, "stats");
+        let body = line
+            .strip_prefix("ok ")
+            .unwrap_or_else(|| panic!("stats: {line}"));
+        body.split(' ')
+            .filter_map(|f| f.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect()
+    }
+
+    pub fn counter(&self, name: &str) -> u64 {
+        self.stats()[name].parse().unwrap()
+    }
+
+    /// pid of worker `i` as the supervisor sees it, if it is up.
+    pub fn worker_pid(&self, i: usize) -> Option<u32> {
+        let v = self.stats().remove(&format!("worker{i}"))?;
+        v.strip_prefix("pid:")?.split(',').next()?.parse().ok()
+    }
+
+    /// Waits until `f` holds, up to `limit`.
+    pub fn wait_for(&self, what: &str, limit: Duration, mut f: impl FnMut(&Cluster) -> bool) {
+        let start = Instant::now();
+        while !f(self) {
+            assert!(
+                start.elapsed() < limit,
+                "timed out waiting for {what}\n{}",
+                self.log.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Sends SIGTERM and waits for exit (up to `limit`).
+    pub fn terminate(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        None
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.terminate(Duration::from_secs(15));
+    }
+}
+
+/// Sends one line on a new control connection, returns the answer line.
+pub fn control_line(path: &std::path::Path, line: &str) -> String {
+    let mut s = UnixStream::connect(path).expect("control socket");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(format!("{line}\n").as_bytes()).unwrap();
+    let mut answer = String::new();
+    BufReader::new(s).read_line(&mut answer).unwrap();
+    answer.trim_end().to_owned()
+}
+
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub worker: Option<usize>,
+    pub pid: Option<u32>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// One HTTP/1.1 request on a new TCP connection, response read to the end.
+pub fn request(addr: SocketAddr, method: &str, target: &str, body: &[u8]) -> Response {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_nodelay(true).unwrap();
+    let head = format!(
+        "{method} {target} HTTP/1.1\r\nHost: sticky\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let mut msg = head.into_bytes();
+    msg.extend_from_slice(body);
+    s.write_all(&msg).expect("send request");
+    read_response(s)
+}
+
+/// Reads a `Connection: close` response to EOF and parses it.
+pub fn read_response(mut s: TcpStream) -> Response {
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("read response");
+    parse_response(&raw)
+}
+
+pub fn parse_response(raw: &[u8]) -> Response {
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| {
+            panic!(
+                "no response head in {:?}",
+                String::from_utf8_lossy(&raw[..raw.len().min(200)])
+            )
+        });
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut worker = None;
+    let mut pid = None;
+    for line in lines {
+        let Some((k, v)) = line.split_once(':') else {
+            continue;
+        };
+        match k.trim().to_ascii_lowercase().as_str() {
+            "x-sticky-worker" => worker = v.trim().parse().ok(),
+            "x-sticky-pid" => pid = v.trim().parse().ok(),
+            _ => {}
+        }
+    }
+    Response {
+        status,
+        worker,
+        pid,
+        body: raw[split + 4..].to_vec(),
+    }
+}
+
+/// A session id like Engine.IO's: `len` bytes of [A-Za-z0-9_-].
+pub fn random_sid(len: usize) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-";
+    let mut seed = [0u8; 64];
+    std::fs::File::open("/dev/urandom")
+        .unwrap()
+        .read_exact(&mut seed[..len])
+        .unwrap();
+    seed[..len]
+        .iter()
+        .map(|b| ALPHABET[(*b as usize) % 64] as char)
+        .collect()
+}
+
+/// A private temporary directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        let p = std::env::temp_dir().join(format!(
+            "sticky-test-{}-{}",
+            std::process::id(),
+            random_sid(8)
+        ));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Default for TempDir {
+    fn default() -> Self {
+        TempDir::new()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -1,0 +1,260 @@
+//! Placement, end to end: real `sticky run`, real demo workers, real
+//! connections on loopback, real kernel programs.
+
+use std::{
+    collections::HashMap,
+    io::Write,
+    net::TcpStream,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use sticky_tests::{read_response, request, Cluster};
+
+fn per_worker(cluster: &Cluster, n: usize, target: &str, workers: usize) -> Vec<usize> {
+    let mut counts = vec![0; workers];
+    for _ in 0..n {
+        let r = cluster.get(target);
+        assert_eq!(r.status, 200);
+        counts[r.worker.unwrap()] += 1;
+    }
+    counts
+}
+
+#[test]
+fn ten_thousand_sid_connections_from_64_clients_reach_their_owner() {
+    let cluster = Cluster::start(3, &[]);
+    let sessions = Arc::new(cluster.sessions_on_every_worker(3, 4));
+    let before = cluster.stats();
+    let (total, clients) = (10_000usize, 64usize);
+    let wrong = Arc::new(AtomicUsize::new(0));
+    let next = Arc::new(AtomicUsize::new(0));
+    let threads: Vec<_> = (0..clients)
+        .map(|_| {
+            let (sessions, wrong, next, addr) =
+                (sessions.clone(), wrong.clone(), next.clone(), cluster.addr);
+            std::thread::spawn(move || loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= total {
+                    return;
+                }
+                let (sid, owner) = &sessions[n % sessions.len()];
+                let r = request(
+                    addr,
+                    "GET",
+                    &format!("/socket.io/?EIO=4&transport=polling&sid={sid}"),
+                    b"",
+                );
+                if r.status != 200 || r.worker != Some(*owner) {
+                    wrong.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let after = cluster.stats();
+    let delta = |k: &str| after[k].parse::<u64>().unwrap() - before[k].parse::<u64>().unwrap();
+    println!(
+        "{total} connections: wrong={} by_sid={} placed_queue={} placed_softirq={}",
+        wrong.load(Ordering::Relaxed),
+        delta("by_sid"),
+        delta("placed_queue"),
+        delta("placed_softirq")
+    );
+    assert_eq!(
+        wrong.load(Ordering::Relaxed),
+        0,
+        "connections reached the wrong worker"
+    );
+    assert!(delta("by_sid") >= total as u64);
+}
+
+#[test]
+fn slow_clients_are_placed_in_softirq_without_the_queue() {
+    let cluster = Cluster::start(3, &[]);
+    let sessions = cluster.sessions_on_every_worker(3, 1);
+    let before = cluster.counter("placed_softirq");
+    for (sid, owner) in sessions.iter().cycle().take(30) {
+        // Connect, let a few rotations pass, then send: the request socket's
+        // listener is closed by then, so its first segment migrates.
+        let mut s = TcpStream::connect(cluster.addr).unwrap();
+        std::thread::sleep(Duration::from_millis(15));
+        write!(
+            s,
+            "GET /?sid={sid} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let r = read_response(s);
+        assert_eq!(r.worker, Some(*owner), "sid {sid}");
+    }
+    let placed = cluster.counter("placed_softirq") - before;
+    println!("30 delayed connections, {placed} placed in softirq");
+    assert!(
+        placed >= 20,
+        "only {placed}/30 delayed connections took the softirq path"
+    );
+}
+
+#[test]
+fn round_robin_spreads_within_one_connection_per_worker() {
+    let cluster = Cluster::start(3, &["--balance", "round-robin"]);
+    let counts = per_worker(&cluster, 30, "/", 3);
+    println!("round-robin over 30 connections: {counts:?}");
+    let (min, max) = (counts.iter().min().unwrap(), counts.iter().max().unwrap());
+    assert!(max - min <= 1, "round-robin uneven: {counts:?}");
+}
+
+#[test]
+fn random_uses_every_worker() {
+    let cluster = Cluster::start(3, &["--balance", "random"]);
+    let counts = per_worker(&cluster, 60, "/", 3);
+    println!("random over 60 connections: {counts:?}");
+    assert!(
+        counts.iter().all(|&c| c > 0),
+        "random skipped a worker: {counts:?}"
+    );
+}
+
+#[test]
+fn least_connection_goes_to_the_worker_with_fewest_sessions() {
+    let cluster = Cluster::start(3, &["--balance", "least-connection"]);
+    let sessions = cluster.sessions_on_every_worker(3, 2);
+    // Drop every session of worker 1: routed by its sid, the unregister
+    // request reaches the owner, which closes it.
+    for (sid, owner) in &sessions {
+        if *owner == 1 {
+            let r = cluster.get(&format!("/unregister?sid={sid}"));
+            assert_eq!((r.status, r.worker), (200, Some(1)), "{}", r.text());
+        }
+    }
+    let counts = per_worker(&cluster, 10, "/", 3);
+    assert_eq!(
+        counts,
+        vec![0, 10, 0],
+        "least-connection should pick worker 1 every time"
+    );
+}
+
+#[test]
+fn unknown_and_malformed_sids_are_balanced() {
+    let cluster = Cluster::start(2, &["--balance", "round-robin"]);
+    let unknown = cluster.counter("sid_unknown");
+    let counts = per_worker(&cluster, 10, "/?sid=NoSuchSessionAtAll", 2);
+    assert_eq!(counts, vec![5, 5]);
+    assert!(cluster.counter("sid_unknown") >= unknown + 10);
+    let counts = per_worker(&cluster, 4, "/?sid=bad.sid", 2);
+    assert_eq!(counts, vec![2, 2]);
+}
+
+#[test]
+fn a_request_line_split_across_segments_is_balanced() {
+    // Defined behaviour: the sid must be in the first data segment (the
+    // kernel places the connection when that segment arrives). A request
+    // line split before its sid is balanced, and answered normally.
+    let cluster = Cluster::start(2, &["--balance", "round-robin"]);
+    let (sid, owner) = cluster
+        .sessions_on_every_worker(2, 1)
+        .into_iter()
+        .find(|(_, w)| *w == 1)
+        .unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        let mut s = TcpStream::connect(cluster.addr).unwrap();
+        s.set_nodelay(true).unwrap();
+        s.write_all(b"GET /?EIO=4&si").unwrap();
+        std::thread::sleep(Duration::from_millis(30));
+        write!(
+            s,
+            "d={sid} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let r = read_response(s);
+        assert_eq!(r.status, 200);
+        seen.push(r.worker.unwrap());
+    }
+    assert!(
+        seen.contains(&0) && seen.contains(&owner),
+        "split requests should be balanced: {seen:?}"
+    );
+}
+
+#[test]
+fn eight_mib_bodies_cross_the_sorting_path_intact() {
+    let cluster = Cluster::start(2, &[]);
+    let sessions = cluster.sessions_on_every_worker(2, 1);
+    let body: Vec<u8> = (0..8 << 20)
+        .map(|i: u32| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
+    for (sid, owner) in &sessions {
+        let r = request(cluster.addr, "POST", &format!("/echo?sid={sid}"), &body);
+        assert_eq!((r.status, r.worker), (200, Some(*owner)));
+        assert!(
+            r.body == body,
+            "echoed body differs ({} bytes back)",
+            r.body.len()
+        );
+        let r = cluster.get(&format!("/bytes?n={}&sid={sid}", 8 << 20));
+        assert_eq!((r.status, r.worker), (200, Some(*owner)));
+        assert_eq!(r.body.len(), 8 << 20);
+        assert!(
+            r.body
+                .iter()
+                .enumerate()
+                .all(|(i, &b)| b == (i % 251) as u8),
+            "response body corrupted"
+        );
+    }
+}
+
+#[test]
+fn ipv6_listeners_place_by_sid_too() {
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("no IPv6 loopback here: skipped");
+        return;
+    }
+    let worker = sticky_tests::demo_worker_bin();
+    let cluster = Cluster::start_with("[::1]:0", 3, &[], &[worker.to_str().unwrap()]);
+    let sessions = cluster.sessions_on_every_worker(3, 2);
+    for (sid, owner) in sessions.iter().cycle().take(60) {
+        assert_eq!(cluster.get(&format!("/?sid={sid}")).worker, Some(*owner));
+    }
+}
+
+#[test]
+fn counters_account_for_every_connection() {
+    let cluster = Cluster::start(2, &[]);
+    let sessions = cluster.sessions_on_every_worker(2, 1);
+    let before = cluster.stats();
+    for (sid, _) in sessions.iter().cycle().take(50) {
+        cluster.get(&format!("/?sid={sid}"));
+    }
+    for _ in 0..50 {
+        cluster.get("/");
+    }
+    let after = cluster.stats();
+    let d: HashMap<&str, u64> = [
+        "syn",
+        "placed_queue",
+        "placed_softirq",
+        "by_sid",
+        "balanced",
+    ]
+    .into_iter()
+    .map(|k| {
+        (
+            k,
+            after[k].parse::<u64>().unwrap() - before[k].parse::<u64>().unwrap(),
+        )
+    })
+    .collect();
+    println!("{d:?}");
+    assert_eq!(d["syn"], 100);
+    assert_eq!(d["placed_queue"] + d["placed_softirq"], 100);
+    assert_eq!(d["by_sid"], 50);
+    assert_eq!(d["balanced"], 50);
+}

@@ -1,0 +1,196 @@
+//! `cargo xtask`: the project's developer tasks, in Rust so they need nothing
+//! but cargo (the alias lives in `.cargo/config.toml`).
+//!
+//! - `cargo xtask build`               release build of every binary
+//! - `cargo xtask run [-- ARGS]`       demo cluster on 127.0.0.1:3000
+//! - `cargo xtask test [-- ARGS]`      debug build, then `cargo test --workspace`
+//! - `cargo xtask bench [--quick] [ARGS]`  sticky vs floor, JSON in bench/results/
+//!
+//! Loading BPF programs needs root, so `run` and `bench` go through `sudo`
+//! when not root (only the final binary: the build stays the user's, so
+//! `target/` does not become root-owned).
+
+use std::ffi::OsString;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const USAGE: &str = "usage: cargo xtask <build | run [-- STICKY_ARGS] | test [-- CARGO_TEST_ARGS] | bench [--quick] [BENCH_ARGS]>";
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("build") => build_release(),
+        Some("run") => run(extra(&args[1..])),
+        Some("test") => test(extra(&args[1..])),
+        Some("bench") => bench(extra(&args[1..])),
+        Some("-h" | "--help") => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        _ => Err(USAGE.to_string()),
+    };
+    if let Err(e) = result {
+        eprintln!("xtask: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// Arguments after the subcommand, with one leading `--` dropped.
+fn extra(args: &[String]) -> &[String] {
+    match args.first().map(String::as_str) {
+        Some("--") => &args[1..],
+        _ => args,
+    }
+}
+
+fn root_dir() -> PathBuf {
+    // xtask/ sits in the workspace root.
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask has a parent directory")
+        .to_path_buf()
+}
+
+fn cargo() -> Command {
+    let mut cmd =
+        Command::new(std::env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo")));
+    cmd.current_dir(root_dir());
+    cmd
+}
+
+/// Runs `cmd` to completion; a failure becomes a one-line error.
+fn status(mut cmd: Command, what: &str) -> Result<(), String> {
+    let status = cmd
+        .status()
+        .map_err(|e| format!("cannot run {what}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{what} failed ({status})"))
+    }
+}
+
+fn build_release() -> Result<(), String> {
+    let mut cmd = cargo();
+    cmd.args(["build", "--release", "--workspace", "--bins"]);
+    status(cmd, "cargo build --release")
+}
+
+fn run(extra: &[String]) -> Result<(), String> {
+    build_release()?;
+    let bin = root_dir().join("target/release");
+    let mut args: Vec<OsString> = ["run", "--listen", "127.0.0.1:3000", "--workers", "3"]
+        .iter()
+        .map(OsString::from)
+        .collect();
+    args.extend(extra.iter().map(OsString::from));
+    args.push("--".into());
+    args.push(bin.join("sticky-demo-worker").into());
+    eprintln!(
+        "sticky demo on 127.0.0.1:3000 (Ctrl-C stops it). Try, from another terminal:\n  \
+         curl http://127.0.0.1:3000/\n  \
+         curl 'http://127.0.0.1:3000/register?sid=demo123'\n  \
+         curl 'http://127.0.0.1:3000/?sid=demo123'   (repeatedly: always the same worker)\n"
+    );
+    exec_as_root(&bin.join("sticky"), &args)
+}
+
+fn test(extra: &[String]) -> Result<(), String> {
+    let mut cmd = cargo();
+    cmd.args(["build", "--workspace", "--bins"]);
+    status(cmd, "cargo build")?;
+    if !is_root() {
+        eprintln!("xtask: note: not root; the integration tests load BPF programs and will fail without root");
+    }
+    let bin = root_dir().join("target/debug");
+    let mut cmd = cargo();
+    cmd.args(["test", "--workspace"])
+        .args(extra)
+        .env("STICKY_BIN", bin.join("sticky"))
+        .env("STICKY_DEMO_WORKER", bin.join("sticky-demo-worker"));
+    status(cmd, "cargo test")
+}
+
+fn bench(extra: &[String]) -> Result<(), String> {
+    build_release()?;
+    let results = root_dir().join("bench/results");
+    std::fs::create_dir_all(&results)
+        .map_err(|e| format!("cannot create {}: {e}", results.display()))?;
+    let json = results.join(format!("{}.json", today()));
+    let mut args: Vec<OsString> = extra.iter().map(OsString::from).collect();
+    args.push("--json".into());
+    args.push(json.into());
+    exec_as_root(&root_dir().join("target/release/sticky-bench"), &args)
+}
+
+/// Replaces this process with `program args` (so its exit code and Ctrl-C
+/// handling are the program's own), through sudo when not root.
+fn exec_as_root(program: &Path, args: &[OsString]) -> Result<(), String> {
+    let mut cmd = if is_root() {
+        Command::new(program)
+    } else if let Some(sudo) = find_in_path("sudo") {
+        eprintln!(
+            "xtask: loading BPF programs needs root: running {} under sudo",
+            program.display()
+        );
+        let mut cmd = Command::new(sudo);
+        cmd.arg(program);
+        cmd
+    } else {
+        return Err(
+            "loading BPF programs needs root, and sudo is not available: run this as root".into(),
+        );
+    };
+    let err = cmd.args(args).exec();
+    Err(format!("cannot run {}: {err}", program.display()))
+}
+
+/// Effective uid 0, read from /proc so that xtask needs no dependency.
+fn is_root() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1))
+        .is_some_and(|euid| euid == "0")
+}
+
+fn find_in_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
+
+/// Today's UTC date as YYYY-MM-DD (days-to-civil, H. Hinnant), to avoid a
+/// date crate for one file name.
+fn today() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    date(secs)
+}
+
+fn date(secs: u64) -> String {
+    let z = (secs / 86_400) as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn dates() {
+        assert_eq!(super::date(0), "1970-01-01");
+        assert_eq!(super::date(951_782_400), "2000-02-29");
+        assert_eq!(super::date(1_795_644_177), "2026-11-25");
+    }
+}
