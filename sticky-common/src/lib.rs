@@ -8,11 +8,13 @@
 
 /// Worker listeners occupy slots `0..MAX_WORKERS` of the listener sockarray.
 pub const MAX_WORKERS: u32 = 256;
-/// Slot of the sorting listener, which takes every SYN.
+/// One sorting listener per CPU, up to this many CPUs.
+pub const MAX_CPUS: u32 = 256;
+/// Slot of CPU 0's sorting listener; CPU `c` uses `SORTING_SLOT + c`.
 pub const SORTING_SLOT: u32 = MAX_WORKERS;
 /// Slot of the supervisor's 503 listener, used when no worker is alive.
-pub const REJECT_SLOT: u32 = MAX_WORKERS + 1;
-pub const SLOTS: u32 = MAX_WORKERS + 2;
+pub const REJECT_SLOT: u32 = MAX_WORKERS + MAX_CPUS;
+pub const SLOTS: u32 = REJECT_SLOT + 1;
 /// Longest session id, in bytes.
 pub const SID_MAX: usize = 64;
 /// Longest `name=` of the sid query parameter, in bytes.
@@ -50,6 +52,8 @@ pub struct Config {
     pub balance: u32,
     pub mode: u32,
     pub param_len: u32,
+    pub sorting_count: u32,
+    pub pad: u32,
     pub param_word: [u64; 2],
     pub param_mask: [u64; 2],
 }
@@ -57,7 +61,13 @@ pub struct Config {
 impl Config {
     /// Builds the config, encoding `param` ("sid") as the masked words the
     /// kernel compares against. `param` must be 1..=15 bytes.
-    pub fn new(worker_count: u32, balance: Balance, mode: Mode, param: &str) -> Config {
+    pub fn new(
+        worker_count: u32,
+        sorting_count: u32,
+        balance: Balance,
+        mode: Mode,
+        param: &str,
+    ) -> Config {
         let mut name = param.as_bytes().to_vec();
         name.push(b'=');
         assert!(name.len() <= PARAM_MAX, "sid parameter name too long");
@@ -73,6 +83,8 @@ impl Config {
             balance: balance as u32,
             mode: mode as u32,
             param_len: name.len() as u32,
+            sorting_count,
+            pad: 0,
             param_word: [word(&bytes, 0), word(&bytes, 1)],
             param_mask: [word(&mask, 0), word(&mask, 1)],
         }
@@ -139,6 +151,19 @@ impl std::fmt::Display for SidError {
     }
 }
 
+/// `struct sticky_handoff`: one entry per sorting CPU of the mmapped
+/// `handoff` map (see sticky.h for the protocol).
+#[repr(C)]
+#[derive(Debug, Default)]
+pub struct Handoff {
+    pub closing: std::sync::atomic::AtomicU64,
+    pub busy_ns: std::sync::atomic::AtomicU64,
+}
+
+/// How long after a cross-CPU first segment announced itself its child is
+/// surely queued (`STICKY_HANDOFF_GRACE_NS`).
+pub const HANDOFF_GRACE_NS: u64 = 100_000;
+
 /// `struct sticky_flow`: key of the `flows` map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -166,6 +191,8 @@ pub const COUNTERS: &[&str] = &[
     "select_failed",
     "filter_decisions",
     "syn_balanced",
+    "cross_cpu",
+    "handoff_drops",
 ];
 
 /// `enum sticky_counter` indices used by user space.

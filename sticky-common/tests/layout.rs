@@ -14,13 +14,15 @@ const PROBE: &str = r#"
 #define C(c) printf("const %s %llu\n", #c, (unsigned long long)(c));
 int main(void) {
     S(sticky_config) O(sticky_config, worker_count) O(sticky_config, balance)
-    O(sticky_config, mode) O(sticky_config, param_len) O(sticky_config, param_word)
+    O(sticky_config, mode) O(sticky_config, param_len) O(sticky_config, sorting_count) O(sticky_config, param_word)
     O(sticky_config, param_mask)
     S(sticky_worker) O(sticky_worker, live) O(sticky_worker, sessions)
     S(sticky_sid)
+    S(sticky_handoff) O(sticky_handoff, closing) O(sticky_handoff, busy_ns)
+    C(STICKY_HANDOFF_GRACE_NS)
     S(sticky_flow) O(sticky_flow, local) O(sticky_flow, remote)
     O(sticky_flow, remote_port) O(sticky_flow, family)
-    C(STICKY_MAX_WORKERS) C(STICKY_SORTING_SLOT) C(STICKY_REJECT_SLOT) C(STICKY_SLOTS)
+    C(STICKY_MAX_WORKERS) C(STICKY_MAX_CPUS) C(STICKY_SORTING_SLOT) C(STICKY_REJECT_SLOT) C(STICKY_SLOTS)
     C(STICKY_SID_MAX) C(STICKY_PARAM_MAX) C(STICKY_SCAN_MAX) C(STICKY_NO_WORKER)
     C(STICKY_SESSIONS_MAX) C(STICKY_FLOWS_MAX) C(STICKY_COUNTERS)
     C(STICKY_BALANCE_RANDOM) C(STICKY_BALANCE_ROUND_ROBIN) C(STICKY_BALANCE_LEAST_CONNECTION)
@@ -77,12 +79,20 @@ fn rust_mirror_matches_sticky_h() {
     expect("sticky_config.balance", offset_of!(Config, balance));
     expect("sticky_config.mode", offset_of!(Config, mode));
     expect("sticky_config.param_len", offset_of!(Config, param_len));
+    expect(
+        "sticky_config.sorting_count",
+        offset_of!(Config, sorting_count),
+    );
     expect("sticky_config.param_word", offset_of!(Config, param_word));
     expect("sticky_config.param_mask", offset_of!(Config, param_mask));
     expect("sticky_worker", size_of::<WorkerState>());
     expect("sticky_worker.live", offset_of!(WorkerState, live));
     expect("sticky_worker.sessions", offset_of!(WorkerState, sessions));
     expect("sticky_sid", size_of::<SidKey>());
+    expect("sticky_handoff", size_of::<Handoff>());
+    expect("sticky_handoff.closing", offset_of!(Handoff, closing));
+    expect("sticky_handoff.busy_ns", offset_of!(Handoff, busy_ns));
+    expect("STICKY_HANDOFF_GRACE_NS", HANDOFF_GRACE_NS as usize);
     expect("sticky_flow", size_of::<FlowKey>());
     expect("sticky_flow.local", offset_of!(FlowKey, local));
     expect("sticky_flow.remote", offset_of!(FlowKey, remote));
@@ -90,6 +100,7 @@ fn rust_mirror_matches_sticky_h() {
     expect("sticky_flow.family", offset_of!(FlowKey, family));
 
     expect("STICKY_MAX_WORKERS", MAX_WORKERS as usize);
+    expect("STICKY_MAX_CPUS", MAX_CPUS as usize);
     expect("STICKY_SORTING_SLOT", SORTING_SLOT as usize);
     expect("STICKY_REJECT_SLOT", REJECT_SLOT as usize);
     expect("STICKY_SLOTS", SLOTS as usize);
@@ -133,7 +144,7 @@ fn sid_keys_are_validated_and_zero_padded() {
 
 #[test]
 fn param_words_hold_name_and_equals_sign() {
-    let c = Config::new(3, Balance::RoundRobin, Mode::Sticky, "sid");
+    let c = Config::new(3, 2, Balance::RoundRobin, Mode::Sticky, "sid");
     assert_eq!(c.param_len, 4);
     assert_eq!(&c.param_word[0].to_ne_bytes()[..4], b"sid=");
     assert_eq!(
@@ -141,7 +152,7 @@ fn param_words_hold_name_and_equals_sign() {
         [0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0]
     );
     assert_eq!(c.param_mask[1], 0);
-    let long = Config::new(1, Balance::Random, Mode::Sticky, "abcdefghijklmno");
+    let long = Config::new(1, 1, Balance::Random, Mode::Sticky, "abcdefghijklmno");
     assert_eq!(long.param_len, 16);
     assert_eq!(long.param_mask, [u64::MAX, u64::MAX]);
 }

@@ -23,11 +23,17 @@ typedef uint64_t __u64;
 
 /* Workers occupy slots 0..STICKY_MAX_WORKERS-1 of the listener sockarray. */
 #define STICKY_MAX_WORKERS 256
-/* The sorting listener (TCP_DEFER_ACCEPT + socket filter) that takes every SYN. */
+/*
+ * One sorting listener (TCP_DEFER_ACCEPT + socket filter) per CPU takes the
+ * SYNs processed on that CPU: slot STICKY_SORTING_SLOT + cpu. Its rotation
+ * runs on a thread pinned to that CPU, so it never races the softirq work
+ * of that CPU (a child completing on a listener being shut is reset).
+ */
+#define STICKY_MAX_CPUS 256
 #define STICKY_SORTING_SLOT STICKY_MAX_WORKERS
 /* The supervisor's own listener, answering 503 when no worker is alive. */
-#define STICKY_REJECT_SLOT (STICKY_MAX_WORKERS + 1)
-#define STICKY_SLOTS (STICKY_MAX_WORKERS + 2)
+#define STICKY_REJECT_SLOT (STICKY_MAX_WORKERS + STICKY_MAX_CPUS)
+#define STICKY_SLOTS (STICKY_REJECT_SLOT + 1)
 
 /* Session ids: 1..64 bytes of [A-Za-z0-9_-], zero padded in the map key. */
 #define STICKY_SID_MAX 64
@@ -60,6 +66,8 @@ struct sticky_config {
 	__u32 balance;      /* enum sticky_balance */
 	__u32 mode;         /* enum sticky_mode */
 	__u32 param_len;    /* length of "name=" in param_word, 2..16 */
+	__u32 sorting_count; /* sorting slots in use, one per CPU */
+	__u32 pad;
 	/* "name=" as two little words, masked by param_mask: no loop to compare. */
 	__u64 param_word[2];
 	__u64 param_mask[2];
@@ -89,6 +97,30 @@ struct sticky_flow {
 	__u16 family;
 };
 
+/*
+ * One entry per sorting CPU of the `handoff` array map, mmapped by user
+ * space. It closes the one race per-CPU rotation leaves: a connection whose
+ * SYN was processed on CPU c (its request socket lives on c's sorting
+ * listener) but whose first data segment is processed on CPU d != c, while
+ * c's sorter shuts that listener: the kernel would reset the new child.
+ * Dekker-style, both sides write their flag with a full barrier, then read
+ * the other's:
+ * - sticky_sort on CPU d stores busy_ns = now, then reads closing: if set,
+ *   it drops the segment (the client retransmits it, and it then migrates
+ *   from the closed listener in softirq);
+ * - the sorter stores closing = 1, then reads busy_ns and waits until it is
+ *   STICKY_HANDOFF_GRACE_NS old, shuts the listener, stores closing = 0.
+ */
+struct sticky_handoff {
+	__u64 closing;
+	__u64 busy_ns; /* bpf_ktime_get_ns(), i.e. CLOCK_MONOTONIC */
+};
+#define STICKY_HANDOFF_GRACE_NS 100000
+
+/* Entries of the `syn_slot` array: per client port, the sorting slot index
+ * (CPU) its last SYN went to, or STICKY_NO_WORKER once placed. */
+#define STICKY_PORTS 65536
+
 /* Indices of the `counters` per-CPU array map. */
 enum sticky_counter {
 	STICKY_CNT_SYN = 0,          /* SYNs sent to the sorting listener */
@@ -105,6 +137,8 @@ enum sticky_counter {
 	STICKY_CNT_SELECT_FAILED,    /* bpf_sk_select_reuseport refused a slot */
 	STICKY_CNT_FILTER_DECISIONS, /* decisions recorded by the socket filter */
 	STICKY_CNT_SYN_BALANCED,     /* SYN_BALANCE mode placements */
+	STICKY_CNT_CROSS_CPU,        /* first data on another CPU than its SYN */
+	STICKY_CNT_HANDOFF_DROPS,    /* of those, dropped during a rotation */
 	STICKY_COUNTERS,
 };
 

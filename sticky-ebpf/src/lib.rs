@@ -33,6 +33,7 @@ pub mod maps {
     pub const SESSIONS: &str = "sessions";
     pub const FLOWS: &str = "flows";
     pub const COUNTERS: &str = "counters";
+    pub const HANDOFF: &str = "handoff";
 }
 
 /// Path of the shared header, for the layout test in `sticky-common`.

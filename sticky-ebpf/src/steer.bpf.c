@@ -12,7 +12,9 @@
  *   children) records that decision from the first data segment.
  *
  * Invariants:
- * - sticky_sort never drops or trims: it always returns the full length.
+ * - sticky_sort never trims, and drops only a first data segment that
+ *   would race a rotation on another CPU (struct sticky_handoff): the
+ *   client retransmits it. Otherwise it returns the full length.
  * - sticky_select always selects a slot explicitly; if nothing else works it
  *   selects the 503 listener. Returning SK_PASS without a selection would let
  *   the kernel pick any socket of the group by hash, including the spare
@@ -88,6 +90,21 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } counters SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, STICKY_MAX_CPUS);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__type(key, __u32);
+	__type(value, struct sticky_handoff);
+} handoff SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, STICKY_PORTS);
+	__type(key, __u32);
+	__type(value, __u32);
+} syn_slot SEC(".maps");
 
 /* Entry 0: the socket filter's; entry 1: the selector's. */
 struct {
@@ -207,6 +224,39 @@ static __always_inline __u32 owner_of(struct scratch *s, int result)
 	return STICKY_NO_WORKER;
 }
 
+/* Index of this CPU's sorting listener (see STICKY_MAX_CPUS in sticky.h). */
+static __always_inline __u32 sorting_index(const struct sticky_config *cfg)
+{
+	__u32 cpu = bpf_get_smp_processor_id();
+
+	if (cpu >= cfg->sorting_count && cfg->sorting_count)
+		cpu %= cfg->sorting_count; /* CPU brought online after start */
+	return cpu & (STICKY_MAX_CPUS - 1);
+}
+
+static __always_inline void forget_syn_slot(__u16 port_be)
+{
+	__u32 port = bpf_ntohs(port_be), none = STICKY_NO_WORKER;
+
+	bpf_map_update_elem(&syn_slot, &port, &none, BPF_ANY);
+}
+
+/* Remembers (or forgets) which sorting listener the client port's SYN took. */
+static __always_inline void note_syn_slot(struct sk_reuseport_md *md, __u32 index)
+{
+	__u16 sport;
+
+	if (bpf_skb_load_bytes(md, 0, &sport, sizeof(sport)))
+		return;
+	if (index == STICKY_NO_WORKER) {
+		forget_syn_slot(sport);
+	} else {
+		__u32 port = bpf_ntohs(sport);
+
+		bpf_map_update_elem(&syn_slot, &port, &index, BPF_ANY);
+	}
+}
+
 /*
  * Decides where a connection goes: the sorting slot (SORT) or a worker
  * (`owner`, NO_WORKER to balance). Split from sticky_select so that place()
@@ -233,6 +283,7 @@ static __always_inline __u32 decide(struct sk_reuseport_md *md,
 	if (!sk) {
 		/* A SYN: no payload yet. Wait for it on the sorting listener. */
 		count(STICKY_CNT_SYN);
+		note_syn_slot(md, sorting_index(cfg));
 		return SORT;
 	}
 	/* Verifier: copy bpf_sock fields to locals right after the NULL check. */
@@ -263,6 +314,7 @@ static __always_inline __u32 decide(struct sk_reuseport_md *md,
 			goto absorb;
 		s->len = len;
 		count(STICKY_CNT_PLACED_SOFTIRQ);
+		note_syn_slot(md, STICKY_NO_WORKER);
 		return owner_of(s, sticky_parse(s, cfg));
 absorb:
 		count(STICKY_CNT_ABSORBED);
@@ -298,6 +350,7 @@ absorb:
 		key.family = AF_INET;
 	}
 	key.remote_port = (__u16)sk->dst_port; /* network byte order */
+	forget_syn_slot(key.remote_port);
 	owner = STICKY_NO_WORKER;
 	decision = bpf_map_lookup_elem(&flows, &key);
 	if (decision) {
@@ -317,9 +370,35 @@ int sticky_select(struct sk_reuseport_md *md)
 	if (!cfg)
 		return SK_DROP; /* cannot happen: array maps always have entry 0 */
 	target = decide(md, cfg);
-	if (target == SORT && select_slot(md, STICKY_SORTING_SLOT))
+	if (target == SORT &&
+	    select_slot(md, STICKY_SORTING_SLOT + sorting_index(cfg)))
 		return SK_PASS;
 	return place(md, cfg, target);
+}
+
+/*
+ * If this segment's SYN went to another CPU's sorting listener, take part
+ * in that CPU's handoff (struct sticky_handoff): announce, then return true
+ * if its sorter is shutting the listener right now.
+ */
+static __always_inline int cross_cpu_handoff_closing(__u16 sport_be)
+{
+	__u32 port = bpf_ntohs(sport_be), *slot, index;
+	struct sticky_handoff *h;
+
+	slot = bpf_map_lookup_elem(&syn_slot, &port);
+	if (!slot)
+		return 0;
+	index = *slot;
+	if (index == STICKY_NO_WORKER || index == bpf_get_smp_processor_id())
+		return 0; /* placed already, or same CPU: no race possible */
+	h = bpf_map_lookup_elem(&handoff, &index);
+	if (!h)
+		return 0;
+	count(STICKY_CNT_CROSS_CPU);
+	/* Full barrier between the store and the load (xchg). */
+	__sync_lock_test_and_set(&h->busy_ns, bpf_ktime_get_ns());
+	return *(volatile __u64 *)&h->closing != 0;
 }
 
 /*
@@ -392,6 +471,10 @@ int sticky_sort(struct __sk_buff *skb)
 	s = bpf_map_lookup_elem(&scratch, &zero);
 	if (!cfg || !s)
 		goto out;
+	if (cross_cpu_handoff_closing(th.source)) {
+		count(STICKY_CNT_HANDOFF_DROPS);
+		return 0; /* dropped: see struct sticky_handoff */
+	}
 	if (len > STICKY_SCAN_MAX)
 		len = STICKY_SCAN_MAX;
 	barrier_var(len);

@@ -72,7 +72,7 @@ impl Harness {
         self.config
             .set(
                 0,
-                Config::new(4, Balance::RoundRobin, Mode::Sticky, param),
+                Config::new(4, 1, Balance::RoundRobin, Mode::Sticky, param),
                 0,
             )
             .unwrap();

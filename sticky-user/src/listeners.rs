@@ -1,8 +1,8 @@
 //! The listening sockets, all bound to one address:port with `SO_REUSEPORT`.
 //!
 //! - one per worker, slot `i` of the sockarray, inherited by worker `i` only;
-//! - two sorting listeners (`TCP_DEFER_ACCEPT`, socket filter), alternating
-//!   in the sorting slot (see `sorter`);
+//! - per CPU, two sorting listeners (`TCP_DEFER_ACCEPT`, socket filter),
+//!   alternating in that CPU's sorting slot (see `sorter`);
 //! - the 503 listener, answered by the supervisor when no worker is alive.
 //!
 //! Every socket is `CLOEXEC`: a copy held by another process would keep a
@@ -25,14 +25,15 @@ const DEFER_ACCEPT_SECS: i32 = 10;
 pub struct ListenerGroup {
     pub addr: SocketAddr,
     pub workers: Vec<OwnedFd>,
-    pub sorting: [OwnedFd; 2],
+    /// Per CPU, the pair of sorting listeners.
+    pub sorting: Vec<[OwnedFd; 2]>,
     pub reject: TcpListener,
 }
 
 impl ListenerGroup {
     /// Creates and binds every listener. The worker and 503 listeners listen
     /// at once; the sorting ones are left to the sorter.
-    pub fn bind(addr: SocketAddr, workers: usize) -> Result<ListenerGroup> {
+    pub fn bind(addr: SocketAddr, workers: usize, cpus: usize) -> Result<ListenerGroup> {
         refuse_if_in_use(addr)?;
         let first = reuseport_socket(addr)?;
         // Port 0: the kernel picked one; everyone else joins that port.
@@ -44,15 +45,15 @@ impl ListenerGroup {
         for fd in &worker_fds {
             listen(fd)?;
         }
-        let sorting = [reuseport_socket(addr)?, reuseport_socket(addr)?];
-        for fd in &sorting {
-            setsockopt_int(
-                fd,
-                libc::IPPROTO_TCP,
-                libc::TCP_DEFER_ACCEPT,
-                DEFER_ACCEPT_SECS,
-            )
-            .context("TCP_DEFER_ACCEPT on the sorting listener")?;
+        let mut sorting = Vec::with_capacity(cpus);
+        for _ in 0..cpus {
+            let pair = [reuseport_socket(addr)?, reuseport_socket(addr)?];
+            for fd in &pair {
+                let (level, name) = (libc::IPPROTO_TCP, libc::TCP_DEFER_ACCEPT);
+                setsockopt_int(fd, level, name, DEFER_ACCEPT_SECS)
+                    .context("TCP_DEFER_ACCEPT on a sorting listener")?;
+            }
+            sorting.push(pair);
         }
         let reject = reuseport_socket(addr)?;
         listen(&reject)?;

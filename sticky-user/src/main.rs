@@ -26,7 +26,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use sticky_common::{Balance, Config, Mode, MAX_WORKERS, PARAM_MAX, REJECT_SLOT};
+use sticky_common::{Balance, Config, Mode, MAX_CPUS, MAX_WORKERS, PARAM_MAX, REJECT_SLOT};
 
 /// Logs one line to stderr, prefixed so it stands out among worker output.
 #[macro_export]
@@ -141,7 +141,8 @@ fn run(args: RunArgs) -> Result<()> {
 
     let mut steering = steering::Steering::load()?;
     let mut maps = steering.take_maps()?;
-    let group = listeners::ListenerGroup::bind(args.listen, workers)?;
+    let cpus = sorting_cpus();
+    let group = listeners::ListenerGroup::bind(args.listen, workers, cpus)?;
     let balance = match args.balance {
         BalanceArg::Random => Balance::Random,
         BalanceArg::RoundRobin => Balance::RoundRobin,
@@ -151,8 +152,11 @@ fn run(args: RunArgs) -> Result<()> {
         PlacementArg::Sticky => Mode::Sticky,
         PlacementArg::Syn => Mode::SynBalance,
     };
-    maps.config
-        .set(0, Config::new(workers as u32, balance, mode, param), 0)?;
+    maps.config.set(
+        0,
+        Config::new(workers as u32, cpus as u32, balance, mode, param),
+        0,
+    )?;
     for (i, fd) in group.workers.iter().enumerate() {
         maps.listeners
             .set(i as u32, fd, 0)
@@ -161,7 +165,7 @@ fn run(args: RunArgs) -> Result<()> {
     maps.listeners
         .set(REJECT_SLOT, &group.reject, 0)
         .context("placing the 503 listener in its slot")?;
-    for fd in &group.sorting {
+    for fd in group.sorting.iter().flatten() {
         steering.attach_sorter(fd)?;
     }
     steering.attach_selector(&group.workers[0])?;
@@ -182,10 +186,13 @@ fn run(args: RunArgs) -> Result<()> {
     });
     reject::serve(group.reject);
     let mut sorter = match mode {
-        Mode::Sticky => Some(
-            sorter::SortingLoop::start(maps.listeners, group.sorting, args.rotate, counters)?
-                .spawn(),
-        ),
+        Mode::Sticky => Some(sorter::start(
+            maps.listeners,
+            group.sorting,
+            args.rotate,
+            counters,
+            maps.handoff,
+        )?),
         Mode::SynBalance => None,
     };
 
@@ -213,6 +220,13 @@ fn run(args: RunArgs) -> Result<()> {
     }
     log!("stopped");
     result
+}
+
+/// CPUs that may process packets: one sorting loop each.
+fn sorting_cpus() -> usize {
+    // SAFETY: plain sysconf query.
+    let configured = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) };
+    (configured.max(1) as usize).min(MAX_CPUS as usize)
 }
 
 fn default_control(port: u16) -> PathBuf {

@@ -1,11 +1,13 @@
-//! The sorting loop: rotates the two sorting listeners through the sorting
-//! slot so that every connection reaches its worker (DESIGN.md, mechanism).
+//! The sorting loops: per CPU, rotate that CPU's two sorting listeners
+//! through its sorting slot so that every connection reaches its worker
+//! (DESIGN.md, mechanism).
 //!
-//! At any moment one sorting listener (`current`) listens and sits in the
-//! sorting slot, taking every SYN; the other (`resting`) is shut. A rotation:
+//! At any moment one sorting listener of a CPU (`current`) listens and sits
+//! in the CPU's slot, taking the SYNs processed on that CPU; the other
+//! (`resting`) is shut. A rotation:
 //! 1. `listen(resting)`: it takes back the request sockets still attached to
 //!    it (their data then takes the queue path below);
-//! 2. put it in the sorting slot: new SYNs go there;
+//! 2. put it in the slot: new SYNs go there;
 //! 3. `shutdown(current, SHUT_RD)`: the kernel migrates its accept queue
 //!    through the selector, which uses the socket filter's decisions (queue
 //!    path). Its request sockets stay attached to a closed listener, so
@@ -13,14 +15,22 @@
 //!    (softirq path), with no user-space step.
 //!
 //! Rotations happen when `current` becomes readable (a connection is
-//! queued: migrate it now) and every `period` while SYNs keep arriving (so
-//! that slower clients take the softirq path).
+//! queued: migrate it now) and every `period` while SYNs keep arriving on
+//! the CPU (so that slower clients take the softirq path).
+//!
+//! Why one loop per CPU, pinned: a child that completes on a listener while
+//! another CPU shuts that listener is reset by the kernel (the state check
+//! in `inet_csk_reqsk_queue_add`). Softirq work and a syscall on the same
+//! CPU never interleave, and a flow's segments are normally processed on one
+//! CPU (RSS/RPS, or the sending CPU on loopback). The loops also ask for
+//! SCHED_FIFO: a rotation is a few syscalls, and queued connections wait
+//! for it.
 
 use std::{
     os::fd::{AsRawFd, OwnedFd},
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc,
+        Arc, Mutex,
     },
     thread::JoinHandle,
     time::{Duration, Instant},
@@ -28,88 +38,127 @@ use std::{
 
 use anyhow::{Context, Result};
 use aya::maps::{MapData, ReusePortSockArray};
-use sticky_common::{counter, SORTING_SLOT};
+use sticky_common::{counter, Handoff, HANDOFF_GRACE_NS, SORTING_SLOT};
 
 use crate::{
     listeners::{listen, stop_listening},
-    steering::Counters,
+    log,
+    steering::{Counters, HandoffMap},
 };
 
-pub struct SortingLoop {
-    listeners: ReusePortSockArray<MapData>,
+/// Ticks back off up to this multiple of the period while a CPU sees no SYN.
+const IDLE_BACKOFF: u32 = 64;
+
+type SockArray = Arc<Mutex<ReusePortSockArray<MapData>>>;
+
+struct SortingLoop {
+    cpu: usize,
+    listeners: SockArray,
     current: OwnedFd,
     resting: OwnedFd,
     period: Duration,
     counters: Arc<Counters>,
+    handoff: Arc<HandoffMap>,
     stop: Arc<AtomicBool>,
 }
 
-impl SortingLoop {
-    /// Starts listening on the first sorting listener and puts it in the
-    /// sorting slot. `sockets` must carry the socket filter already.
-    pub fn start(
-        mut listeners: ReusePortSockArray<MapData>,
-        sockets: [OwnedFd; 2],
-        period: Duration,
-        counters: Arc<Counters>,
-    ) -> Result<SortingLoop> {
-        let [current, resting] = sockets;
+/// Starts one loop per CPU: `pairs[cpu]` are that CPU's sorting listeners,
+/// which must carry the socket filter already.
+pub fn start(
+    listeners: ReusePortSockArray<MapData>,
+    pairs: Vec<[OwnedFd; 2]>,
+    period: Duration,
+    counters: Arc<Counters>,
+    handoff: HandoffMap,
+) -> Result<SortingHandle> {
+    let handoff = Arc::new(handoff);
+    let listeners = Arc::new(Mutex::new(listeners));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut threads = Vec::new();
+    for (cpu, [current, resting]) in pairs.into_iter().enumerate() {
         listen(&current)?;
         listeners
-            .set(SORTING_SLOT, &current, 0)
-            .context("placing the sorting listener in its slot")?;
-        Ok(SortingLoop {
-            listeners,
+            .lock()
+            .unwrap()
+            .set(SORTING_SLOT + cpu as u32, &current, 0)
+            .context("placing a sorting listener in its slot")?;
+        let mut sorting = SortingLoop {
+            cpu,
+            listeners: listeners.clone(),
             current,
             resting,
             period,
-            counters,
-            stop: Arc::new(AtomicBool::new(false)),
-        })
+            counters: counters.clone(),
+            handoff: handoff.clone(),
+            stop: stop.clone(),
+        };
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("sorter-{cpu}"))
+                .spawn(move || sorting.run())
+                .context("spawning a sorting thread")?,
+        );
     }
+    Ok(SortingHandle { stop, threads })
+}
 
-    /// Runs the loop on its own thread until the returned handle is stopped.
-    pub fn spawn(mut self) -> SortingHandle {
-        let stop = self.stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("sorter".into())
-            .spawn(move || self.run())
-            .expect("spawning the sorting thread");
-        SortingHandle {
-            stop,
-            thread: Some(thread),
-        }
-    }
-
+impl SortingLoop {
     fn run(&mut self) {
-        let mut syns_seen = self.counters.get(counter::SYN);
-        let mut next_tick = Instant::now() + self.period;
+        if let Err(e) = pin_to_cpu(self.cpu) {
+            log!("sorter for CPU {} cannot be pinned ({e}); connections on that CPU may rarely be reset", self.cpu);
+        }
+        raise_priority();
+        let mut syns_seen = self.syns();
+        let mut tick = self.period;
+        let mut next_tick = Instant::now() + tick;
         while !self.stop.load(Ordering::Relaxed) {
             let timeout = next_tick.saturating_duration_since(Instant::now());
             let readable = wait_readable(&self.current, timeout);
             if !readable {
-                next_tick = Instant::now() + self.period;
                 // Only rotate on the clock while new connections arrive.
-                let syns = self.counters.get(counter::SYN);
-                if syns == syns_seen {
+                let syns = self.syns();
+                let active = syns != syns_seen;
+                syns_seen = syns;
+                tick = if active {
+                    self.period
+                } else {
+                    (tick * 2).min(self.period * IDLE_BACKOFF)
+                };
+                next_tick = Instant::now() + tick;
+                if !active {
                     continue;
                 }
-                syns_seen = syns;
             }
             if let Err(e) = self.rotate() {
-                crate::log!("sorting listener rotation failed: {e:#}");
+                log!(
+                    "sorting listener rotation on CPU {} failed: {e:#}",
+                    self.cpu
+                );
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
     }
 
+    fn syns(&self) -> u64 {
+        self.counters.get_cpu(counter::SYN, self.cpu)
+    }
+
     fn rotate(&mut self) -> Result<()> {
         listen(&self.resting)?;
         self.listeners
-            .set(SORTING_SLOT, &self.resting, 0)
+            .lock()
+            .unwrap()
+            .set(SORTING_SLOT + self.cpu as u32, &self.resting, 0)
             .context("updating the sorting slot")?;
+        // A first segment of this CPU's listener may be completing on
+        // another CPU: announce the shutdown, wait such completions out.
+        let handoff = self.handoff.entry(self.cpu);
+        handoff.closing.store(1, Ordering::SeqCst);
+        wait_for_cross_cpu_completions(handoff);
         // Migrates the queue; the socket stays a member of the group.
-        stop_listening(&self.current).context("shutting the previous sorting listener")?;
+        let stopped = stop_listening(&self.current);
+        handoff.closing.store(0, Ordering::SeqCst);
+        stopped.context("shutting the previous sorting listener")?;
         std::mem::swap(&mut self.current, &mut self.resting);
         Ok(())
     }
@@ -117,16 +166,59 @@ impl SortingLoop {
 
 pub struct SortingHandle {
     stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    threads: Vec<JoinHandle<()>>,
 }
 
 impl SortingHandle {
     pub fn stop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
+}
+
+/// Spins until the last cross-CPU announcement is HANDOFF_GRACE_NS old
+/// (usually at once: announcements are rare and the clock moves on).
+fn wait_for_cross_cpu_completions(handoff: &Handoff) {
+    loop {
+        let busy = handoff.busy_ns.load(Ordering::SeqCst);
+        let age = monotonic_ns().saturating_sub(busy);
+        if age >= HANDOFF_GRACE_NS {
+            return;
+        }
+        std::hint::spin_loop();
+    }
+}
+
+/// CLOCK_MONOTONIC in ns: the clock of bpf_ktime_get_ns().
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: plain vDSO call with a valid timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn pin_to_cpu(cpu: usize) -> std::io::Result<()> {
+    // SAFETY: a zeroed cpu_set_t is empty; CPU_SET stays within it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// SCHED_FIFO at the lowest real-time priority, if allowed; else stays normal.
+fn raise_priority() {
+    let param = libc::sched_param { sched_priority: 1 };
+    // SAFETY: plain syscall on the calling thread.
+    unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
 }
 
 /// ppoll(2) on one fd: true if readable before `timeout` (microsecond

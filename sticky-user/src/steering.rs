@@ -5,7 +5,7 @@
 //! listening sockets), `sticky_sort` on each sorting listener. Nothing is
 //! pinned: when the supervisor's sockets close, the kernel drops it all.
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
@@ -13,7 +13,7 @@ use aya::{
     programs::{SkReuseport, SocketFilter},
     Ebpf,
 };
-use sticky_common::{Config, SidKey, WorkerState, COUNTERS};
+use sticky_common::{Config, Handoff, SidKey, WorkerState, COUNTERS, MAX_CPUS};
 use sticky_ebpf::{maps, SELECT_PROGRAM, SORT_PROGRAM};
 
 /// Socket migration through a select-or-migrate program arrived in 5.14.
@@ -30,6 +30,7 @@ pub struct SteeringMaps {
     pub workers: Array<MapData, WorkerState>,
     pub sessions: HashMap<MapData, SidKey, u32>,
     pub counters: Counters,
+    pub handoff: HandoffMap,
 }
 
 impl Steering {
@@ -53,6 +54,11 @@ impl Steering {
             workers: self.take(maps::WORKERS)?,
             sessions: self.take(maps::SESSIONS)?,
             counters: Counters(self.take(maps::COUNTERS)?),
+            handoff: HandoffMap::new(
+                self.ebpf
+                    .take_map(maps::HANDOFF)
+                    .ok_or_else(|| anyhow!("map handoff missing"))?,
+            )?,
         })
     }
 
@@ -102,6 +108,15 @@ impl Counters {
         self.0.get(&index, 0).map(|v| v.iter().sum()).unwrap_or(0)
     }
 
+    /// One CPU's share of a counter.
+    pub fn get_cpu(&self, index: u32, cpu: usize) -> u64 {
+        self.0
+            .get(&index, 0)
+            .ok()
+            .and_then(|v| v.iter().nth(cpu).copied())
+            .unwrap_or(0)
+    }
+
     /// Every counter as `name=value`, in the order of `enum sticky_counter`.
     pub fn report(&self) -> String {
         COUNTERS
@@ -110,6 +125,59 @@ impl Counters {
             .map(|(i, name)| format!("{name}={}", self.get(i as u32)))
             .collect::<Vec<_>>()
             .join(" ")
+    }
+}
+
+/// The `handoff` array, mmapped: the sorters and the socket filter share it
+/// without syscalls (protocol in sticky.h, `struct sticky_handoff`).
+pub struct HandoffMap {
+    _map: MapData,
+    base: *mut Handoff,
+    len: usize,
+}
+
+// SAFETY: the mapping is only accessed through atomics.
+unsafe impl Send for HandoffMap {}
+unsafe impl Sync for HandoffMap {}
+
+impl HandoffMap {
+    fn new(map: aya::maps::Map) -> Result<HandoffMap> {
+        let aya::maps::Map::Array(map) = map else {
+            bail!("map handoff is not an array")
+        };
+        let len = MAX_CPUS as usize * size_of::<Handoff>();
+        // SAFETY: mapping a BPF_F_MMAPABLE array of exactly `len` bytes.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error()).context("mmap of the handoff map");
+        }
+        Ok(HandoffMap {
+            _map: map,
+            base: base.cast(),
+            len,
+        })
+    }
+
+    pub fn entry(&self, cpu: usize) -> &Handoff {
+        assert!(cpu < MAX_CPUS as usize);
+        // SAFETY: in bounds of the live mapping; Handoff is two atomics.
+        unsafe { &*self.base.add(cpu) }
+    }
+}
+
+impl Drop for HandoffMap {
+    fn drop(&mut self) {
+        // SAFETY: unmapping what new() mapped.
+        unsafe { libc::munmap(self.base.cast(), self.len) };
     }
 }
 
