@@ -1,8 +1,9 @@
 //! The listening sockets, all bound to one address:port with `SO_REUSEPORT`.
 //!
 //! - one per worker, slot `i` of the sockarray, inherited by worker `i` only;
-//! - per CPU, two sorting listeners (`TCP_DEFER_ACCEPT`, socket filter),
-//!   alternating in that CPU's sorting slot (see `sorter`);
+//! - per CPU, a sorting listener (`TCP_DEFER_ACCEPT`, socket filter) in that
+//!   CPU's sorting slot, replaced by a fresh one at each rotation (made here
+//!   by [`sorting_listener`], rotated by `sorter`);
 //! - the 503 listener, answered by the supervisor when no worker is alive.
 //!
 //! Every socket is `CLOEXEC`: a copy held by another process would keep a
@@ -25,15 +26,12 @@ const DEFER_ACCEPT_SECS: i32 = 10;
 pub struct ListenerGroup {
     pub addr: SocketAddr,
     pub workers: Vec<OwnedFd>,
-    /// Per CPU, the pair of sorting listeners.
-    pub sorting: Vec<[OwnedFd; 2]>,
     pub reject: TcpListener,
 }
 
 impl ListenerGroup {
-    /// Creates and binds every listener. The worker and 503 listeners listen
-    /// at once; the sorting ones are left to the sorter.
-    pub fn bind(addr: SocketAddr, workers: usize, cpus: usize) -> Result<ListenerGroup> {
+    /// Creates, binds and listens on the worker and 503 listeners.
+    pub fn bind(addr: SocketAddr, workers: usize) -> Result<ListenerGroup> {
         refuse_if_in_use(addr)?;
         let first = reuseport_socket(addr)?;
         // Port 0: the kernel picked one; everyone else joins that port.
@@ -45,25 +43,38 @@ impl ListenerGroup {
         for fd in &worker_fds {
             listen(fd)?;
         }
-        let mut sorting = Vec::with_capacity(cpus);
-        for _ in 0..cpus {
-            let pair = [reuseport_socket(addr)?, reuseport_socket(addr)?];
-            for fd in &pair {
-                let (level, name) = (libc::IPPROTO_TCP, libc::TCP_DEFER_ACCEPT);
-                setsockopt_int(fd, level, name, DEFER_ACCEPT_SECS)
-                    .context("TCP_DEFER_ACCEPT on a sorting listener")?;
-            }
-            sorting.push(pair);
-        }
         let reject = reuseport_socket(addr)?;
         listen(&reject)?;
         Ok(ListenerGroup {
             addr,
             workers: worker_fds,
-            sorting,
             reject: TcpListener::from(reject),
         })
     }
+}
+
+/// A new sorting listener: bound, `TCP_DEFER_ACCEPT`, the socket filter
+/// attached, listening. Always a fresh socket: re-listening a shut one would
+/// leave the kernel's fast bind path (it refuses sockets already in a
+/// reuseport group) and scan every connection and TIME_WAIT on the port.
+pub fn sorting_listener(addr: SocketAddr, filter: &impl AsRawFd) -> Result<OwnedFd> {
+    let fd = reuseport_socket(addr)?;
+    setsockopt_int(
+        &fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_DEFER_ACCEPT,
+        DEFER_ACCEPT_SECS,
+    )
+    .context("TCP_DEFER_ACCEPT on a sorting listener")?;
+    setsockopt_int(
+        &fd,
+        libc::SOL_SOCKET,
+        libc::SO_ATTACH_BPF,
+        filter.as_raw_fd(),
+    )
+    .context("attaching the socket filter (SO_ATTACH_BPF)")?;
+    listen(&fd)?;
+    Ok(fd)
 }
 
 /// A second `sticky run` on the same port would join the first one's

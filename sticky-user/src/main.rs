@@ -142,7 +142,7 @@ fn run(args: RunArgs) -> Result<()> {
     let mut steering = steering::Steering::load()?;
     let mut maps = steering.take_maps()?;
     let cpus = sorting_cpus();
-    let group = listeners::ListenerGroup::bind(args.listen, workers, cpus)?;
+    let group = listeners::ListenerGroup::bind(args.listen, workers)?;
     let balance = match args.balance {
         BalanceArg::Random => Balance::Random,
         BalanceArg::RoundRobin => Balance::RoundRobin,
@@ -165,9 +165,6 @@ fn run(args: RunArgs) -> Result<()> {
     maps.listeners
         .set(REJECT_SLOT, &group.reject, 0)
         .context("placing the 503 listener in its slot")?;
-    for fd in group.sorting.iter().flatten() {
-        steering.attach_sorter(fd)?;
-    }
     steering.attach_selector(&group.workers[0])?;
 
     let counters = Arc::new(maps.counters);
@@ -188,7 +185,9 @@ fn run(args: RunArgs) -> Result<()> {
     let mut sorter = match mode {
         Mode::Sticky => Some(sorter::start(
             maps.listeners,
-            group.sorting,
+            group.addr,
+            steering.sort_program()?,
+            cpus,
             args.rotate,
             counters,
             maps.handoff,

@@ -1,18 +1,18 @@
-//! The sorting loops: per CPU, rotate that CPU's two sorting listeners
-//! through its sorting slot so that every connection reaches its worker
-//! (DESIGN.md, mechanism).
+//! The sorting loops: per CPU, rotate sorting listeners through that CPU's
+//! sorting slot so that every connection reaches its worker (DESIGN.md,
+//! mechanism).
 //!
-//! At any moment one sorting listener of a CPU (`current`) listens and sits
-//! in the CPU's slot, taking the SYNs processed on that CPU; the other
-//! (`resting`) is shut. A rotation:
-//! 1. `listen(resting)`: it takes back the request sockets still attached to
-//!    it (their data then takes the queue path below);
-//! 2. put it in the slot: new SYNs go there;
-//! 3. `shutdown(current, SHUT_RD)`: the kernel migrates its accept queue
+//! At any moment one sorting listener of a CPU (`current`) sits in the CPU's
+//! slot, taking the SYNs processed on that CPU, and a fresh one (`spare`)
+//! listens, ready. A rotation:
+//! 1. put the spare in the slot: new SYNs go there;
+//! 2. `shutdown(current, SHUT_RD)`: the kernel migrates its accept queue
 //!    through the selector, which uses the socket filter's decisions (queue
-//!    path). Its request sockets stay attached to a closed listener, so
+//!    path);
+//! 3. close it: its request sockets stay attached to a closed listener, so
 //!    their first data segment migrates in softirq straight to the owner
-//!    (softirq path), with no user-space step.
+//!    (softirq path), with no user-space step;
+//! 4. make the next spare (after the migration: off the connections' path).
 //!
 //! Rotations happen when `current` becomes readable (a connection is
 //! queued: migrate it now) and every `period` while SYNs keep arriving on
@@ -27,6 +27,7 @@
 //! for it.
 
 use std::{
+    net::SocketAddr,
     os::fd::{AsRawFd, OwnedFd},
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -41,7 +42,7 @@ use aya::maps::{MapData, ReusePortSockArray};
 use sticky_common::{counter, Handoff, HANDOFF_GRACE_NS, SORTING_SLOT};
 
 use crate::{
-    listeners::{listen, stop_listening},
+    listeners::{sorting_listener, stop_listening},
     log,
     steering::{Counters, HandoffMap},
 };
@@ -53,30 +54,36 @@ type SockArray = Arc<Mutex<ReusePortSockArray<MapData>>>;
 
 struct SortingLoop {
     cpu: usize,
+    addr: SocketAddr,
+    filter: Arc<OwnedFd>,
     listeners: SockArray,
     current: OwnedFd,
-    resting: OwnedFd,
+    spare: OwnedFd,
     period: Duration,
     counters: Arc<Counters>,
     handoff: Arc<HandoffMap>,
     stop: Arc<AtomicBool>,
 }
 
-/// Starts one loop per CPU: `pairs[cpu]` are that CPU's sorting listeners,
-/// which must carry the socket filter already.
+/// Starts one loop per CPU, each with its sorting listeners on `addr`
+/// carrying the socket filter `filter`.
 pub fn start(
     listeners: ReusePortSockArray<MapData>,
-    pairs: Vec<[OwnedFd; 2]>,
+    addr: SocketAddr,
+    filter: OwnedFd,
+    cpus: usize,
     period: Duration,
     counters: Arc<Counters>,
     handoff: HandoffMap,
 ) -> Result<SortingHandle> {
     let handoff = Arc::new(handoff);
+    let filter = Arc::new(filter);
     let listeners = Arc::new(Mutex::new(listeners));
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();
-    for (cpu, [current, resting]) in pairs.into_iter().enumerate() {
-        listen(&current)?;
+    for cpu in 0..cpus {
+        let current = sorting_listener(addr, &*filter)?;
+        let spare = sorting_listener(addr, &*filter)?;
         listeners
             .lock()
             .unwrap()
@@ -84,9 +91,11 @@ pub fn start(
             .context("placing a sorting listener in its slot")?;
         let mut sorting = SortingLoop {
             cpu,
+            addr,
+            filter: filter.clone(),
             listeners: listeners.clone(),
             current,
-            resting,
+            spare,
             period,
             counters: counters.clone(),
             handoff: handoff.clone(),
@@ -144,22 +153,24 @@ impl SortingLoop {
     }
 
     fn rotate(&mut self) -> Result<()> {
-        listen(&self.resting)?;
         self.listeners
             .lock()
             .unwrap()
-            .set(SORTING_SLOT + self.cpu as u32, &self.resting, 0)
+            .set(SORTING_SLOT + self.cpu as u32, &self.spare, 0)
             .context("updating the sorting slot")?;
         // A first segment of this CPU's listener may be completing on
         // another CPU: announce the shutdown, wait such completions out.
         let handoff = self.handoff.entry(self.cpu);
         handoff.closing.store(1, Ordering::SeqCst);
         wait_for_cross_cpu_completions(handoff);
-        // Migrates the queue; the socket stays a member of the group.
+        // Migrates the queue; the socket stays in the group's closed part
+        // (for its request sockets) until the kernel frees it.
         let stopped = stop_listening(&self.current);
         handoff.closing.store(0, Ordering::SeqCst);
         stopped.context("shutting the previous sorting listener")?;
-        std::mem::swap(&mut self.current, &mut self.resting);
+        let next = sorting_listener(self.addr, &*self.filter)?;
+        // Closes the old listener (dropped here); its request sockets live on.
+        self.current = std::mem::replace(&mut self.spare, next);
         Ok(())
     }
 }

@@ -5,7 +5,7 @@
 //! listening sockets), `sticky_sort` on each sorting listener. Nothing is
 //! pinned: when the supervisor's sockets close, the kernel drops it all.
 
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
@@ -70,11 +70,12 @@ impl Steering {
             .context("attaching the selector to the listeners (SO_ATTACH_REUSEPORT_EBPF)")
     }
 
-    pub fn attach_sorter(&mut self, socket: impl AsFd) -> Result<()> {
+    /// A descriptor of `sticky_sort`, for attaching it to each new sorting
+    /// listener (SO_ATTACH_BPF).
+    pub fn sort_program(&mut self) -> Result<OwnedFd> {
         let sort: &mut SocketFilter = program(&mut self.ebpf, SORT_PROGRAM)?;
-        sort.attach(socket)
-            .map(drop)
-            .context("attaching the socket filter (SO_ATTACH_BPF)")
+        let fd = sort.fd().context("sticky_sort is not loaded")?;
+        Ok(fd.as_fd().try_clone_to_owned()?)
     }
 
     fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
