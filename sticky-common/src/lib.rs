@@ -164,6 +164,9 @@ pub struct Handoff {
 /// surely queued (`STICKY_HANDOFF_GRACE_NS`).
 pub const HANDOFF_GRACE_NS: u64 = 100_000;
 
+/// Size of each sorting CPU's doorbell ring (`STICKY_DOORBELL_BYTES`).
+pub const DOORBELL_BYTES: u32 = 4096;
+
 /// `struct sticky_flow`: key of the `flows` map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -19,7 +19,7 @@ int main(void) {
     S(sticky_worker) O(sticky_worker, live) O(sticky_worker, sessions)
     S(sticky_sid)
     S(sticky_handoff) O(sticky_handoff, closing) O(sticky_handoff, busy_ns)
-    C(STICKY_HANDOFF_GRACE_NS)
+    C(STICKY_HANDOFF_GRACE_NS) C(STICKY_DOORBELL_BYTES)
     S(sticky_flow) O(sticky_flow, local) O(sticky_flow, remote)
     O(sticky_flow, remote_port) O(sticky_flow, family)
     C(STICKY_MAX_WORKERS) C(STICKY_MAX_CPUS) C(STICKY_SORTING_SLOT) C(STICKY_REJECT_SLOT) C(STICKY_SLOTS)
@@ -93,6 +93,7 @@ fn rust_mirror_matches_sticky_h() {
     expect("sticky_handoff.closing", offset_of!(Handoff, closing));
     expect("sticky_handoff.busy_ns", offset_of!(Handoff, busy_ns));
     expect("STICKY_HANDOFF_GRACE_NS", HANDOFF_GRACE_NS as usize);
+    expect("STICKY_DOORBELL_BYTES", DOORBELL_BYTES as usize);
     expect("sticky_flow", size_of::<FlowKey>());
     expect("sticky_flow.local", offset_of!(FlowKey, local));
     expect("sticky_flow.remote", offset_of!(FlowKey, remote));

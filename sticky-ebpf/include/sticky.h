@@ -117,6 +117,9 @@ struct sticky_handoff {
 };
 #define STICKY_HANDOFF_GRACE_NS 100000
 
+/* Size of each sorting CPU's doorbell ring (see `doorbells`). */
+#define STICKY_DOORBELL_BYTES 4096
+
 /* Entries of the `syn_slot` array: per client port, the sorting slot index
  * (CPU) its last SYN went to, or STICKY_NO_WORKER once placed. */
 #define STICKY_PORTS 65536

@@ -34,6 +34,7 @@ pub mod maps {
     pub const FLOWS: &str = "flows";
     pub const COUNTERS: &str = "counters";
     pub const HANDOFF: &str = "handoff";
+    pub const DOORBELLS: &str = "doorbells";
 }
 
 /// Path of the shared header, for the layout test in `sticky-common`.

@@ -106,6 +106,24 @@ struct {
 	__type(value, __u32);
 } syn_slot SEC(".maps");
 
+/*
+ * Per sorting CPU, a ring buffer that only serves as a doorbell: the
+ * selector writes to it at each SYN, waking that CPU's sorter so it rotates
+ * before the client's first data arrives (the data then migrates in
+ * softirq, straight to its worker). The kernel wakes the reader only when it
+ * has caught up, so a burst of SYNs costs one wake-up. User space creates
+ * the inner rings.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
+	__uint(max_entries, STICKY_MAX_CPUS);
+	__type(key, __u32);
+	__array(values, struct {
+		__uint(type, BPF_MAP_TYPE_RINGBUF);
+		__uint(max_entries, STICKY_DOORBELL_BYTES);
+	});
+} doorbells SEC(".maps");
+
 /* Entry 0: the socket filter's; entry 1: the selector's. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -267,8 +285,9 @@ static __always_inline void note_syn_slot(struct sk_reuseport_md *md, __u32 inde
 static __always_inline __u32 decide(struct sk_reuseport_md *md,
 				    const struct sticky_config *cfg)
 {
-	__u32 one = 1, state, family, doff_len, len, owner;
+	__u32 one = 1, state, family, doff_len, len, owner, index;
 	struct sticky_flow key = {};
+	void *ring;
 	struct bpf_sock *sk;
 	struct scratch *s;
 	__u32 *decision;
@@ -283,7 +302,11 @@ static __always_inline __u32 decide(struct sk_reuseport_md *md,
 	if (!sk) {
 		/* A SYN: no payload yet. Wait for it on the sorting listener. */
 		count(STICKY_CNT_SYN);
-		note_syn_slot(md, sorting_index(cfg));
+		index = sorting_index(cfg);
+		note_syn_slot(md, index);
+		ring = bpf_map_lookup_elem(&doorbells, &index);
+		if (ring)
+			bpf_ringbuf_output(ring, &index, sizeof(index), 0);
 		return SORT;
 	}
 	/* Verifier: copy bpf_sock fields to locals right after the NULL check. */

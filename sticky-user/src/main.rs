@@ -191,6 +191,7 @@ fn run(args: RunArgs) -> Result<()> {
             args.rotate,
             counters,
             maps.handoff,
+            maps.doorbells,
         )?),
         Mode::SynBalance => None,
     };

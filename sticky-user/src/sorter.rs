@@ -14,9 +14,11 @@
 //!    (softirq path), with no user-space step;
 //! 4. make the next spare (after the migration: off the connections' path).
 //!
-//! Rotations happen when `current` becomes readable (a connection is
-//! queued: migrate it now) and every `period` while SYNs keep arriving on
-//! the CPU (so that slower clients take the softirq path).
+//! Rotations happen when the CPU's doorbell rings (the selector rings it at
+//! each SYN: rotating before the client's data arrives sends that data down
+//! the softirq path), when `current` becomes readable (a connection is
+//! queued: migrate it now), and every `period` while SYNs keep arriving (a
+//! fallback, should a doorbell wake-up be missed).
 //!
 //! Why one loop per CPU, pinned: a child that completes on a listener while
 //! another CPU shuts that listener is reset by the kernel (the state check
@@ -28,7 +30,7 @@
 
 use std::{
     net::SocketAddr,
-    os::fd::{AsRawFd, OwnedFd},
+    os::fd::{AsRawFd, OwnedFd, RawFd},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex,
@@ -38,13 +40,13 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use aya::maps::{MapData, ReusePortSockArray};
+use aya::maps::{ArrayOfMaps, MapData, ReusePortSockArray};
 use sticky_common::{counter, Handoff, HANDOFF_GRACE_NS, SORTING_SLOT};
 
 use crate::{
     listeners::{sorting_listener, stop_listening},
     log,
-    steering::{Counters, HandoffMap},
+    steering::{Counters, Doorbell, HandoffMap},
 };
 
 /// Ticks back off up to this multiple of the period while a CPU sees no SYN.
@@ -59,6 +61,7 @@ struct SortingLoop {
     listeners: SockArray,
     current: OwnedFd,
     spare: OwnedFd,
+    doorbell: Doorbell,
     period: Duration,
     counters: Arc<Counters>,
     handoff: Arc<HandoffMap>,
@@ -75,6 +78,7 @@ pub fn start(
     period: Duration,
     counters: Arc<Counters>,
     handoff: HandoffMap,
+    mut doorbells: ArrayOfMaps<MapData, MapData>,
 ) -> Result<SortingHandle> {
     let handoff = Arc::new(handoff);
     let filter = Arc::new(filter);
@@ -84,6 +88,7 @@ pub fn start(
     for cpu in 0..cpus {
         let current = sorting_listener(addr, &*filter)?;
         let spare = sorting_listener(addr, &*filter)?;
+        let doorbell = Doorbell::install(&mut doorbells, cpu)?;
         listeners
             .lock()
             .unwrap()
@@ -96,6 +101,7 @@ pub fn start(
             listeners: listeners.clone(),
             current,
             spare,
+            doorbell,
             period,
             counters: counters.clone(),
             handoff: handoff.clone(),
@@ -114,20 +120,24 @@ pub fn start(
 impl SortingLoop {
     fn run(&mut self) {
         if let Err(e) = pin_to_cpu(self.cpu) {
-            log!("sorter for CPU {} cannot be pinned ({e}); connections on that CPU may rarely be reset", self.cpu);
+            log!(
+                "sorter for CPU {} cannot be pinned ({e}); connections on that CPU may rarely be reset",
+                self.cpu
+            );
         }
-        raise_priority();
-        let mut syns_seen = self.syns();
+        set_realtime();
+        let mut syns_at_rotation = self.syns();
         let mut tick = self.period;
         let mut next_tick = Instant::now() + tick;
         while !self.stop.load(Ordering::Relaxed) {
             let timeout = next_tick.saturating_duration_since(Instant::now());
-            let readable = wait_readable(&self.current, timeout);
-            if !readable {
-                // Only rotate on the clock while new connections arrive.
-                let syns = self.syns();
-                let active = syns != syns_seen;
-                syns_seen = syns;
+            let (queued, rang) = wait(&self.current, self.doorbell.fd(), timeout);
+            if rang {
+                self.doorbell.drain();
+            }
+            if !queued && !rang {
+                // The clock: rotate only if SYNs came since the last rotation.
+                let active = self.syns() != syns_at_rotation;
                 tick = if active {
                     self.period
                 } else {
@@ -138,6 +148,7 @@ impl SortingLoop {
                     continue;
                 }
             }
+            syns_at_rotation = self.syns();
             if let Err(e) = self.rotate() {
                 log!(
                     "sorting listener rotation on CPU {} failed: {e:#}",
@@ -226,25 +237,36 @@ fn pin_to_cpu(cpu: usize) -> std::io::Result<()> {
 }
 
 /// SCHED_FIFO at the lowest real-time priority, if allowed; else stays normal.
-fn raise_priority() {
+fn set_realtime() {
     let param = libc::sched_param { sched_priority: 1 };
     // SAFETY: plain syscall on the calling thread.
     unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
 }
 
-/// ppoll(2) on one fd: true if readable before `timeout` (microsecond
-/// precision, so periods below 1 ms work).
-fn wait_readable(fd: &OwnedFd, timeout: Duration) -> bool {
-    let mut pfd = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
+/// ppoll(2) on the listener and the doorbell, with microsecond precision:
+/// (listener readable, doorbell rang).
+fn wait(listener: &OwnedFd, doorbell: RawFd, timeout: Duration) -> (bool, bool) {
+    let mut pfds = [
+        libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: doorbell,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
     let ts = libc::timespec {
         tv_sec: timeout.as_secs() as libc::time_t,
         tv_nsec: timeout.subsec_nanos() as libc::c_long,
     };
-    // SAFETY: one valid pollfd, a valid timespec, no signal mask change.
-    let rc = unsafe { libc::ppoll(&mut pfd, 1, &ts, std::ptr::null()) };
-    rc > 0 && pfd.revents & libc::POLLIN != 0
+    // SAFETY: two valid pollfds, a valid timespec, no signal mask change.
+    let rc = unsafe { libc::ppoll(pfds.as_mut_ptr(), 2, &ts, std::ptr::null()) };
+    if rc <= 0 {
+        return (false, false);
+    }
+    let readable = |p: &libc::pollfd| p.revents & libc::POLLIN != 0;
+    (readable(&pfds[0]), readable(&pfds[1]))
 }

@@ -5,15 +5,15 @@
 //! listening sockets), `sticky_sort` on each sorting listener. Nothing is
 //! pinned: when the supervisor's sockets close, the kernel drops it all.
 
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
-    maps::{Array, HashMap, MapData, PerCpuArray, ReusePortSockArray},
+    maps::{Array, ArrayOfMaps, HashMap, MapData, PerCpuArray, ReusePortSockArray, RingBuf},
     programs::{SkReuseport, SocketFilter},
     Ebpf,
 };
-use sticky_common::{Config, Handoff, SidKey, WorkerState, COUNTERS, MAX_CPUS};
+use sticky_common::{Config, Handoff, SidKey, WorkerState, COUNTERS, DOORBELL_BYTES, MAX_CPUS};
 use sticky_ebpf::{maps, SELECT_PROGRAM, SORT_PROGRAM};
 
 /// Socket migration through a select-or-migrate program arrived in 5.14.
@@ -31,6 +31,7 @@ pub struct SteeringMaps {
     pub sessions: HashMap<MapData, SidKey, u32>,
     pub counters: Counters,
     pub handoff: HandoffMap,
+    pub doorbells: ArrayOfMaps<MapData, MapData>,
 }
 
 impl Steering {
@@ -54,6 +55,7 @@ impl Steering {
             workers: self.take(maps::WORKERS)?,
             sessions: self.take(maps::SESSIONS)?,
             counters: Counters(self.take(maps::COUNTERS)?),
+            doorbells: self.take(maps::DOORBELLS)?,
             handoff: HandoffMap::new(
                 self.ebpf
                     .take_map(maps::HANDOFF)
@@ -127,6 +129,62 @@ impl Counters {
             .collect::<Vec<_>>()
             .join(" ")
     }
+}
+
+/// One sorting CPU's doorbell: a ring buffer the selector writes to at each
+/// SYN processed on that CPU. Only its readability matters.
+pub struct Doorbell {
+    ring: RingBuf<MapData>,
+}
+
+impl Doorbell {
+    /// Creates the ring and installs it as CPU `cpu`'s doorbell.
+    pub fn install(doorbells: &mut ArrayOfMaps<MapData, MapData>, cpu: usize) -> Result<Doorbell> {
+        let fd = create_ringbuf(DOORBELL_BYTES).context("creating a doorbell ring buffer")?;
+        let data = MapData::from_fd(fd)?;
+        doorbells
+            .set(cpu as u32, &data, 0)
+            .context("installing a doorbell")?;
+        let ring = RingBuf::try_from(aya::maps::Map::RingBuf(data))?;
+        Ok(Doorbell { ring })
+    }
+
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        self.ring.as_raw_fd()
+    }
+
+    /// Consumes every pending ring; true if there was any.
+    pub fn drain(&mut self) -> bool {
+        let mut rang = false;
+        while self.ring.next().is_some() {
+            rang = true;
+        }
+        rang
+    }
+}
+
+/// BPF_MAP_CREATE of a ring buffer (aya cannot create standalone rings).
+fn create_ringbuf(bytes: u32) -> std::io::Result<OwnedFd> {
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_MAP_TYPE_RINGBUF: u32 = 27;
+    // union bpf_attr, map-create part: type, key size, value size, entries.
+    let mut attr = [0u32; 32];
+    attr[0] = BPF_MAP_TYPE_RINGBUF;
+    attr[3] = bytes;
+    // SAFETY: attr is a zeroed bpf_attr of the size passed.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_CREATE,
+            attr.as_ptr(),
+            size_of_val(&attr),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// The `handoff` array, mmapped: the sorters and the socket filter share it

@@ -75,15 +75,17 @@ fn ten_thousand_sid_connections_from_64_clients_reach_their_owner() {
 }
 
 #[test]
-fn slow_clients_are_placed_in_softirq_without_the_queue() {
+fn first_segments_are_placed_in_softirq_after_the_doorbell_rotation() {
+    // The selector rings the CPU's doorbell at each SYN; the sorter rotates
+    // before the request arrives, which then migrates straight to its owner.
     let cluster = Cluster::start(3, &[]);
     let sessions = cluster.sessions_on_every_worker(3, 1);
-    let before = cluster.counter("placed_softirq");
-    for (sid, owner) in sessions.iter().cycle().take(30) {
-        // Connect, let a few rotations pass, then send: the request socket's
-        // listener is closed by then, so its first segment migrates.
+    let before = cluster.stats();
+    for (sid, owner) in sessions.iter().cycle().take(60) {
         let mut s = TcpStream::connect(cluster.addr).unwrap();
-        std::thread::sleep(Duration::from_millis(15));
+        if *owner == 0 {
+            std::thread::sleep(Duration::from_millis(5)); // a slower client
+        }
         write!(
             s,
             "GET /?sid={sid} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
@@ -92,11 +94,58 @@ fn slow_clients_are_placed_in_softirq_without_the_queue() {
         let r = read_response(s);
         assert_eq!(r.worker, Some(*owner), "sid {sid}");
     }
-    let placed = cluster.counter("placed_softirq") - before;
-    println!("30 delayed connections, {placed} placed in softirq");
+    let after = cluster.stats();
+    let delta = |k: &str| after[k].parse::<u64>().unwrap() - before[k].parse::<u64>().unwrap();
+    println!(
+        "60 connections: {} placed in softirq, {} from the queue",
+        delta("placed_softirq"),
+        delta("placed_queue")
+    );
     assert!(
-        placed >= 20,
-        "only {placed}/30 delayed connections took the softirq path"
+        delta("placed_softirq") >= 40,
+        "the softirq path placed only {}/60",
+        delta("placed_softirq")
+    );
+}
+
+#[test]
+fn connections_queued_while_the_supervisor_is_stopped_are_placed_by_the_filter() {
+    // With the supervisor frozen no rotation happens: first segments land on
+    // the sorting listener, the socket filter records each decision, and the
+    // queue is migrated at the first rotation after SIGCONT.
+    let cluster = Cluster::start(3, &[]);
+    let sessions = cluster.sessions_on_every_worker(3, 2);
+    let before = cluster.stats();
+    unsafe { libc::kill(cluster.pid() as i32, libc::SIGSTOP) };
+    let pending: Vec<_> = sessions
+        .iter()
+        .cycle()
+        .take(30)
+        .map(|(sid, owner)| {
+            let mut s = TcpStream::connect(cluster.addr).unwrap();
+            write!(
+                s,
+                "GET /?sid={sid} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )
+            .unwrap();
+            (s, *owner)
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    unsafe { libc::kill(cluster.pid() as i32, libc::SIGCONT) };
+    for (s, owner) in pending {
+        assert_eq!(read_response(s).worker, Some(owner));
+    }
+    let after = cluster.stats();
+    let delta = |k: &str| after[k].parse::<u64>().unwrap() - before[k].parse::<u64>().unwrap();
+    println!(
+        "30 connections during a stop: {} from the queue",
+        delta("placed_queue")
+    );
+    assert!(
+        delta("placed_queue") >= 25,
+        "queue path placed only {}/30",
+        delta("placed_queue")
     );
 }
 
