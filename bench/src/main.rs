@@ -32,13 +32,14 @@ const IO_TIMEOUT: Duration = Duration::from_secs(5);
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 
 const USAGE: &str = "usage: sticky-bench [--quick] [--rounds N] [--duration SECS] [--clients N]
-                    [--json PATH] [--sticky PATH] [--worker PATH] [--direct ADDR]
+                    [--json PATH] [--readme PATH] [--sticky PATH] [--worker PATH] [--direct ADDR]
 
   --quick          1 round of 1 s per workload (default: 3 rounds of 3 s)
   --rounds N       rounds per mode; modes alternate sticky, floor, sticky, ...
   --duration SECS  length of each workload in each round
   --clients N      concurrent clients (default 64)
   --json PATH      also write the results as JSON
+  --readme PATH    also write the tables between the bench markers of PATH
   --sticky PATH    sticky binary (default: `sticky` next to this executable)
   --worker PATH    worker binary (default: `sticky-demo-worker` next to it)
   --direct ADDR    debug: start nothing, measure a server already listening
@@ -59,6 +60,7 @@ struct Opts {
     duration: Duration,
     clients: usize,
     json: Option<PathBuf>,
+    readme: Option<PathBuf>,
     direct: Option<SocketAddr>,
 }
 
@@ -74,6 +76,7 @@ fn parse_args() -> Result<Opts, String> {
         duration: Duration::from_secs(3),
         clients: 64,
         json: None,
+        readme: None,
         direct: None,
     };
     let (mut rounds, mut duration) = (None, None);
@@ -89,6 +92,7 @@ fn parse_args() -> Result<Opts, String> {
             }
             "--clients" => opts.clients = number(&value("--clients")?)? as usize,
             "--json" => opts.json = Some(value("--json")?.into()),
+            "--readme" => opts.readme = Some(value("--readme")?.into()),
             "--sticky" => opts.sticky = value("--sticky")?.into(),
             "--worker" => opts.worker = value("--worker")?.into(),
             "--direct" => {
@@ -240,7 +244,12 @@ fn run(opts: &Opts) -> Result<(), String> {
         }
     }
     let workloads = ["serial".to_string(), format!("{} clients", opts.clients)];
-    print!("{}", table(opts, &workloads, &results));
+    let report = table(opts, &workloads, &results);
+    print!("{report}");
+    if let Some(path) = &opts.readme {
+        update_readme(path, &report)?;
+        eprintln!("updated {}", path.display());
+    }
     if let Some(path) = &opts.json {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
@@ -636,6 +645,30 @@ fn table(opts: &Opts, workloads: &[String; 2], r: &Results) -> String {
         );
     }
     out
+}
+
+/// Replaces what sits between the README's bench markers with `report`.
+fn update_readme(path: &Path, report: &str) -> Result<(), String> {
+    const BEGIN: &str = "<!-- bench:begin -->";
+    const END: &str = "<!-- bench:end -->";
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let (Some(a), Some(b)) = (text.find(BEGIN), text.find(END)) else {
+        return Err(format!("{} has no {BEGIN} / {END} markers", path.display()));
+    };
+    let machine = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let stamp = format!(
+        "\nMeasured by `cargo xtask bench` on {cpus} CPUs, Linux {}; ratios are what to compare (absolute times drift on shared machines).\n",
+        machine.trim()
+    );
+    let new = format!(
+        "{}{BEGIN}\n{stamp}{}\n{}",
+        &text[..a],
+        report.trim_start_matches('\n').replacen("## ", "### ", 1),
+        &text[b..]
+    );
+    std::fs::write(path, new).map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
 /// JSON by hand: a handful of numbers does not justify serde.

@@ -147,12 +147,11 @@ impl Supervisor {
                 continue;
             }
             let lived = w.started.elapsed();
-            w.backoff = if lived >= HEALTHY_AFTER {
-                BACKOFF_MIN
-            } else {
-                (w.backoff * 2).min(BACKOFF_MAX)
-            };
+            if lived >= HEALTHY_AFTER {
+                w.backoff = BACKOFF_MIN;
+            }
             let delay = w.backoff;
+            w.backoff = (w.backoff * 2).min(BACKOFF_MAX);
             w.restart_at = Some(Instant::now() + delay);
             log!(
                 "worker {i} (pid {pid}) {} after {lived:.1?}; restarting in {delay:?}",

@@ -121,6 +121,8 @@ fn bench(extra: &[String]) -> Result<(), String> {
     let mut args: Vec<OsString> = extra.iter().map(OsString::from).collect();
     args.push("--json".into());
     args.push(json.into());
+    args.push("--readme".into());
+    args.push(root_dir().join("README.md").into());
     exec_as_root(&root_dir().join("target/release/sticky-bench"), &args)
 }
 
