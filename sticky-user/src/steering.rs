@@ -242,14 +242,17 @@ impl Drop for HandoffMap {
 
 fn check_kernel() -> Result<()> {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let mut parts = release.trim().split(|c: char| !c.is_ascii_digit());
+    check_kernel_release(release.trim())
+}
+
+fn check_kernel_release(release: &str) -> Result<()> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
     let major: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
     let minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
     if (major, minor) < MIN_KERNEL {
         bail!(
-            "kernel {} is too old: sticky needs Linux {}.{} or newer for socket migration \
+            "kernel {release} is too old: sticky needs Linux {}.{} or newer for socket migration \
              (BPF_SK_REUSEPORT_SELECT_OR_MIGRATE)",
-            release.trim(),
             MIN_KERNEL.0,
             MIN_KERNEL.1
         );
@@ -279,5 +282,21 @@ fn load_error(e: anyhow::Error) -> anyhow::Error {
         anyhow!("loading the kernel programs was refused: sticky needs root (CAP_BPF and CAP_NET_ADMIN); run it with sudo")
     } else {
         e.context("loading the kernel programs failed")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_kernel_release;
+
+    #[test]
+    fn kernels_before_5_14_are_refused_with_the_reason() {
+        for old in ["5.10.0-28-amd64", "5.13.19", "4.19.0", "3.10.0-1160.el7.x86_64"] {
+            let e = check_kernel_release(old).unwrap_err().to_string();
+            assert!(e.contains("too old") && e.contains("5.14"), "{old}: {e}");
+        }
+        for ok in ["5.14.0-427.el9.x86_64", "5.15.0-91-generic", "6.1.0-18-amd64", "6.18.44-fc-v669"] {
+            assert!(check_kernel_release(ok).is_ok(), "{ok}");
+        }
     }
 }
