@@ -25,6 +25,17 @@ pub fn demo_worker_bin() -> PathBuf {
     binary("STICKY_DEMO_WORKER", "sticky-demo-worker")
 }
 
+/// A Python 3 interpreter for scripted test workers: the system one when
+/// there is one (a version-manager shim is a shell script that would add a
+/// process and descriptors of its own), else whatever `python3` PATH finds.
+pub fn python3_bin() -> PathBuf {
+    ["/usr/bin/python3", "/usr/local/bin/python3"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("python3"))
+}
+
 fn binary(var: &str, name: &str) -> PathBuf {
     if let Some(p) = std::env::var_os(var) {
         return p.into();
@@ -57,9 +68,23 @@ impl Cluster {
     }
 
     pub fn start_with(listen: &str, workers: usize, extra: &[&str], command: &[&str]) -> Cluster {
+        Cluster::start_custom(listen, workers, extra, command, |_| {})
+    }
+
+    /// Like `start_with`; `configure` adjusts sticky's own `Command` before
+    /// it is spawned (environment, descriptors through `pre_exec`, ...).
+    pub fn start_custom(
+        listen: &str,
+        workers: usize,
+        extra: &[&str],
+        command: &[&str],
+        configure: impl FnOnce(&mut Command),
+    ) -> Cluster {
         let dir = TempDir::new();
         let control = dir.0.join("control.sock");
-        let mut child = Command::new(sticky_bin())
+        let mut sticky = Command::new(sticky_bin());
+        configure(&mut sticky);
+        let mut child = sticky
             .args([
                 "run",
                 "--listen",
