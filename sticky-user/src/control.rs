@@ -8,7 +8,9 @@
 //! - `stats`: `ok <counters> ...`; allowed to workers and to processes of the
 //!   supervisor's own uid or root, for operators and tests.
 //!
-//! A peer that is not a worker gets one answer and is disconnected. Lines are
+//! A peer that is not a worker gets one answer and is disconnected; it has
+//! `OTHER_TIMEOUT` to send its line, and such peers have their own, small
+//! connection cap, so idle strangers cannot lock workers out. Lines are
 //! capped at `MAX_LINE` bytes; a longer one ends the connection.
 
 use std::{
@@ -30,7 +32,13 @@ use crate::{
 };
 
 const MAX_LINE: usize = 1024;
-const MAX_CONNECTIONS: usize = 1024;
+/// Connections from workers (and their descendants).
+const MAX_WORKER_CONNECTIONS: usize = 1024;
+/// Connections from anyone else (operators' `stats`, strangers).
+const MAX_OTHER_CONNECTIONS: usize = 64;
+/// Connections not yet identified.
+const MAX_IDENTIFYING: usize = 256;
+const OTHER_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub struct ControlSocket {
     pub path: PathBuf,
@@ -72,31 +80,67 @@ impl ControlSocket {
     /// returned guard lives; dropping it removes the socket file.
     pub fn serve(self, state: ControlState) -> RemoveOnDrop {
         let guard = RemoveOnDrop(self.path.clone());
-        let active = Arc::new(AtomicUsize::new(0));
+        let limits = Arc::new(Limits::default());
         std::thread::Builder::new()
             .name("control".into())
             .spawn(move || {
                 for stream in self.listener.incoming() {
                     let Ok(stream) = stream else { continue };
-                    if active.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
-                        continue; // dropped: closes the connection
-                    }
-                    active.fetch_add(1, Ordering::Relaxed);
-                    let (state, counter) = (state.clone(), active.clone());
-                    let spawned = std::thread::Builder::new()
+                    // Dropping a stream closes it.
+                    let Some(slot) = Slot::take(&limits.identifying, MAX_IDENTIFYING) else {
+                        continue;
+                    };
+                    let (state, limits) = (state.clone(), limits.clone());
+                    let _ = std::thread::Builder::new()
                         .name("control-conn".into())
-                        .spawn(move || {
-                            let _ = serve_connection(stream, &state);
-                            counter.fetch_sub(1, Ordering::Relaxed);
-                        });
-                    if spawned.is_err() {
-                        active.fetch_sub(1, Ordering::Relaxed);
-                    }
+                        .spawn(move || admit(stream, &state, &limits, slot));
                 }
             })
             .expect("spawning the control thread");
         guard
     }
+}
+
+#[derive(Default)]
+struct Limits {
+    identifying: Arc<AtomicUsize>,
+    workers: Arc<AtomicUsize>,
+    others: Arc<AtomicUsize>,
+}
+
+/// One unit of a capped count, given back on drop.
+struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    fn take(count: &Arc<AtomicUsize>, max: usize) -> Option<Slot> {
+        if count.fetch_add(1, Ordering::Relaxed) >= max {
+            count.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(Slot(count.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Identifies the peer, then serves it under its class's cap.
+fn admit(stream: UnixStream, state: &ControlState, limits: &Limits, identifying: Slot) {
+    let Ok(cred) = peer_cred(&stream) else { return };
+    let worker = identify(state, cred.pid as u32);
+    drop(identifying);
+    let class = match worker {
+        Some(_) => Slot::take(&limits.workers, MAX_WORKER_CONNECTIONS),
+        None => Slot::take(&limits.others, MAX_OTHER_CONNECTIONS),
+    };
+    let Some(_class) = class else { return };
+    if worker.is_none() && stream.set_read_timeout(Some(OTHER_TIMEOUT)).is_err() {
+        return;
+    }
+    let _ = serve_connection(stream, state, cred, worker);
 }
 
 /// Removes the socket file when the supervisor exits.
@@ -108,11 +152,14 @@ impl Drop for RemoveOnDrop {
     }
 }
 
-fn serve_connection(stream: UnixStream, state: &ControlState) -> std::io::Result<()> {
-    let cred = peer_cred(&stream)?;
+fn serve_connection(
+    stream: UnixStream,
+    state: &ControlState,
+    cred: libc::ucred,
+    worker: Option<WorkerId>,
+) -> std::io::Result<()> {
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
-    let mut worker = identify(state, cred.pid as u32);
     let mut line = Vec::new();
     loop {
         line.clear();
@@ -133,9 +180,6 @@ fn serve_connection(stream: UnixStream, state: &ControlState) -> std::io::Result
         }
         let text = String::from_utf8_lossy(&line[..line.len() - 1]);
         let text = text.trim_end_matches('\r');
-        if worker.is_none() {
-            worker = identify(state, cred.pid as u32);
-        }
         let reply = answer(state, worker, cred.uid, text);
         writer.write_all(reply.as_bytes())?;
         if worker.is_none() {

@@ -5,8 +5,8 @@
 //! Hand-rolled fork/exec because `LISTEN_PID` must hold the child's own pid,
 //! known only after fork: everything is allocated before fork, and the child
 //! only writes the pid's digits into a prepared buffer (async-signal-safe;
-//! the supervisor is multi-threaded). Every other descriptor of the
-//! supervisor is `CLOEXEC`, so fd 0-2 and 3 are all a worker inherits.
+//! the supervisor is multi-threaded). Every other descriptor is made
+//! `CLOEXEC` in the child, so fd 0-2 and 3 are all a worker inherits.
 
 use std::{
     ffi::{CString, OsStr, OsString},
@@ -20,6 +20,8 @@ use std::{
 
 use anyhow::{bail, Result};
 
+/// `close_range(2)` flag: set CLOEXEC instead of closing.
+const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
 /// Room for the decimal pid in `LISTEN_PID=`.
 const PID_DIGITS: usize = 20;
 const LISTEN_PID: &[u8] = b"LISTEN_PID=";
@@ -192,6 +194,12 @@ unsafe fn child(
         *pid_digits.add(i) = digits[n - 1 - i];
     }
     *pid_digits.add(n) = 0;
+
+    // Descriptors sticky itself inherited without CLOEXEC (from a shell or
+    // a service manager) must not reach the worker either: mark every fd
+    // above 3 close-on-exec (close_range, Linux 5.11+; the error pipe stays
+    // open until exec succeeds).
+    libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, CLOSE_RANGE_CLOEXEC);
 
     libc::execve(program, argv.as_ptr(), envp.as_ptr());
     fail(err_fd)

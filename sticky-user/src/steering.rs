@@ -291,11 +291,21 @@ mod tests {
 
     #[test]
     fn kernels_before_5_14_are_refused_with_the_reason() {
-        for old in ["5.10.0-28-amd64", "5.13.19", "4.19.0", "3.10.0-1160.el7.x86_64"] {
+        for old in [
+            "5.10.0-28-amd64",
+            "5.13.19",
+            "4.19.0",
+            "3.10.0-1160.el7.x86_64",
+        ] {
             let e = check_kernel_release(old).unwrap_err().to_string();
             assert!(e.contains("too old") && e.contains("5.14"), "{old}: {e}");
         }
-        for ok in ["5.14.0-427.el9.x86_64", "5.15.0-91-generic", "6.1.0-18-amd64", "6.18.44-fc-v669"] {
+        for ok in [
+            "5.14.0-427.el9.x86_64",
+            "5.15.0-91-generic",
+            "6.1.0-18-amd64",
+            "6.18.44-fc-v669",
+        ] {
             assert!(check_kernel_release(ok).is_ok(), "{ok}");
         }
     }

@@ -99,7 +99,6 @@ fn worker_session_ids_are_validated() {
 }
 
 #[test]
-#[ignore = "bug: control.rs counts idle connections of unknown peers against MAX_CONNECTIONS forever (no read timeout), so 1024 idle local connections lock every worker out of the control socket"]
 fn idle_unknown_peers_do_not_lock_workers_out() {
     let cluster = Cluster::start(1, &[]);
     let idle = 1100;

@@ -348,7 +348,6 @@ fn socket_activation_environment_and_no_leaked_fds() {
 }
 
 #[test]
-#[ignore = "bug: spawn.rs child() does not close descriptors sticky inherited without CLOEXEC from its own parent; workers get them too"]
 fn descriptors_sticky_inherited_do_not_reach_workers() {
     use std::os::{fd::AsRawFd, unix::process::CommandExt};
     const STRAY: i32 = 42;
