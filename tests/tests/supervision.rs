@@ -682,3 +682,46 @@ fn a_second_signal_kills_workers_at_once() {
     let log = cluster.log.lock().unwrap().clone();
     assert!(log.contains("second signal: killing workers"), "{log}");
 }
+
+#[test]
+fn missing_privileges_are_one_clear_line() {
+    // Run the real binary as `nobody`: loading BPF programs is refused.
+    if Command::new("setpriv").arg("--version").output().is_err() {
+        eprintln!("setpriv (util-linux) not installed: skipped");
+        return;
+    }
+    let dir = TempDir::new();
+    let bin = dir.0.join("sticky");
+    std::fs::copy(sticky_bin(), &bin).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(&bin)
+        .args([
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "1",
+            "--",
+            "/bin/true",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("as nobody: {} -> {stderr:?}", out.status);
+    assert!(!out.status.success());
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("sticky: error: ") && stderr.contains("root"),
+        "{stderr}"
+    );
+}
