@@ -659,7 +659,7 @@ fn update_readme(path: &Path, report: &str) -> Result<(), String> {
     let machine = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let stamp = format!(
-        "\nMeasured by `cargo xtask bench` on {cpus} CPUs, Linux {}; ratios are what to compare (absolute times drift on shared machines).\n",
+        "\nMeasured by `cargo xtask bench` on {cpus} CPUs, Linux {}; ratios are what to compare (absolute times drift on shared machines).\n\n",
         machine.trim()
     );
     let new = format!(
