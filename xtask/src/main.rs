@@ -104,12 +104,75 @@ fn test(extra: &[String]) -> Result<(), String> {
         eprintln!("xtask: note: not root; the integration tests load BPF programs and will fail without root");
     }
     let bin = root_dir().join("target/debug");
+    let mut tally = Tally::default();
     let mut cmd = cargo();
     cmd.args(["test", "--workspace"])
         .args(extra)
         .env("STICKY_BIN", bin.join("sticky"))
         .env("STICKY_DEMO_WORKER", bin.join("sticky-demo-worker"));
-    status(cmd, "cargo test")
+    let result = tally.run(cmd, "cargo test");
+    tally.print();
+    result
+}
+
+/// Test counts gathered from the runners' own summary lines, so one line at
+/// the end says how the whole run went.
+#[derive(Default)]
+struct Tally {
+    passed: u64,
+    failed: u64,
+    skipped: u64,
+}
+
+impl Tally {
+    /// Runs `cmd`, echoing its stdout and counting what its runner reports.
+    fn run(&mut self, mut cmd: Command, what: &str) -> Result<(), String> {
+        use std::io::{BufRead, BufReader};
+        let mut child = cmd
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot run {what}: {e}"))?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            println!("{line}");
+            self.count(&line);
+        }
+        let status = child.wait().map_err(|e| format!("{what}: {e}"))?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(format!("{what} failed ({status})"))
+        }
+    }
+
+    fn count(&mut self, line: &str) {
+        let number = |text: &str, word: &str| -> u64 {
+            text.split([';', ','])
+                .find_map(|part| part.trim().strip_suffix(word)?.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            // cargo: "test result: ok. 3 passed; 0 failed; 1 ignored; ..."
+            let rest = rest.split_once(". ").map_or(rest, |(_, r)| r);
+            self.passed += number(rest, "passed");
+            self.failed += number(rest, "failed");
+            self.skipped += number(rest, "ignored");
+        } else if let Some(n) = line.strip_prefix("# pass ") {
+            // node --test (TAP): "# pass 12", "# fail 0", "# skipped 1"
+            self.passed += n.trim().parse().unwrap_or(0);
+        } else if let Some(n) = line.strip_prefix("# fail ") {
+            self.failed += n.trim().parse().unwrap_or(0);
+        } else if let Some(n) = line.strip_prefix("# skipped ") {
+            self.skipped += n.trim().parse().unwrap_or(0);
+        }
+    }
+
+    fn print(&self) {
+        println!(
+            "summary: {} passed, {} failed, {} skipped",
+            self.passed, self.failed, self.skipped
+        );
+    }
 }
 
 fn bench(extra: &[String]) -> Result<(), String> {
