@@ -56,6 +56,10 @@ pub struct Config {
     pub pad: u32,
     pub param_word: [u64; 2],
     pub param_mask: [u64; 2],
+    /// The listening port, host byte order.
+    pub port: u32,
+    /// 1: learn sessions from the workers' Engine.IO open packets.
+    pub learn: u32,
 }
 
 impl Config {
@@ -87,7 +91,16 @@ impl Config {
             pad: 0,
             param_word: [word(&bytes, 0), word(&bytes, 1)],
             param_mask: [word(&mask, 0), word(&mask, 1)],
+            port: 0,
+            learn: 0,
         }
+    }
+
+    /// Turns on session learning for answers sent from `port`.
+    pub fn learning(mut self, port: u16) -> Config {
+        self.port = port as u32;
+        self.learn = 1;
+        self
     }
 }
 
@@ -164,6 +177,28 @@ pub struct Handoff {
 /// surely queued (`STICKY_HANDOFF_GRACE_NS`).
 pub const HANDOFF_GRACE_NS: u64 = 100_000;
 
+/// `struct sticky_placed`: value of the `placed_flows` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Placed {
+    pub worker: u32,
+    pub segments: u32,
+}
+
+/// `struct sticky_learned`: value of the `learned` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Learned {
+    pub worker: u32,
+    pub pad: u32,
+    /// CLOCK_MONOTONIC nanoseconds of the last request carrying the sid.
+    pub last_seen_ns: u64,
+}
+
+pub const PLACED_MAX: u32 = 65536;
+pub const LEARN_SEGMENTS: u32 = 4;
+pub const LEARN_SCAN: usize = 512;
+
 /// Size of each sorting CPU's doorbell ring (`STICKY_DOORBELL_BYTES`).
 pub const DOORBELL_BYTES: u32 = 4096;
 
@@ -196,6 +231,8 @@ pub const COUNTERS: &[&str] = &[
     "syn_balanced",
     "cross_cpu",
     "handoff_drops",
+    "learned",
+    "learn_known",
 ];
 
 /// `enum sticky_counter` indices used by user space.
@@ -216,4 +253,6 @@ mod pod {
     unsafe impl aya::Pod for super::WorkerState {}
     unsafe impl aya::Pod for super::SidKey {}
     unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::Placed {}
+    unsafe impl aya::Pod for super::Learned {}
 }

@@ -15,7 +15,10 @@ const PROBE: &str = r#"
 int main(void) {
     S(sticky_config) O(sticky_config, worker_count) O(sticky_config, balance)
     O(sticky_config, mode) O(sticky_config, param_len) O(sticky_config, sorting_count) O(sticky_config, param_word)
-    O(sticky_config, param_mask)
+    O(sticky_config, param_mask) O(sticky_config, port) O(sticky_config, learn)
+    S(sticky_placed) O(sticky_placed, worker) O(sticky_placed, segments)
+    S(sticky_learned) O(sticky_learned, worker) O(sticky_learned, last_seen_ns)
+    C(STICKY_PLACED_MAX) C(STICKY_LEARN_SEGMENTS) C(STICKY_LEARN_SCAN)
     S(sticky_worker) O(sticky_worker, live) O(sticky_worker, sessions)
     S(sticky_sid)
     S(sticky_handoff) O(sticky_handoff, closing) O(sticky_handoff, busy_ns)
@@ -85,6 +88,20 @@ fn rust_mirror_matches_sticky_h() {
     );
     expect("sticky_config.param_word", offset_of!(Config, param_word));
     expect("sticky_config.param_mask", offset_of!(Config, param_mask));
+    expect("sticky_config.port", offset_of!(Config, port));
+    expect("sticky_config.learn", offset_of!(Config, learn));
+    expect("sticky_placed", size_of::<Placed>());
+    expect("sticky_placed.worker", offset_of!(Placed, worker));
+    expect("sticky_placed.segments", offset_of!(Placed, segments));
+    expect("sticky_learned", size_of::<Learned>());
+    expect("sticky_learned.worker", offset_of!(Learned, worker));
+    expect(
+        "sticky_learned.last_seen_ns",
+        offset_of!(Learned, last_seen_ns),
+    );
+    expect("STICKY_PLACED_MAX", PLACED_MAX as usize);
+    expect("STICKY_LEARN_SEGMENTS", LEARN_SEGMENTS as usize);
+    expect("STICKY_LEARN_SCAN", LEARN_SCAN);
     expect("sticky_worker", size_of::<WorkerState>());
     expect("sticky_worker.live", offset_of!(WorkerState, live));
     expect("sticky_worker.sessions", offset_of!(WorkerState, sessions));

@@ -71,6 +71,8 @@ struct sticky_config {
 	/* "name=" as two little words, masked by param_mask: no loop to compare. */
 	__u64 param_word[2];
 	__u64 param_mask[2];
+	__u32 port;  /* the listening port, host byte order (sticky_learn) */
+	__u32 learn; /* 1: learn sessions from the workers' answers */
 };
 
 /* One entry per worker slot of the `workers` array map, written by user space. */
@@ -117,6 +119,32 @@ struct sticky_handoff {
 };
 #define STICKY_HANDOFF_GRACE_NS 100000
 
+/*
+ * Value of the `placed_flows` LRU map (key: struct sticky_flow): which worker
+ * a connection was placed on, so that sticky_learn can attribute the
+ * Engine.IO open packet it finds in that worker's answer.
+ */
+struct sticky_placed {
+	__u32 worker;
+	__u32 segments; /* answer segments looked at so far */
+};
+#define STICKY_PLACED_MAX 65536
+/* Answer segments of a connection searched for an open packet. */
+#define STICKY_LEARN_SEGMENTS 4
+/* Bytes of each such segment searched. Power of 2. */
+#define STICKY_LEARN_SCAN 512
+
+/*
+ * Value of the `learned` hash map (key: struct sticky_sid): a session that
+ * sticky_learn found in a worker's answer. The selector refreshes last_seen
+ * whenever a request carries the sid; user space expires idle ones.
+ */
+struct sticky_learned {
+	__u32 worker;
+	__u32 pad;
+	__u64 last_seen_ns; /* bpf_ktime_get_ns() */
+};
+
 /* Size of each sorting CPU's doorbell ring (see `doorbells`). */
 #define STICKY_DOORBELL_BYTES 4096
 
@@ -142,6 +170,8 @@ enum sticky_counter {
 	STICKY_CNT_SYN_BALANCED,     /* SYN_BALANCE mode placements */
 	STICKY_CNT_CROSS_CPU,        /* first data on another CPU than its SYN */
 	STICKY_CNT_HANDOFF_DROPS,    /* of those, dropped during a rotation */
+	STICKY_CNT_LEARNED,          /* sessions learned from open packets */
+	STICKY_CNT_LEARN_KNOWN,      /* open packets for an already known sid */
 	STICKY_COUNTERS,
 };
 

@@ -4,8 +4,10 @@
 //! be built here (see DESIGN.md, "Toolchain"). Their sources live next to
 //! this file:
 //!
-//! - `steer.bpf.c`: `sticky_select` (SK_REUSEPORT, select-or-migrate) and
-//!   `sticky_sort` (SOCKET_FILTER on the sorting listeners), plus every map.
+//! - `steer.bpf.c`: `sticky_select` (SK_REUSEPORT, select-or-migrate),
+//!   `sticky_sort` (SOCKET_FILTER on the sorting listeners) and
+//!   `sticky_learn` (CGROUP_SKB egress: learns sessions from the workers'
+//!   Engine.IO open packets), plus every map.
 //! - `parse.h`: the request-line parser both programs share.
 //! - `../include/sticky.h`: map layouts shared with user space, mirrored in
 //!   `sticky-common`.
@@ -24,6 +26,7 @@ pub fn steer_object() -> &'static [u8] {
 /// Program names inside [`steer_object`].
 pub const SELECT_PROGRAM: &str = "sticky_select";
 pub const SORT_PROGRAM: &str = "sticky_sort";
+pub const LEARN_PROGRAM: &str = "sticky_learn";
 
 /// Map names inside [`steer_object`].
 pub mod maps {
@@ -35,6 +38,8 @@ pub mod maps {
     pub const COUNTERS: &str = "counters";
     pub const HANDOFF: &str = "handoff";
     pub const DOORBELLS: &str = "doorbells";
+    pub const PLACED_FLOWS: &str = "placed_flows";
+    pub const LEARNED: &str = "learned";
 }
 
 /// Path of the shared header, for the layout test in `sticky-common`.

@@ -124,10 +124,25 @@ struct {
 	});
 } doorbells SEC(".maps");
 
-/* Entry 0: the socket filter's; entry 1: the selector's. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, STICKY_PLACED_MAX);
+	__type(key, struct sticky_flow);
+	__type(value, struct sticky_placed);
+} placed_flows SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, STICKY_SESSIONS_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct sticky_sid);
+	__type(value, struct sticky_learned);
+} learned SEC(".maps");
+
+/* Entry 0: the socket filter's; entry 1: the selector's; 2: sticky_learn's. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 2);
+	__uint(max_entries, 3);
 	__type(key, __u32);
 	__type(value, struct scratch);
 } scratch SEC(".maps");
@@ -195,22 +210,40 @@ static __always_inline int select_slot(struct sk_reuseport_md *md, __u32 slot)
 }
 
 /*
+ * Remembers which worker a connection went to, for sticky_learn (which
+ * reads the worker's answers on it). Only while learning is on, and only
+ * for migrated sockets (key->family set).
+ */
+static __always_inline void note_placement(const struct sticky_config *cfg,
+					   const struct sticky_flow *key,
+					   __u32 worker)
+{
+	struct sticky_placed placed = { .worker = worker };
+
+	if (cfg->learn && key->family)
+		bpf_map_update_elem(&placed_flows, key, &placed, BPF_ANY);
+}
+
+/*
  * Places a connection on `owner` if it is a live worker, else balances,
  * else sends it to the 503 listener.
  */
 static __always_inline int place(struct sk_reuseport_md *md,
-				 const struct sticky_config *cfg, __u32 owner)
+				 const struct sticky_config *cfg, __u32 owner,
+				 const struct sticky_flow *key)
 {
 	__u32 w;
 
 	if (owner < STICKY_MAX_WORKERS && worker_live(owner) &&
 	    select_slot(md, owner)) {
 		count(STICKY_CNT_BY_SID);
+		note_placement(cfg, key, owner);
 		return SK_PASS;
 	}
 	w = pick_worker(cfg);
 	if (w != STICKY_NO_WORKER && select_slot(md, w)) {
 		count(STICKY_CNT_BALANCED);
+		note_placement(cfg, key, w);
 		return SK_PASS;
 	}
 	count(STICKY_CNT_REJECTED);
@@ -226,8 +259,13 @@ static __always_inline __u32 owner_of(struct scratch *s, int result)
 	switch (result) {
 	case STICKY_PARSE_SID:
 		owner = bpf_map_lookup_elem(&sessions, &s->key);
-		if (owner)
+		if (owner) {
+			struct sticky_learned *l = bpf_map_lookup_elem(&learned, &s->key);
+
+			if (l)
+				l->last_seen_ns = bpf_ktime_get_ns();
 			return *owner;
+		}
 		count(STICKY_CNT_SID_UNKNOWN);
 		return STICKY_NO_WORKER;
 	case STICKY_PARSE_INVALID:
@@ -276,17 +314,53 @@ static __always_inline void note_syn_slot(struct sk_reuseport_md *md, __u32 inde
 }
 
 /*
+ * The flow key of a migrating request or child socket, as sticky_sort and
+ * sticky_learn build it from packet headers.
+ */
+static __always_inline void flow_of(struct bpf_sock *sk, struct sticky_flow *key)
+{
+	__u32 family = sk->family;
+
+	if (family == AF_INET6) {
+		key->local[0] = sk->src_ip6[0];
+		key->local[1] = sk->src_ip6[1];
+		key->local[2] = sk->src_ip6[2];
+		key->local[3] = sk->src_ip6[3];
+		key->remote[0] = sk->dst_ip6[0];
+		key->remote[1] = sk->dst_ip6[1];
+		key->remote[2] = sk->dst_ip6[2];
+		key->remote[3] = sk->dst_ip6[3];
+		key->family = AF_INET6;
+		/* IPv4-mapped (::ffff:a.b.c.d): packets carry an IPv4 header. */
+		if (key->remote[0] == 0 && key->remote[1] == 0 &&
+		    key->remote[2] == bpf_htonl(0xffff)) {
+			key->local[0] = key->local[3];
+			key->remote[0] = key->remote[3];
+			key->local[1] = key->local[2] = key->local[3] = 0;
+			key->remote[1] = key->remote[2] = key->remote[3] = 0;
+			key->family = AF_INET;
+		}
+	} else {
+		key->local[0] = sk->src_ip4;
+		key->remote[0] = sk->dst_ip4;
+		key->family = AF_INET;
+	}
+	key->remote_port = (__u16)sk->dst_port; /* network byte order */
+}
+
+/*
  * Decides where a connection goes: the sorting slot (SORT) or a worker
- * (`owner`, NO_WORKER to balance). Split from sticky_select so that place()
- * and its balancing loop are inlined, and verified, once.
+ * (`owner`, NO_WORKER to balance), filling `key` (family 0 if there is no
+ * socket yet). Split from sticky_select so that place() and its balancing
+ * loop are inlined, and verified, once.
  */
 #define SORT 0xfffffffeu
 
 static __always_inline __u32 decide(struct sk_reuseport_md *md,
-				    const struct sticky_config *cfg)
+				    const struct sticky_config *cfg,
+				    struct sticky_flow *key)
 {
-	__u32 one = 1, state, family, doff_len, len, owner, index;
-	struct sticky_flow key = {};
+	__u32 one = 1, state, doff_len, len, owner, index;
 	void *ring;
 	struct bpf_sock *sk;
 	struct scratch *s;
@@ -311,7 +385,7 @@ static __always_inline __u32 decide(struct sk_reuseport_md *md,
 	}
 	/* Verifier: copy bpf_sock fields to locals right after the NULL check. */
 	state = sk->state;
-	family = sk->family;
+	flow_of(sk, key);
 
 	if (state == TCP_NEW_SYN_RECV) {
 		/*
@@ -337,7 +411,7 @@ static __always_inline __u32 decide(struct sk_reuseport_md *md,
 			goto absorb;
 		s->len = len;
 		count(STICKY_CNT_PLACED_SOFTIRQ);
-		note_syn_slot(md, STICKY_NO_WORKER);
+		forget_syn_slot(key->remote_port);
 		return owner_of(s, sticky_parse(s, cfg));
 absorb:
 		count(STICKY_CNT_ABSORBED);
@@ -348,37 +422,12 @@ absorb:
 	 * A child from the sorting queue: established, its first data already
 	 * seen by sticky_sort, which left its decision under the flow key.
 	 */
-	if (family == AF_INET6) {
-		key.local[0] = sk->src_ip6[0];
-		key.local[1] = sk->src_ip6[1];
-		key.local[2] = sk->src_ip6[2];
-		key.local[3] = sk->src_ip6[3];
-		key.remote[0] = sk->dst_ip6[0];
-		key.remote[1] = sk->dst_ip6[1];
-		key.remote[2] = sk->dst_ip6[2];
-		key.remote[3] = sk->dst_ip6[3];
-		key.family = AF_INET6;
-		/* IPv4-mapped (::ffff:a.b.c.d): the filter saw an IPv4 header. */
-		if (key.remote[0] == 0 && key.remote[1] == 0 &&
-		    key.remote[2] == bpf_htonl(0xffff)) {
-			key.local[0] = key.local[3];
-			key.remote[0] = key.remote[3];
-			key.local[1] = key.local[2] = key.local[3] = 0;
-			key.remote[1] = key.remote[2] = key.remote[3] = 0;
-			key.family = AF_INET;
-		}
-	} else {
-		key.local[0] = sk->src_ip4;
-		key.remote[0] = sk->dst_ip4;
-		key.family = AF_INET;
-	}
-	key.remote_port = (__u16)sk->dst_port; /* network byte order */
-	forget_syn_slot(key.remote_port);
+	forget_syn_slot(key->remote_port);
 	owner = STICKY_NO_WORKER;
-	decision = bpf_map_lookup_elem(&flows, &key);
+	decision = bpf_map_lookup_elem(&flows, key);
 	if (decision) {
 		owner = *decision;
-		bpf_map_delete_elem(&flows, &key);
+		bpf_map_delete_elem(&flows, key);
 	}
 	count(STICKY_CNT_PLACED_QUEUE);
 	return owner;
@@ -389,14 +438,15 @@ int sticky_select(struct sk_reuseport_md *md)
 {
 	__u32 zero = 0, target;
 	struct sticky_config *cfg = bpf_map_lookup_elem(&config, &zero);
+	struct sticky_flow key = {};
 
 	if (!cfg)
 		return SK_DROP; /* cannot happen: array maps always have entry 0 */
-	target = decide(md, cfg);
+	target = decide(md, cfg, &key);
 	if (target == SORT &&
 	    select_slot(md, STICKY_SORTING_SLOT + sorting_index(cfg)))
 		return SK_PASS;
-	return place(md, cfg, target);
+	return place(md, cfg, target, &key);
 }
 
 /*
@@ -519,4 +569,123 @@ int sticky_sort(struct __sk_buff *skb)
 	}
 out:
 	return skb->len; /* never trim: >= the segment's length */
+}
+
+/*
+ * sticky_learn (cgroup_skb/egress on the supervisor's cgroup, which every
+ * accepted connection carries): finds the Engine.IO open packet in a
+ * worker's first answer segments on a connection sticky placed, and
+ * registers its sid for that worker before the packet leaves the host.
+ *
+ * The open packet is `0{"sid":"<id>"` in an HTTP long-polling body (EIO 4;
+ * EIO 3 prefixes a length and ':'), or in the first WebSocket text frame
+ * (after a 2- or 4-byte frame header). The search looks for `0{"sid":"` in
+ * the first STICKY_LEARN_SCAN bytes of each of the connection's first
+ * STICKY_LEARN_SEGMENTS answer segments.
+ *
+ * Invariants: always returns 1 (never drops); an explicit registration
+ * wins (BPF_NOEXIST); cheap exit for every other packet of the host.
+ */
+#define OPEN_WORD 0x223a22646973227bULL /* {"sid":" little-endian */
+
+static __always_inline int learn_sid(struct scratch *s, __u32 worker)
+{
+	__u32 n = s->len, i, at, start;
+	__u64 w;
+	__u8 cls = 0;
+	struct sticky_learned l = { .worker = worker };
+
+	if (n == 0 || n > STICKY_LEARN_SCAN)
+		return 0;
+	__builtin_memset(&s->buf[n], 0, STICKY_PARAM_MAX);
+	for (i = 0; i < STICKY_LEARN_SCAN; i++) {
+		__builtin_memcpy(&w, &s->buf[(i + 1) & SCAN_MASK], 8);
+		if (w == OPEN_WORD && s->buf[i & SCAN_MASK] == '0')
+			break;
+		if (i + 9 >= n)
+			return 0;
+	}
+	if (i == STICKY_LEARN_SCAN)
+		return 0;
+	start = launder(s, i + 9);
+	__builtin_memset(&s->key, 0, sizeof(s->key));
+	for (i = 0; i <= STICKY_SID_MAX; i++) {
+		at = (start + i) & SCAN_MASK;
+		cls = byte_class[s->buf[at]];
+		if (!(cls & C_SID))
+			break;
+		if (i == STICKY_SID_MAX)
+			return 0;
+		s->key.bytes[i & (STICKY_SID_MAX - 1)] = s->buf[at];
+	}
+	if (i == 0 || s->buf[at] != '"')
+		return 0;
+	l.last_seen_ns = bpf_ktime_get_ns();
+	if (bpf_map_update_elem(&sessions, &s->key, &worker, BPF_NOEXIST)) {
+		count(STICKY_CNT_LEARN_KNOWN);
+		return 1;
+	}
+	bpf_map_update_elem(&learned, &s->key, &l, BPF_ANY);
+	count(STICKY_CNT_LEARNED);
+	return 1;
+}
+
+SEC("cgroup_skb/egress")
+int sticky_learn(struct __sk_buff *skb)
+{
+	__u32 zero = 0, two = 2, ip_len, tot_len, off, len;
+	struct sticky_config *cfg = bpf_map_lookup_elem(&config, &zero);
+	struct sticky_flow key = {};
+	struct sticky_placed *placed;
+	struct tcphdr th;
+	struct scratch *s;
+
+	if (!cfg || !cfg->learn || skb->local_port != cfg->port)
+		return 1;
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		struct iphdr ip;
+
+		if (bpf_skb_load_bytes(skb, 0, &ip, sizeof(ip)) || ip.protocol != IPPROTO_TCP)
+			return 1;
+		ip_len = ip.ihl * 4;
+		tot_len = bpf_ntohs(ip.tot_len);
+		key.local[0] = ip.saddr;
+		key.remote[0] = ip.daddr;
+		key.family = AF_INET;
+	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr ip6;
+
+		if (bpf_skb_load_bytes(skb, 0, &ip6, sizeof(ip6)) || ip6.nexthdr != IPPROTO_TCP)
+			return 1;
+		ip_len = sizeof(ip6);
+		tot_len = sizeof(ip6) + bpf_ntohs(ip6.payload_len);
+		__builtin_memcpy(key.local, &ip6.saddr, 16);
+		__builtin_memcpy(key.remote, &ip6.daddr, 16);
+		key.family = AF_INET6;
+	} else {
+		return 1;
+	}
+	if (bpf_skb_load_bytes(skb, ip_len, &th, sizeof(th)))
+		return 1;
+	key.remote_port = th.dest;
+	placed = bpf_map_lookup_elem(&placed_flows, &key);
+	if (!placed)
+		return 1;
+	off = ip_len + th.doff * 4;
+	if (tot_len <= off)
+		return 1; /* no payload: SYN-ACK, ACK, FIN */
+	s = bpf_map_lookup_elem(&scratch, &two);
+	if (!s)
+		return 1;
+	len = tot_len - off;
+	if (len > STICKY_LEARN_SCAN)
+		len = STICKY_LEARN_SCAN;
+	barrier_var(len);
+	if (len == 0 || bpf_skb_load_bytes(skb, off, s->buf, len))
+		return 1;
+	s->len = len;
+	if (learn_sid(s, placed->worker) ||
+	    __sync_fetch_and_add(&placed->segments, 1) + 1 >= STICKY_LEARN_SEGMENTS)
+		bpf_map_delete_elem(&placed_flows, &key);
+	return 1;
 }

@@ -15,6 +15,9 @@ use aya::{
 };
 use sticky_common::{Balance, Config, FlowKey, Mode, SidKey, COUNTERS};
 
+mod common;
+use common::{flow_key, segment, server_for};
+
 #[derive(Debug, PartialEq, Clone, Copy)]
 enum Outcome {
     /// Routed to this worker.
@@ -93,7 +96,7 @@ impl Harness {
     fn run(&mut self, client: IpAddr, payload: &[u8]) -> Outcome {
         self.next_port += 1;
         let port = self.next_port;
-        let packet = segment(client, port, payload);
+        let packet = segment((client, port), (server_for(client), 3000), payload);
         let names = ["sid_unknown", "sid_invalid", "no_sid", "not_http"];
         let before: Vec<u64> = names.iter().map(|n| self.counter(n)).collect();
         let prog: &SocketFilter = self
@@ -113,7 +116,10 @@ impl Harness {
             result.return_value as usize >= packet.len() - 14,
             "filter trimmed the segment"
         );
-        if let Ok(owner) = self.flows.get(&flow_key(client, port), 0) {
+        if let Ok(owner) = self
+            .flows
+            .get(&flow_key(server_for(client), client, port), 0)
+        {
             return Owner(owner);
         }
         let changed: Vec<&str> = names
@@ -131,60 +137,6 @@ impl Harness {
             other => panic!("several outcomes at once: {other:?}"),
         }
     }
-}
-
-/// Ethernet + IPv4/IPv6 + TCP (no options) + payload, as BPF_PROG_TEST_RUN wants.
-fn segment(client: IpAddr, port: u16, payload: &[u8]) -> Vec<u8> {
-    let mut tcp = Vec::new();
-    tcp.extend_from_slice(&port.to_be_bytes());
-    tcp.extend_from_slice(&3000u16.to_be_bytes());
-    tcp.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 1, 5 << 4, 0x18, 0xff, 0xff, 0, 0, 0, 0]);
-    let mut p = vec![0u8; 12];
-    match client {
-        IpAddr::V4(a) => {
-            p.extend_from_slice(&[0x08, 0x00]);
-            let total = (20 + tcp.len() + payload.len()) as u16;
-            p.extend_from_slice(&[0x45, 0]);
-            p.extend_from_slice(&total.to_be_bytes());
-            p.extend_from_slice(&[0, 0, 0x40, 0, 64, 6, 0, 0]);
-            p.extend_from_slice(&a.octets());
-            p.extend_from_slice(&[127, 0, 0, 1]);
-        }
-        IpAddr::V6(a) => {
-            p.extend_from_slice(&[0x86, 0xdd]);
-            p.extend_from_slice(&[0x60, 0, 0, 0]);
-            p.extend_from_slice(&((tcp.len() + payload.len()) as u16).to_be_bytes());
-            p.extend_from_slice(&[6, 64]);
-            p.extend_from_slice(&a.octets());
-            p.extend_from_slice(&std::net::Ipv6Addr::LOCALHOST.octets());
-        }
-    }
-    p.extend_from_slice(&tcp);
-    p.extend_from_slice(payload);
-    p
-}
-
-fn flow_key(client: IpAddr, port: u16) -> FlowKey {
-    let mut key = FlowKey {
-        remote_port: port.to_be(),
-        ..Default::default()
-    };
-    let words = |o: [u8; 16]| {
-        std::array::from_fn(|i| u32::from_ne_bytes(o[i * 4..i * 4 + 4].try_into().unwrap()))
-    };
-    match client {
-        IpAddr::V4(a) => {
-            key.family = 2;
-            key.remote[0] = u32::from_ne_bytes(a.octets());
-            key.local[0] = u32::from_ne_bytes([127, 0, 0, 1]);
-        }
-        IpAddr::V6(a) => {
-            key.family = 10;
-            key.remote = words(a.octets());
-            key.local = words(std::net::Ipv6Addr::LOCALHOST.octets());
-        }
-    }
-    key
 }
 
 fn v4() -> IpAddr {

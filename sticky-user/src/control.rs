@@ -206,10 +206,11 @@ fn answer(state: &ControlState, worker: Option<WorkerId>, uid: u32, line: &str) 
         ("stats", _) if worker.is_some() || uid == 0 || uid == unsafe { libc::geteuid() } => {
             let table = state.sessions.lock().unwrap();
             return format!(
-                "ok {} live_workers={} sessions={} {}\n",
+                "ok {} live_workers={} sessions={} learned_sessions={} {}\n",
                 state.counters.report(),
                 table.live_workers(),
                 table.session_count(),
+                table.learned_count(),
                 table.summary()
             );
         }

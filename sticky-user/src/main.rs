@@ -86,6 +86,13 @@ struct RunArgs {
     /// `syn` balances at SYN time with no stickiness: the benchmark floor.
     #[arg(long, value_enum, default_value_t = PlacementArg::Sticky)]
     placement: PlacementArg,
+    /// Learn sessions from the workers' own Engine.IO handshake answers, so
+    /// workers need no sticky code.
+    #[arg(long, value_enum, default_value_t = LearnArg::On)]
+    learn: LearnArg,
+    /// Forget a learned session after this long without a request carrying its sid.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    learn_idle: Duration,
     /// The worker command and its arguments.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     command: Vec<OsString>,
@@ -102,6 +109,12 @@ enum BalanceArg {
 enum PlacementArg {
     Sticky,
     Syn,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LearnArg {
+    On,
+    Off,
 }
 
 fn main() {
@@ -152,11 +165,14 @@ fn run(args: RunArgs) -> Result<()> {
         PlacementArg::Sticky => Mode::Sticky,
         PlacementArg::Syn => Mode::SynBalance,
     };
-    maps.config.set(
-        0,
-        Config::new(workers as u32, cpus as u32, balance, mode, param),
-        0,
-    )?;
+    // Learning needs placements (sticky mode) and the learner attached.
+    let learning =
+        args.learn == LearnArg::On && mode == Mode::Sticky && attach_learner(&mut steering);
+    let mut config = Config::new(workers as u32, cpus as u32, balance, mode, param);
+    if learning {
+        config = config.learning(group.addr.port());
+    }
+    maps.config.set(0, config, 0)?;
     for (i, fd) in group.workers.iter().enumerate() {
         maps.listeners
             .set(i as u32, fd, 0)
@@ -171,6 +187,7 @@ fn run(args: RunArgs) -> Result<()> {
     let sessions = Arc::new(Mutex::new(sessions::SessionTable::new(
         maps.sessions,
         maps.workers,
+        maps.learned,
         workers,
     )));
     let control_path = args
@@ -182,6 +199,9 @@ fn run(args: RunArgs) -> Result<()> {
         counters: counters.clone(),
     });
     reject::serve(group.reject);
+    if learning {
+        expire_learned_sessions(sessions.clone(), args.learn_idle);
+    }
     let mut sorter = match mode {
         Mode::Sticky => Some(sorter::start(
             maps.listeners,
@@ -220,6 +240,31 @@ fn run(args: RunArgs) -> Result<()> {
     }
     log!("stopped");
     result
+}
+
+/// Attaches the session learner to our own cgroup; on failure, says why and
+/// goes on without learning (registration over the control socket works).
+fn attach_learner(steering: &mut steering::Steering) -> bool {
+    let attached = steering::own_cgroup().and_then(|cgroup| steering.attach_learner(&cgroup));
+    match attached {
+        Ok(()) => true,
+        Err(e) => {
+            log!("session learning is off: {e:#}");
+            false
+        }
+    }
+}
+
+/// Forgets idle learned sessions, on a background thread, forever.
+fn expire_learned_sessions(sessions: Arc<Mutex<sessions::SessionTable>>, idle: Duration) {
+    let every = (idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+    std::thread::Builder::new()
+        .name("learned-expiry".into())
+        .spawn(move || loop {
+            std::thread::sleep(every);
+            sessions.lock().unwrap().expire_learned(idle);
+        })
+        .expect("spawning the learned-session expiry thread");
 }
 
 /// CPUs that may process packets: one sorting loop each.

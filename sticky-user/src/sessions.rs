@@ -1,19 +1,25 @@
 //! Who the workers are and which sessions each owns, in user space and in
 //! the kernel maps the selector reads (`sessions`, `workers`).
 //!
+//! Sessions come two ways: registered over the control socket (`owners`,
+//! here), or learned by the kernel from a worker's Engine.IO open packet
+//! (the `learned` map, written by `sticky_learn`). Explicit registration
+//! wins: `open` replaces a learned entry, `close` removes either kind.
+//!
 //! Invariants:
-//! - a sid is in the kernel `sessions` map iff it is in `owners`, with the
-//!   same worker;
-//! - `workers[i].sessions` in the kernel equals the number of sids owned by
-//!   worker `i` (least-connection reads it);
+//! - a sid in `owners` is in the kernel `sessions` map with the same worker;
+//!   a sid in `learned` is there too, unless explicitly taken over;
+//! - `workers[i].sessions` in the kernel is worker `i`'s registered sessions
+//!   plus its learned ones as of the last `expire_learned` (least-connection
+//!   reads it);
 //! - a worker's sessions are forgotten when its process exits, and the
 //!   generation bump makes its old control connections stale.
 
-use std::collections::HashMap as StdHashMap;
+use std::{collections::HashMap as StdHashMap, time::Duration};
 
 use anyhow::Result;
 use aya::maps::{Array, HashMap, MapData};
-use sticky_common::{SidKey, WorkerState, SESSIONS_MAX};
+use sticky_common::{Learned, SidKey, WorkerState, SESSIONS_MAX};
 
 /// A worker as seen by the control socket: its slot and which incarnation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,11 +33,13 @@ struct Slot {
     pid: Option<u32>,
     generation: u64,
     sessions: u32,
+    learned: u32,
 }
 
 pub struct SessionTable {
     kernel_sessions: HashMap<MapData, SidKey, u32>,
     kernel_workers: Array<MapData, WorkerState>,
+    learned: HashMap<MapData, SidKey, Learned>,
     owners: StdHashMap<SidKey, usize>,
     slots: Vec<Slot>,
 }
@@ -40,11 +48,13 @@ impl SessionTable {
     pub fn new(
         kernel_sessions: HashMap<MapData, SidKey, u32>,
         kernel_workers: Array<MapData, WorkerState>,
+        learned: HashMap<MapData, SidKey, Learned>,
         workers: usize,
     ) -> SessionTable {
         SessionTable {
             kernel_sessions,
             kernel_workers,
+            learned,
             owners: StdHashMap::new(),
             slots: (0..workers).map(|_| Slot::default()).collect(),
         }
@@ -63,6 +73,7 @@ impl SessionTable {
         slot.pid = None;
         slot.generation += 1;
         slot.sessions = 0;
+        slot.learned = 0;
         let mine: Vec<SidKey> = self
             .owners
             .iter()
@@ -73,6 +84,7 @@ impl SessionTable {
             self.owners.remove(&sid);
             let _ = self.kernel_sessions.remove(&sid);
         }
+        self.forget_learned(|l, _| l.worker as usize == index);
         self.publish(index)
     }
 
@@ -128,6 +140,12 @@ impl SessionTable {
         self.kernel_sessions
             .insert(key, id.index as u32, 0)
             .map_err(|e| format!("kernel map update failed: {e}"))?;
+        // Explicit registration wins over what the kernel learned.
+        if let Ok(l) = self.learned.get(&key, 0) {
+            let _ = self.learned.remove(&key);
+            let slot = &mut self.slots[l.worker as usize];
+            slot.learned = slot.learned.saturating_sub(1);
+        }
         self.owners.insert(key, id.index);
         self.slots[id.index].sessions += 1;
         self.publish(id.index).map_err(|e| e.to_string())
@@ -140,7 +158,7 @@ impl SessionTable {
             return Err("worker restarted; reconnect".into());
         }
         match self.owners.get(&key) {
-            None => return Ok(()),
+            None => return self.close_learned(id, &key),
             Some(&w) if w != id.index => return Err("sid owned by another worker".into()),
             Some(_) => {}
         }
@@ -148,6 +166,67 @@ impl SessionTable {
         self.owners.remove(&key);
         self.slots[id.index].sessions -= 1;
         self.publish(id.index).map_err(|e| e.to_string())
+    }
+
+    /// `close` of a sid the kernel learned: allowed to the worker it learned
+    /// it for.
+    fn close_learned(&mut self, id: WorkerId, key: &SidKey) -> Result<(), String> {
+        let Ok(l) = self.learned.get(key, 0) else {
+            return Ok(());
+        };
+        if l.worker as usize != id.index {
+            return Err("sid owned by another worker".into());
+        }
+        let _ = self.learned.remove(key);
+        let _ = self.kernel_sessions.remove(key);
+        let slot = &mut self.slots[id.index];
+        slot.learned = slot.learned.saturating_sub(1);
+        self.publish(id.index).map_err(|e| e.to_string())
+    }
+
+    /// Forgets learned sessions idle for `idle` (no request carried their
+    /// sid), recounts each worker's learned sessions and publishes the
+    /// counts. Returns how many it forgot.
+    pub fn expire_learned(&mut self, idle: Duration) -> usize {
+        let now = monotonic_ns();
+        let idle = idle.as_nanos() as u64;
+        let forgot = self.forget_learned(|l, _| now.saturating_sub(l.last_seen_ns) > idle);
+        let mut counts = vec![0u32; self.slots.len()];
+        for (_, l) in self.learned.iter().flatten() {
+            if let Some(c) = counts.get_mut(l.worker as usize) {
+                *c += 1;
+            }
+        }
+        for (i, learned) in counts.into_iter().enumerate() {
+            if self.slots[i].learned != learned {
+                self.slots[i].learned = learned;
+                let _ = self.publish(i);
+            }
+        }
+        forgot
+    }
+
+    /// Removes the learned sessions matching `doomed` from both maps.
+    fn forget_learned(&mut self, doomed: impl Fn(&Learned, &SidKey) -> bool) -> usize {
+        let gone: Vec<SidKey> = self
+            .learned
+            .iter()
+            .flatten()
+            .filter(|(k, l)| doomed(l, k))
+            .map(|(k, _)| k)
+            .collect();
+        for sid in &gone {
+            let _ = self.learned.remove(sid);
+            // Only if still the learned owner: an explicit `open` replaced it.
+            if !self.owners.contains_key(sid) {
+                let _ = self.kernel_sessions.remove(sid);
+            }
+        }
+        gone.len()
+    }
+
+    pub fn learned_count(&self) -> usize {
+        self.slots.iter().map(|s| s.learned as usize).sum()
     }
 
     pub fn live_workers(&self) -> usize {
@@ -164,7 +243,10 @@ impl SessionTable {
             .iter()
             .enumerate()
             .map(|(i, s)| match s.pid {
-                Some(pid) => format!("worker{i}=pid:{pid},sessions:{}", s.sessions),
+                Some(pid) => format!(
+                    "worker{i}=pid:{pid},sessions:{},learned:{}",
+                    s.sessions, s.learned
+                ),
                 None => format!("worker{i}=down"),
             })
             .collect::<Vec<_>>()
@@ -175,7 +257,7 @@ impl SessionTable {
         let slot = &self.slots[index];
         let state = WorkerState {
             live: slot.pid.is_some() as u32,
-            sessions: slot.sessions,
+            sessions: slot.sessions + slot.learned,
         };
         self.kernel_workers.set(index as u32, state, 0)?;
         Ok(())
@@ -192,4 +274,15 @@ fn proc_parent_and_group(pid: u32) -> Option<(u32, u32)> {
     let ppid = fields.next()?.parse().ok()?;
     let pgrp = fields.next()?.parse().ok()?;
     Some((ppid, pgrp))
+}
+
+/// CLOCK_MONOTONIC in ns: the clock of bpf_ktime_get_ns().
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: plain vDSO call with a valid timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

@@ -10,11 +10,13 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
     maps::{Array, ArrayOfMaps, HashMap, MapData, PerCpuArray, ReusePortSockArray, RingBuf},
-    programs::{SkReuseport, SocketFilter},
+    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SkReuseport, SocketFilter},
     Ebpf,
 };
-use sticky_common::{Config, Handoff, SidKey, WorkerState, COUNTERS, DOORBELL_BYTES, MAX_CPUS};
-use sticky_ebpf::{maps, SELECT_PROGRAM, SORT_PROGRAM};
+use sticky_common::{
+    Config, Handoff, Learned, SidKey, WorkerState, COUNTERS, DOORBELL_BYTES, MAX_CPUS,
+};
+use sticky_ebpf::{maps, LEARN_PROGRAM, SELECT_PROGRAM, SORT_PROGRAM};
 
 /// Socket migration through a select-or-migrate program arrived in 5.14.
 const MIN_KERNEL: (u32, u32) = (5, 14);
@@ -32,6 +34,7 @@ pub struct SteeringMaps {
     pub counters: Counters,
     pub handoff: HandoffMap,
     pub doorbells: ArrayOfMaps<MapData, MapData>,
+    pub learned: HashMap<MapData, SidKey, Learned>,
 }
 
 impl Steering {
@@ -45,6 +48,8 @@ impl Steering {
         select.load().map_err(|e| load_error(e.into()))?;
         let sort: &mut SocketFilter = program(&mut ebpf, SORT_PROGRAM)?;
         sort.load().map_err(|e| load_error(e.into()))?;
+        let learn: &mut CgroupSkb = program(&mut ebpf, LEARN_PROGRAM)?;
+        learn.load().map_err(|e| load_error(e.into()))?;
         Ok(Steering { ebpf })
     }
 
@@ -56,6 +61,7 @@ impl Steering {
             sessions: self.take(maps::SESSIONS)?,
             counters: Counters(self.take(maps::COUNTERS)?),
             doorbells: self.take(maps::DOORBELLS)?,
+            learned: self.take(maps::LEARNED)?,
             handoff: HandoffMap::new(
                 self.ebpf
                     .take_map(maps::HANDOFF)
@@ -70,6 +76,26 @@ impl Steering {
         select
             .attach(socket)
             .context("attaching the selector to the listeners (SO_ATTACH_REUSEPORT_EBPF)")
+    }
+
+    /// Runs `sticky_learn` on the egress of `cgroup` (a cgroup v2 directory):
+    /// the supervisor's own, which every socket it creates, and every
+    /// connection accepted from them, carries. Detached when sticky exits.
+    pub fn attach_learner(&mut self, cgroup: &std::path::Path) -> Result<()> {
+        let dir = std::fs::File::open(cgroup)
+            .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+        let learn: &mut CgroupSkb = program(&mut self.ebpf, LEARN_PROGRAM)?;
+        // A bpf_link (aya uses one on 5.7+) always coexists with other
+        // programs; its flags must be 0, which `Single` maps to.
+        learn
+            .attach(dir, CgroupSkbAttachType::Egress, CgroupAttachMode::Single)
+            .with_context(|| {
+                format!(
+                    "attaching the session learner to cgroup {}",
+                    cgroup.display()
+                )
+            })?;
+        Ok(())
     }
 
     /// A descriptor of `sticky_sort`, for attaching it to each new sorting
@@ -258,6 +284,29 @@ fn check_kernel_release(release: &str) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The cgroup v2 directory this process belongs to (`0::/path` in
+/// /proc/self/cgroup, under the cgroup2 mount point).
+pub fn own_cgroup() -> Result<std::path::PathBuf> {
+    let cgroups =
+        std::fs::read_to_string("/proc/self/cgroup").context("reading /proc/self/cgroup")?;
+    let path = cgroups
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .context("this process is in no cgroup v2 hierarchy")?;
+    let mounts =
+        std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    // mountinfo: id parent major:minor root mountpoint opts... - fstype source opts
+    let mount = mounts
+        .lines()
+        .find_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            (right.split(' ').next()? == "cgroup2")
+                .then(|| left.split(' ').nth(4).map(str::to_owned))?
+        })
+        .context("no cgroup2 file system is mounted")?;
+    Ok(std::path::Path::new(&mount).join(path.trim_start_matches('/')))
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK.

@@ -1,0 +1,282 @@
+//! `sticky_learn`, the session learner, run in the kernel through
+//! `BPF_PROG_TEST_RUN` with crafted answer segments of a worker: Engine.IO
+//! open packets in polling bodies (EIO 4 and 3) and WebSocket frames, and
+//! everything that must not be learned. Needs root (CAP_BPF).
+//!
+//! Under BPF_PROG_TEST_RUN the socket has local port 0, so the config says
+//! port 0.
+
+use std::net::IpAddr;
+
+use aya::{
+    maps::{Array, HashMap, MapData, PerCpuArray},
+    programs::{CgroupSkb, TestRun, TestRunOptions},
+    Ebpf,
+};
+use sticky_common::{Balance, Config, FlowKey, Learned, Mode, Placed, SidKey, COUNTERS};
+
+mod common;
+use common::{flow_key, segment, server_for};
+
+struct Learner {
+    ebpf: Ebpf,
+    config: Array<MapData, Config>,
+    sessions: HashMap<MapData, SidKey, u32>,
+    learned: HashMap<MapData, SidKey, Learned>,
+    placed: HashMap<MapData, FlowKey, Placed>,
+    counters: PerCpuArray<MapData, u64>,
+    next_port: u16,
+}
+
+impl Learner {
+    fn new() -> Learner {
+        let mut ebpf =
+            Ebpf::load(sticky_ebpf::steer_object()).expect("loading the object (are you root?)");
+        let prog: &mut CgroupSkb = ebpf
+            .program_mut(sticky_ebpf::LEARN_PROGRAM)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        prog.load().expect("the verifier accepts sticky_learn");
+        let take = |e: &mut Ebpf, n| e.take_map(n).unwrap();
+        let mut config: Array<MapData, Config> = take(&mut ebpf, "config").try_into().unwrap();
+        config
+            .set(
+                0,
+                Config::new(2, 1, Balance::RoundRobin, Mode::Sticky, "sid").learning(0),
+                0,
+            )
+            .unwrap();
+        Learner {
+            config,
+            sessions: take(&mut ebpf, "sessions").try_into().unwrap(),
+            learned: take(&mut ebpf, "learned").try_into().unwrap(),
+            placed: take(&mut ebpf, "placed_flows").try_into().unwrap(),
+            counters: take(&mut ebpf, "counters").try_into().unwrap(),
+            ebpf,
+            next_port: 50000,
+        }
+    }
+
+    /// A connection sticky placed on `worker`: (client address, port).
+    fn placed_connection(&mut self, client: IpAddr, worker: u32) -> (IpAddr, u16) {
+        self.next_port += 1;
+        let key = flow_key(server_for(client), client, self.next_port);
+        self.placed
+            .insert(
+                key,
+                Placed {
+                    worker,
+                    segments: 0,
+                },
+                0,
+            )
+            .unwrap();
+        (client, self.next_port)
+    }
+
+    /// The worker sends `payload` on `conn`.
+    fn answer(&mut self, conn: (IpAddr, u16), payload: &[u8]) {
+        let packet = segment((server_for(conn.0), 0), conn, payload);
+        let prog: &CgroupSkb = self
+            .ebpf
+            .program(sticky_ebpf::LEARN_PROGRAM)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        let result = prog
+            .test_run(TestRunOptions {
+                data_in: Some(&packet),
+                ..Default::default()
+            })
+            .expect("BPF_PROG_TEST_RUN");
+        assert_eq!(
+            result.return_value, 1,
+            "sticky_learn must never drop a packet"
+        );
+    }
+
+    fn owner(&self, sid: &str) -> Option<u32> {
+        self.sessions.get(&SidKey::new(sid).unwrap(), 0).ok()
+    }
+
+    fn counter(&self, name: &str) -> u64 {
+        let i = COUNTERS.iter().position(|c| *c == name).unwrap() as u32;
+        self.counters.get(&i, 0).unwrap().iter().sum()
+    }
+}
+
+fn v4() -> IpAddr {
+    "10.9.8.7".parse().unwrap()
+}
+
+const OPEN: &str =
+    r#"{"upgrades":["websocket"],"pingInterval":25000,"pingTimeout":20000,"maxPayload":1000000}"#;
+
+fn polling_answer(body: &str) -> String {
+    format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=UTF-8\r\nContent-Length: {}\r\nDate: Wed, 25 Nov 2026 22:00:00 GMT\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+fn ws_text_frame(text: &str) -> Vec<u8> {
+    let mut f = vec![0x81];
+    if text.len() < 126 {
+        f.push(text.len() as u8);
+    } else {
+        f.push(126);
+        f.extend_from_slice(&(text.len() as u16).to_be_bytes());
+    }
+    f.extend_from_slice(text.as_bytes());
+    f
+}
+
+#[test]
+fn open_packets_are_learned_for_the_worker_the_connection_went_to() {
+    let mut l = Learner::new();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "EIO4polling000000001",
+            polling_answer(&format!(
+                r#"0{{"sid":"EIO4polling000000001",{}"#,
+                &OPEN[1..]
+            ))
+            .into_bytes(),
+        ),
+        (
+            "EIO3-polling_0000002",
+            polling_answer(&format!(
+                r#"97:0{{"sid":"EIO3-polling_0000002",{}"#,
+                &OPEN[1..]
+            ))
+            .into_bytes(),
+        ),
+        (
+            "websocketOnly0000003",
+            ws_text_frame(&format!(
+                r#"0{{"sid":"websocketOnly0000003",{}"#,
+                &OPEN[1..]
+            )),
+        ),
+        ("x", polling_answer(r#"0{"sid":"x"}"#).into_bytes()),
+        (
+            "a64aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+            polling_answer(
+                r#"0{"sid":"a64aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"}"#,
+            )
+            .into_bytes(),
+        ),
+    ];
+    for (i, (sid, payload)) in cases.iter().enumerate() {
+        let worker = (i % 2) as u32;
+        let conn = l.placed_connection(v4(), worker);
+        l.answer(conn, payload);
+        assert_eq!(
+            l.owner(sid),
+            Some(worker),
+            "{sid} not learned from {:?}",
+            String::from_utf8_lossy(payload)
+        );
+        assert_eq!(
+            l.learned.get(&SidKey::new(sid).unwrap(), 0).unwrap().worker,
+            worker
+        );
+        // Learned: the connection is no longer searched.
+        assert!(l
+            .placed
+            .get(&flow_key(server_for(v4()), conn.0, conn.1), 0)
+            .is_err());
+    }
+
+    // IPv6, and the open packet in the connection's second answer segment
+    // (headers and body written separately).
+    let v6: IpAddr = "2001:db8::1".parse().unwrap();
+    let conn = l.placed_connection(v6, 1);
+    l.answer(
+        conn,
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+    );
+    l.answer(
+        conn,
+        &ws_text_frame(r#"0{"sid":"secondSegment6666666","upgrades":[]}"#),
+    );
+    assert_eq!(l.owner("secondSegment6666666"), Some(1));
+}
+
+#[test]
+fn nothing_else_is_learned() {
+    let mut l = Learner::new();
+    let before = l.counter("learned");
+    let bad: Vec<&[u8]> = vec![
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        br#"HTTP/1.1 200 OK\r\n\r\n0{"sid":"bad.character"}"#,
+        br#"HTTP/1.1 200 OK\r\n\r\n0{"sid":""}"#,
+        br#"HTTP/1.1 200 OK\r\n\r\n0{"sid":"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"}"#, // 65
+        br#"HTTP/1.1 200 OK\r\n\r\n0{"sid":"unterminated"#,
+        br#"HTTP/1.1 200 OK\r\n\r\n4{"sid":"notAnOpenPacket1"}"#,
+        br#"HTTP/1.1 200 OK\r\n\r\n0{"sid": "spaceAfterColon"}"#,
+    ];
+    for payload in bad {
+        let conn = l.placed_connection(v4(), 0);
+        l.answer(conn, payload);
+    }
+    assert_eq!(
+        l.counter("learned"),
+        before,
+        "learned something it should not"
+    );
+
+    // A connection sticky did not place: never searched.
+    let stranger = (v4(), 1234);
+    l.answer(
+        stranger,
+        &polling_answer(r#"0{"sid":"notPlacedBySticky"}"#).into_bytes(),
+    );
+    assert_eq!(l.owner("notPlacedBySticky"), None);
+
+    // Only the first STICKY_LEARN_SEGMENTS answer segments are searched.
+    let conn = l.placed_connection(v4(), 1);
+    for _ in 0..sticky_common::LEARN_SEGMENTS {
+        l.answer(conn, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+    }
+    l.answer(
+        conn,
+        &polling_answer(r#"0{"sid":"tooLateToBeLearned"}"#).into_bytes(),
+    );
+    assert_eq!(l.owner("tooLateToBeLearned"), None);
+
+    // Learning off: nothing, even on a placed connection.
+    l.config
+        .set(
+            0,
+            Config::new(2, 1, Balance::RoundRobin, Mode::Sticky, "sid"),
+            0,
+        )
+        .unwrap();
+    let conn = l.placed_connection(v4(), 1);
+    l.answer(
+        conn,
+        &polling_answer(r#"0{"sid":"learningIsOff"}"#).into_bytes(),
+    );
+    assert_eq!(l.owner("learningIsOff"), None);
+}
+
+#[test]
+fn an_explicit_registration_wins() {
+    let mut l = Learner::new();
+    l.sessions
+        .insert(SidKey::new("registeredExplicitly").unwrap(), 1, 0)
+        .unwrap();
+    let conn = l.placed_connection(v4(), 0);
+    l.answer(
+        conn,
+        &polling_answer(r#"0{"sid":"registeredExplicitly"}"#).into_bytes(),
+    );
+    assert_eq!(l.owner("registeredExplicitly"), Some(1));
+    assert!(l
+        .learned
+        .get(&SidKey::new("registeredExplicitly").unwrap(), 0)
+        .is_err());
+    assert!(l.counter("learn_known") >= 1);
+}
