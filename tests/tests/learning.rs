@@ -1,0 +1,127 @@
+//! Session learning end to end: workers with no sticky code (a minimal
+//! Engine.IO long-polling responder in Python) get their sessions routed,
+//! because the kernel reads the sid from their own handshake answers.
+
+use std::time::Duration;
+
+use sticky_tests::{python3_bin, Cluster};
+
+fn engine_io_cluster(workers: usize, extra: &[&str]) -> Cluster {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/workers/engine_io_polling.py");
+    let python = python3_bin();
+    Cluster::start_with(
+        "127.0.0.1:0",
+        workers,
+        extra,
+        &[python.to_str().unwrap(), script],
+    )
+}
+
+/// Opens a session (handshake on its own connection) and returns its sid.
+fn handshake(cluster: &Cluster) -> String {
+    let r = cluster.get("/socket.io/?EIO=4&transport=polling");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let text = r.text();
+    let start = text.find(r#""sid":""#).expect("open packet") + 7;
+    text[start..start + text[start..].find('"').unwrap()].to_owned()
+}
+
+/// Sends `n` requests carrying `sid`; returns how many got "Session ID unknown".
+fn unknown_answers(cluster: &Cluster, sid: &str, n: usize) -> usize {
+    (0..n)
+        .filter(|_| {
+            let r = cluster.get(&format!("/socket.io/?EIO=4&transport=polling&sid={sid}"));
+            r.status == 400 && r.text().contains("Session ID unknown")
+        })
+        .count()
+}
+
+#[test]
+fn unmodified_workers_get_sticky_sessions() {
+    let cluster = engine_io_cluster(3, &["--balance", "round-robin"]);
+    let mut unknown = 0;
+    for _ in 0..40 {
+        let sid = handshake(&cluster);
+        unknown += unknown_answers(&cluster, &sid, 5);
+    }
+    let stats = cluster.stats();
+    println!(
+        "40 sessions x 5 requests: {unknown} unknown; learned={} by_sid={}",
+        stats["learned"], stats["by_sid"]
+    );
+    assert_eq!(
+        unknown, 0,
+        "requests of learned sessions reached other workers"
+    );
+    assert!(cluster.counter("learned") >= 40);
+}
+
+#[test]
+fn without_learning_round_robin_scatters_sessions() {
+    // The control experiment: the same workers, learning off.
+    let cluster = engine_io_cluster(3, &["--balance", "round-robin", "--learn", "off"]);
+    let sid = handshake(&cluster);
+    let unknown = unknown_answers(&cluster, &sid, 6);
+    println!("learning off: {unknown}/6 unknown");
+    assert!(
+        unknown >= 3,
+        "expected most requests to miss the session's worker"
+    );
+    assert_eq!(cluster.counter("learned"), 0);
+}
+
+#[test]
+fn idle_learned_sessions_expire() {
+    let cluster = engine_io_cluster(2, &["--learn-idle", "1s"]);
+    let active = handshake(&cluster);
+    let idle = handshake(&cluster);
+    cluster.wait_for("two learned sessions", Duration::from_secs(12), |c| {
+        c.stats()["learned_sessions"] == "2"
+    });
+    // Keep one busy; leave the other alone past --learn-idle.
+    for _ in 0..12 {
+        assert_eq!(unknown_answers(&cluster, &active, 1), 0);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    cluster.wait_for("the idle session to expire", Duration::from_secs(5), |c| {
+        c.stats()["learned_sessions"] == "1"
+    });
+    assert_eq!(
+        unknown_answers(&cluster, &active, 3),
+        0,
+        "the active session must stay"
+    );
+    let before = cluster.counter("sid_unknown");
+    let _ = unknown_answers(&cluster, &idle, 1);
+    assert_eq!(
+        cluster.counter("sid_unknown"),
+        before + 1,
+        "the idle sid should be unknown to the kernel"
+    );
+}
+
+#[test]
+fn learned_sessions_are_forgotten_when_their_worker_exits() {
+    let cluster = engine_io_cluster(2, &[]);
+    let sid = handshake(&cluster);
+    let owner_pid = {
+        let r = cluster.get(&format!("/socket.io/?EIO=4&transport=polling&sid={sid}"));
+        r.text()
+            .split("pid=")
+            .nth(1)
+            .unwrap()
+            .trim()
+            .parse::<i32>()
+            .unwrap()
+    };
+    cluster.wait_for("the learned session", Duration::from_secs(12), |c| {
+        c.stats()["learned_sessions"] == "1"
+    });
+    unsafe { libc::kill(owner_pid, libc::SIGKILL) };
+    cluster.wait_for("the session to be forgotten", Duration::from_secs(5), |c| {
+        c.stats()["learned_sessions"] == "0"
+    });
+    let before = cluster.counter("sid_unknown");
+    let _ = unknown_answers(&cluster, &sid, 1);
+    assert_eq!(cluster.counter("sid_unknown"), before + 1);
+}
