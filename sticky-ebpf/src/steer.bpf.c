@@ -579,14 +579,46 @@ out:
  *
  * The open packet is `0{"sid":"<id>"` in an HTTP long-polling body (EIO 4;
  * EIO 3 prefixes a length and ':'), or in the first WebSocket text frame
- * (after a 2- or 4-byte frame header). The search looks for `0{"sid":"` in
- * the first STICKY_LEARN_SCAN bytes of each of the connection's first
- * STICKY_LEARN_SEGMENTS answer segments.
+ * (after a 2- or 4-byte frame header). The search looks for the first
+ * `0{"sid":"` in the first STICKY_LEARN_SCAN bytes of each of the
+ * connection's first STICKY_LEARN_SEGMENTS answer segments, and takes it
+ * only at a packet start (Socket.IO's CONNECT answer `40{"sid":"...` carries
+ * a namespace socket id, not an Engine.IO session).
  *
  * Invariants: always returns 1 (never drops); an explicit registration
  * wins (BPF_NOEXIST); cheap exit for every other packet of the host.
  */
 #define OPEN_WORD 0x223a22646973227bULL /* {"sid":" little-endian */
+
+/*
+ * Is buf[i] the first byte of an Engine.IO packet? The open packet is: the
+ * start of an HTTP body (after CR LF CR LF) or of a segment carrying only
+ * the body, right after an EIO 3 length prefix ("97:"), or right after a
+ * WebSocket text frame header (0x81 and a 7- or 16-bit length).
+ */
+static __always_inline int at_packet_start(struct scratch *s, __u32 i)
+{
+	__u32 at = launder(s, i);
+	__u8 b1, b2, b3, b4;
+
+	if (at == 0)
+		return 1;
+	if (at > STICKY_LEARN_SCAN)
+		return 0;
+	b1 = s->buf[(at - 1) & SCAN_MASK];
+	if (b1 == ':')
+		return 1;
+	if (at == 2 && s->buf[0] == 0x81 && b1 < 126)
+		return 1;
+	if (at == 4 && s->buf[0] == 0x81 && s->buf[1] == 126)
+		return 1;
+	if (at < 4)
+		return 0;
+	b2 = s->buf[(at - 2) & SCAN_MASK];
+	b3 = s->buf[(at - 3) & SCAN_MASK];
+	b4 = s->buf[(at - 4) & SCAN_MASK];
+	return b4 == '\r' && b3 == '\n' && b2 == '\r' && b1 == '\n';
+}
 
 static __always_inline int learn_sid(struct scratch *s, __u32 worker)
 {
@@ -607,6 +639,8 @@ static __always_inline int learn_sid(struct scratch *s, __u32 worker)
 	}
 	if (i == STICKY_LEARN_SCAN)
 		return 0;
+	if (!at_packet_start(s, i))
+		return 0; /* e.g. Socket.IO's CONNECT answer 40{"sid":..., not ours */
 	start = launder(s, i + 9);
 	__builtin_memset(&s->key, 0, sizeof(s->key));
 	for (i = 0; i <= STICKY_SID_MAX; i++) {

@@ -135,7 +135,8 @@ fn ws_text_frame(text: &str) -> Vec<u8> {
 #[test]
 fn open_packets_are_learned_for_the_worker_the_connection_went_to() {
     let mut l = Learner::new();
-    let cases: Vec<(&str, Vec<u8>)> = vec![
+    let cases: Vec<(&str, Vec<u8>)> =
+        vec![
         (
             "EIO4polling000000001",
             polling_answer(&format!(
@@ -160,6 +161,7 @@ fn open_packets_are_learned_for_the_worker_the_connection_went_to() {
             )),
         ),
         ("x", polling_answer(r#"0{"sid":"x"}"#).into_bytes()),
+        ("bodyInItsOwnSegment1", br#"0{"sid":"bodyInItsOwnSegment1","upgrades":[]}"#.to_vec()),
         (
             "a64aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
             polling_answer(
@@ -216,11 +218,19 @@ fn nothing_else_is_learned() {
         br#"HTTP/1.1 200 OK\r\n\r\n0{"sid":"unterminated"#,
         br#"HTTP/1.1 200 OK\r\n\r\n4{"sid":"notAnOpenPacket1"}"#,
         br#"HTTP/1.1 200 OK\r\n\r\n0{"sid": "spaceAfterColon"}"#,
+        // Socket.IO's CONNECT answer carries a namespace socket id.
+        br#"HTTP/1.1 200 OK\r\nContent-Length: 31\r\n\r\n40{"sid":"namespaceSocketId01"}"#,
+        br#"HTTP/1.1 200 OK\r\n\r\n2probe\x1e40{"sid":"namespaceSocketId02"}"#,
+        br#"31:40{"sid":"namespaceSocketId03"}"#,
+        br#"x0{"sid":"notAtAPacketStart04"}"#,
     ];
     for payload in bad {
         let conn = l.placed_connection(v4(), 0);
         l.answer(conn, payload);
     }
+    // ...nor in a WebSocket frame.
+    let conn = l.placed_connection(v4(), 0);
+    l.answer(conn, &ws_text_frame(r#"40{"sid":"namespaceSocketId05"}"#));
     assert_eq!(
         l.counter("learned"),
         before,
