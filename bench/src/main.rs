@@ -1,25 +1,38 @@
 //! Load generator for `cargo xtask bench`.
 //!
-//! It answers one question: what does sticky placement cost per connection
-//! compared with the floor, the same listeners balanced at SYN time with no
-//! stickiness at all (`sticky run --placement syn`)? Both modes run in the
-//! same process run, alternating round by round (sticky, floor, sticky,
-//! floor, ...) so that drift of the machine (thermal, other load) cancels
-//! out of the ratios.
+//! It answers two questions, each against the floor, the same listeners
+//! balanced at SYN time with no stickiness at all (`sticky run --placement
+//! syn`, which also attaches no session learner):
 //!
-//! Each round starts its own `sticky run` with two demo workers, registers
-//! sessions through the cluster (`/register?sid=`), then measures
-//! connect-to-response-complete time of short Engine.IO-polling-like
-//! requests (one new connection each, `Connection: close`), first from one
-//! client, then from 64 concurrent clients. A response from a worker other
-//! than the sid's owner counts as "wrong worker": ~0 expected for sticky,
-//! ~1/2 for the floor with two workers.
+//! - what does sticky placement cost per connection? Short
+//!   Engine.IO-polling-like requests, one new connection each
+//!   (`Connection: close`), timed from connect to the last byte of the
+//!   response; from one client, then from `--clients` concurrent ones. A
+//!   response from a worker other than the sid's owner counts as "wrong
+//!   worker": ~0 expected for sticky, ~1/2 for the floor with two workers.
+//! - what does sticky cost once a connection is established? Each client
+//!   opens one keep-alive connection and sends requests on it back to back,
+//!   each timed from its write to the last byte of its response; one client,
+//!   then `ESTABLISHED_CLIENTS`, all pinned with sticky and its workers to
+//!   one CPU (`Pinning` says why). Nothing of sticky should be on this path
+//!   but the session learner (`sticky_learn`, on every egress packet of
+//!   sticky's cgroup), so sticky should equal the floor; `--learn off` is
+//!   the control.
+//!
+//! Both modes run in the same process run, alternating round by round
+//! (sticky, floor, sticky, floor, ...) so that drift of the machine
+//! (thermal, other load) cancels out of the ratios. In each round, each
+//! mode starts one `sticky run` with two demo workers for the established
+//! workloads, then a fresh one for the new-connection workloads, after
+//! registering sessions through it (`/register?sid=`). The sticky column
+//! uses sticky's default options (learning on).
 //!
 //! Plain threads and blocking sockets keep the client simple and its own
 //! overhead constant between the two modes; only libc is needed (signals).
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Barrier, Mutex};
@@ -28,16 +41,24 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 const WORKERS: usize = 2;
 /// Sessions registered per worker, so requests spread over several sids.
 const SIDS_PER_WORKER: usize = 3;
+/// Concurrent clients of the established-connection workload (one
+/// keep-alive connection each).
+const ESTABLISHED_CLIENTS: usize = 8;
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 
 const USAGE: &str = "usage: sticky-bench [--quick] [--rounds N] [--duration SECS] [--clients N]
-                    [--json PATH] [--readme PATH] [--sticky PATH] [--worker PATH] [--direct ADDR]
+                    [--learn on|off] [--json PATH] [--readme PATH] [--sticky PATH]
+                    [--worker PATH] [--direct ADDR]
 
   --quick          1 round of 1 s per workload (default: 3 rounds of 3 s)
   --rounds N       rounds per mode; modes alternate sticky, floor, sticky, ...
   --duration SECS  length of each workload in each round
-  --clients N      concurrent clients (default 64)
+  --clients N      concurrent clients, one new connection per request
+                   (default 64; the established workload uses 8)
+  --learn on|off   session learning in the sticky column (default on, sticky's
+                   default); off is a control: nothing of sticky is left on
+                   established connections, so those rows should read 1.00
   --json PATH      also write the results as JSON
   --readme PATH    also write the tables between the bench markers of PATH
   --sticky PATH    sticky binary (default: `sticky` next to this executable)
@@ -62,6 +83,7 @@ struct Opts {
     json: Option<PathBuf>,
     readme: Option<PathBuf>,
     direct: Option<SocketAddr>,
+    learn: bool,
 }
 
 fn parse_args() -> Result<Opts, String> {
@@ -78,6 +100,7 @@ fn parse_args() -> Result<Opts, String> {
         json: None,
         readme: None,
         direct: None,
+        learn: true,
     };
     let (mut rounds, mut duration) = (None, None);
     let mut quick = false;
@@ -95,6 +118,13 @@ fn parse_args() -> Result<Opts, String> {
             "--readme" => opts.readme = Some(value("--readme")?.into()),
             "--sticky" => opts.sticky = value("--sticky")?.into(),
             "--worker" => opts.worker = value("--worker")?.into(),
+            "--learn" => {
+                opts.learn = match value("--learn")?.as_str() {
+                    "on" => true,
+                    "off" => false,
+                    other => return Err(format!("--learn takes on or off, not {other:?}")),
+                }
+            }
             "--direct" => {
                 let addr = value("--direct")?;
                 let resolved = addr.to_socket_addrs().ok().and_then(|mut a| a.next());
@@ -143,11 +173,63 @@ impl Mode {
     }
 }
 
+/// How a workload's clients talk to the cluster.
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    /// One new connection per request, closed by the server: what placement
+    /// costs.
+    NewConnection,
+    /// One keep-alive connection per client, requests back to back: what
+    /// sticky costs once placement is done.
+    Established,
+}
+
+struct Workload {
+    /// Row label in the tables.
+    name: String,
+    /// Key in the JSON output.
+    key: &'static str,
+    kind: Kind,
+    clients: usize,
+}
+
+/// Every workload, in table order.
+fn workloads(opts: &Opts) -> Vec<Workload> {
+    vec![
+        Workload {
+            name: "serial".into(),
+            key: "serial",
+            kind: Kind::NewConnection,
+            clients: 1,
+        },
+        Workload {
+            name: format!("{} clients", opts.clients),
+            key: "concurrent",
+            kind: Kind::NewConnection,
+            clients: opts.clients,
+        },
+        Workload {
+            name: "established, serial".into(),
+            key: "established_serial",
+            kind: Kind::Established,
+            clients: 1,
+        },
+        Workload {
+            name: format!("established, {ESTABLISHED_CLIENTS} clients"),
+            key: "established_concurrent",
+            kind: Kind::Established,
+            clients: ESTABLISHED_CLIENTS,
+        },
+    ]
+}
+
 /// Measurements of one workload in one mode, accumulated over rounds.
 #[derive(Default)]
 struct Stats {
-    /// Connect-to-response-complete times, nanoseconds.
+    /// Request times (see `Kind`), nanoseconds.
     latencies: Vec<u64>,
+    /// Connections opened (in the timed loop and for its set-up).
+    connections: u64,
     errors: u64,
     wrong_worker: u64,
     elapsed: Duration,
@@ -157,6 +239,7 @@ struct Stats {
 impl Stats {
     fn merge(&mut self, other: Stats) {
         self.latencies.extend(other.latencies);
+        self.connections += other.connections;
         self.errors += other.errors;
         self.wrong_worker += other.wrong_worker;
         self.elapsed += other.elapsed;
@@ -182,10 +265,31 @@ impl Stats {
     }
 }
 
-/// Per mode: [serial, concurrent].
+/// One workload's results in both modes.
+struct Measured {
+    workload: Workload,
+    sticky: Stats,
+    floor: Stats,
+}
+
+impl Measured {
+    fn mode_mut(&mut self, mode: Mode) -> &mut Stats {
+        match mode {
+            Mode::Sticky => &mut self.sticky,
+            Mode::Floor => &mut self.floor,
+        }
+    }
+}
+
 struct Results {
-    sticky: [Stats; 2],
-    floor: [Stats; 2],
+    workloads: Vec<Measured>,
+    /// Whether the session learner was attached in every sticky round
+    /// (None: unknown, e.g. `--direct`; Some(false) with `--learn off`).
+    sticky_learning: Option<bool>,
+    /// How the established workloads were pinned, for the report.
+    pinning: Option<String>,
+    /// Other `sticky run` processes seen at the start or the end.
+    others: Vec<u32>,
 }
 
 fn run(opts: &Opts) -> Result<(), String> {
@@ -197,54 +301,111 @@ fn run(opts: &Opts) -> Result<(), String> {
         }
     }
     let mut results = Results {
-        sticky: Default::default(),
-        floor: Default::default(),
+        workloads: workloads(opts)
+            .into_iter()
+            .map(|workload| Measured {
+                workload,
+                sticky: Stats::default(),
+                floor: Stats::default(),
+            })
+            .collect(),
+        sticky_learning: (!opts.learn).then_some(false),
+        pinning: None,
+        others: other_stickies(),
     };
+    warn_others(&results.others);
+    let pinning = match opts.direct {
+        Some(_) => None,
+        None => Pinning::pick(),
+    };
+    results.pinning = pinning.as_ref().map(Pinning::describe);
     for round in 1..=opts.rounds {
         for mode in [Mode::Sticky, Mode::Floor] {
-            let cluster = match opts.direct {
-                Some(_) => None,
-                None => Some(Cluster::start(opts, mode)?),
-            };
-            let addr = cluster
-                .as_ref()
-                .map_or_else(|| opts.direct.unwrap(), |c| c.addr);
-            let sessions = register(addr, opts.direct.is_some())?;
-            let serial = run_clients(addr, &sessions, 1, opts.duration);
-            let concurrent = run_clients(addr, &sessions, opts.clients, opts.duration);
-            if let Some(cluster) = cluster {
-                cluster.check_alive()?;
+            let mut line = format!("round {round}/{} {:6}:", opts.rounds, mode.label());
+            // Each kind gets its own cluster: established connections are
+            // measured with clients and server pinned to one CPU (`Pinning`),
+            // new connections as before, unpinned. Established first: on a
+            // fresh cluster, not right after this mode's burst of short
+            // connections (worker threads exiting, TIME_WAIT sockets).
+            for kind in [Kind::Established, Kind::NewConnection] {
+                let pins = match kind {
+                    Kind::Established => pinning.as_ref(),
+                    Kind::NewConnection => None,
+                };
+                let cluster = match opts.direct {
+                    Some(_) => None,
+                    None => Some(Cluster::start(opts, mode, pins.map(Pinning::cpus))?),
+                };
+                if let (Some(c), Mode::Sticky, true) = (&cluster, mode, opts.learn) {
+                    let learning = c.learning();
+                    if learning == Some(false) {
+                        eprintln!(
+                            "warning: sticky runs without its session learner:\n{}",
+                            c.log_tail()
+                        );
+                    }
+                    results.sticky_learning = match (round, kind, results.sticky_learning, learning)
+                    {
+                        (1, Kind::Established, _, l) => l,
+                        (_, _, Some(a), Some(b)) => Some(a && b),
+                        _ => None,
+                    };
+                }
+                let addr = cluster
+                    .as_ref()
+                    .map_or_else(|| opts.direct.unwrap(), |c| c.addr);
+                let sessions = match kind {
+                    Kind::NewConnection => register(addr, opts.direct.is_some())?,
+                    Kind::Established => Vec::new(),
+                };
+                for measured in results.workloads.iter_mut() {
+                    let w = &measured.workload;
+                    if w.kind != kind {
+                        continue;
+                    }
+                    let mut stats = match kind {
+                        Kind::NewConnection => {
+                            run_new_connections(addr, &sessions, w.clients, opts.duration)
+                        }
+                        Kind::Established => {
+                            run_established(addr, w.clients, opts.duration, pins.map(Pinning::cpus))
+                        }
+                    };
+                    stats.latencies.sort_unstable();
+                    line += &format!(
+                        " {} {} req p50 {:.1} µs ({} errors);",
+                        w.name,
+                        stats.latencies.len(),
+                        stats.percentile_us(0.50),
+                        stats.errors
+                    );
+                    measured.mode_mut(mode).merge(stats);
+                }
+                if let Some(cluster) = cluster {
+                    cluster.check_alive()?;
+                }
             }
-            eprintln!(
-                "round {round}/{} {:6}: serial {} conns ({} errors), {} clients {} conns ({} errors)",
-                opts.rounds,
-                mode.label(),
-                serial.latencies.len(),
-                serial.errors,
-                opts.clients,
-                concurrent.latencies.len(),
-                concurrent.errors
-            );
-            let slot = match mode {
-                Mode::Sticky => &mut results.sticky,
-                Mode::Floor => &mut results.floor,
-            };
-            slot[0].merge(serial);
-            slot[1].merge(concurrent);
+            eprintln!("{}", line.trim_end_matches(';'));
         }
     }
-    for stats in results.sticky.iter_mut().chain(results.floor.iter_mut()) {
-        stats.latencies.sort_unstable();
-    }
-    for (mode, stats) in [("sticky", &results.sticky), ("floor", &results.floor)] {
-        for s in stats {
+    for m in &mut results.workloads {
+        for (mode, s) in [("sticky", &mut m.sticky), ("floor", &mut m.floor)] {
+            s.latencies.sort_unstable();
             if let Some(e) = &s.first_error {
-                eprintln!("first error ({mode}): {e}");
+                eprintln!("first error ({}, {mode}): {e}", m.workload.name);
             }
         }
     }
-    let workloads = ["serial".to_string(), format!("{} clients", opts.clients)];
-    let report = table(opts, &workloads, &results);
+    let seen = results.others.len();
+    for pid in other_stickies() {
+        if !results.others.contains(&pid) {
+            results.others.push(pid);
+        }
+    }
+    if results.others.len() > seen {
+        warn_others(&results.others[seen..]);
+    }
+    let report = table(opts, &results);
     print!("{report}");
     if let Some(path) = &opts.readme {
         update_readme(path, &report)?;
@@ -271,10 +432,27 @@ struct Cluster {
 }
 
 impl Cluster {
-    fn start(opts: &Opts, mode: Mode) -> Result<Cluster, String> {
+    /// `cpus`: if given, sticky and its workers (which inherit it) run
+    /// only there (sticky's sorter threads still pin themselves to their
+    /// own CPU each).
+    fn start(opts: &Opts, mode: Mode, cpus: Option<&[usize]>) -> Result<Cluster, String> {
         let port = free_port()?;
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        let mut child = Command::new(&opts.sticky)
+        let mut command = Command::new(&opts.sticky);
+        if let Some(cpus) = cpus {
+            let set = cpu_set(cpus);
+            // SAFETY: sched_setaffinity is a plain syscall, safe between
+            // fork and exec; `set` is a copy owned by the closure.
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = command
             .args([
                 "run",
                 "--listen",
@@ -282,7 +460,12 @@ impl Cluster {
                 "--workers",
                 &WORKERS.to_string(),
             ])
-            .args(["--placement", mode.placement(), "--"])
+            .args(["--placement", mode.placement()])
+            .args(match (mode, opts.learn) {
+                (Mode::Sticky, false) => &["--learn", "off"][..],
+                _ => &[],
+            })
+            .arg("--")
             .arg(&opts.worker)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -340,6 +523,28 @@ impl Cluster {
         }
     }
 
+    /// Whether sticky attached its session learner, from its log: it says
+    /// "session learning is off" before "listening on" when it could not.
+    /// None if the log does not tell (within 2 s).
+    fn learning(&self) -> Option<bool> {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            {
+                let log = self.log.lock().unwrap();
+                if log.iter().any(|l| l.contains("session learning is off")) {
+                    return Some(false);
+                }
+                if log.iter().any(|l| l.contains("listening on")) {
+                    return Some(true);
+                }
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     fn log_tail(&self) -> String {
         self.log.lock().unwrap().join("\n")
     }
@@ -359,6 +564,45 @@ impl Drop for Cluster {
         eprintln!("sticky-bench: sticky did not stop within 10 s, killing it");
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Pids of `sticky run` processes other than this benchmark's own (which
+/// are its children). Their session learners, attached to their cgroup,
+/// may run on this benchmark's packets too, in both columns.
+fn other_stickies() -> Vec<u32> {
+    let me = std::process::id();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut pids: Vec<u32> = dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                return false;
+            };
+            let mut args = cmdline.split(|&b| b == 0);
+            let is_sticky = args
+                .next()
+                .is_some_and(|a| a == b"sticky" || a.ends_with(b"/sticky"));
+            let parent = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    // pid (comm) state ppid ...: comm may hold spaces.
+                    let rest = &stat[stat.rfind(')')? + 1..];
+                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                });
+            is_sticky && args.next() == Some(b"run") && parent != Some(me)
+        })
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
+fn warn_others(pids: &[u32]) {
+    if !pids.is_empty() {
+        eprintln!("note: other `sticky run` processes are running (pids {pids:?}): their session learners (on their cgroup and below) may run on this benchmark's packets in both columns, and their load adds noise");
     }
 }
 
@@ -423,51 +667,30 @@ fn register(addr: SocketAddr, direct: bool) -> Result<Vec<Session>, String> {
     Err(format!("could not register {SIDS_PER_WORKER} sessions on each of {WORKERS} workers in 500 tries (owners seen: {owned:?})"))
 }
 
-/// Runs `clients` threads, each doing one request per new connection in a
-/// loop, for `duration`.
+/// Runs `clients` threads side by side (on `cpus` if given), each running
+/// `client(index, barrier)`, which sets up, waits at the barrier, then
+/// measures.
 fn run_clients(
-    addr: SocketAddr,
-    sessions: &[Session],
     clients: usize,
-    duration: Duration,
+    cpus: Option<&[usize]>,
+    client: impl Fn(usize, &Barrier) -> Stats + Sync,
 ) -> Stats {
     let barrier = Barrier::new(clients);
     let per_thread: Vec<Stats> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..clients)
             .map(|t| {
-                let barrier = &barrier;
+                let (barrier, client) = (&barrier, &client);
                 scope.spawn(move || {
-                    let requests: Vec<Vec<u8>> = sessions
-                        .iter()
-                        .map(|s| {
-                            format!("GET /whoami?EIO=4&transport=polling&sid={} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", s.sid)
-                                .into_bytes()
-                        })
-                        .collect();
-                    let mut stats = Stats::default();
-                    barrier.wait();
-                    let start = Instant::now();
-                    // A random sid per request: cycling through them in
-                    // order could line up with a round-robin balancer and
-                    // hide the floor's misplacements.
-                    let mut rng = Rng::seeded(t as u64);
-                    while start.elapsed() < duration {
-                        let i = (rng.next() % sessions.len() as u64) as usize;
-                        let session = &sessions[i];
-                        let begin = Instant::now();
-                        match exchange(addr, &requests[i]) {
-                            Ok(r) if r.status == 200 => {
-                                stats.latencies.push((r.complete - begin).as_nanos() as u64);
-                                if session.owner.is_some() && r.worker != session.owner {
-                                    stats.wrong_worker += 1;
-                                }
-                            }
-                            Ok(r) => stats.fail(format!("status {}", r.status)),
-                            Err(e) => stats.fail(e.to_string()),
+                    if let Some(cpus) = cpus {
+                        if let Err(e) = pin(cpus) {
+                            let mut stats = Stats::default();
+                            stats.fail(format!("cannot pin a client to CPUs {cpus:?}: {e}"));
+                            // Still at the barrier, or the others wait forever.
+                            barrier.wait();
+                            return stats;
                         }
                     }
-                    stats.elapsed = start.elapsed();
-                    stats
+                    client(t, barrier)
                 })
             })
             .collect();
@@ -487,6 +710,105 @@ fn run_clients(
     total
 }
 
+/// `clients` threads, each doing one request per new connection in a loop,
+/// for `duration`; a request is timed from connect to its last byte.
+fn run_new_connections(
+    addr: SocketAddr,
+    sessions: &[Session],
+    clients: usize,
+    duration: Duration,
+) -> Stats {
+    run_clients(clients, None, |t, barrier| {
+        let requests: Vec<Vec<u8>> = sessions
+            .iter()
+            .map(|s| {
+                format!("GET /whoami?EIO=4&transport=polling&sid={} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", s.sid)
+                    .into_bytes()
+            })
+            .collect();
+        let mut stats = Stats::default();
+        barrier.wait();
+        let start = Instant::now();
+        // A random sid per request: cycling through them in order could line
+        // up with a round-robin balancer and hide the floor's misplacements.
+        let mut rng = Rng::seeded(t as u64);
+        while start.elapsed() < duration {
+            let i = (rng.next() % sessions.len() as u64) as usize;
+            let session = &sessions[i];
+            let begin = Instant::now();
+            stats.connections += 1;
+            match exchange(addr, &requests[i]) {
+                Ok(r) if r.status == 200 => {
+                    stats.latencies.push((r.complete - begin).as_nanos() as u64);
+                    if session.owner.is_some() && r.worker != session.owner {
+                        stats.wrong_worker += 1;
+                    }
+                }
+                Ok(r) => stats.fail(format!("status {}", r.status)),
+                Err(e) => stats.fail(e.to_string()),
+            }
+        }
+        stats.elapsed = start.elapsed();
+        stats
+    })
+}
+
+/// `clients` threads, each with one keep-alive connection opened (and used
+/// once) before the clock starts, sending requests on it back to back for
+/// `duration`; a request is timed from its write to its last byte. A
+/// connection that fails is replaced (counted as an error).
+fn run_established(
+    addr: SocketAddr,
+    clients: usize,
+    duration: Duration,
+    cpus: Option<&[usize]>,
+) -> Stats {
+    const REQUEST: &[u8] = b"GET /whoami HTTP/1.1\r\nHost: x\r\n\r\n";
+    run_clients(clients, cpus, |_, barrier| {
+        let mut stats = Stats::default();
+        let open = |stats: &mut Stats| -> Option<KeepAlive> {
+            stats.connections += 1;
+            KeepAlive::connect(addr)
+                .map_err(|e| stats.fail(format!("connect: {e}")))
+                .ok()
+        };
+        // The first request waits for the worker to accept the connection
+        // (and start its thread): not an established round trip.
+        let mut conn = open(&mut stats).and_then(|mut c| match c.request(REQUEST) {
+            Ok(r) if r.status == 200 => Some(c),
+            Ok(r) => {
+                stats.fail(format!("first request: status {}", r.status));
+                None
+            }
+            Err(e) => {
+                stats.fail(format!("first request: {e}"));
+                None
+            }
+        });
+        barrier.wait();
+        let start = Instant::now();
+        while start.elapsed() < duration {
+            let Some(c) = conn.as_mut() else {
+                conn = open(&mut stats);
+                continue;
+            };
+            let begin = Instant::now();
+            match c.request(REQUEST) {
+                Ok(r) if r.status == 200 => {
+                    stats.latencies.push((r.complete - begin).as_nanos() as u64)
+                }
+                Ok(r) => stats.fail(format!("status {}", r.status)),
+                Err(e) => {
+                    stats.fail(e.to_string());
+                    conn = None;
+                }
+            }
+        }
+        stats.elapsed = start.elapsed();
+        stats
+    })
+}
+
 struct Response {
     status: u16,
     /// When the last byte of the response arrived.
@@ -502,19 +824,60 @@ fn get(addr: SocketAddr, path: &str) -> io::Result<Response> {
     )
 }
 
+fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
+    let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
 /// One request on a new connection, read to the end of the response (by
 /// Content-Length).
 fn exchange(addr: SocketAddr, request: &[u8]) -> io::Result<Response> {
-    let mut stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
-    stream.set_nodelay(true)?;
+    let mut stream = connect(addr)?;
     stream.write_all(request)?;
-    let mut buf = Vec::with_capacity(512);
+    let response = read_response(&mut stream, &mut Vec::with_capacity(512))?;
+    // Wait for the server's FIN (it honours `Connection: close`) so that the
+    // server, not this client, keeps the TIME_WAIT state: the client would
+    // otherwise run out of ephemeral ports at high rates.
     let mut chunk = [0u8; 4096];
+    while matches!(stream.read(&mut chunk), Ok(n) if n > 0) {}
+    Ok(response)
+}
+
+/// A keep-alive connection carrying one request at a time.
+struct KeepAlive {
+    stream: TcpStream,
+    /// Bytes read past the previous response (none from a well-behaved
+    /// server, since requests are not pipelined).
+    buf: Vec<u8>,
+}
+
+impl KeepAlive {
+    fn connect(addr: SocketAddr) -> io::Result<KeepAlive> {
+        Ok(KeepAlive {
+            stream: connect(addr)?,
+            buf: Vec::with_capacity(4096),
+        })
+    }
+
+    fn request(&mut self, request: &[u8]) -> io::Result<Response> {
+        self.stream.write_all(request)?;
+        read_response(&mut self.stream, &mut self.buf)
+    }
+}
+
+/// Reads one response (head, then a body of Content-Length bytes) from
+/// `stream`, after the bytes already in `buf`; leaves in `buf` whatever
+/// followed it.
+fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<Response> {
+    let mut chunk = [0u8; 4096];
+    let mut searched = 0;
     let head_end = loop {
-        if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break pos + 4;
+        if let Some(pos) = buf[searched..].windows(4).position(|w| w == b"\r\n\r\n") {
+            break searched + pos + 4;
         }
+        searched = buf.len().saturating_sub(3);
         let n = stream.read(&mut chunk)?;
         if n == 0 {
             return Err(io::Error::new(
@@ -544,8 +907,7 @@ fn exchange(addr: SocketAddr, request: &[u8]) -> io::Result<Response> {
                 .map_err(|_| bad("bad Content-Length"))?;
         }
     }
-    let mut body = buf.split_off(head_end);
-    while body.len() < length {
+    while buf.len() < head_end + length {
         let n = stream.read(&mut chunk)?;
         if n == 0 {
             return Err(io::Error::new(
@@ -553,19 +915,76 @@ fn exchange(addr: SocketAddr, request: &[u8]) -> io::Result<Response> {
                 "response body cut short",
             ));
         }
-        body.extend_from_slice(&chunk[..n]);
+        buf.extend_from_slice(&chunk[..n]);
     }
     let complete = Instant::now();
-    // Wait for the server's FIN (it honours `Connection: close`) so that the
-    // server, not this client, keeps the TIME_WAIT state: the client would
-    // otherwise run out of ephemeral ports at high rates.
-    while matches!(stream.read(&mut chunk), Ok(n) if n > 0) {}
+    let body = buf[head_end..head_end + length].to_vec();
+    buf.drain(..head_end + length);
     Ok(Response {
         status,
         complete,
         worker,
         body,
     })
+}
+
+/// Where the established workloads run: clients, sticky and its workers
+/// all on one CPU (the last this process may use; the others are left to
+/// the rest of the machine).
+///
+/// Unpinned, a keep-alive round trip took 13 or 48 µs (2 vCPUs) depending
+/// on whether the scheduler put the worker's thread on the client's CPU, a
+/// choice that held for a whole connection. Pinned to two different CPUs,
+/// every round trip paid a cross-CPU wake-up of an idle vCPU, whose cost
+/// varied by ±10% from round to round with the host's load. Both swamp the
+/// few percent to measure. On one CPU a round trip is CPU work only, and
+/// whatever sticky adds to it shows in full.
+struct Pinning {
+    cpu: usize,
+}
+
+impl Pinning {
+    fn pick() -> Option<Pinning> {
+        // SAFETY: a zeroed cpu_set_t is valid; the kernel fills it.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        if unsafe { libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut set) } < 0 {
+            return None;
+        }
+        (0..libc::CPU_SETSIZE as usize)
+            .rfind(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+            .map(|cpu| Pinning { cpu })
+    }
+
+    fn cpus(&self) -> &[usize] {
+        std::slice::from_ref(&self.cpu)
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "clients, sticky and its workers all pinned to CPU {}",
+            self.cpu
+        )
+    }
+}
+
+fn cpu_set(cpus: &[usize]) -> libc::cpu_set_t {
+    // SAFETY: a zeroed cpu_set_t is empty; CPU_SET stays within it for
+    // CPUs below CPU_SETSIZE (those come from sched_getaffinity).
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &c in cpus {
+        unsafe { libc::CPU_SET(c, &mut set) };
+    }
+    set
+}
+
+/// Pins the calling thread to `cpus`.
+fn pin(cpus: &[usize]) -> io::Result<()> {
+    let set = cpu_set(cpus);
+    // SAFETY: plain syscall on the calling thread with a valid set.
+    if unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// xorshift64*: enough to make sids unique, no dependency needed.
@@ -607,41 +1026,74 @@ fn ratio(a: f64, b: f64) -> f64 {
     }
 }
 
-fn table(opts: &Opts, workloads: &[String; 2], r: &Results) -> String {
+/// sticky/floor ratios of p50, p99 and rate.
+fn ratios(m: &Measured) -> [f64; 3] {
+    let (s, f) = (&m.sticky, &m.floor);
+    [
+        ratio(s.percentile_us(0.50), f.percentile_us(0.50)),
+        ratio(s.percentile_us(0.99), f.percentile_us(0.99)),
+        ratio(s.rate(), f.rate()),
+    ]
+}
+
+fn table(opts: &Opts, r: &Results) -> String {
     let mut out = String::new();
     let target = match opts.direct {
         Some(addr) => format!("direct to {addr} in both columns (harness check)"),
-        None => format!("{WORKERS} demo workers"),
+        None => format!(
+            "{WORKERS} demo workers, sticky with {}",
+            match r.sticky_learning {
+                Some(true) => "its defaults (session learning on)",
+                Some(false) if !opts.learn => "--learn off (control run)",
+                Some(false) => "session learning OFF (the learner could not be attached)",
+                None => "its defaults (session learning: not confirmed by its log)",
+            }
+        ),
+    };
+    let names = |kind: Kind| {
+        let names: Vec<&str> = r
+            .workloads
+            .iter()
+            .filter(|m| m.workload.kind == kind)
+            .map(|m| m.workload.name.as_str())
+            .collect();
+        names.join(" and ")
     };
     out += &format!(
-        "\n## sticky placement vs SYN-time balancing (floor)\n\n{target}; {} round(s) of {:.1} s per workload and mode, alternating; one new connection per request.\n\n",
+        "\n## sticky placement vs SYN-time balancing (floor)\n\n{target}; {} round(s) of {:.1} s per workload and mode, alternating.\n\n- {}: one new connection per request, timed from connect to the response's last byte.\n- {}: one keep-alive connection per client, opened before the clock starts; requests back to back, each timed from its write to the response's last byte; {}.\n\n",
         opts.rounds,
-        opts.duration.as_secs_f64()
+        opts.duration.as_secs_f64(),
+        names(Kind::NewConnection),
+        names(Kind::Established),
+        r.pinning.as_deref().unwrap_or("unpinned"),
     );
-    out += "| workload | mode | conns | rate (conn/s) | p50 (µs) | p99 (µs) | max (µs) | errors | wrong worker |\n";
+    out += "| workload | mode | requests | rate (req/s) | p50 (µs) | p99 (µs) | max (µs) | errors | wrong worker |\n";
     out += "|---|---|---:|---:|---:|---:|---:|---:|---:|\n";
-    for (w, name) in workloads.iter().enumerate() {
-        for (mode, s) in [("sticky", &r.sticky[w]), ("floor", &r.floor[w])] {
+    for m in &r.workloads {
+        for (mode, s) in [("sticky", &m.sticky), ("floor", &m.floor)] {
+            // Established requests carry no sid: no owner to check.
+            let wrong = match m.workload.kind {
+                Kind::NewConnection => s.wrong_worker.to_string(),
+                Kind::Established => "-".into(),
+            };
             out += &format!(
-                "| {name} | {mode} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {} | {} |\n",
+                "| {} | {mode} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {} | {wrong} |\n",
+                m.workload.name,
                 s.latencies.len(),
                 s.rate(),
                 s.percentile_us(0.50),
                 s.percentile_us(0.99),
                 s.percentile_us(1.0),
                 s.errors,
-                s.wrong_worker
             );
         }
     }
     out += "\n| workload | p50 sticky/floor | p99 sticky/floor | rate sticky/floor |\n|---|---:|---:|---:|\n";
-    for (w, name) in workloads.iter().enumerate() {
-        let (s, f) = (&r.sticky[w], &r.floor[w]);
+    for m in &r.workloads {
+        let [p50, p99, rate] = ratios(m);
         out += &format!(
-            "| {name} | {:.2} | {:.2} | {:.2} |\n",
-            ratio(s.percentile_us(0.50), f.percentile_us(0.50)),
-            ratio(s.percentile_us(0.99), f.percentile_us(0.99)),
-            ratio(s.rate(), f.rate())
+            "| {} | {p50:.3} | {p99:.3} | {rate:.3} |\n",
+            m.workload.name
         );
     }
     out
@@ -671,7 +1123,9 @@ fn update_readme(path: &Path, report: &str) -> Result<(), String> {
     std::fs::write(path, new).map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
-/// JSON by hand: a handful of numbers does not justify serde.
+/// JSON by hand: a handful of numbers does not justify serde. One key per
+/// workload (`Workload::key`); `conns` counts connections opened, equal to
+/// `requests` for the new-connection workloads.
 fn json(opts: &Opts, r: &Results) -> String {
     let num = |x: f64| {
         if x.is_finite() {
@@ -680,30 +1134,46 @@ fn json(opts: &Opts, r: &Results) -> String {
             "null".into()
         }
     };
-    let stats = |s: &Stats| {
+    let stats = |s: &Stats, kind: Kind| {
+        let wrong = match kind {
+            Kind::NewConnection => s.wrong_worker.to_string(),
+            Kind::Established => "null".into(),
+        };
         format!(
-            "{{\"conns\": {}, \"seconds\": {}, \"rate\": {}, \"p50_us\": {}, \"p99_us\": {}, \"max_us\": {}, \"errors\": {}, \"wrong_worker\": {}}}",
+            "{{\"requests\": {}, \"conns\": {}, \"seconds\": {}, \"rate\": {}, \"p50_us\": {}, \"p99_us\": {}, \"max_us\": {}, \"errors\": {}, \"wrong_worker\": {wrong}}}",
             s.latencies.len(),
+            s.connections,
             num(s.elapsed.as_secs_f64()),
             num(s.rate()),
             num(s.percentile_us(0.50)),
             num(s.percentile_us(0.99)),
             num(s.percentile_us(1.0)),
             s.errors,
-            s.wrong_worker
         )
     };
-    let workload = |w: usize| {
-        let (s, f) = (&r.sticky[w], &r.floor[w]);
-        format!(
-            "{{\n      \"sticky\": {},\n      \"floor\": {},\n      \"ratio\": {{\"p50\": {}, \"p99\": {}, \"rate\": {}}}\n    }}",
-            stats(s),
-            stats(f),
-            num(ratio(s.percentile_us(0.50), f.percentile_us(0.50))),
-            num(ratio(s.percentile_us(0.99), f.percentile_us(0.99))),
-            num(ratio(s.rate(), f.rate()))
-        )
-    };
+    let workloads: Vec<String> = r
+        .workloads
+        .iter()
+        .map(|m| {
+            let w = &m.workload;
+            let [p50, p99, rate] = ratios(m);
+            format!(
+                "  \"{}\": {{\n      \"name\": {},\n      \"kind\": \"{}\",\n      \"clients\": {},\n      \"sticky\": {},\n      \"floor\": {},\n      \"ratio\": {{\"p50\": {}, \"p99\": {}, \"rate\": {}}}\n    }}",
+                w.key,
+                quote(&w.name),
+                match w.kind {
+                    Kind::NewConnection => "new_connection",
+                    Kind::Established => "established",
+                },
+                w.clients,
+                stats(&m.sticky, w.kind),
+                stats(&m.floor, w.kind),
+                num(p50),
+                num(p99),
+                num(rate)
+            )
+        })
+        .collect();
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let unix_time = SystemTime::now()
@@ -711,14 +1181,16 @@ fn json(opts: &Opts, r: &Results) -> String {
         .unwrap_or_default()
         .as_secs();
     format!(
-        "{{\n  \"unix_time\": {unix_time},\n  \"kernel\": {},\n  \"cpus\": {cpus},\n  \"direct\": {},\n  \"workers\": {WORKERS},\n  \"rounds\": {},\n  \"seconds_per_round\": {},\n  \"clients\": {},\n  \"serial\": {},\n  \"concurrent\": {}\n}}\n",
+        "{{\n  \"unix_time\": {unix_time},\n  \"kernel\": {},\n  \"cpus\": {cpus},\n  \"direct\": {},\n  \"workers\": {WORKERS},\n  \"sticky_learning\": {},\n  \"established_pinning\": {},\n  \"other_sticky_pids\": {:?},\n  \"rounds\": {},\n  \"seconds_per_round\": {},\n  \"clients\": {},\n{}\n}}\n",
         quote(kernel.trim()),
         opts.direct.map_or("null".into(), |a| quote(&a.to_string())),
+        r.sticky_learning.map_or("null".into(), |l| l.to_string()),
+        r.pinning.as_deref().map_or("null".into(), quote),
+        r.others,
         opts.rounds,
         num(opts.duration.as_secs_f64()),
         opts.clients,
-        workload(0),
-        workload(1)
+        workloads.join(",\n")
     )
 }
 

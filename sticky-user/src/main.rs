@@ -31,7 +31,12 @@ use sticky_common::{Balance, Config, Mode, MAX_CPUS, MAX_WORKERS, PARAM_MAX, REJ
 /// Logs one line to stderr, prefixed so it stands out among worker output.
 #[macro_export]
 macro_rules! log {
-    ($($arg:tt)*) => { eprintln!("sticky: {}", format_args!($($arg)*)) };
+    // One write(2) per line: workers share this stderr.
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let line = format!("sticky: {}\n", format_args!($($arg)*));
+        let _ = std::io::stderr().lock().write_all(line.as_bytes());
+    }};
 }
 
 #[derive(Parser)]
@@ -126,7 +131,7 @@ fn main() {
         }
     };
     if let Err(e) = result {
-        eprintln!("sticky: error: {e:#}");
+        log!("error: {e:#}");
         std::process::exit(1);
     }
 }

@@ -110,7 +110,45 @@ fn test(extra: &[String]) -> Result<(), String> {
         .args(extra)
         .env("STICKY_BIN", bin.join("sticky"))
         .env("STICKY_DEMO_WORKER", bin.join("sticky-demo-worker"));
-    let result = tally.run(cmd, "cargo test");
+    let mut result = tally.run(cmd, "cargo test");
+    // The Socket.IO suites: the Node integration's unit tests, then the
+    // end-to-end tests with real socket.io servers and clients (npm).
+    let root = root_dir();
+    let node = |dir: &str, args: &[&str]| {
+        let mut cmd = Command::new("node");
+        cmd.current_dir(root.join(dir))
+            .args(args)
+            .env("STICKY_BIN", bin.join("sticky"))
+            .env("RUST_WORKER", bin.join("sticky-socketioxide-worker"))
+            // Scenarios for the Node and Python workers; the Rust worker
+            // runs the 200-client load test (its scenario gaps: README).
+            .env("E2E_SCENARIO_LANGS", "node,python");
+        cmd
+    };
+    if result.is_ok() {
+        result = tally.run(
+            node(
+                "integrations/node",
+                &["--test", "--test-reporter=tap", "test/"],
+            ),
+            "node integration tests",
+        );
+    }
+    if result.is_ok() && !root.join("e2e/node_modules").exists() {
+        let mut npm = Command::new("npm");
+        npm.current_dir(root.join("e2e"))
+            .args(["ci", "--no-audit", "--no-fund"]);
+        result = status(npm, "npm ci in e2e/");
+    }
+    if result.is_ok() {
+        let args = [
+            "--test",
+            "--test-concurrency=1",
+            "--test-reporter=tap",
+            "test/",
+        ];
+        result = tally.run(node("e2e", &args), "e2e tests");
+    }
     tally.print();
     result
 }

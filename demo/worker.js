@@ -1,0 +1,76 @@
+'use strict';
+
+// The sticky demo worker (`cargo xtask run`):
+//
+//   sticky run --listen 127.0.0.1:3000 --workers 3 -- node demo/worker.js
+//
+// - GET / in a browser: a page whose Socket.IO session shows which worker
+//   holds it, its transport, and an echo button. Open several tabs.
+// - GET / with curl: `worker=N pid=P`.
+// - GET /register?sid=X, /unregister?sid=X: report a session to sticky, so
+//   `curl '.../?sid=X'` always reaches this worker.
+//
+// Runs without sticky too (PORT, default 3000).
+
+const fs = require('node:fs');
+const http = require('node:http');
+const path = require('node:path');
+const { Server } = require('socket.io');
+const { setupWorker } = require('@sticky/socket.io');
+
+const worker = Number(process.env.STICKY_WORKER ?? 0);
+const me = { worker, pid: process.pid, lang: 'node' };
+const page = fs.readFileSync(path.join(__dirname, 'index.html'));
+
+const httpServer = http.createServer(async (req, res) => {
+  const url = new URL(req.url, 'http://localhost');
+  const text = (status, body) => {
+    res.writeHead(status, {
+      'Content-Type': 'text/plain; charset=utf-8',
+      'X-Sticky-Worker': String(worker),
+      'X-Sticky-Pid': String(process.pid),
+    });
+    res.end(body);
+  };
+  if (req.method !== 'GET') return text(405, 'method not allowed\n');
+  if (url.pathname === '/' && /text\/html/.test(req.headers.accept || '')) {
+    res.writeHead(200, { 'Content-Type': 'text/html; charset=utf-8', 'Cache-Control': 'no-store' });
+    return res.end(page);
+  }
+  if (url.pathname === '/register' || url.pathname === '/unregister') {
+    const sid = url.searchParams.get('sid');
+    if (!sid) return text(400, 'missing sid\n');
+    if (!sticky.control) return text(500, 'not running under sticky (no STICKY_CONTROL)\n');
+    const register = url.pathname === '/register';
+    try {
+      await (register ? sticky.control.open(sid) : sticky.control.close(sid));
+      return text(200, `worker=${worker} ${register ? 'registered' : 'unregistered'}=${sid}\n`);
+    } catch (err) {
+      return text(500, `err ${err.message}\n`);
+    }
+  }
+  return text(200, `worker=${worker} pid=${process.pid}\n`);
+});
+
+const io = new Server(httpServer, {
+  cors: { origin: '*', methods: ['GET', 'POST'] },
+  maxHttpBufferSize: 4e6,
+});
+
+io.on('connection', (socket) => {
+  socket.emit('hello', me);
+  socket.on('echo', (payload, ack) => {
+    if (typeof ack === 'function') ack(payload);
+  });
+  socket.on('whoami', (ack) => {
+    if (typeof ack === 'function') ack(me);
+  });
+});
+
+const sticky = setupWorker(io);
+sticky.listen(Number(process.env.PORT ?? 3000), '127.0.0.1').then((address) => {
+  const where = sticky.activated ? 'the socket sticky handed over' : `${address.address}:${address.port}`;
+  console.log(`demo worker ${worker} (pid ${process.pid}) serving on ${where}`);
+});
+
+process.on('SIGTERM', () => process.exit(0));
