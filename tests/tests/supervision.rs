@@ -206,7 +206,7 @@ fn killed_worker_is_restarted_and_its_queued_connections_served() {
     let stats = cluster.stats();
     assert_eq!(
         stats["worker1"],
-        format!("pid:{new},sessions:0"),
+        format!("pid:{new},sessions:0,learned:0"),
         "{stats:?}"
     );
     let unknown = cluster.counter("sid_unknown");
