@@ -77,8 +77,9 @@ async fn main() -> std::io::Result<()> {
     let app = Router::new()
         .route("/", get(move || async move { banner }))
         .layer(io_layer)
-        .layer(sticky)
-        .layer(CorsLayer::very_permissive());
+        .layer(CorsLayer::very_permissive())
+        // Outermost, so CORS preflights get `Connection: close` too.
+        .layer(sticky);
 
     let listener = sticky_socketioxide::listener()?;
     eprintln!(
