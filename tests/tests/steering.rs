@@ -117,6 +117,8 @@ fn connections_queued_while_the_supervisor_is_stopped_are_placed_by_the_filter()
     let sessions = cluster.sessions_on_every_worker(3, 2);
     let before = cluster.stats();
     unsafe { libc::kill(cluster.pid() as i32, libc::SIGSTOP) };
+    // Let every supervisor thread (sorters included) reach the stop.
+    std::thread::sleep(Duration::from_millis(100));
     let pending: Vec<_> = sessions
         .iter()
         .cycle()
