@@ -86,7 +86,25 @@ fn run(extra: &[String]) -> Result<(), String> {
         .collect();
     args.extend(extra.iter().map(OsString::from));
     args.push("--".into());
-    args.push(bin.join("sticky-demo-worker").into());
+    // Real Socket.IO workers (demo/, npm) where Node.js is installed; the
+    // std-only demo worker otherwise. Both answer the curl examples.
+    let demo = root_dir().join("demo");
+    let node_demo = find_in_path("node").is_some() && {
+        if !demo.join("node_modules").exists() {
+            let mut npm = Command::new("npm");
+            npm.current_dir(&demo)
+                .args(["ci", "--no-audit", "--no-fund"]);
+            status(npm, "npm ci in demo/")?;
+        }
+        true
+    };
+    if node_demo {
+        args.push("node".into());
+        args.push(demo.join("worker.js").into());
+        eprintln!("Socket.IO demo page: open http://127.0.0.1:3000/ in several browser tabs.");
+    } else {
+        args.push(bin.join("sticky-demo-worker").into());
+    }
     eprintln!(
         "sticky demo on 127.0.0.1:3000 (Ctrl-C stops it). Try, from another terminal:\n  \
          curl http://127.0.0.1:3000/\n  \
