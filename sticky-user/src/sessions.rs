@@ -17,6 +17,7 @@
 
 use std::{collections::HashMap as StdHashMap, time::Duration};
 
+use crate::steering::monotonic_ns;
 use anyhow::Result;
 use aya::maps::{Array, HashMap, MapData};
 use sticky_common::{Learned, SidKey, WorkerState, SESSIONS_MAX};
@@ -274,15 +275,4 @@ fn proc_parent_and_group(pid: u32) -> Option<(u32, u32)> {
     let ppid = fields.next()?.parse().ok()?;
     let pgrp = fields.next()?.parse().ok()?;
     Some((ppid, pgrp))
-}
-
-/// CLOCK_MONOTONIC in ns: the clock of bpf_ktime_get_ns().
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: plain vDSO call with a valid timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

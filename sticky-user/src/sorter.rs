@@ -46,7 +46,7 @@ use sticky_common::{counter, Handoff, HANDOFF_GRACE_NS, SORTING_SLOT};
 use crate::{
     listeners::{sorting_listener, stop_listening},
     log,
-    steering::{Counters, Doorbell, HandoffMap},
+    steering::{monotonic_ns, Counters, Doorbell, HandoffMap},
 };
 
 /// Ticks back off up to this multiple of the period while a CPU sees no SYN.
@@ -211,17 +211,6 @@ fn wait_for_cross_cpu_completions(handoff: &Handoff) {
         }
         std::hint::spin_loop();
     }
-}
-
-/// CLOCK_MONOTONIC in ns: the clock of bpf_ktime_get_ns().
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: plain vDSO call with a valid timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn pin_to_cpu(cpu: usize) -> std::io::Result<()> {
