@@ -76,6 +76,30 @@ static __always_inline __u64 param_differs(struct scratch *s, __u32 at,
 }
 
 /*
+ * Copies the sid bytes ([A-Za-z0-9_-]) starting at buf[start] into s->key,
+ * zero padded: the key of `sessions`. Returns their count, or -1 past
+ * STICKY_SID_MAX; s->mark is left at the byte after them. Shared by the
+ * request parser and the session learner.
+ */
+static __always_inline int copy_sid(struct scratch *s, __u32 start)
+{
+	__u32 i, at = 0;
+
+	start = launder(s, start);
+	__builtin_memset(&s->key, 0, sizeof(s->key));
+	for (i = 0; i <= STICKY_SID_MAX; i++) {
+		at = (start + i) & SCAN_MASK;
+		if (!(byte_class[s->buf[at]] & C_SID))
+			break;
+		if (i == STICKY_SID_MAX)
+			return -1;
+		s->key.bytes[i & (STICKY_SID_MAX - 1)] = s->buf[at];
+	}
+	s->mark = at;
+	return i;
+}
+
+/*
  * Parses s->buf[0..s->len) in four stages (method, path, query, value),
  * each a loop over a constant bound with at most two branches per byte.
  * On STICKY_PARSE_SID, s->key holds the zero-padded sid, ready as a
@@ -86,6 +110,7 @@ static __always_inline int sticky_parse(struct scratch *s,
 {
 	__u32 n = s->len, i, at, start;
 	__u64 not_param;
+	int len;
 	__u8 cls = 0;
 
 	if (n == 0 || n > STICKY_SCAN_MAX)
@@ -129,22 +154,15 @@ static __always_inline int sticky_parse(struct scratch *s,
 		return STICKY_PARSE_NO_SID;
 
 	/* Value: 1..64 sid bytes, then '&' or the end of the target. */
-	start = launder(s, at + cfg->param_len);
-	__builtin_memset(&s->key, 0, sizeof(s->key));
-	for (i = 0; i <= STICKY_SID_MAX; i++) {
-		at = (start + i) & SCAN_MASK;
-		cls = byte_class[s->buf[at]];
-		if (!(cls & C_SID))
-			break;
-		if (i == STICKY_SID_MAX)
-			return STICKY_PARSE_INVALID; /* longer than 64 */
-		s->key.bytes[i & (STICKY_SID_MAX - 1)] = s->buf[at];
-	}
+	len = copy_sid(s, at + cfg->param_len);
+	if (len < 0)
+		return STICKY_PARSE_INVALID; /* longer than 64 */
+	at = s->mark & SCAN_MASK;
 	if (at >= n)
 		return STICKY_PARSE_INVALID; /* not terminated within view */
-	if (!(cls & (C_AMP | C_END)))
+	if (!(byte_class[s->buf[at]] & (C_AMP | C_END)))
 		return STICKY_PARSE_INVALID; /* a byte outside [A-Za-z0-9_-] */
-	return i == 0 ? STICKY_PARSE_NO_SID : STICKY_PARSE_SID;
+	return len == 0 ? STICKY_PARSE_NO_SID : STICKY_PARSE_SID;
 }
 
 #endif /* STICKY_PARSE_H */

@@ -622,9 +622,8 @@ static __always_inline int at_packet_start(struct scratch *s, __u32 i)
 
 static __always_inline int learn_sid(struct scratch *s, __u32 worker)
 {
-	__u32 n = s->len, i, at, start;
+	__u32 n = s->len, i;
 	__u64 w;
-	__u8 cls = 0;
 	struct sticky_learned l = { .worker = worker };
 
 	if (n == 0 || n > STICKY_LEARN_SCAN)
@@ -641,18 +640,7 @@ static __always_inline int learn_sid(struct scratch *s, __u32 worker)
 		return 0;
 	if (!at_packet_start(s, i))
 		return 0; /* e.g. Socket.IO's CONNECT answer 40{"sid":..., not ours */
-	start = launder(s, i + 9);
-	__builtin_memset(&s->key, 0, sizeof(s->key));
-	for (i = 0; i <= STICKY_SID_MAX; i++) {
-		at = (start + i) & SCAN_MASK;
-		cls = byte_class[s->buf[at]];
-		if (!(cls & C_SID))
-			break;
-		if (i == STICKY_SID_MAX)
-			return 0;
-		s->key.bytes[i & (STICKY_SID_MAX - 1)] = s->buf[at];
-	}
-	if (i == 0 || s->buf[at] != '"')
+	if (copy_sid(s, i + 9) <= 0 || s->buf[s->mark & SCAN_MASK] != '"')
 		return 0;
 	l.last_seen_ns = bpf_ktime_get_ns();
 	if (bpf_map_update_elem(&sessions, &s->key, &worker, BPF_NOEXIST)) {
