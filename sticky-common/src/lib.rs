@@ -177,6 +177,17 @@ pub struct Handoff {
 /// surely queued (`STICKY_HANDOFF_GRACE_NS`).
 pub const HANDOFF_GRACE_NS: u64 = 100_000;
 
+/// `struct sticky_decision`: value of the `flows` map, the socket filter's
+/// decision for one queued connection (TCP fields in network byte order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Decision {
+    pub owner: u32,
+    pub placed: u32,
+    pub ack: u32,
+    pub seq: u32,
+}
+
 /// `struct sticky_placed`: value of the `placed_flows` map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -254,5 +265,6 @@ mod pod {
     unsafe impl aya::Pod for super::SidKey {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::Placed {}
+    unsafe impl aya::Pod for super::Decision {}
     unsafe impl aya::Pod for super::Learned {}
 }

@@ -17,6 +17,8 @@ int main(void) {
     O(sticky_config, mode) O(sticky_config, param_len) O(sticky_config, sorting_count) O(sticky_config, param_word)
     O(sticky_config, param_mask) O(sticky_config, port) O(sticky_config, learn)
     S(sticky_placed) O(sticky_placed, worker) O(sticky_placed, segments)
+    S(sticky_decision) O(sticky_decision, owner) O(sticky_decision, placed)
+    O(sticky_decision, ack) O(sticky_decision, seq)
     S(sticky_learned) O(sticky_learned, worker) O(sticky_learned, last_seen_ns)
     C(STICKY_PLACED_MAX) C(STICKY_LEARN_SEGMENTS) C(STICKY_LEARN_SCAN)
     S(sticky_worker) O(sticky_worker, live) O(sticky_worker, sessions)
@@ -93,6 +95,11 @@ fn rust_mirror_matches_sticky_h() {
     expect("sticky_placed", size_of::<Placed>());
     expect("sticky_placed.worker", offset_of!(Placed, worker));
     expect("sticky_placed.segments", offset_of!(Placed, segments));
+    expect("sticky_decision", size_of::<Decision>());
+    expect("sticky_decision.owner", offset_of!(Decision, owner));
+    expect("sticky_decision.placed", offset_of!(Decision, placed));
+    expect("sticky_decision.ack", offset_of!(Decision, ack));
+    expect("sticky_decision.seq", offset_of!(Decision, seq));
     expect("sticky_learned", size_of::<Learned>());
     expect("sticky_learned.worker", offset_of!(Learned, worker));
     expect(

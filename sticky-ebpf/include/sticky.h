@@ -100,6 +100,23 @@ struct sticky_flow {
 };
 
 /*
+ * Value of the `flows` LRU map: the decision for one connection, taken on its
+ * first data segment only. A queued child keeps the sorting listener's
+ * socket filter, so it sees every later segment too (headers written
+ * separately, pipelined requests): those must not change the decision.
+ * A connection is told apart from a later one on the same 4-tuple by the
+ * ACK its client sends, the server's ISN + 1, constant until the server
+ * sends data, which it cannot do before the child is accepted; its first
+ * data segment by `seq` (a retransmission of it repeats the same seq).
+ */
+struct sticky_decision {
+	__u32 owner;  /* worker index, or STICKY_NO_WORKER: balance */
+	__u32 placed; /* 1 once the selector has used it: later segments skip */
+	__u32 ack;    /* TCP ack of the first data segment, network order */
+	__u32 seq;    /* TCP seq of the first data segment, network order */
+};
+
+/*
  * One entry per sorting CPU of the `handoff` array map, mmapped by user
  * space. It closes the one race per-CPU rotation leaves: a connection whose
  * SYN was processed on CPU c (its request socket lives on c's sorting

@@ -73,7 +73,7 @@ struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, STICKY_FLOWS_MAX);
 	__type(key, struct sticky_flow);
-	__type(value, __u32);
+	__type(value, struct sticky_decision);
 } flows SEC(".maps");
 
 /* Round-robin cursor (also the tie-breaker for least-connection). */
@@ -364,7 +364,7 @@ static __always_inline __u32 decide(struct sk_reuseport_md *md,
 	void *ring;
 	struct bpf_sock *sk;
 	struct scratch *s;
-	__u32 *decision;
+	struct sticky_decision *decision;
 	__u8 doff;
 
 	if (cfg->mode == STICKY_MODE_SYN_BALANCE) {
@@ -421,13 +421,15 @@ absorb:
 	/*
 	 * A child from the sorting queue: established, its first data already
 	 * seen by sticky_sort, which left its decision under the flow key.
+	 * The entry stays, marked, so that the filter the child keeps ignores
+	 * its later segments; the LRU evicts it.
 	 */
 	forget_syn_slot(key->remote_port);
 	owner = STICKY_NO_WORKER;
 	decision = bpf_map_lookup_elem(&flows, key);
-	if (decision) {
-		owner = *decision;
-		bpf_map_delete_elem(&flows, key);
+	if (decision && !decision->placed) {
+		owner = decision->owner;
+		decision->placed = 1;
 	}
 	count(STICKY_CNT_PLACED_QUEUE);
 	return owner;
@@ -484,7 +486,8 @@ static __always_inline int cross_cpu_handoff_closing(__u16 sport_be)
 SEC("socket")
 int sticky_sort(struct __sk_buff *skb)
 {
-	__u32 zero = 0, ip_len, tot_len, data_off, off, len, owner;
+	__u32 zero = 0, ip_len, tot_len, data_off, off, len;
+	struct sticky_decision decision = {}, *known;
 	struct sticky_config *cfg;
 	struct sticky_flow key = {};
 	struct tcphdr th;
@@ -544,6 +547,12 @@ int sticky_sort(struct __sk_buff *skb)
 	s = bpf_map_lookup_elem(&scratch, &zero);
 	if (!cfg || !s)
 		goto out;
+	/* A later segment of a connection already decided: see sticky_decision. */
+	key.remote_port = th.source;
+	known = bpf_map_lookup_elem(&flows, &key);
+	if (known && known->ack == th.ack_seq &&
+	    (known->placed || known->seq != th.seq))
+		goto out;
 	if (cross_cpu_handoff_closing(th.source)) {
 		count(STICKY_CNT_HANDOFF_DROPS);
 		return 0; /* dropped: see struct sticky_handoff */
@@ -554,19 +563,17 @@ int sticky_sort(struct __sk_buff *skb)
 	if (len == 0 || bpf_skb_load_bytes(skb, off, s->buf, len))
 		goto out;
 	s->len = len;
-	key.remote_port = th.source;
 
-	owner = owner_of(s, sticky_parse(s, cfg));
+	decision.owner = owner_of(s, sticky_parse(s, cfg));
+	decision.ack = th.ack_seq;
+	decision.seq = th.seq;
 	/*
-	 * Always overwrite or delete: a stale decision for a reused 4-tuple
-	 * must never route a new connection.
+	 * Always overwrite, "balance" included: a stale decision for a reused
+	 * 4-tuple must never route a new connection.
 	 */
-	if (owner != STICKY_NO_WORKER) {
-		bpf_map_update_elem(&flows, &key, &owner, BPF_ANY);
+	bpf_map_update_elem(&flows, &key, &decision, BPF_ANY);
+	if (decision.owner != STICKY_NO_WORKER)
 		count(STICKY_CNT_FILTER_DECISIONS);
-	} else {
-		bpf_map_delete_elem(&flows, &key);
-	}
 out:
 	return skb->len; /* never trim: >= the segment's length */
 }
@@ -694,8 +701,12 @@ int sticky_learn(struct __sk_buff *skb)
 	if (!placed)
 		return 1;
 	off = ip_len + th.doff * 4;
-	if (tot_len <= off)
-		return 1; /* no payload: SYN-ACK, ACK, FIN */
+	if (tot_len <= off) {
+		/* No payload. The worker's FIN or RST ends the search early. */
+		if (th.fin || th.rst)
+			bpf_map_delete_elem(&placed_flows, &key);
+		return 1;
+	}
 	s = bpf_map_lookup_elem(&scratch, &two);
 	if (!s)
 		return 1;
@@ -706,7 +717,7 @@ int sticky_learn(struct __sk_buff *skb)
 	if (len == 0 || bpf_skb_load_bytes(skb, off, s->buf, len))
 		return 1;
 	s->len = len;
-	if (learn_sid(s, placed->worker) ||
+	if (learn_sid(s, placed->worker) || th.fin || th.rst ||
 	    __sync_fetch_and_add(&placed->segments, 1) + 1 >= STICKY_LEARN_SEGMENTS)
 		bpf_map_delete_elem(&placed_flows, &key);
 	return 1;

@@ -13,7 +13,7 @@ use aya::{
     programs::{SocketFilter, TestRun, TestRunOptions},
     Ebpf,
 };
-use sticky_common::{Balance, Config, FlowKey, Mode, SidKey, COUNTERS};
+use sticky_common::{Balance, Config, Decision, FlowKey, Mode, SidKey, COUNTERS, NO_WORKER};
 use sticky_fuzz::Parse;
 
 mod common;
@@ -40,7 +40,7 @@ struct Harness {
     ebpf: Ebpf,
     config: Array<MapData, Config>,
     sessions: HashMap<MapData, SidKey, u32>,
-    flows: HashMap<MapData, FlowKey, u32>,
+    flows: HashMap<MapData, FlowKey, Decision>,
     counters: PerCpuArray<MapData, u64>,
     next_port: u16,
 }
@@ -117,11 +117,13 @@ impl Harness {
             result.return_value as usize >= packet.len() - 14,
             "filter trimmed the segment"
         );
-        if let Ok(owner) = self
+        if let Ok(d) = self
             .flows
             .get(&flow_key(server_for(client), client, port), 0)
         {
-            return Owner(owner);
+            if d.owner != NO_WORKER {
+                return Owner(d.owner);
+            }
         }
         let changed: Vec<&str> = names
             .iter()

@@ -230,6 +230,46 @@ impl Drop for Cluster {
     }
 }
 
+/// Open descriptors of process `pid`.
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// Entries in the kernel map `name` held by process `pid` (found through
+/// its descriptors, so other sticky instances do not count), for the hash
+/// maps whose size can grow: `flows`, `placed_flows`, `sessions`, `learned`.
+pub fn map_entries(pid: u32, name: &str) -> usize {
+    use aya::maps::{HashMap as BpfHashMap, Map, MapData, MapInfo};
+    use sticky_common::{Decision, FlowKey, Learned, Placed, SidKey};
+    let id = std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .expect("fdinfo of the supervisor")
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+        .filter_map(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("map_id:"))
+                .and_then(|id| id.trim().parse::<u32>().ok())
+        })
+        .find(|&id| MapInfo::from_id(id).is_ok_and(|i| i.name_as_str() == Some(name)))
+        .unwrap_or_else(|| panic!("process {pid} holds no map named {name}"));
+    let data = MapData::from_id(id).expect("opening the map by id");
+    let count = |map: Map| -> usize {
+        match name {
+            "flows" => BpfHashMap::<_, FlowKey, Decision>::try_from(map).map(|m| m.keys().count()),
+            "placed_flows" => {
+                BpfHashMap::<_, FlowKey, Placed>::try_from(map).map(|m| m.keys().count())
+            }
+            "sessions" => BpfHashMap::<_, SidKey, u32>::try_from(map).map(|m| m.keys().count()),
+            "learned" => BpfHashMap::<_, SidKey, Learned>::try_from(map).map(|m| m.keys().count()),
+            other => panic!("map_entries: {other} is not a hash map"),
+        }
+        .expect("reading the map")
+    };
+    match name {
+        "flows" | "placed_flows" => count(Map::LruHashMap(data)),
+        _ => count(Map::HashMap(data)),
+    }
+}
+
 /// Sends one line on a new control connection, returns the answer line.
 pub fn control_line(path: &std::path::Path, line: &str) -> String {
     let mut s = UnixStream::connect(path).expect("control socket");

@@ -1,0 +1,603 @@
+//! Hostile and malformed first segments over real sockets: real `sticky
+//! run`, real demo workers, the kernel programs placing each connection.
+//! Each row is a client behaviour and its defined outcome: where the
+//! connection goes (its sid's owner, or balanced), which `sticky stats`
+//! counter says why, and what the worker makes of it (an answer, or a
+//! close). After all rows nothing has leaked: the supervisor and every
+//! worker are alive, the supervisor's descriptors and the kernel maps are
+//! back to their baseline.
+
+use std::{
+    collections::HashMap,
+    io::{Read, Write},
+    net::{Shutdown, TcpStream},
+    time::{Duration, Instant},
+};
+
+use sticky_tests::{fd_count, map_entries, parse_response, random_sid, Cluster};
+
+/// The counters that say why a connection was balanced.
+const REASONS: [&str; 4] = ["sid_unknown", "sid_invalid", "no_sid", "not_http"];
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Place {
+    /// On the worker owning this sid (index into the row's sids).
+    Owner(usize),
+    Balanced,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Answer {
+    /// The worker answers with this status.
+    Status(u16),
+    /// The client half-closes; the worker closes without an answer.
+    Closed,
+}
+
+struct Row {
+    name: String,
+    /// Written in order, `gap` apart, TCP_NODELAY: one segment each.
+    pieces: Vec<Vec<u8>>,
+    gap: Duration,
+    place: Place,
+    /// The counter that must grow by one (None: none of REASONS).
+    reason: Option<&'static str>,
+    answer: Answer,
+}
+
+fn row(name: &str, request: impl Into<Vec<u8>>, place: Place, reason: Option<&'static str>) -> Row {
+    Row {
+        name: name.to_owned(),
+        pieces: vec![request.into()],
+        gap: Duration::ZERO,
+        place,
+        reason,
+        answer: Answer::Status(200),
+    }
+}
+
+/// `GET <target>` with the headers the rows share.
+fn get(target: &str) -> String {
+    format!("GET {target} HTTP/1.1\r\nHost: sticky\r\nConnection: close\r\n\r\n")
+}
+
+/// Splits `text` into `n` pieces of about equal size.
+fn split(text: &str, n: usize) -> Vec<Vec<u8>> {
+    let size = text.len().div_ceil(n);
+    text.as_bytes().chunks(size).map(<[u8]>::to_vec).collect()
+}
+
+/// Deterministic bytes (xorshift), never containing CR LF CR LF.
+fn binary(len: usize, mut x: u64) -> Vec<u8> {
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            match (x >> 24) as u8 {
+                b'\r' | b'\n' => 0,
+                b => b,
+            }
+        })
+        .collect()
+}
+
+/// The start of a TLS 1.2 ClientHello (record header, handshake header,
+/// version, random, session id, cipher suites, compression, SNI).
+fn client_hello() -> Vec<u8> {
+    let mut hello = vec![
+        0x16, 0x03, 0x01, 0x00, 0x4c, 0x01, 0x00, 0x00, 0x48, 0x03, 0x03,
+    ];
+    hello.extend(binary(32, 7)); // random
+    hello.extend([0x00, 0x00, 0x04, 0x13, 0x01, 0xc0, 0x2f, 0x01, 0x00]);
+    hello.extend([
+        0x00, 0x13, 0x00, 0x00, 0x00, 0x0f, 0x00, 0x0d, 0x00, 0x00, 0x0a,
+    ]);
+    hello.extend(b"sticky.dev");
+    hello
+}
+
+fn delta(before: &HashMap<String, String>, after: &HashMap<String, String>, k: &str) -> u64 {
+    after[k].parse::<u64>().unwrap() - before[k].parse::<u64>().unwrap()
+}
+
+/// Plays one row; returns a description of what went wrong, if anything.
+fn play(cluster: &Cluster, owners: &[usize], row: &Row) -> Result<String, String> {
+    let before = cluster.stats();
+    let mut s = TcpStream::connect(cluster.addr).map_err(|e| format!("connect: {e}"))?;
+    s.set_nodelay(true).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    for (i, piece) in row.pieces.iter().enumerate() {
+        if i > 0 {
+            std::thread::sleep(row.gap);
+        }
+        s.write_all(piece).map_err(|e| format!("write: {e}"))?;
+    }
+    if row.answer == Answer::Closed {
+        s.shutdown(Shutdown::Write).unwrap();
+    }
+    let mut raw = Vec::new();
+    let read = s.read_to_end(&mut raw);
+    let (got_answer, worker) = match (&read, raw.is_empty()) {
+        (Ok(_), true) => (Answer::Closed, None),
+        (Ok(_), false) => {
+            let r = parse_response(&raw);
+            (Answer::Status(r.status), r.worker)
+        }
+        (Err(e), _) => return Err(format!("read: {e}")),
+    };
+    let after = cluster.stats();
+    let d = |k: &str| delta(&before, &after, k);
+    let mut wrong = Vec::new();
+    if got_answer != row.answer {
+        wrong.push(format!("answer {got_answer:?}, want {:?}", row.answer));
+    }
+    match row.place {
+        Place::Owner(i) => {
+            if worker != Some(owners[i]) || d("by_sid") != 1 {
+                wrong.push(format!(
+                    "want owner {}, got worker {worker:?}, by_sid +{}",
+                    owners[i],
+                    d("by_sid")
+                ));
+            }
+        }
+        Place::Balanced => {
+            if d("balanced") != 1 || d("by_sid") != 0 {
+                wrong.push(format!(
+                    "want balanced, got balanced +{} by_sid +{}",
+                    d("balanced"),
+                    d("by_sid")
+                ));
+            }
+        }
+    }
+    let grew: Vec<&str> = REASONS.into_iter().filter(|k| d(k) > 0).collect();
+    let queue = d("placed_queue") == 1;
+    // The socket filter (queue path) skips segments not starting with A-Z
+    // without counting them; the softirq path counts them `not_http`.
+    let uncounted_ok = row.reason == Some("not_http") && queue && grew.is_empty();
+    if grew != row.reason.into_iter().collect::<Vec<_>>() && !uncounted_ok
+        || REASONS.iter().any(|k| d(k) > 1)
+    {
+        wrong.push(format!("want counter {:?}, grew {grew:?}", row.reason));
+    }
+    let path = if queue { "queue" } else { "softirq" };
+    if wrong.is_empty() {
+        Ok(format!(
+            "{:<44} {:<12} {:<14} {got_answer:?} ({path})",
+            row.name,
+            match worker {
+                Some(w) => format!("worker {w}"),
+                None => "-".into(),
+            },
+            grew.first().copied().unwrap_or("by_sid"),
+        ))
+    } else {
+        Err(format!("{}: {} ({path})", row.name, wrong.join("; ")))
+    }
+}
+
+/// The supervisor's baseline: descriptors and the growable kernel maps.
+fn footprint(cluster: &Cluster) -> (usize, usize, usize, usize) {
+    let pid = cluster.pid();
+    (
+        fd_count(pid),
+        map_entries(pid, "flows"),
+        map_entries(pid, "placed_flows"),
+        map_entries(pid, "sessions"),
+    )
+}
+
+/// After a hostile run: supervisor and workers alive (same pids), no
+/// descriptor or map entry left behind. The fd count may differ by the
+/// connections the control socket serves at that moment.
+fn assert_nothing_leaked(cluster: &Cluster, pids: &[u32], baseline: (usize, usize, usize, usize)) {
+    let now = footprint(cluster);
+    println!("supervisor fds / flows / placed_flows / sessions: {baseline:?} -> {now:?}");
+    assert!(
+        std::path::Path::new(&format!("/proc/{}", cluster.pid())).exists(),
+        "the supervisor died"
+    );
+    for (i, pid) in pids.iter().enumerate() {
+        assert_eq!(
+            cluster.worker_pid(i),
+            Some(*pid),
+            "worker {i} was restarted"
+        );
+    }
+    assert!(
+        now.0 <= baseline.0 + 2,
+        "supervisor descriptors grew: {baseline:?} -> {now:?}"
+    );
+    assert!(
+        now.1 <= baseline.1,
+        "flows entries left behind: {baseline:?} -> {now:?}"
+    );
+    assert!(
+        now.2 <= baseline.2,
+        "placed_flows entries left behind: {baseline:?} -> {now:?}"
+    );
+    assert_eq!(now.3, baseline.3, "sessions changed");
+}
+
+#[test]
+fn hostile_first_segments_have_defined_outcomes() {
+    let cluster = Cluster::start(3, &["--balance", "round-robin"]);
+    let sessions = cluster.sessions_on_every_worker(3, 1);
+    // Two sids on two different workers.
+    let (a, b) = (
+        &sessions[0],
+        sessions.iter().find(|s| s.1 != sessions[0].1).unwrap(),
+    );
+    let owners = [a.1, b.1];
+    let (a, b) = (a.0.as_str(), b.0.as_str());
+    let pids: Vec<u32> = (0..3).map(|i| cluster.worker_pid(i).unwrap()).collect();
+    let baseline = footprint(&cluster);
+    let sid65 = format!("{a}{}", "x".repeat(65 - a.len()));
+    let polling = format!("/socket.io/?EIO=4&transport=polling&sid={a}");
+    let big_body = "z".repeat(64 * 1024 - 200);
+    let big = format!(
+        "POST /echo?sid={a} HTTP/1.1\r\nHost: sticky\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{big_body}",
+        big_body.len()
+    );
+    let long_path = format!("/{}?sid={a}", "p".repeat(60 * 1024));
+    use Place::*;
+    let mut rows = vec![
+        row(
+            "sid of worker A",
+            get(&format!("/?sid={a}")),
+            Owner(0),
+            None,
+        ),
+        row(
+            "sid of worker B, Engine.IO polling",
+            get(&polling.replace(a, b)),
+            Owner(1),
+            None,
+        ),
+        row(
+            "no sid",
+            get("/socket.io/?EIO=4&transport=polling"),
+            Balanced,
+            Some("no_sid"),
+        ),
+        row("empty sid=", get("/?sid="), Balanced, Some("no_sid")),
+        row(
+            "empty sid= then sid=A",
+            get(&format!("/?sid=&sid={a}")),
+            Balanced,
+            Some("no_sid"),
+        ),
+        row(
+            "65-byte sid",
+            get(&format!("/?sid={sid65}")),
+            Balanced,
+            Some("sid_invalid"),
+        ),
+        row(
+            "sid with '.'",
+            get(&format!("/?sid={a}.x")),
+            Balanced,
+            Some("sid_invalid"),
+        ),
+        row(
+            "sid with '%2D'",
+            get(&format!("/?sid={a}%2D")),
+            Balanced,
+            Some("sid_invalid"),
+        ),
+        row(
+            "sid with a UTF-8 byte",
+            get(&format!("/?sid={a}é")),
+            Balanced,
+            Some("sid_invalid"),
+        ),
+        row(
+            "sid twice: A then B (first wins)",
+            get(&format!("/?sid={a}&sid={b}")),
+            Owner(0),
+            None,
+        ),
+        row(
+            "sid twice: B then A (first wins)",
+            get(&format!("/?sid={b}&sid={a}")),
+            Owner(1),
+            None,
+        ),
+        row(
+            "sid only in the path",
+            get(&format!("/sid={a}/x")),
+            Balanced,
+            Some("no_sid"),
+        ),
+        row(
+            "sid only in the fragment",
+            get(&format!("/x#?sid={a}")),
+            Balanced,
+            Some("no_sid"),
+        ),
+        row(
+            "sid only in a header",
+            format!(
+                "GET /x HTTP/1.1\r\nCookie: sid={a}\r\nX-Sid: {a}\r\nConnection: close\r\n\r\n"
+            ),
+            Balanced,
+            Some("no_sid"),
+        ),
+        row(
+            "xsid=",
+            get(&format!("/?xsid={a}")),
+            Balanced,
+            Some("no_sid"),
+        ),
+        row("SID=", get(&format!("/?SID={a}")), Balanced, Some("no_sid")),
+        row(
+            "percent-encoded name %73id=",
+            get(&format!("/?%73id={a}")),
+            Balanced,
+            Some("no_sid"),
+        ),
+        row(
+            "unknown sid",
+            get(&format!("/?sid=NoSuch{}", random_sid(14))),
+            Balanced,
+            Some("sid_unknown"),
+        ),
+        row("64 KiB first segment, sid in line", big, Owner(0), None),
+        row(
+            "60 KiB path before the sid",
+            get(&long_path),
+            Balanced,
+            Some("no_sid"),
+        ),
+    ];
+    // Request lines split across segments: only the first one is parsed.
+    let mut split_rows = vec![
+        (
+            "split in 2, sid terminated in the first",
+            format!("/?sid={a}&EIO=4"),
+            format!("GET /?sid={a}&"),
+            Owner(0),
+            None,
+        ),
+        (
+            "split in 2, before the sid",
+            format!("/?EIO=4&sid={a}"),
+            "GET /?EIO=4&s".to_owned(),
+            Balanced,
+            Some("no_sid"),
+        ),
+        (
+            "split in 2, inside the sid value",
+            format!("/?sid={a}"),
+            format!("GET /?sid={}", &a[..5]),
+            Balanced,
+            Some("sid_invalid"),
+        ),
+        (
+            "split in 2, right after the sid value",
+            format!("/?sid={a}"),
+            format!("GET /?sid={a}"),
+            Balanced,
+            Some("sid_invalid"),
+        ),
+        (
+            "split in 2, request line then headers",
+            format!("/?sid={b}"),
+            format!("GET /?sid={b} HTTP/1.1\r\n"),
+            Owner(1),
+            None,
+        ),
+    ]
+    .into_iter()
+    .map(|(name, target, first, place, reason)| {
+        let full = get(&target);
+        let rest = full
+            .strip_prefix(first.as_str())
+            .unwrap_or_else(|| panic!("{name}"));
+        Row {
+            name: name.to_owned(),
+            pieces: vec![first.clone().into_bytes(), rest.as_bytes().to_vec()],
+            gap: Duration::from_millis(30),
+            place,
+            reason,
+            answer: Answer::Status(200),
+        }
+    })
+    .collect::<Vec<_>>();
+    rows.append(&mut split_rows);
+    rows.push(Row {
+        name: "split in 10 segments".into(),
+        pieces: split(&get(&polling), 10),
+        gap: Duration::from_millis(20),
+        place: Balanced,
+        reason: Some("no_sid"),
+        answer: Answer::Status(200),
+    });
+    for (name, bytes) in [
+        ("TLS ClientHello", client_hello()),
+        ("random binary, 1 KiB", binary(1024, 42)),
+        (
+            "random binary starting 'G'",
+            [b"G".to_vec(), binary(300, 9)].concat(),
+        ),
+        ("NUL bytes", vec![0; 64]),
+    ] {
+        rows.push(Row {
+            name: name.into(),
+            pieces: vec![bytes],
+            gap: Duration::ZERO,
+            place: Balanced,
+            reason: Some("not_http"),
+            answer: Answer::Closed,
+        });
+    }
+
+    let mut failures = Vec::new();
+    for row in &rows {
+        match play(&cluster, &owners, row) {
+            Ok(line) => println!("{line}"),
+            Err(e) => {
+                println!("FAILED {e}");
+                failures.push(e);
+            }
+        }
+    }
+    assert_nothing_leaked(&cluster, &pids, baseline);
+    assert!(
+        failures.is_empty(),
+        "{} rows failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+/// Writes `first`, then after `gap` the rest, on a connection made while
+/// the supervisor is stopped (so nothing rotates and the first segment
+/// lands in the sorting queue: the socket filter decides).
+#[test]
+fn queue_path_decides_on_the_first_segment_only() {
+    let cluster = Cluster::start(3, &["--balance", "round-robin"]);
+    let sessions = cluster.sessions_on_every_worker(3, 1);
+    let before = cluster.stats();
+    unsafe { libc::kill(cluster.pid() as i32, libc::SIGSTOP) };
+    std::thread::sleep(Duration::from_millis(100));
+    let pending: Vec<(TcpStream, usize, &str)> = sessions
+        .iter()
+        .flat_map(|(sid, owner)| {
+            let other = &sessions.iter().find(|s| s.1 != *owner).unwrap().0;
+            [
+                // Headers in their own segment: "Host: ..." starts with A-Z.
+                (
+                    vec![
+                        format!("GET /?sid={sid} HTTP/1.1\r\n"),
+                        "Host: x\r\nConnection: close\r\n\r\n".into(),
+                    ],
+                    *owner,
+                    "request line, then headers",
+                ),
+                // A second request line in a later segment must not move it.
+                (
+                    vec![
+                        format!("GET /?sid={sid} HTTP/1.1\r\n"),
+                        format!(
+                            "X: y\r\n\r\nGET /?sid={other} HTTP/1.1\r\nConnection: close\r\n\r\n"
+                        ),
+                    ],
+                    *owner,
+                    "pipelined second request for another sid",
+                ),
+            ]
+        })
+        .map(|(pieces, owner, what)| {
+            let mut s = TcpStream::connect(cluster.addr).unwrap();
+            s.set_nodelay(true).unwrap();
+            for (i, p) in pieces.iter().enumerate() {
+                if i > 0 {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                s.write_all(p.as_bytes()).unwrap();
+            }
+            (s, owner, what)
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    unsafe { libc::kill(cluster.pid() as i32, libc::SIGCONT) };
+    let mut wrong = Vec::new();
+    for (mut s, owner, what) in pending {
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut raw = Vec::new();
+        let _ = s.read_to_end(&mut raw);
+        let r = parse_response(&raw);
+        if r.worker != Some(owner) {
+            wrong.push(format!("{what}: worker {:?}, owner {owner}", r.worker));
+        }
+    }
+    let after = cluster.stats();
+    println!(
+        "queue path: placed_queue +{} by_sid +{} balanced +{} not_http +{}",
+        delta(&before, &after, "placed_queue"),
+        delta(&before, &after, "by_sid"),
+        delta(&before, &after, "balanced"),
+        delta(&before, &after, "not_http"),
+    );
+    assert!(wrong.is_empty(), "misplaced:\n{}", wrong.join("\n"));
+}
+
+/// Connects and sends nothing, or one byte a second: neither holds up
+/// anyone else.
+#[test]
+fn slow_clients_do_not_block_others() {
+    let cluster = Cluster::start(2, &["--balance", "round-robin"]);
+    let (sid, owner) = cluster.sessions_on_every_worker(2, 1).remove(0);
+    let addr = cluster.addr;
+    let by_sid = format!("/?sid={sid}");
+    let before = cluster.stats();
+    // 20 silent connections, held.
+    let silent: Vec<TcpStream> = (0..20).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    // One client at a byte a second: "GET /" in 5 s, then the rest at once.
+    let trickle = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_nodelay(true).unwrap();
+        for b in b"GET /" {
+            s.write_all(&[*b]).unwrap();
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        write!(s, "?sid={sid} HTTP/1.1\r\nConnection: close\r\n\r\n").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).unwrap();
+        parse_response(&raw)
+    });
+    // Meanwhile everybody else is served, by sid.
+    let start = Instant::now();
+    let mut served = 0;
+    while start.elapsed() < Duration::from_secs(6) {
+        let r = cluster.get(&by_sid);
+        assert_eq!((r.status, r.worker), (200, Some(owner)));
+        served += 1;
+    }
+    let slow = trickle.join().unwrap();
+    let mid = cluster.stats();
+    println!(
+        "1 byte/s client: answered {} by worker {:?} (balanced: its first segment was \"G\"); \
+         {served} other requests served meanwhile",
+        slow.status, slow.worker
+    );
+    assert_eq!(slow.status, 200);
+    assert!(
+        delta(&before, &mid, "no_sid") >= 1,
+        "the 1-byte first segment should count no_sid"
+    );
+    // The silent ones: held by TCP_DEFER_ACCEPT, no worker sees them yet.
+    let queued_before = delta(&before, &mid, "placed_queue");
+    // After the kernel gives up deferring they are balanced to a worker,
+    // which then serves them like any connection.
+    let start = Instant::now();
+    let held = loop {
+        let now = cluster.stats();
+        let placed = delta(&mid, &now, "placed_queue") + delta(&mid, &now, "placed_softirq");
+        if placed >= silent.len() as u64 || start.elapsed() > Duration::from_secs(60) {
+            break start.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let end = cluster.stats();
+    println!(
+        "20 silent connections: placed_queue during the first 6 s +{queued_before}; \
+         all handed to workers {:.1} s later (placed_queue +{}, balanced +{})",
+        held.as_secs_f64() + 6.0,
+        delta(&mid, &end, "placed_queue"),
+        delta(&mid, &end, "balanced"),
+    );
+    assert!(delta(&mid, &end, "balanced") >= silent.len() as u64);
+    for mut s in silent {
+        s.set_nodelay(true).unwrap();
+        write!(s, "GET /late HTTP/1.1\r\nConnection: close\r\n\r\n").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).unwrap();
+        assert_eq!(parse_response(&raw).status, 200);
+    }
+}
