@@ -244,6 +244,7 @@ pub const COUNTERS: &[&str] = &[
     "handoff_drops",
     "learned",
     "learn_known",
+    "learn_full",
 ];
 
 /// `enum sticky_counter` indices used by user space.

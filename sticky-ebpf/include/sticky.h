@@ -189,6 +189,7 @@ enum sticky_counter {
 	STICKY_CNT_HANDOFF_DROPS,    /* of those, dropped during a rotation */
 	STICKY_CNT_LEARNED,          /* sessions learned from open packets */
 	STICKY_CNT_LEARN_KNOWN,      /* open packets for an already known sid */
+	STICKY_CNT_LEARN_FULL,       /* open packets not learned: sessions map full */
 	STICKY_COUNTERS,
 };
 

@@ -36,6 +36,7 @@
 #define AF_INET6 10
 /* Request sockets report this state (include/net/tcp_states.h). */
 #define TCP_NEW_SYN_RECV 12
+#define EEXIST 17
 
 
 char LICENSE[] SEC("license") = "Dual MIT/GPL";
@@ -631,6 +632,7 @@ static __always_inline int learn_sid(struct scratch *s, __u32 worker)
 {
 	__u32 n = s->len, i;
 	__u64 w;
+	long err;
 	struct sticky_learned l = { .worker = worker };
 
 	if (n == 0 || n > STICKY_LEARN_SCAN)
@@ -650,11 +652,18 @@ static __always_inline int learn_sid(struct scratch *s, __u32 worker)
 	if (copy_sid(s, i + 9) <= 0 || s->buf[s->mark & SCAN_MASK] != '"')
 		return 0;
 	l.last_seen_ns = bpf_ktime_get_ns();
-	if (bpf_map_update_elem(&sessions, &s->key, &worker, BPF_NOEXIST)) {
-		count(STICKY_CNT_LEARN_KNOWN);
+	err = bpf_map_update_elem(&sessions, &s->key, &worker, BPF_NOEXIST);
+	if (err) {
+		/* -EEXIST: registered or learned already; else full (-E2BIG). */
+		count(err == -EEXIST ? STICKY_CNT_LEARN_KNOWN : STICKY_CNT_LEARN_FULL);
 		return 1;
 	}
-	bpf_map_update_elem(&learned, &s->key, &l, BPF_ANY);
+	/* Never a session without its expiry record: it would never expire. */
+	if (bpf_map_update_elem(&learned, &s->key, &l, BPF_ANY)) {
+		bpf_map_delete_elem(&sessions, &s->key);
+		count(STICKY_CNT_LEARN_FULL);
+		return 1;
+	}
 	count(STICKY_CNT_LEARNED);
 	return 1;
 }

@@ -26,7 +26,9 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use sticky_common::{Balance, Config, Mode, MAX_CPUS, MAX_WORKERS, PARAM_MAX, REJECT_SLOT};
+use sticky_common::{
+    Balance, Config, Mode, MAX_CPUS, MAX_WORKERS, PARAM_MAX, REJECT_SLOT, SESSIONS_MAX,
+};
 
 /// Logs one line to stderr, prefixed so it stands out among worker output.
 #[macro_export]
@@ -98,6 +100,11 @@ struct RunArgs {
     /// Forget a learned session after this long without a request carrying its sid.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     learn_idle: Duration,
+    /// Capacity of the session table, registered and learned sessions
+    /// together (1..=1048576): bounds the kernel memory it can take.
+    #[arg(long, default_value_t = SESSIONS_MAX,
+          value_parser = clap::value_parser!(u32).range(1..=SESSIONS_MAX as i64))]
+    max_sessions: u32,
     /// The worker command and its arguments.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     command: Vec<OsString>,
@@ -157,7 +164,7 @@ fn run(args: RunArgs) -> Result<()> {
     }
     let command = spawn::WorkerCommand::resolve(&args.command)?;
 
-    let mut steering = steering::Steering::load()?;
+    let mut steering = steering::Steering::load(args.max_sessions)?;
     let mut maps = steering.take_maps()?;
     let cpus = sorting_cpus();
     let group = listeners::ListenerGroup::bind(args.listen, workers)?;
@@ -194,6 +201,7 @@ fn run(args: RunArgs) -> Result<()> {
         maps.workers,
         maps.learned,
         workers,
+        args.max_sessions as usize,
     )));
     let control_path = args
         .control

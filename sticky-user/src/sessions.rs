@@ -19,8 +19,8 @@ use std::{collections::HashMap as StdHashMap, time::Duration};
 
 use crate::steering::monotonic_ns;
 use anyhow::Result;
-use aya::maps::{Array, HashMap, MapData};
-use sticky_common::{Learned, SidKey, WorkerState, SESSIONS_MAX};
+use aya::maps::{Array, HashMap, MapData, MapError};
+use sticky_common::{Learned, SidKey, WorkerState};
 
 /// A worker as seen by the control socket: its slot and which incarnation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,6 +43,8 @@ pub struct SessionTable {
     learned: HashMap<MapData, SidKey, Learned>,
     owners: StdHashMap<SidKey, usize>,
     slots: Vec<Slot>,
+    /// max_entries of the kernel `sessions` map.
+    capacity: usize,
 }
 
 impl SessionTable {
@@ -51,6 +53,7 @@ impl SessionTable {
         kernel_workers: Array<MapData, WorkerState>,
         learned: HashMap<MapData, SidKey, Learned>,
         workers: usize,
+        capacity: usize,
     ) -> SessionTable {
         SessionTable {
             kernel_sessions,
@@ -58,6 +61,7 @@ impl SessionTable {
             learned,
             owners: StdHashMap::new(),
             slots: (0..workers).map(|_| Slot::default()).collect(),
+            capacity,
         }
     }
 
@@ -135,12 +139,18 @@ impl SessionTable {
             Some(_) => return Err("sid owned by another worker".into()),
             None => {}
         }
-        if self.owners.len() >= SESSIONS_MAX as usize {
-            return Err(format!("session table full ({SESSIONS_MAX} sessions)"));
+        // The kernel map holds learned sessions too: it may fill first.
+        let full = format!("session table full ({} sessions)", self.capacity);
+        if self.owners.len() >= self.capacity {
+            return Err(full);
         }
-        self.kernel_sessions
-            .insert(key, id.index as u32, 0)
-            .map_err(|e| format!("kernel map update failed: {e}"))?;
+        match self.kernel_sessions.insert(key, id.index as u32, 0) {
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::E2BIG) => {
+                return Err(full)
+            }
+            Err(e) => return Err(format!("kernel map update failed: {e}")),
+            Ok(()) => {}
+        }
         // Explicit registration wins over what the kernel learned.
         if let Ok(l) = self.learned.get(&key, 0) {
             let _ = self.learned.remove(&key);

@@ -11,7 +11,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use aya::{
     maps::{Array, ArrayOfMaps, HashMap, MapData, PerCpuArray, ReusePortSockArray, RingBuf},
     programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SkReuseport, SocketFilter},
-    Ebpf,
+    Ebpf, EbpfLoader,
 };
 use sticky_common::{
     Config, Handoff, Learned, SidKey, WorkerState, COUNTERS, DOORBELL_BYTES, MAX_CPUS,
@@ -40,10 +40,15 @@ pub struct SteeringMaps {
 impl Steering {
     /// Checks the kernel and privileges, then loads both programs into the
     /// kernel (verifying them) without attaching anything.
-    pub fn load() -> Result<Steering> {
+    /// `max_sessions` sizes the `sessions` and `learned` maps.
+    pub fn load(max_sessions: u32) -> Result<Steering> {
         check_kernel()?;
         raise_memlock();
-        let mut ebpf = Ebpf::load(sticky_ebpf::steer_object()).map_err(|e| load_error(e.into()))?;
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(maps::SESSIONS, max_sessions)
+            .map_max_entries(maps::LEARNED, max_sessions)
+            .load(sticky_ebpf::steer_object())
+            .map_err(|e| load_error(e.into()))?;
         let select: &mut SkReuseport = program(&mut ebpf, SELECT_PROGRAM)?;
         select.load().map_err(|e| load_error(e.into()))?;
         let sort: &mut SocketFilter = program(&mut ebpf, SORT_PROGRAM)?;

@@ -139,6 +139,8 @@ fn idle_unknown_peers_do_not_lock_workers_out() {
 ///   not worker W, without sending anything.
 /// - `/bulk?as=W&n=N&prefix=P`: pipelines `open P<i>` for i < N on a new
 ///   connection, answers `ok=<n> err=<n> first_err=<reply>`.
+/// - `/big?as=W&n=N`: sends `open ` and N bytes `a`, newline, on a new
+///   connection; answers `<reply line>\nclosed=<0|1>\n`.
 /// - `/spawn?as=W&line=L`: a child in a new session starts a grandchild that
 ///   sends L on its own control connection; answers the grandchild's
 ///   `pid=<pid> answer=<reply>`.
@@ -218,6 +220,18 @@ def bulk(n, prefix):
     s.close()
     return b"ok=%d err=%d first_err=%s" % (ok, err, first)
 
+def big(n):
+    s, f = connect()
+    s.settimeout(20)
+    try:
+        s.sendall(b"open " + b"a" * n + b"\n")
+    except OSError:
+        pass  # the supervisor may close before reading it all
+    answer = f.readline().rstrip(b"\n")
+    closed = closed_by_peer(s)
+    s.close()
+    return answer, closed
+
 GRANDCHILD = r'''
 import os, socket, sys
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -259,6 +273,9 @@ class Handler(BaseHTTPRequestHandler):
             if path == "/ctl":
                 answer, closed = exchange(q["line"])
                 return self.reply(200, answer + b"\nclosed=%d\n" % closed)
+            if path == "/big":
+                answer, closed = big(int(q["n"]))
+                return self.reply(200, answer + b"\nclosed=%d\n" % closed)
             if path == "/bulk":
                 return self.reply(200, bulk(int(q["n"]), q["prefix"]))
             if path == "/spawn":
@@ -280,6 +297,10 @@ server.serve_forever()
 /// A cluster of relay workers, round-robin. `wrap`: run the script under
 /// `sh -c` so that the Python process is a child of the worker process.
 fn relay_cluster(dir: &TempDir, workers: usize, wrap: bool) -> Cluster {
+    relay_cluster_with(dir, workers, wrap, &[])
+}
+
+fn relay_cluster_with(dir: &TempDir, workers: usize, wrap: bool, extra: &[&str]) -> Cluster {
     let script = dir.0.join("relay.py");
     std::fs::write(&script, RELAY_WORKER).unwrap();
     let python = python3_bin();
@@ -290,12 +311,8 @@ fn relay_cluster(dir: &TempDir, workers: usize, wrap: bool) -> Cluster {
     } else {
         vec![python, script]
     };
-    let cluster = Cluster::start_with(
-        "127.0.0.1:0",
-        workers,
-        &["--balance", "round-robin"],
-        &command,
-    );
+    let args = [&["--balance", "round-robin"], extra].concat();
+    let cluster = Cluster::start_with("127.0.0.1:0", workers, &args, &command);
     // Python starts slower than sticky reports: wait until each answers.
     for w in 0..workers {
         as_worker(&cluster, w, "/");
@@ -509,4 +526,143 @@ fn descendants_of_a_worker_count_as_that_worker() {
     for w in 0..2 {
         assert!(seen[&w].contains(",sessions:2,"), "{seen:?}");
     }
+}
+
+/// Sends raw bytes from the test process (not a worker), returns the
+/// answer line and whether the supervisor closed the connection after it.
+fn stranger_sends(cluster: &Cluster, bytes: &[u8]) -> (String, bool) {
+    let mut s = UnixStream::connect(&cluster.control).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = s.write_all(bytes); // the supervisor may close before reading all
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let first = text.lines().next().unwrap_or("").to_owned();
+    (first, text.lines().count() <= 1)
+}
+
+#[test]
+fn hostile_control_lines_are_refused_without_harm() {
+    let dir = TempDir::new();
+    let cluster = relay_cluster(&dir, 2, false);
+    let supervisor_fds = sticky_tests::fd_count(cluster.pid());
+
+    // A 1 MiB line from a worker: refused after 1 KiB, connection closed.
+    let r = as_worker(&cluster, 0, "/big?n=1048576");
+    let text = r.text();
+    println!("worker 0, 1 MiB line: {:?}", text.trim_end());
+    assert!(text.starts_with("err line too long"), "{text}");
+    assert!(text.ends_with("closed=1\n"), "{text}");
+    // The same from a stranger, and binary garbage from a stranger.
+    let big = [b"open ".as_slice(), &vec![b'a'; 1 << 20], b"\n"].concat();
+    let (answer, closed) = stranger_sends(&cluster, &big);
+    println!("stranger, 1 MiB line: {answer:?}, closed={closed}");
+    assert!(
+        answer.starts_with("err line too long") && closed,
+        "{answer}"
+    );
+    let garbage: Vec<u8> = (0..4096u32).map(|i| (i * 7919 % 251) as u8).collect();
+    let (answer, closed) = stranger_sends(&cluster, &garbage);
+    println!("stranger, 4 KiB of binary: {answer:?}, closed={closed}");
+    assert!(answer.starts_with("err ") && closed, "{answer}");
+
+    // Forging: the line cannot name a worker, and the environment of a
+    // worker does not make a process one (SO_PEERCRED decides).
+    let x = format!("F{}", random_sid(19));
+    let (answer, _) = line_as(&cluster, 1, format!("open {x} worker=0").as_bytes());
+    assert!(answer.starts_with("err "), "{answer}");
+    let (answer, _) = line_as(&cluster, 1, format!("open {x}").as_bytes());
+    assert_eq!(answer, "ok");
+    assert_eq!(
+        owner_of(&cluster, &x, 4),
+        vec![1; 4],
+        "the sid went to the sender, worker 1"
+    );
+    let worker0_env = std::process::Command::new(python3_bin())
+        .args(["-c", FORGER])
+        .env("STICKY_WORKER", "0")
+        .env("STICKY_CONTROL", &cluster.control)
+        .env("LISTEN_PID", cluster.worker_pid(0).unwrap().to_string())
+        .arg(format!("close {x}"))
+        .output()
+        .unwrap();
+    let forged = String::from_utf8_lossy(&worker0_env.stdout)
+        .trim()
+        .to_owned();
+    println!("a process with worker 0's environment sends `close {x}`: {forged:?}");
+    assert!(forged.contains("unknown peer"), "{forged}");
+    assert_eq!(owner_of(&cluster, &x, 2), vec![1; 2]);
+
+    // 100,000 pipelined opens from one worker, on one connection.
+    let n = 100_000;
+    let start = Instant::now();
+    let r = as_worker(
+        &cluster,
+        0,
+        &format!("/bulk?n={n}&prefix=h{}", random_sid(8)),
+    );
+    let took = start.elapsed();
+    let stats = cluster.stats();
+    println!(
+        "{n} pipelined opens in {took:.1?}: {}; sessions={} kernel map entries={}",
+        r.text(),
+        stats["sessions"],
+        sticky_tests::map_entries(cluster.pid(), "sessions")
+    );
+    assert_eq!(r.text(), format!("ok={n} err=0 first_err=-"));
+    assert_eq!(stats["sessions"], (n + 1).to_string());
+    assert_eq!(sticky_tests::map_entries(cluster.pid(), "sessions"), n + 1);
+    // The worker exits: its 100,000 sessions leave the kernel map at once.
+    let pid = cluster.worker_pid(0).unwrap();
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    cluster.wait_for(
+        "worker 0's sessions forgotten",
+        Duration::from_secs(20),
+        |c| c.stats()["sessions"] == "1",
+    );
+    assert_eq!(sticky_tests::map_entries(cluster.pid(), "sessions"), 1);
+    let now = sticky_tests::fd_count(cluster.pid());
+    println!("supervisor descriptors: {supervisor_fds} -> {now}");
+    assert!(
+        now <= supervisor_fds + 2,
+        "supervisor descriptors grew: {supervisor_fds} -> {now}"
+    );
+}
+
+/// Sends argv[1] to $STICKY_CONTROL and prints the answer.
+const FORGER: &str = r#"
+import os, socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(os.environ["STICKY_CONTROL"])
+s.sendall(sys.argv[1].encode() + b"\n")
+print(s.makefile("rb").readline().decode().strip())
+"#;
+
+#[test]
+fn a_full_session_table_refuses_opens_until_one_closes() {
+    let dir = TempDir::new();
+    let cluster = relay_cluster_with(&dir, 2, false, &["--max-sessions", "1000"]);
+    let prefix = format!("full{}", random_sid(8));
+    let r = as_worker(&cluster, 0, &format!("/bulk?n=1200&prefix={prefix}"));
+    println!("1200 opens into a table of 1000: {}", r.text());
+    assert_eq!(
+        r.text(),
+        "ok=1000 err=200 first_err=err session table full (1000 sessions)"
+    );
+    // Full for every worker: worker 1 is refused too, nothing is evicted,
+    // and registered sessions keep routing.
+    let y = format!("Y{}", random_sid(19));
+    let (answer, closed) = line_as(&cluster, 1, format!("open {y}").as_bytes());
+    assert_eq!(answer, "err session table full (1000 sessions)");
+    assert!(
+        !closed,
+        "a refused open must not cost the worker its connection"
+    );
+    assert_eq!(sticky_tests::map_entries(cluster.pid(), "sessions"), 1000);
+    assert_eq!(owner_of(&cluster, &format!("{prefix}999"), 3), vec![0; 3]);
+    // A close frees a place.
+    let (answer, _) = line_as(&cluster, 0, format!("close {prefix}0").as_bytes());
+    assert_eq!(answer, "ok");
+    assert_eq!(line_as(&cluster, 1, format!("open {y}").as_bytes()).0, "ok");
+    assert_eq!(owner_of(&cluster, &y, 3), vec![1; 3]);
 }
