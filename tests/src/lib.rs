@@ -396,3 +396,127 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// A private network namespace (`ip netns add`), deleted on drop, so a test
+/// can change TCP sysctls without touching the host. `enter` moves the
+/// calling thread into it (threads it spawns afterwards are in it too);
+/// `configure` makes a `Command` (e.g. sticky) start inside it.
+pub struct NetNs {
+    pub name: String,
+    file: std::fs::File,
+}
+
+impl NetNs {
+    /// None (with the reason) when `ip netns` is not usable here.
+    pub fn new(sysctls: &[(&str, &str)]) -> Result<NetNs, String> {
+        let name = format!("sticky-test-{}", random_sid(8).replace(['_', '-'], "x"));
+        let ip = |args: &[&str]| -> Result<(), String> {
+            let out = Command::new("ip")
+                .args(args)
+                .output()
+                .map_err(|e| format!("cannot run ip: {e}"))?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "ip {}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ))
+            }
+        };
+        ip(&["netns", "add", &name])?;
+        let file = std::fs::File::open(format!("/run/netns/{name}"))
+            .map_err(|e| format!("/run/netns/{name}: {e}"))?;
+        let ns = NetNs { name, file };
+        ip(&["-n", &ns.name, "link", "set", "lo", "up"])?;
+        for (key, value) in sysctls {
+            ip(&[
+                "netns",
+                "exec",
+                &ns.name,
+                "sysctl",
+                "-qw",
+                &format!("{key}={value}"),
+            ])?;
+        }
+        Ok(ns)
+    }
+
+    /// Moves the calling thread into the namespace.
+    pub fn enter(&self) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns on a valid namespace descriptor.
+        let rc = unsafe { libc::setns(self.file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+    }
+
+    /// Makes `cmd` start inside the namespace.
+    pub fn configure(&self, cmd: &mut Command) {
+        use std::os::{fd::AsRawFd, unix::process::CommandExt};
+        let fd = self.file.as_raw_fd();
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+
+    /// A TCP counter of the namespace (`/proc/net/netstat` or `snmp`), e.g.
+    /// ("TcpExt", "SyncookiesSent"). Read from a thread inside it.
+    pub fn tcp_counter(group: &str, name: &str) -> u64 {
+        for file in [
+            "/proc/thread-self/net/netstat",
+            "/proc/thread-self/net/snmp",
+        ] {
+            let text = std::fs::read_to_string(file).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().filter(|l| l.starts_with(group)).collect();
+            for pair in lines.chunks(2) {
+                if let [names, values] = pair {
+                    let names = names.split_whitespace();
+                    if let Some((_, v)) = names
+                        .zip(values.split_whitespace())
+                        .find(|(n, _)| *n == name)
+                    {
+                        return v.parse().unwrap_or(0);
+                    }
+                }
+            }
+        }
+        0
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.name])
+            .status();
+    }
+}
+
+/// Raises this process's RLIMIT_NOFILE soft limit to `want` (or the hard
+/// limit); returns the soft limit in effect.
+pub fn raise_nofile(want: u64) -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a valid struct.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+        if limit.rlim_cur < want {
+            if limit.rlim_max < want && libc::geteuid() == 0 {
+                limit.rlim_max = want;
+            }
+            limit.rlim_cur = want.min(limit.rlim_max);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+    }
+    limit.rlim_cur
+}
