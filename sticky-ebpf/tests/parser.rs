@@ -263,10 +263,7 @@ fn reference_outcome(h: &mut Harness, param: &str, payload: &[u8]) -> Outcome {
 
 /// Runs fuzz inputs (selector byte + segment, see sticky-fuzz) through the
 /// loaded filter; returns the disagreements with the reference model.
-fn disagreements<'a>(
-    h: &mut Harness,
-    inputs: impl Iterator<Item = (String, Vec<u8>)>,
-) -> Vec<String> {
+fn disagreements(h: &mut Harness, inputs: impl Iterator<Item = (String, Vec<u8>)>) -> Vec<String> {
     let mut failures = Vec::new();
     for (name, input) in inputs {
         let Some((param, payload)) = sticky_fuzz::split_input(&input) else {

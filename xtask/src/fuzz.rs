@@ -140,11 +140,12 @@ fn run(target: &Path, seconds: u64, extra: &[String]) -> Result<(), String> {
         .arg(root.join("fuzz/corpus"));
     let result = status(cmd, "the fuzzer");
     if result.is_err() {
-        return Err(format!(
+        return Err(
             "the fuzzer found an input that crashes parse.h or makes it disagree with \
              the reference: see target/fuzz/crash-*; fix it, and keep the input in \
              fuzz/corpus/ as a regression"
-        ));
+                .into(),
+        );
     }
     let found = std::fs::read_dir(out.join("corpus")).map_or(0, |d| d.count());
     println!("fuzz: no disagreement in {seconds} s; target/fuzz/corpus holds {found} inputs");
