@@ -14,7 +14,9 @@ pub const MAX_CPUS: u32 = 256;
 pub const SORTING_SLOT: u32 = MAX_WORKERS;
 /// Slot of the supervisor's 503 listener, used when no worker is alive.
 pub const REJECT_SLOT: u32 = MAX_WORKERS + MAX_CPUS;
-pub const SLOTS: u32 = REJECT_SLOT + 1;
+/// Slot of the sink, which silently drops pure ACKs carrying SYN cookies.
+pub const SINK_SLOT: u32 = REJECT_SLOT + 1;
+pub const SLOTS: u32 = SINK_SLOT + 1;
 /// Longest session id, in bytes.
 pub const SID_MAX: usize = 64;
 /// Longest `name=` of the sid query parameter, in bytes.
@@ -245,6 +247,7 @@ pub const COUNTERS: &[&str] = &[
     "learned",
     "learn_known",
     "learn_full",
+    "placed_cookie",
 ];
 
 /// `enum sticky_counter` indices used by user space.

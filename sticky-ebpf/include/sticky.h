@@ -33,7 +33,13 @@ typedef uint64_t __u64;
 #define STICKY_SORTING_SLOT STICKY_MAX_WORKERS
 /* The supervisor's own listener, answering 503 when no worker is alive. */
 #define STICKY_REJECT_SLOT (STICKY_MAX_WORKERS + STICKY_MAX_CPUS)
-#define STICKY_SLOTS (STICKY_REJECT_SLOT + 1)
+/*
+ * The sink: a listener whose socket filter drops everything. A pure ACK
+ * carrying a SYN cookie is sent there and vanishes without a child or a
+ * RST (see sticky_select), so the connection is made by its first data.
+ */
+#define STICKY_SINK_SLOT (STICKY_REJECT_SLOT + 1)
+#define STICKY_SLOTS (STICKY_SINK_SLOT + 1)
 
 /* Session ids: 1..64 bytes of [A-Za-z0-9_-], zero padded in the map key. */
 #define STICKY_SID_MAX 64
@@ -190,6 +196,7 @@ enum sticky_counter {
 	STICKY_CNT_LEARNED,          /* sessions learned from open packets */
 	STICKY_CNT_LEARN_KNOWN,      /* open packets for an already known sid */
 	STICKY_CNT_LEARN_FULL,       /* open packets not learned: sessions map full */
+	STICKY_CNT_PLACED_COOKIE,    /* syncookie connections placed on first data */
 	STICKY_COUNTERS,
 };
 

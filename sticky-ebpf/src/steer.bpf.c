@@ -350,23 +350,80 @@ static __always_inline void flow_of(struct bpf_sock *sk, struct sticky_flow *key
 }
 
 /*
+ * The flow key of a segment that has no socket yet (a SYN-cookie ACK), from
+ * its IP and TCP headers: the same key sticky_learn builds on egress.
+ */
+static __always_inline void flow_of_packet(struct sk_reuseport_md *md,
+					   struct sticky_flow *key)
+{
+	__u8 version;
+
+	if (bpf_skb_load_bytes_relative(md, 0, &version, 1, BPF_HDR_START_NET))
+		return;
+	if (version >> 4 == 4 &&
+	    !bpf_skb_load_bytes_relative(md, 12, &key->remote[0], 4, BPF_HDR_START_NET) &&
+	    !bpf_skb_load_bytes_relative(md, 16, &key->local[0], 4, BPF_HDR_START_NET))
+		key->family = AF_INET;
+	else if (version >> 4 == 6 &&
+		 !bpf_skb_load_bytes_relative(md, 8, key->remote, 16, BPF_HDR_START_NET) &&
+		 !bpf_skb_load_bytes_relative(md, 24, key->local, 16, BPF_HDR_START_NET))
+		key->family = AF_INET6;
+	if (bpf_skb_load_bytes(md, 0, &key->remote_port, 2))
+		key->family = 0; /* no key: not noted for learning */
+}
+
+/*
  * Decides where a connection goes: the sorting slot (SORT) or a worker
  * (`owner`, NO_WORKER to balance), filling `key` (family 0 if there is no
  * socket yet). Split from sticky_select so that place() and its balancing
  * loop are inlined, and verified, once.
  */
 #define SORT 0xfffffffeu
+#define SINK 0xfffffffdu
+#define TCPHDR_ACK 0x10
+#define TCPHDR_SYN 0x02
+
+/*
+ * Copies the start of the payload of the segment being looked up (md->data
+ * is its TCP header) into the selector's scratch; false if it has none.
+ */
+static __always_inline int first_payload(struct sk_reuseport_md *md,
+					 struct scratch **out)
+{
+	__u32 one = 1, doff_len, len;
+	struct scratch *s;
+	__u8 doff;
+
+	if (md->len < sizeof(struct tcphdr) ||
+	    bpf_skb_load_bytes(md, 12, &doff, 1))
+		return 0;
+	doff_len = (doff >> 4) * 4;
+	if (md->len <= doff_len)
+		return 0;
+	s = bpf_map_lookup_elem(&scratch, &one);
+	if (!s)
+		return 0;
+	len = md->len - doff_len;
+	if (len > STICKY_SCAN_MAX)
+		len = STICKY_SCAN_MAX;
+	barrier_var(len);
+	if (len == 0 || bpf_skb_load_bytes(md, doff_len, s->buf, len))
+		return 0;
+	s->len = len;
+	*out = s;
+	return 1;
+}
 
 static __always_inline __u32 decide(struct sk_reuseport_md *md,
 				    const struct sticky_config *cfg,
 				    struct sticky_flow *key)
 {
-	__u32 one = 1, state, doff_len, len, owner, index;
+	__u32 state, owner, index;
 	void *ring;
 	struct bpf_sock *sk;
 	struct scratch *s;
 	struct sticky_decision *decision;
-	__u8 doff;
+	__u8 flags;
 
 	if (cfg->mode == STICKY_MODE_SYN_BALANCE) {
 		count(STICKY_CNT_SYN_BALANCED);
@@ -374,6 +431,31 @@ static __always_inline __u32 decide(struct sk_reuseport_md *md,
 	}
 
 	sk = md->migrating_sk;
+	if (!sk && bpf_skb_load_bytes(md, 13, &flags, 1) == 0 &&
+	    !(flags & TCPHDR_SYN)) {
+		/*
+		 * Not a SYN, and no socket: with SYN cookies in effect (a SYN
+		 * flood, or tcp_syncookies=2) the kernel kept no request socket
+		 * and this is the ACK carrying the cookie. A pure ACK would make
+		 * the connection at once, without its data, wherever it is sent:
+		 * send it to the sink, which drops it silently (as
+		 * TCP_DEFER_ACCEPT would; SK_DROP would answer a RST). The
+		 * client's first data carries the same cookie: place that one
+		 * here, like the softirq path. The cookie is valid on any
+		 * listener of the group (the overflow stamp is shared). RST,
+		 * FIN, ...: the sorting listener answers as usual.
+		 */
+		if (first_payload(md, &s)) {
+			count(STICKY_CNT_PLACED_COOKIE);
+			flow_of_packet(md, key);
+			return owner_of(s, sticky_parse(s, cfg));
+		}
+		if (flags == TCPHDR_ACK) {
+			count(STICKY_CNT_ABSORBED);
+			return SINK;
+		}
+		return SORT;
+	}
 	if (!sk) {
 		/* A SYN: no payload yet. Wait for it on the sorting listener. */
 		count(STICKY_CNT_SYN);
@@ -395,28 +477,13 @@ static __always_inline __u32 decide(struct sk_reuseport_md *md,
 		 * header. No payload: keep it with the current sorting listener,
 		 * whose TCP_DEFER_ACCEPT absorbs a pure ACK.
 		 */
-		if (md->len < sizeof(struct tcphdr) ||
-		    bpf_skb_load_bytes(md, 12, &doff, 1))
-			goto absorb;
-		doff_len = (doff >> 4) * 4;
-		if (md->len <= doff_len)
-			goto absorb;
-		s = bpf_map_lookup_elem(&scratch, &one);
-		if (!s)
-			goto absorb;
-		len = md->len - doff_len;
-		if (len > STICKY_SCAN_MAX)
-			len = STICKY_SCAN_MAX;
-		barrier_var(len);
-		if (len == 0 || bpf_skb_load_bytes(md, doff_len, s->buf, len))
-			goto absorb;
-		s->len = len;
+		if (!first_payload(md, &s)) {
+			count(STICKY_CNT_ABSORBED);
+			return SORT;
+		}
 		count(STICKY_CNT_PLACED_SOFTIRQ);
 		forget_syn_slot(key->remote_port);
 		return owner_of(s, sticky_parse(s, cfg));
-absorb:
-		count(STICKY_CNT_ABSORBED);
-		return SORT;
 	}
 
 	/*
@@ -446,6 +513,10 @@ int sticky_select(struct sk_reuseport_md *md)
 	if (!cfg)
 		return SK_DROP; /* cannot happen: array maps always have entry 0 */
 	target = decide(md, cfg, &key);
+	if (target == SINK && select_slot(md, STICKY_SINK_SLOT))
+		return SK_PASS;
+	if (target == SINK)
+		target = SORT; /* no sink (supervisor gone): as before */
 	if (target == SORT &&
 	    select_slot(md, STICKY_SORTING_SLOT + sorting_index(cfg)))
 		return SK_PASS;

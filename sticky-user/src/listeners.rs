@@ -4,7 +4,9 @@
 //! - per CPU, a sorting listener (`TCP_DEFER_ACCEPT`, socket filter) in that
 //!   CPU's sorting slot, replaced by a fresh one at each rotation (made here
 //!   by [`sorting_listener`], rotated by `sorter`);
-//! - the 503 listener, answered by the supervisor when no worker is alive.
+//! - the 503 listener, answered by the supervisor when no worker is alive;
+//! - the sink, whose classic socket filter drops every segment: pure ACKs
+//!   carrying SYN cookies are sent there to vanish (see `sticky_select`).
 //!
 //! Every socket is `CLOEXEC`: a copy held by another process would keep a
 //! sorting listener open and stop migration (DESIGN.md, pitfalls).
@@ -27,6 +29,7 @@ pub struct ListenerGroup {
     pub addr: SocketAddr,
     pub workers: Vec<OwnedFd>,
     pub reject: TcpListener,
+    pub sink: OwnedFd,
 }
 
 impl ListenerGroup {
@@ -45,10 +48,14 @@ impl ListenerGroup {
         }
         let reject = reuseport_socket(addr)?;
         listen(&reject)?;
+        let sink = reuseport_socket(addr)?;
+        drop_everything(&sink)?;
+        listen(&sink)?;
         Ok(ListenerGroup {
             addr,
             workers: worker_fds,
             reject: TcpListener::from(reject),
+            sink,
         })
     }
 }
@@ -75,6 +82,35 @@ pub fn sorting_listener(addr: SocketAddr, filter: &impl AsRawFd) -> Result<Owned
     .context("attaching the socket filter (SO_ATTACH_BPF)")?;
     listen(&fd)?;
     Ok(fd)
+}
+
+/// Attaches a classic socket filter returning 0: every segment reaching
+/// the socket is dropped before TCP looks at it (no child, no RST).
+fn drop_everything(fd: &impl AsRawFd) -> Result<()> {
+    let mut drop_all = [libc::sock_filter {
+        code: 0x06, // BPF_RET | BPF_K
+        jt: 0,
+        jf: 0,
+        k: 0,
+    }];
+    let prog = libc::sock_fprog {
+        len: 1,
+        filter: drop_all.as_mut_ptr(),
+    };
+    // SAFETY: prog points to a valid one-instruction program.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_FILTER,
+            (&prog as *const libc::sock_fprog).cast(),
+            size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error()).context("attaching the sink's filter");
+    }
+    Ok(())
 }
 
 /// A second `sticky run` on the same port would join the first one's

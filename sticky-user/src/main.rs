@@ -27,7 +27,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use sticky_common::{
-    Balance, Config, Mode, MAX_CPUS, MAX_WORKERS, PARAM_MAX, REJECT_SLOT, SESSIONS_MAX,
+    Balance, Config, Mode, MAX_CPUS, MAX_WORKERS, PARAM_MAX, REJECT_SLOT, SESSIONS_MAX, SINK_SLOT,
 };
 
 /// Logs one line to stderr, prefixed so it stands out among worker output.
@@ -193,6 +193,9 @@ fn run(args: RunArgs) -> Result<()> {
     maps.listeners
         .set(REJECT_SLOT, &group.reject, 0)
         .context("placing the 503 listener in its slot")?;
+    maps.listeners
+        .set(SINK_SLOT, &group.sink, 0)
+        .context("placing the sink in its slot")?;
     steering.attach_selector(&group.workers[0])?;
 
     let counters = Arc::new(maps.counters);

@@ -716,8 +716,9 @@ fn ten_thousand_silent_connections_do_not_stop_service() {
 #[test]
 fn every_connection_syncookie_validated() {
     // tcp_syncookies=2 sends a cookie for every SYN, as under a SYN flood
-    // with the request queue full: no request socket is kept, so the
-    // softirq path (a request migrating with its first data) cannot run.
+    // with the request queue full: no request socket is kept, so neither
+    // the softirq path nor the queue path applies; the selector places the
+    // first data segment itself.
     let ns = match NetNs::new(&[("net.ipv4.tcp_syncookies", "2")]) {
         Ok(ns) => ns,
         Err(e) => return println!("skipped: no network namespace ({e})"),
@@ -733,22 +734,62 @@ fn every_connection_syncookie_validated() {
     let d = |k: &str| delta(&before, &after, k);
     println!(
         "syncookies=2: {n} sid requests, all answered, {on_owner} on their owner; \
-         cookies sent +{} validated +{}; placed_softirq +{} placed_queue +{} \
-         by_sid +{} balanced +{} filter_decisions +{} absorbed +{}",
+         cookies sent +{} validated +{}; placed_cookie +{} placed_softirq +{} \
+         placed_queue +{} by_sid +{} balanced +{} absorbed +{}",
         NetNs::tcp_counter("TcpExt", "SyncookiesSent") - cookies,
         NetNs::tcp_counter("TcpExt", "SyncookiesRecv") - recv,
+        d("placed_cookie"),
         d("placed_softirq"),
         d("placed_queue"),
         d("by_sid"),
         d("balanced"),
-        d("filter_decisions"),
         d("absorbed"),
     );
     assert!(NetNs::tcp_counter("TcpExt", "SyncookiesSent") - cookies >= n as u64);
-    // Measured behaviour (README "Hostile input and limits"): the cookie
-    // ACK makes the child at once, with no data, on the sorting listener;
-    // the rotation it triggers migrates it before its data arrives, so it
-    // is balanced. Service holds, stickiness does not.
-    assert_eq!(d("placed_softirq"), 0, "no request socket, no softirq path");
-    assert_eq!(d("placed_queue"), n as u64);
+    // The cookie-carrying pure ACK goes to the sink and vanishes (absorbed);
+    // the first data segment, carrying the same cookie, is placed by sid.
+    assert_eq!(on_owner, n, "sid placement under syncookies");
+    assert_eq!(d("placed_cookie"), n as u64);
+    assert_eq!(d("by_sid"), n as u64);
+    assert!(d("absorbed") >= n as u64);
+}
+
+#[test]
+fn sessions_are_learned_from_syncookie_connections_too() {
+    // Unmodified Engine.IO workers (learning) with every connection
+    // syncookie-validated: the handshake's connection must be noted for
+    // the learner like any other.
+    let ns = match NetNs::new(&[("net.ipv4.tcp_syncookies", "2")]) {
+        Ok(ns) => ns,
+        Err(e) => return println!("skipped: no network namespace ({e})"),
+    };
+    ns.enter();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/workers/engine_io_polling.py");
+    let python = sticky_tests::python3_bin();
+    let cluster = Cluster::start_custom(
+        "127.0.0.1:0",
+        3,
+        &["--balance", "round-robin"],
+        &[python.to_str().unwrap(), script],
+        |cmd| ns.configure(cmd),
+    );
+    let mut unknown = 0;
+    for _ in 0..10 {
+        let r = cluster.get("/socket.io/?EIO=4&transport=polling");
+        assert_eq!(r.status, 200, "{}", r.text());
+        let text = r.text();
+        let start = text.find(r#""sid":""#).expect("open packet") + 7;
+        let sid = &text[start..start + text[start..].find('"').unwrap()];
+        for _ in 0..3 {
+            let r = cluster.get(&format!("/socket.io/?EIO=4&transport=polling&sid={sid}"));
+            unknown += usize::from(r.status == 400);
+        }
+    }
+    let stats = cluster.stats();
+    println!(
+        "syncookies=2, learning: 10 sessions x 3 requests, {unknown} unknown; learned={} placed_cookie={}",
+        stats["learned"], stats["placed_cookie"]
+    );
+    assert_eq!(unknown, 0);
+    assert!(cluster.counter("learned") >= 10);
 }
