@@ -16,7 +16,9 @@ pub const SORTING_SLOT: u32 = MAX_WORKERS;
 pub const REJECT_SLOT: u32 = MAX_WORKERS + MAX_CPUS;
 /// Slot of the sink, which silently drops pure ACKs carrying SYN cookies.
 pub const SINK_SLOT: u32 = REJECT_SLOT + 1;
-pub const SLOTS: u32 = SINK_SLOT + 1;
+/// Slot of the overflow listener, taking the SYNs during a SYN flood.
+pub const OVERFLOW_SLOT: u32 = SINK_SLOT + 1;
+pub const SLOTS: u32 = OVERFLOW_SLOT + 1;
 /// Longest session id, in bytes.
 pub const SID_MAX: usize = 64;
 /// Longest `name=` of the sid query parameter, in bytes.
@@ -55,7 +57,8 @@ pub struct Config {
     pub mode: u32,
     pub param_len: u32,
     pub sorting_count: u32,
-    pub pad: u32,
+    /// 1 while a SYN flood is detected: SYNs go to the overflow listener.
+    pub flood: u32,
     pub param_word: [u64; 2],
     pub param_mask: [u64; 2],
     /// The listening port, host byte order.
@@ -90,7 +93,7 @@ impl Config {
             mode: mode as u32,
             param_len: name.len() as u32,
             sorting_count,
-            pad: 0,
+            flood: 0,
             param_word: [word(&bytes, 0), word(&bytes, 1)],
             param_mask: [word(&mask, 0), word(&mask, 1)],
             port: 0,
@@ -258,6 +261,7 @@ pub mod counter {
     pub const BY_SID: u32 = 4;
     pub const BALANCED: u32 = 5;
     pub const REJECTED: u32 = 6;
+    pub const PLACED_COOKIE: u32 = 19;
 }
 
 #[cfg(feature = "user")]

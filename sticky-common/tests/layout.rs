@@ -14,7 +14,7 @@ const PROBE: &str = r#"
 #define C(c) printf("const %s %llu\n", #c, (unsigned long long)(c));
 int main(void) {
     S(sticky_config) O(sticky_config, worker_count) O(sticky_config, balance)
-    O(sticky_config, mode) O(sticky_config, param_len) O(sticky_config, sorting_count) O(sticky_config, param_word)
+    O(sticky_config, mode) O(sticky_config, param_len) O(sticky_config, sorting_count) O(sticky_config, flood) O(sticky_config, param_word)
     O(sticky_config, param_mask) O(sticky_config, port) O(sticky_config, learn)
     S(sticky_placed) O(sticky_placed, worker) O(sticky_placed, segments)
     S(sticky_decision) O(sticky_decision, owner) O(sticky_decision, placed)
@@ -27,13 +27,13 @@ int main(void) {
     C(STICKY_HANDOFF_GRACE_NS) C(STICKY_DOORBELL_BYTES)
     S(sticky_flow) O(sticky_flow, local) O(sticky_flow, remote)
     O(sticky_flow, remote_port) O(sticky_flow, family)
-    C(STICKY_MAX_WORKERS) C(STICKY_MAX_CPUS) C(STICKY_SORTING_SLOT) C(STICKY_REJECT_SLOT) C(STICKY_SINK_SLOT) C(STICKY_SLOTS)
+    C(STICKY_MAX_WORKERS) C(STICKY_MAX_CPUS) C(STICKY_SORTING_SLOT) C(STICKY_REJECT_SLOT) C(STICKY_SINK_SLOT) C(STICKY_OVERFLOW_SLOT) C(STICKY_SLOTS)
     C(STICKY_SID_MAX) C(STICKY_PARAM_MAX) C(STICKY_SCAN_MAX) C(STICKY_NO_WORKER)
     C(STICKY_SESSIONS_MAX) C(STICKY_FLOWS_MAX) C(STICKY_COUNTERS)
     C(STICKY_BALANCE_RANDOM) C(STICKY_BALANCE_ROUND_ROBIN) C(STICKY_BALANCE_LEAST_CONNECTION)
     C(STICKY_MODE_STICKY) C(STICKY_MODE_SYN_BALANCE)
     C(STICKY_CNT_SYN) C(STICKY_CNT_PLACED_SOFTIRQ) C(STICKY_CNT_PLACED_QUEUE)
-    C(STICKY_CNT_BY_SID) C(STICKY_CNT_BALANCED) C(STICKY_CNT_REJECTED)
+    C(STICKY_CNT_BY_SID) C(STICKY_CNT_BALANCED) C(STICKY_CNT_REJECTED) C(STICKY_CNT_PLACED_COOKIE)
     return 0;
 }
 "#;
@@ -88,6 +88,7 @@ fn rust_mirror_matches_sticky_h() {
         "sticky_config.sorting_count",
         offset_of!(Config, sorting_count),
     );
+    expect("sticky_config.flood", offset_of!(Config, flood));
     expect("sticky_config.param_word", offset_of!(Config, param_word));
     expect("sticky_config.param_mask", offset_of!(Config, param_mask));
     expect("sticky_config.port", offset_of!(Config, port));
@@ -129,6 +130,7 @@ fn rust_mirror_matches_sticky_h() {
     expect("STICKY_SORTING_SLOT", SORTING_SLOT as usize);
     expect("STICKY_REJECT_SLOT", REJECT_SLOT as usize);
     expect("STICKY_SINK_SLOT", SINK_SLOT as usize);
+    expect("STICKY_OVERFLOW_SLOT", OVERFLOW_SLOT as usize);
     expect("STICKY_SLOTS", SLOTS as usize);
     expect("STICKY_SID_MAX", SID_MAX);
     expect("STICKY_PARAM_MAX", PARAM_MAX);
@@ -154,6 +156,7 @@ fn rust_mirror_matches_sticky_h() {
     expect("STICKY_CNT_BY_SID", counter::BY_SID as usize);
     expect("STICKY_CNT_BALANCED", counter::BALANCED as usize);
     expect("STICKY_CNT_REJECTED", counter::REJECTED as usize);
+    expect("STICKY_CNT_PLACED_COOKIE", counter::PLACED_COOKIE as usize);
 }
 
 #[test]

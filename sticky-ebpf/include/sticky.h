@@ -39,7 +39,15 @@ typedef uint64_t __u64;
  * RST (see sticky_select), so the connection is made by its first data.
  */
 #define STICKY_SINK_SLOT (STICKY_REJECT_SLOT + 1)
-#define STICKY_SLOTS (STICKY_SINK_SLOT + 1)
+/*
+ * The overflow listener: a sorting listener with a backlog of 0, never
+ * rotated by doorbells. During a SYN flood (config.flood) every SYN goes
+ * there; its request queue is always full, so the kernel answers with SYN
+ * cookies instead of keeping request sockets, and the selector places each
+ * cookie connection on its first data segment.
+ */
+#define STICKY_OVERFLOW_SLOT (STICKY_SINK_SLOT + 1)
+#define STICKY_SLOTS (STICKY_OVERFLOW_SLOT + 1)
 
 /* Session ids: 1..64 bytes of [A-Za-z0-9_-], zero padded in the map key. */
 #define STICKY_SID_MAX 64
@@ -73,7 +81,7 @@ struct sticky_config {
 	__u32 mode;         /* enum sticky_mode */
 	__u32 param_len;    /* length of "name=" in param_word, 2..16 */
 	__u32 sorting_count; /* sorting slots in use, one per CPU */
-	__u32 pad;
+	__u32 flood;         /* 1: SYNs go to the overflow listener */
 	/* "name=" as two little words, masked by param_mask: no loop to compare. */
 	__u64 param_word[2];
 	__u64 param_mask[2];

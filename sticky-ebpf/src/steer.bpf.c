@@ -380,6 +380,7 @@ static __always_inline void flow_of_packet(struct sk_reuseport_md *md,
  */
 #define SORT 0xfffffffeu
 #define SINK 0xfffffffdu
+#define OVERFLOW 0xfffffffcu
 #define TCPHDR_ACK 0x10
 #define TCPHDR_SYN 0x02
 
@@ -459,6 +460,11 @@ static __always_inline __u32 decide(struct sk_reuseport_md *md,
 	if (!sk) {
 		/* A SYN: no payload yet. Wait for it on the sorting listener. */
 		count(STICKY_CNT_SYN);
+		if (cfg->flood) {
+			/* Cookies instead of request sockets: see STICKY_OVERFLOW_SLOT. */
+			note_syn_slot(md, STICKY_NO_WORKER);
+			return OVERFLOW;
+		}
 		index = sorting_index(cfg);
 		note_syn_slot(md, index);
 		ring = bpf_map_lookup_elem(&doorbells, &index);
@@ -515,8 +521,10 @@ int sticky_select(struct sk_reuseport_md *md)
 	target = decide(md, cfg, &key);
 	if (target == SINK && select_slot(md, STICKY_SINK_SLOT))
 		return SK_PASS;
-	if (target == SINK)
-		target = SORT; /* no sink (supervisor gone): as before */
+	if (target == OVERFLOW && select_slot(md, STICKY_OVERFLOW_SLOT))
+		return SK_PASS;
+	if (target == SINK || target == OVERFLOW)
+		target = SORT; /* no such listener (supervisor gone): as before */
 	if (target == SORT &&
 	    select_slot(md, STICKY_SORTING_SLOT + sorting_index(cfg)))
 		return SK_PASS;

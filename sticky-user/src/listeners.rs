@@ -65,6 +65,21 @@ impl ListenerGroup {
 /// leave the kernel's fast bind path (it refuses sockets already in a
 /// reuseport group) and scan every connection and TIME_WAIT on the port.
 pub fn sorting_listener(addr: SocketAddr, filter: &impl AsRawFd) -> Result<OwnedFd> {
+    sorting_listener_with_backlog(addr, filter, BACKLOG)
+}
+
+/// A sorting listener with a backlog of 0: its request queue is always
+/// full, so the kernel answers the SYNs it takes with SYN cookies (the
+/// overflow listener, used during a SYN flood; see `sorter`).
+pub fn overflow_listener(addr: SocketAddr, filter: &impl AsRawFd) -> Result<OwnedFd> {
+    sorting_listener_with_backlog(addr, filter, 0)
+}
+
+fn sorting_listener_with_backlog(
+    addr: SocketAddr,
+    filter: &impl AsRawFd,
+    backlog: i32,
+) -> Result<OwnedFd> {
     let fd = reuseport_socket(addr)?;
     setsockopt_int(
         &fd,
@@ -80,7 +95,10 @@ pub fn sorting_listener(addr: SocketAddr, filter: &impl AsRawFd) -> Result<Owned
         filter.as_raw_fd(),
     )
     .context("attaching the socket filter (SO_ATTACH_BPF)")?;
-    listen(&fd)?;
+    // SAFETY: plain syscall on a valid fd.
+    if unsafe { libc::listen(fd.as_raw_fd(), backlog) } < 0 {
+        return Err(io::Error::last_os_error()).context("listen()");
+    }
     Ok(fd)
 }
 

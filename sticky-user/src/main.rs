@@ -6,6 +6,7 @@
 //! ARCHITECTURE.md for the code map.
 
 mod control;
+mod flood;
 mod listeners;
 mod reject;
 mod sessions;
@@ -225,12 +226,15 @@ fn run(args: RunArgs) -> Result<()> {
             steering.sort_program()?,
             cpus,
             args.rotate,
-            counters,
+            counters.clone(),
             maps.handoff,
             maps.doorbells,
         )?),
         Mode::SynBalance => None,
     };
+    if let Some(s) = sorter.as_mut() {
+        s.guard_floods(maps.config, config, counters)?;
+    }
 
     let supervisor = supervisor::Supervisor::start(
         command,

@@ -52,7 +52,7 @@ use crate::{
 /// Ticks back off up to this multiple of the period while a CPU sees no SYN.
 const IDLE_BACKOFF: u32 = 64;
 
-type SockArray = Arc<Mutex<ReusePortSockArray<MapData>>>;
+pub type SockArray = Arc<Mutex<ReusePortSockArray<MapData>>>;
 
 struct SortingLoop {
     cpu: usize,
@@ -114,7 +114,13 @@ pub fn start(
                 .context("spawning a sorting thread")?,
         );
     }
-    Ok(SortingHandle { stop, threads })
+    Ok(SortingHandle {
+        stop,
+        threads,
+        addr,
+        filter,
+        listeners,
+    })
 }
 
 impl SortingLoop {
@@ -189,9 +195,38 @@ impl SortingLoop {
 pub struct SortingHandle {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
+    addr: SocketAddr,
+    filter: Arc<OwnedFd>,
+    listeners: SockArray,
 }
 
 impl SortingHandle {
+    /// Starts the SYN flood guard (`flood`) next to the sorting loops;
+    /// `settings` is the config in the kernel.
+    pub fn guard_floods(
+        &mut self,
+        config: aya::maps::Array<MapData, sticky_common::Config>,
+        settings: sticky_common::Config,
+        counters: Arc<Counters>,
+    ) -> Result<()> {
+        let mut guard = crate::flood::SynFloodGuard::new(
+            self.addr,
+            self.filter.clone(),
+            self.listeners.clone(),
+            config,
+            settings,
+            counters,
+            self.stop.clone(),
+        )?;
+        self.threads.push(
+            std::thread::Builder::new()
+                .name("flood-guard".into())
+                .spawn(move || guard.run())
+                .context("spawning the SYN flood guard")?,
+        );
+        Ok(())
+    }
+
     pub fn stop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         for t in self.threads.drain(..) {

@@ -1,0 +1,165 @@
+//! The SYN flood guard.
+//!
+//! A plain listener keeps at most its backlog of request sockets (half-open
+//! handshakes) and answers further SYNs with SYN cookies. sticky's sorting
+//! listeners are replaced at every rotation, so none of their request
+//! queues ever fills: without this guard a flood of spoofed SYNs would
+//! leave one request socket per SYN, for about a minute each.
+//!
+//! The guard samples the counters every `TICK`: handshakes started (`syn`)
+//! minus connections placed (`placed_softirq`, `placed_queue`,
+//! `placed_cookie`) over the last `WINDOW` is the number still open. Above
+//! `ENTER` (the backlog a plain listener would allow) it sets
+//! `config.flood`: the selector then sends every SYN to the overflow
+//! listener, whose backlog is 0, so the kernel answers with cookies and
+//! keeps nothing; the selector places each cookie connection by sid on its
+//! first data segment. Below `LEAVE` it clears the flag. The overflow
+//! listener is replaced whenever a connection is queued on it (one that got
+//! a request socket just before the queue filled), which migrates it.
+
+use std::{
+    collections::VecDeque,
+    net::SocketAddr,
+    os::fd::{AsRawFd, OwnedFd},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use aya::maps::{Array, MapData};
+use sticky_common::{counter, Config, OVERFLOW_SLOT};
+
+use crate::{
+    listeners::{overflow_listener, stop_listening},
+    log,
+    sorter::SockArray,
+    steering::Counters,
+};
+
+const TICK: Duration = Duration::from_millis(100);
+const WINDOW: Duration = Duration::from_secs(3);
+/// Open handshakes that start flood mode: a plain listener's backlog.
+const ENTER: u64 = 4096;
+/// ... and end it.
+const LEAVE: u64 = 1024;
+
+pub struct SynFloodGuard {
+    addr: SocketAddr,
+    filter: Arc<OwnedFd>,
+    listeners: SockArray,
+    overflow: OwnedFd,
+    config: Array<MapData, Config>,
+    settings: Config,
+    counters: Arc<Counters>,
+    stop: Arc<AtomicBool>,
+    /// (when, handshakes started, connections placed), oldest first.
+    samples: VecDeque<(Instant, u64, u64)>,
+}
+
+impl SynFloodGuard {
+    /// Puts an overflow listener in its slot; `settings` is the config
+    /// currently in the kernel.
+    pub fn new(
+        addr: SocketAddr,
+        filter: Arc<OwnedFd>,
+        listeners: SockArray,
+        config: Array<MapData, Config>,
+        settings: Config,
+        counters: Arc<Counters>,
+        stop: Arc<AtomicBool>,
+    ) -> Result<SynFloodGuard> {
+        let overflow = overflow_listener(addr, &*filter)?;
+        listeners
+            .lock()
+            .unwrap()
+            .set(OVERFLOW_SLOT, &overflow, 0)
+            .context("placing the overflow listener in its slot")?;
+        Ok(SynFloodGuard {
+            addr,
+            filter,
+            listeners,
+            overflow,
+            config,
+            settings,
+            counters,
+            stop,
+            samples: VecDeque::new(),
+        })
+    }
+
+    pub fn run(&mut self) {
+        while !self.stop.load(Ordering::Relaxed) {
+            if readable(&self.overflow, TICK) {
+                if let Err(e) = self.replace_overflow() {
+                    log!("overflow listener rotation failed: {e:#}");
+                    std::thread::sleep(TICK);
+                }
+            }
+            let open = self.open_handshakes();
+            let flood = match self.settings.flood {
+                0 if open > ENTER => 1,
+                1 if open < LEAVE => 0,
+                unchanged => unchanged,
+            };
+            if flood != self.settings.flood {
+                self.settings.flood = flood;
+                match self.config.set(0, self.settings, 0) {
+                    Ok(()) if flood == 1 => log!(
+                        "SYN flood: {open} handshakes open over {WINDOW:?}; answering SYNs with cookies"
+                    ),
+                    Ok(()) => log!("SYN flood over ({open} handshakes open); request sockets again"),
+                    Err(e) => log!("cannot switch SYN flood mode: {e}"),
+                }
+            }
+        }
+    }
+
+    /// Handshakes started minus connections placed over the last WINDOW.
+    fn open_handshakes(&mut self) -> u64 {
+        let c = &self.counters;
+        let now = (
+            Instant::now(),
+            c.get(counter::SYN),
+            c.get(counter::PLACED_SOFTIRQ)
+                + c.get(counter::PLACED_QUEUE)
+                + c.get(counter::PLACED_COOKIE),
+        );
+        self.samples.push_back(now);
+        while self
+            .samples
+            .front()
+            .is_some_and(|s| now.0.duration_since(s.0) > WINDOW)
+        {
+            self.samples.pop_front();
+        }
+        let (_, syn, placed) = self.samples[0];
+        (now.1 - syn).saturating_sub(now.2 - placed)
+    }
+
+    /// A fresh overflow listener in the slot, the old one's queue migrated.
+    fn replace_overflow(&mut self) -> Result<()> {
+        let next = overflow_listener(self.addr, &*self.filter)?;
+        self.listeners
+            .lock()
+            .unwrap()
+            .set(OVERFLOW_SLOT, &next, 0)
+            .context("updating the overflow slot")?;
+        let old = std::mem::replace(&mut self.overflow, next);
+        stop_listening(&old).context("shutting the previous overflow listener")?;
+        Ok(())
+    }
+}
+
+fn readable(fd: &OwnedFd, timeout: Duration) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    let rc = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as libc::c_int) };
+    rc > 0 && pfd.revents & libc::POLLIN != 0
+}
