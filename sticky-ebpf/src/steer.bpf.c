@@ -7,7 +7,9 @@
  *   SYN -> the sorting listener; a request socket migrating with its first
  *   data segment -> parse the sid here and pick the owner (softirq path);
  *   a queued child migrating at rotation -> the socket filter's decision
- *   (queue path).
+ *   (queue path); a non-SYN segment with no socket at all (SYN cookies) ->
+ *   the sink if it is a pure ACK, else parse and pick the owner (cookie
+ *   path); during a SYN flood (config.flood) SYN -> the overflow listener.
  * - sticky_sort (SOCKET_FILTER on the sorting listeners, inherited by their
  *   children) records that decision from the first data segment.
  *
