@@ -43,14 +43,21 @@ impl ListenerGroup {
         for fd in &worker_fds {
             listen(fd)?;
         }
-        let reject = reuseport_socket(addr)?;
-        listen(&reject)?;
+        let reject = worker_listener(addr)?;
         Ok(ListenerGroup {
             addr,
             workers: worker_fds,
             reject: TcpListener::from(reject),
         })
     }
+}
+
+/// A fresh listening socket joining the group on `addr`: a worker's
+/// listener (or the 503 one), not yet in any slot.
+pub fn worker_listener(addr: SocketAddr) -> Result<OwnedFd> {
+    let fd = reuseport_socket(addr)?;
+    listen(&fd)?;
+    Ok(fd)
 }
 
 /// A new sorting listener: bound, `TCP_DEFER_ACCEPT`, the socket filter

@@ -187,6 +187,7 @@ fn run(args: RunArgs) -> Result<()> {
         .set(REJECT_SLOT, &group.reject, 0)
         .context("placing the 503 listener in its slot")?;
     steering.attach_selector(&group.workers[0])?;
+    let slots: sorter::SockArray = Arc::new(Mutex::new(maps.listeners));
 
     let counters = Arc::new(maps.counters);
     let sessions = Arc::new(Mutex::new(sessions::SessionTable::new(
@@ -209,7 +210,7 @@ fn run(args: RunArgs) -> Result<()> {
     }
     let mut sorter = match mode {
         Mode::Sticky => Some(sorter::start(
-            maps.listeners,
+            slots.clone(),
             group.addr,
             steering.sort_program()?,
             cpus,
@@ -223,7 +224,11 @@ fn run(args: RunArgs) -> Result<()> {
 
     let supervisor = supervisor::Supervisor::start(
         command,
-        group.workers,
+        supervisor::Listeners {
+            addr: group.addr,
+            slots,
+            workers: group.workers,
+        },
         control_path.clone(),
         sessions,
         args.grace,

@@ -3,9 +3,12 @@
 //!
 //! A worker's listener outlives the process: connections waiting in its
 //! accept queue when it dies are served by its replacement. Its sessions are
-//! forgotten at once (the selector balances their requests meanwhile).
+//! forgotten at once (the selector balances their requests meanwhile). A
+//! worker that keeps crashing has no replacement to serve its queue soon:
+//! from its second quick exit on, its queue is handed to the live workers.
 
 use std::{
+    net::SocketAddr,
     os::fd::OwnedFd,
     path::PathBuf,
     sync::{mpsc, Arc, Mutex},
@@ -18,7 +21,13 @@ use signal_hook::{
     iterator::Signals,
 };
 
-use crate::{log, sessions::SessionTable, spawn::WorkerCommand};
+use crate::{
+    listeners::{stop_listening, worker_listener},
+    log,
+    sessions::SessionTable,
+    sorter::SockArray,
+    spawn::WorkerCommand,
+};
 
 /// First restart delay after a crash; doubles per quick crash.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -34,8 +43,18 @@ struct Worker {
     restart_at: Option<Instant>,
 }
 
+/// The worker listeners and where they live: their address and slots.
+pub struct Listeners {
+    pub addr: SocketAddr,
+    pub slots: SockArray,
+    /// Worker `i`'s listener, in slot `i`.
+    pub workers: Vec<OwnedFd>,
+}
+
 pub struct Supervisor {
     command: WorkerCommand,
+    addr: SocketAddr,
+    slots: SockArray,
     control: PathBuf,
     sessions: Arc<Mutex<SessionTable>>,
     workers: Vec<Worker>,
@@ -48,7 +67,7 @@ impl Supervisor {
     /// missed) and starts every worker.
     pub fn start(
         command: WorkerCommand,
-        listeners: Vec<OwnedFd>,
+        listeners: Listeners,
         control: PathBuf,
         sessions: Arc<Mutex<SessionTable>>,
         grace: Duration,
@@ -67,6 +86,7 @@ impl Supervisor {
             })?;
         let now = Instant::now();
         let workers = listeners
+            .workers
             .into_iter()
             .map(|listener| Worker {
                 listener,
@@ -78,6 +98,8 @@ impl Supervisor {
             .collect();
         let mut sup = Supervisor {
             command,
+            addr: listeners.addr,
+            slots: listeners.slots,
             control,
             sessions,
             workers,
@@ -157,7 +179,27 @@ impl Supervisor {
                 "worker {i} (pid {pid}) {} after {lived:.1?}; restarting in {delay:?}",
                 describe(status)
             );
+            if delay > BACKOFF_MIN {
+                if let Err(e) = self.hand_off_queue(i) {
+                    log!("worker {i}: cannot hand its queue to the other workers: {e:#}");
+                }
+            }
         }
+    }
+
+    /// Gives worker `i` a fresh listener and shuts its old one: the kernel
+    /// migrates the old queue through the selector, which balances it over
+    /// the live workers (or answers 503 if none is). `i` must be marked down.
+    fn hand_off_queue(&mut self, i: usize) -> Result<()> {
+        let fresh = worker_listener(self.addr)?;
+        self.slots
+            .lock()
+            .unwrap()
+            .set(i as u32, &fresh, 0)
+            .context("placing the fresh listener in its slot")?;
+        let old = std::mem::replace(&mut self.workers[i].listener, fresh);
+        stop_listening(&old).context("shutting the old listener")?;
+        Ok(())
     }
 
     fn restart_due(&mut self) {
