@@ -230,6 +230,17 @@ impl Supervisor {
             signal_name(sig),
             self.grace
         );
+        // New connections now get the 503 listener: no worker would take
+        // them. Those already queued stay, for workers that drain their
+        // queue before exiting.
+        {
+            let mut sessions = self.sessions.lock().unwrap();
+            for i in 0..self.workers.len() {
+                if let Err(e) = sessions.worker_exited(i) {
+                    log!("worker {i}: cannot mark it down in the kernel map: {e:#}");
+                }
+            }
+        }
         self.signal_all(libc::SIGTERM);
         let deadline = Instant::now() + self.grace;
         while self.workers.iter().any(|w| w.pid.is_some()) {

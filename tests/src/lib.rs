@@ -209,8 +209,14 @@ impl Cluster {
 
     /// Sends SIGTERM and waits for exit (up to `limit`).
     pub fn terminate(&mut self, limit: Duration) -> Option<ExitStatus> {
-        let mut child = self.child.take()?;
+        let child = self.child.as_ref()?;
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        self.wait_exit(limit)
+    }
+
+    /// Waits for sticky to exit by itself (up to `limit`, then SIGKILL).
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
         let start = Instant::now();
         while start.elapsed() < limit {
             if let Ok(Some(status)) = child.try_wait() {

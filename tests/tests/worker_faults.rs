@@ -306,3 +306,70 @@ fn crash_looping_worker_leaves_the_others_serving() {
         "{log}"
     );
 }
+
+#[test]
+fn sigterm_serves_queued_connections_and_refuses_new_ones() {
+    let mut cluster = Cluster::start(2, &["--grace", "10s"]);
+    let (sid, _) = cluster
+        .sessions_on_every_worker(2, 1)
+        .into_iter()
+        .find(|(_, w)| *w == 1)
+        .unwrap();
+    let frozen = cluster.worker_pid(1).unwrap();
+    let addr = cluster.addr;
+    let started = Instant::now();
+    // In flight on worker 0 when SIGTERM comes.
+    let slow = std::thread::spawn(move || try_get(addr, "/sleep?ms=1500"));
+    // Queued on worker 1, which cannot accept them: it is stopped.
+    stop_and_wait(frozen);
+    let before = cluster.counter("by_sid");
+    const QUEUED: u64 = 10;
+    let queued: Vec<_> = (0..QUEUED)
+        .map(|n| {
+            let target = format!("/?sid={sid}&n={n}");
+            std::thread::spawn(move || try_get(addr, &target))
+        })
+        .collect();
+    cluster.wait_for("the queued connections", Duration::from_secs(10), |c| {
+        c.counter("by_sid") >= before + QUEUED
+    });
+    signal(cluster.pid(), libc::SIGTERM);
+    // Wait for the supervisor to take the signal (the log says so), then
+    // let worker 1 run again: it gets SIGTERM and finds its queue full.
+    let log = cluster.log.clone();
+    let limit = Instant::now() + Duration::from_secs(10);
+    while !log.lock().unwrap().contains("SIGTERM received") {
+        assert!(Instant::now() < limit, "no SIGTERM in the log");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let late = try_get(addr, "/?late=1");
+    signal(frozen, libc::SIGCONT);
+    let status = cluster
+        .wait_exit(Duration::from_secs(20))
+        .expect("sticky did not exit within 20 s of SIGTERM");
+    let exited = started.elapsed();
+    let served: Vec<Response> = queued
+        .into_iter()
+        .map(|t| t.join().unwrap().expect("a queued connection was dropped"))
+        .collect();
+    let slow = slow.join().unwrap().unwrap_or_else(|e| {
+        panic!(
+            "the in-flight request failed: {e}\n{}",
+            cluster.log.lock().unwrap()
+        )
+    });
+    let late = late.expect("the connection opened after SIGTERM got no answer");
+    println!(
+        "SIGTERM: {}/{QUEUED} queued connections served by pid {frozen}; in-flight request {}; \
+         connection opened after SIGTERM: {}; sticky exited ({status}) {exited:.1?} after start",
+        served.len(),
+        slow.status,
+        late.status
+    );
+    for r in &served {
+        assert_eq!((r.status, r.pid), (200, Some(frozen)), "{}", r.text());
+    }
+    assert_eq!(slow.status, 200);
+    assert_eq!(late.status, 503, "{}", late.text());
+    assert!(status.success());
+}
