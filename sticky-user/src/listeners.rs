@@ -60,6 +60,24 @@ pub fn worker_listener(addr: SocketAddr) -> Result<OwnedFd> {
     Ok(fd)
 }
 
+impl ListenerGroup {
+    /// Like `bind`, on a port that adopted workers still hold: `adopted[i]`
+    /// is worker `i`'s listener taken from its process, or None for a fresh
+    /// one. The new sockets join the same reuseport group.
+    pub fn with_adopted(addr: SocketAddr, adopted: Vec<Option<OwnedFd>>) -> Result<ListenerGroup> {
+        let workers = adopted
+            .into_iter()
+            .map(|fd| fd.map_or_else(|| worker_listener(addr), Ok))
+            .collect::<Result<Vec<_>>>()?;
+        let reject = worker_listener(addr)?;
+        Ok(ListenerGroup {
+            addr,
+            workers,
+            reject: TcpListener::from(reject),
+        })
+    }
+}
+
 /// A new sorting listener: bound, `TCP_DEFER_ACCEPT`, the socket filter
 /// attached, listening. Always a fresh socket: re-listening a shut one would
 /// leave the kernel's fast bind path (it refuses sockets already in a

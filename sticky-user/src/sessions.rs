@@ -68,6 +68,26 @@ impl SessionTable {
         self.publish(index)
     }
 
+    /// Takes over sessions from a dead supervisor's maps (`adoption`), for
+    /// workers already marked started.
+    pub fn carry_over(&mut self, carried: crate::adoption::CarriedSessions) -> Result<()> {
+        for (sid, worker) in carried.registered {
+            self.kernel_sessions.insert(sid, worker as u32, 0)?;
+            self.owners.insert(sid, worker);
+            self.slots[worker].sessions += 1;
+        }
+        for (sid, learned) in carried.learned {
+            let worker = learned.worker as usize;
+            self.learned.insert(sid, learned, 0)?;
+            self.kernel_sessions.insert(sid, worker as u32, 0)?;
+            self.slots[worker].learned += 1;
+        }
+        for i in 0..self.slots.len() {
+            self.publish(i)?;
+        }
+        Ok(())
+    }
+
     /// Marks the worker dead and forgets its sessions.
     pub fn worker_exited(&mut self, index: usize) -> Result<()> {
         let slot = &mut self.slots[index];

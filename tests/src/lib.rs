@@ -82,6 +82,39 @@ impl Cluster {
     ) -> Cluster {
         let dir = TempDir::new();
         let control = dir.0.join("control.sock");
+        Cluster::start_inner(listen, workers, extra, command, configure, dir, control)
+    }
+
+    /// Like `start_with`, with the control socket at `control` (e.g. the
+    /// path an earlier sticky's workers still know).
+    pub fn start_with_control(
+        listen: &str,
+        control: &std::path::Path,
+        workers: usize,
+        extra: &[&str],
+        command: &[&str],
+    ) -> Cluster {
+        let dir = TempDir::new();
+        Cluster::start_inner(
+            listen,
+            workers,
+            extra,
+            command,
+            |_| {},
+            dir,
+            control.to_owned(),
+        )
+    }
+
+    fn start_inner(
+        listen: &str,
+        workers: usize,
+        extra: &[&str],
+        command: &[&str],
+        configure: impl FnOnce(&mut Command),
+        dir: TempDir,
+        control: PathBuf,
+    ) -> Cluster {
         let mut sticky = Command::new(sticky_bin());
         configure(&mut sticky);
         let mut child = sticky
