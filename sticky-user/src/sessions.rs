@@ -43,6 +43,8 @@ pub struct SessionTable {
     learned: HashMap<MapData, SidKey, Learned>,
     owners: StdHashMap<SidKey, usize>,
     slots: Vec<Slot>,
+    /// Shutting down: no worker is live for the selector anymore.
+    stopping: bool,
 }
 
 impl SessionTable {
@@ -58,6 +60,7 @@ impl SessionTable {
             learned,
             owners: StdHashMap::new(),
             slots: (0..workers).map(|_| Slot::default()).collect(),
+            stopping: false,
         }
     }
 
@@ -82,6 +85,17 @@ impl SessionTable {
             self.kernel_sessions.insert(sid, worker as u32, 0)?;
             self.slots[worker].learned += 1;
         }
+        for i in 0..self.slots.len() {
+            self.publish(i)?;
+        }
+        Ok(())
+    }
+
+    /// Shutdown: every worker is down for the selector from now on (new
+    /// connections get the 503 listener), while workers keep their sessions
+    /// and control connections until they exit.
+    pub fn stop_placing(&mut self) -> Result<()> {
+        self.stopping = true;
         for i in 0..self.slots.len() {
             self.publish(i)?;
         }
@@ -277,7 +291,7 @@ impl SessionTable {
     fn publish(&mut self, index: usize) -> Result<()> {
         let slot = &self.slots[index];
         let state = WorkerState {
-            live: slot.pid.is_some() as u32,
+            live: (slot.pid.is_some() && !self.stopping) as u32,
             sessions: slot.sessions + slot.learned,
         };
         self.kernel_workers.set(index as u32, state, 0)?;

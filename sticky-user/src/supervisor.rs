@@ -297,13 +297,8 @@ impl Supervisor {
         // New connections now get the 503 listener: no worker would take
         // them. Those already queued stay, for workers that drain their
         // queue before exiting.
-        {
-            let mut sessions = self.sessions.lock().unwrap();
-            for i in 0..self.workers.len() {
-                if let Err(e) = sessions.worker_exited(i) {
-                    log!("worker {i}: cannot mark it down in the kernel map: {e:#}");
-                }
-            }
+        if let Err(e) = self.sessions.lock().unwrap().stop_placing() {
+            log!("cannot mark the workers down in the kernel map: {e:#}");
         }
         self.signal_all(libc::SIGTERM);
         let deadline = Instant::now() + self.grace;
