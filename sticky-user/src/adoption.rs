@@ -94,6 +94,8 @@ pub fn find_orphans(addr: SocketAddr, workers: usize) -> Result<Vec<Orphan>> {
             );
         }
         match take_listener(pid) {
+            // The pid was reused by another process since we looked.
+            Ok((_, listener)) if !inode_of(&listener).is_some_and(|i| inodes.contains(&i)) => {}
             Ok((pidfd, listener)) => orphans.push(Orphan {
                 index,
                 pid,
@@ -127,8 +129,9 @@ pub struct CarriedSessions {
 }
 
 impl OldSteering {
-    /// The one loaded `sticky_select` whose config names `port`.
-    pub fn find(port: u16) -> Result<OldSteering> {
+    /// The one loaded `sticky_select` whose config names `port`; `pids`
+    /// (the orphans) only go into the error message.
+    pub fn find(port: u16, pids: &[u32]) -> Result<OldSteering> {
         let mut found = Vec::new();
         for prog in loaded_programs().filter_map(Result::ok) {
             if prog.name_as_str() != Some(SELECT_PROGRAM) {
@@ -150,9 +153,12 @@ impl OldSteering {
             }
         }
         let [by_name] = found.as_slice() else {
+            let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
             bail!(
-                "found {} sticky selectors for port {port}, expected one: cannot adopt its workers",
-                found.len()
+                "cannot adopt the workers on port {port} (found {} sticky selectors for it, \
+                 expected one, maybe an older sticky's); stop them (kill {}) and start again",
+                found.len(),
+                pids.join(" ")
             );
         };
         Ok(OldSteering {
@@ -300,22 +306,27 @@ fn take_listener(pid: u32) -> io::Result<(OwnedFd, OwnedFd)> {
 
 /// True once the process behind `pidfd` has exited.
 pub fn has_exited(pidfd: &OwnedFd) -> bool {
-    let mut pfd = libc::pollfd {
-        fd: pidfd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd.
-    unsafe { libc::poll(&mut pfd, 1, 0) > 0 }
+    poll_readable(pidfd, 0)
 }
 
 /// Blocks until the process behind `pidfd` exits.
 pub fn wait_exit(pidfd: &OwnedFd) {
+    while !poll_readable(pidfd, -1) {}
+}
+
+/// A pidfd is readable once its process has exited.
+fn poll_readable(pidfd: &OwnedFd, timeout_ms: i32) -> bool {
     let mut pfd = libc::pollfd {
         fd: pidfd.as_raw_fd(),
         events: libc::POLLIN,
         revents: 0,
     };
     // SAFETY: one valid pollfd.
-    while unsafe { libc::poll(&mut pfd, 1, -1) } < 0 {}
+    unsafe { libc::poll(&mut pfd, 1, timeout_ms) > 0 }
+}
+
+fn inode_of(fd: &OwnedFd) -> Option<u64> {
+    // SAFETY: all-zero is a valid stat; fstat fills it.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    (unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } == 0).then_some(st.st_ino)
 }

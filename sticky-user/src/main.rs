@@ -163,9 +163,11 @@ fn run(args: RunArgs) -> Result<()> {
     let cpus = sorting_cpus();
     // Workers left running by a supervisor that died are taken over.
     let orphans = adoption::find_orphans(args.listen, workers)?;
-    let mut old_steering = match orphans.is_empty() {
-        true => None,
-        false => Some(adoption::OldSteering::find(args.listen.port())?),
+    let mut old_steering = if orphans.is_empty() {
+        None
+    } else {
+        let pids: Vec<u32> = orphans.iter().map(|o| o.pid).collect();
+        Some(adoption::OldSteering::find(args.listen.port(), &pids)?)
     };
     let mut adopted = Vec::new();
     let group = if orphans.is_empty() {
