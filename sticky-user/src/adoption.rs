@@ -78,8 +78,8 @@ pub fn find_orphans(addr: SocketAddr, workers: usize) -> Result<Vec<Orphan>> {
             strangers.join(", ")
         );
     }
-    let mut orphans: Vec<Orphan> = Vec::new();
-    for (pid, index) in found {
+    let mut slots: StdHashMap<usize, u32> = StdHashMap::new();
+    for (&pid, &index) in &found {
         if index >= workers {
             bail!(
                 "pid {pid} is worker {index} of an earlier sticky on {addr}; \
@@ -87,12 +87,14 @@ pub fn find_orphans(addr: SocketAddr, workers: usize) -> Result<Vec<Orphan>> {
                 index + 1
             );
         }
-        if let Some(other) = orphans.iter().find(|o| o.index == index) {
+        if let Some(other) = slots.insert(index, pid) {
             bail!(
-                "pids {} and {pid} both claim worker slot {index} on {addr}; stop one of them",
-                other.pid
+                "pids {other} and {pid} both claim worker slot {index} on {addr}; stop one of them"
             );
         }
+    }
+    let mut orphans: Vec<Orphan> = Vec::new();
+    for (pid, index) in found {
         match take_listener(pid) {
             // The pid was reused by another process since we looked.
             Ok((_, listener)) if !inode_of(&listener).is_some_and(|i| inodes.contains(&i)) => {}

@@ -117,3 +117,65 @@ fn a_new_sticky_adopts_the_workers_of_a_killed_one() {
         "port still taken after the adopting sticky stopped"
     );
 }
+
+/// Opens an Engine.IO session (handshake on its own connection): its sid.
+fn handshake(cluster: &Cluster) -> String {
+    let r = cluster.get("/socket.io/?EIO=4&transport=polling");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let text = r.text();
+    let start = text.find(r#""sid":""#).expect("open packet") + 7;
+    text[start..start + text[start..].find('"').unwrap()].to_owned()
+}
+
+#[test]
+fn learned_sessions_survive_adoption_and_too_few_workers_is_refused() {
+    const WORKERS: usize = 3;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/workers/engine_io_polling.py");
+    let python = sticky_tests::python3_bin();
+    let command = [python.to_str().unwrap(), script];
+    let dir = TempDir::new();
+    let control = dir.0.join("control.sock");
+    // Round-robin: without their sessions, most requests would land on a
+    // worker that does not know the sid.
+    let extra = ["--balance", "round-robin"];
+    let mut old = Cluster::start_with_control("127.0.0.1:0", &control, WORKERS, &extra, &command);
+    let addr = old.addr.to_string();
+    let sids: Vec<String> = (0..12).map(|_| handshake(&old)).collect();
+    assert_eq!(old.counter("learned"), 12);
+    kill(old.pid(), libc::SIGKILL);
+    old.terminate(Duration::from_secs(5));
+
+    // Fewer slots than the orphans need: one line, nothing taken.
+    let out = std::process::Command::new(sticky_tests::sticky_bin())
+        .args(["run", "--listen", &addr, "--workers", "2", "--control"])
+        .arg(&control)
+        .arg("--")
+        .args(command)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("--workers 2 over 3 orphans: {} -> {stderr:?}", out.status);
+    assert!(!out.status.success());
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("pass --workers 3 or more"), "{stderr}");
+
+    let new = Cluster::start_with_control(&addr, &control, WORKERS, &extra, &command);
+    let log = new.log.lock().unwrap().clone();
+    assert!(
+        log.contains("kept 0 registered and 12 learned sessions"),
+        "{log}"
+    );
+    assert_eq!(new.counter("learned_sessions"), 12);
+    let mut unknown = 0;
+    for sid in &sids {
+        for _ in 0..5 {
+            let r = new.get(&format!("/socket.io/?EIO=4&transport=polling&sid={sid}"));
+            if r.status != 200 {
+                unknown += 1;
+            }
+        }
+    }
+    println!("12 learned sessions x 5 requests after adoption: {unknown} not on their worker");
+    assert_eq!(unknown, 0);
+}
