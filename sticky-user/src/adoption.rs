@@ -21,7 +21,7 @@
 
 use std::{
     collections::{HashMap as StdHashMap, HashSet},
-    io,
+    io::{self, BufRead, BufReader},
     net::SocketAddr,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
 };
@@ -213,26 +213,33 @@ fn open<T: TryFrom<Map, Error = aya::maps::MapError>>(
 }
 
 /// Inodes of the TCP sockets listening on `port` (IPv4 and IPv6).
+///
+/// The kernel lists listening sockets first in /proc/net/tcp{,6}, then
+/// every other one (TIME_WAIT included: hundreds of thousands on a busy
+/// host, megabytes generated as they are read), so reading stops at the
+/// first line that is not LISTEN.
 fn listening_inodes(port: u16) -> HashSet<u64> {
     const LISTEN: &str = "0A";
     let port_hex = format!("{port:04X}");
-    ["/proc/net/tcp", "/proc/net/tcp6"]
-        .iter()
-        .filter_map(|f| std::fs::read_to_string(f).ok())
-        .flat_map(|table| {
-            table
-                .lines()
-                .skip(1)
-                .filter_map(|line| {
-                    let fields: Vec<&str> = line.split_whitespace().collect();
-                    let local_port = fields.get(1)?.rsplit(':').next()?;
-                    (local_port == port_hex && *fields.get(3)? == LISTEN)
-                        .then(|| fields.get(9)?.parse().ok())
-                        .flatten()
-                })
-                .collect::<Vec<u64>>()
-        })
-        .collect()
+    let mut inodes = HashSet::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(file) = std::fs::File::open(table) else {
+            continue;
+        };
+        for line in BufReader::new(file).lines().skip(1).map_while(Result::ok) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.get(3) != Some(&LISTEN) {
+                break;
+            }
+            let local_port = fields.get(1).and_then(|a| a.rsplit(':').next());
+            if local_port == Some(port_hex.as_str()) {
+                if let Some(inode) = fields.get(9).and_then(|i| i.parse().ok()) {
+                    inodes.insert(inode);
+                }
+            }
+        }
+    }
+    inodes
 }
 
 fn processes() -> impl Iterator<Item = u32> {
