@@ -269,6 +269,14 @@ impl Drop for Cluster {
     }
 }
 
+/// Prints a test's figures so that they show in `cargo xtask test`'s output
+/// even when the test passes (libtest captures `println!`, not a direct
+/// write to stderr).
+pub fn report(line: &str) {
+    use std::io::Write as _;
+    let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
+}
+
 /// Sends one line on a new control connection, returns the answer line.
 pub fn control_line(path: &std::path::Path, line: &str) -> String {
     let mut s = UnixStream::connect(path).expect("control socket");

@@ -66,11 +66,11 @@ fn a_new_sticky_adopts_the_workers_of_a_killed_one() {
     for _ in 0..5 {
         assert_eq!(new.get(&format!("/?sid={fresh}")).worker, Some(owner));
     }
-    println!(
+    sticky_tests::report(&format!(
         "adopted {WORKERS} workers {pids:?}; {} kept sessions x 5 rounds and a new one all on \
          their owners",
         sessions.len()
-    );
+    ));
 
     // An adopted worker that dies is restarted, as a child this time.
     kill(pids[1], libc::SIGKILL);
@@ -79,11 +79,11 @@ fn a_new_sticky_adopts_the_workers_of_a_killed_one() {
         c.worker_pid(1).is_some_and(|p| p != pids[1])
     });
     let restarted = new.worker_pid(1).unwrap();
-    println!(
+    sticky_tests::report(&format!(
         "adopted worker 1 (pid {}) SIGKILLed: restarted as pid {restarted} after {:.1?}",
         pids[1],
         start.elapsed()
-    );
+    ));
     let log = new.log.lock().unwrap().clone();
     assert!(
         log.contains(&format!("worker 1 (pid {}) (adopted) exited", pids[1])),
@@ -155,7 +155,10 @@ fn learned_sessions_survive_adoption_and_too_few_workers_is_refused() {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    println!("--workers 2 over 3 orphans: {} -> {stderr:?}", out.status);
+    sticky_tests::report(&format!(
+        "--workers 2 over 3 orphans: {} -> {stderr:?}",
+        out.status
+    ));
     assert!(!out.status.success());
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("pass --workers 3 or more"), "{stderr}");
@@ -176,6 +179,8 @@ fn learned_sessions_survive_adoption_and_too_few_workers_is_refused() {
             }
         }
     }
-    println!("12 learned sessions x 5 requests after adoption: {unknown} not on their worker");
+    sticky_tests::report(&format!(
+        "12 learned sessions x 5 requests after adoption: {unknown} not on their worker"
+    ));
     assert_eq!(unknown, 0);
 }

@@ -173,13 +173,13 @@ fn worker_killed_under_load() {
         }
     }
     let failed: usize = failed_by_owner.values().sum();
-    println!(
+    sticky_tests::report(&format!(
         "worker-kill-under-load: attempted {attempted} succeeded {} failed {failed} \
          (failures by owner {failed_by_owner:?}; the killed process held {accepted} accepted \
          connections; {queued_served_by_new} connections queued for it were served by its \
          replacement pid {new})",
         attempted - failed
-    );
+    ));
     assert!(
         wrong_owner.is_empty(),
         "{} requests of other workers' sessions reached another worker: {:?}",
@@ -278,11 +278,11 @@ fn crash_looping_worker_leaves_the_others_serving() {
     let log = cluster.log.lock().unwrap().clone();
     let restarts = restart_delays_of(&log, 0);
     let delays: Vec<f64> = restarts.iter().map(|r| r.1).collect();
-    println!(
+    sticky_tests::report(&format!(
         "crash loop: worker 0 exited {} times in {elapsed:.1?} (restart delays ms {delays:?}); \
          workers 1 and 2 served {served}/{served} requests (by sid: {per_worker:?})",
         restarts.len()
-    );
+    ));
     assert!(
         restarts
             .iter()
@@ -359,13 +359,13 @@ fn sigterm_serves_queued_connections_and_refuses_new_ones() {
         )
     });
     let late = late.expect("the connection opened after SIGTERM got no answer");
-    println!(
+    sticky_tests::report(&format!(
         "SIGTERM: {}/{QUEUED} queued connections served by pid {frozen}; in-flight request {}; \
          connection opened after SIGTERM: {}; sticky exited ({status}) {exited:.1?} after start",
         served.len(),
         slow.status,
         late.status
-    );
+    ));
     for r in &served {
         assert_eq!((r.status, r.pid), (200, Some(frozen)), "{}", r.text());
     }
