@@ -96,25 +96,38 @@ fn run() -> Result<(), String> {
                 continue;
             }
         };
-        let guard = ActiveGuard::new(&active);
-        let worker = Arc::clone(&worker);
-        let spawned = std::thread::Builder::new().spawn(move || {
-            let _guard = guard;
-            // Errors just end the connection: the peer went away.
-            let _ = serve(stream, &worker);
-        });
-        if let Err(e) = spawned {
-            eprintln!("demo-worker: cannot spawn a connection thread: {e}");
-        }
+        start_serving(stream, &worker, &active);
     }
 
-    // Stop accepting first, then let in-flight requests finish.
+    // Connections already in our accept queue were promised to us: serve
+    // them (readable means one is queued; nobody else accepts here), then
+    // stop accepting and let in-flight requests finish.
+    while readable(listener.as_raw_fd(), Duration::ZERO) {
+        match listener.accept() {
+            Ok((stream, _)) => start_serving(stream, &worker, &active),
+            Err(_) => break,
+        }
+    }
     drop(listener);
     let deadline = Instant::now() + DRAIN_LIMIT;
     while active.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
     Ok(())
+}
+
+/// Serves one accepted connection on its own thread.
+fn start_serving(stream: TcpStream, worker: &Arc<Worker>, active: &Arc<AtomicUsize>) {
+    let guard = ActiveGuard::new(active);
+    let worker = Arc::clone(worker);
+    let spawned = std::thread::Builder::new().spawn(move || {
+        let _guard = guard;
+        // Errors just end the connection: the peer went away.
+        let _ = serve(stream, &worker);
+    });
+    if let Err(e) = spawned {
+        eprintln!("demo-worker: cannot spawn a connection thread: {e}");
+    }
 }
 
 fn parse_args() -> Result<String, String> {

@@ -46,14 +46,48 @@ impl ListenerGroup {
         for fd in &worker_fds {
             listen(fd)?;
         }
-        let reject = reuseport_socket(addr)?;
-        listen(&reject)?;
-        let sink = reuseport_socket(addr)?;
-        drop_everything(&sink)?;
-        listen(&sink)?;
+        let reject = worker_listener(addr)?;
+        let sink = sink_listener(addr)?;
         Ok(ListenerGroup {
             addr,
             workers: worker_fds,
+            reject: TcpListener::from(reject),
+            sink,
+        })
+    }
+}
+
+/// A fresh listening socket joining the group on `addr`: a worker's
+/// listener (or the 503 one), not yet in any slot.
+pub fn worker_listener(addr: SocketAddr) -> Result<OwnedFd> {
+    let fd = reuseport_socket(addr)?;
+    listen(&fd)?;
+    Ok(fd)
+}
+
+/// The sink: a listener whose filter drops every segment (see the module
+/// docs).
+fn sink_listener(addr: SocketAddr) -> Result<OwnedFd> {
+    let fd = reuseport_socket(addr)?;
+    drop_everything(&fd)?;
+    listen(&fd)?;
+    Ok(fd)
+}
+
+impl ListenerGroup {
+    /// Like `bind`, on a port that adopted workers still hold: `adopted[i]`
+    /// is worker `i`'s listener taken from its process, or None for a fresh
+    /// one. The new sockets join the same reuseport group.
+    pub fn with_adopted(addr: SocketAddr, adopted: Vec<Option<OwnedFd>>) -> Result<ListenerGroup> {
+        let workers = adopted
+            .into_iter()
+            .map(|fd| fd.map_or_else(|| worker_listener(addr), Ok))
+            .collect::<Result<Vec<_>>>()?;
+        let reject = worker_listener(addr)?;
+        let sink = sink_listener(addr)?;
+        Ok(ListenerGroup {
+            addr,
+            workers,
             reject: TcpListener::from(reject),
             sink,
         })

@@ -5,6 +5,7 @@
 //! listener, answers the control socket and restarts workers. See
 //! ARCHITECTURE.md for the code map.
 
+mod adoption;
 mod control;
 mod flood;
 mod listeners;
@@ -168,7 +169,29 @@ fn run(args: RunArgs) -> Result<()> {
     let mut steering = steering::Steering::load(args.max_sessions)?;
     let mut maps = steering.take_maps()?;
     let cpus = sorting_cpus();
-    let group = listeners::ListenerGroup::bind(args.listen, workers)?;
+    // Workers left running by a supervisor that died are taken over.
+    let orphans = adoption::find_orphans(args.listen, workers)?;
+    let mut old_steering = if orphans.is_empty() {
+        None
+    } else {
+        let pids: Vec<u32> = orphans.iter().map(|o| o.pid).collect();
+        Some(adoption::OldSteering::find(args.listen.port(), &pids)?)
+    };
+    let mut adopted = Vec::new();
+    let group = if orphans.is_empty() {
+        listeners::ListenerGroup::bind(args.listen, workers)?
+    } else {
+        let mut taken: Vec<Option<std::os::fd::OwnedFd>> = (0..workers).map(|_| None).collect();
+        for o in orphans {
+            taken[o.index] = Some(o.listener);
+            adopted.push(supervisor::Adopted {
+                index: o.index,
+                pid: o.pid,
+                pidfd: o.pidfd,
+            });
+        }
+        listeners::ListenerGroup::with_adopted(args.listen, taken)?
+    };
     let balance = match args.balance {
         BalanceArg::Random => Balance::Random,
         BalanceArg::RoundRobin => Balance::RoundRobin,
@@ -185,7 +208,36 @@ fn run(args: RunArgs) -> Result<()> {
     if learning {
         config = config.learning(group.addr.port());
     }
+    // The port names this group's selector, for a successor's adoption.
+    config.port = u32::from(group.addr.port());
     maps.config.set(0, config, 0)?;
+    let mut table = sessions::SessionTable::new(
+        maps.sessions,
+        maps.workers,
+        maps.learned,
+        workers,
+        args.max_sessions as usize,
+    );
+    // Adopted workers are live and keep their sessions before the new
+    // selector replaces the old one: no connection sees them down.
+    for a in &adopted {
+        table.worker_started(a.index, a.pid)?;
+    }
+    if let Some(old) = old_steering.as_mut() {
+        let indices: Vec<usize> = adopted.iter().map(|a| a.index).collect();
+        let carried = old.sessions(&indices);
+        let (registered, learned) = (carried.registered.len(), carried.learned.len());
+        table.carry_over(carried)?;
+        for a in &adopted {
+            old.release_slot(a.index)?;
+            log!(
+                "adopted worker {} (pid {}) and its listener from an earlier sticky",
+                a.index,
+                a.pid
+            );
+        }
+        log!("kept {registered} registered and {learned} learned sessions of the adopted workers");
+    }
     for (i, fd) in group.workers.iter().enumerate() {
         maps.listeners
             .set(i as u32, fd, 0)
@@ -198,15 +250,12 @@ fn run(args: RunArgs) -> Result<()> {
         .set(SINK_SLOT, &group.sink, 0)
         .context("placing the sink in its slot")?;
     steering.attach_selector(&group.workers[0])?;
+    // The old selector is detached now; dropping our handles frees its maps.
+    drop(old_steering);
+    let slots: sorter::SockArray = Arc::new(Mutex::new(maps.listeners));
 
     let counters = Arc::new(maps.counters);
-    let sessions = Arc::new(Mutex::new(sessions::SessionTable::new(
-        maps.sessions,
-        maps.workers,
-        maps.learned,
-        workers,
-        args.max_sessions as usize,
-    )));
+    let sessions = Arc::new(Mutex::new(table));
     let control_path = args
         .control
         .unwrap_or_else(|| default_control(group.addr.port()));
@@ -221,7 +270,7 @@ fn run(args: RunArgs) -> Result<()> {
     }
     let mut sorter = match mode {
         Mode::Sticky => Some(sorter::start(
-            maps.listeners,
+            slots.clone(),
             group.addr,
             steering.sort_program()?,
             cpus,
@@ -238,10 +287,15 @@ fn run(args: RunArgs) -> Result<()> {
 
     let supervisor = supervisor::Supervisor::start(
         command,
-        group.workers,
+        supervisor::Listeners {
+            addr: group.addr,
+            slots,
+            workers: group.workers,
+        },
         control_path.clone(),
         sessions,
         args.grace,
+        adopted,
     )?;
     log!(
         "listening on {} with {workers} workers ({}), control socket {}",

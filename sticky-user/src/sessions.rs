@@ -45,6 +45,8 @@ pub struct SessionTable {
     slots: Vec<Slot>,
     /// max_entries of the kernel `sessions` map.
     capacity: usize,
+    /// Shutting down: no worker is live for the selector anymore.
+    stopping: bool,
 }
 
 impl SessionTable {
@@ -62,6 +64,7 @@ impl SessionTable {
             owners: StdHashMap::new(),
             slots: (0..workers).map(|_| Slot::default()).collect(),
             capacity,
+            stopping: false,
         }
     }
 
@@ -70,6 +73,37 @@ impl SessionTable {
         slot.pid = Some(pid);
         slot.generation += 1;
         self.publish(index)
+    }
+
+    /// Takes over sessions from a dead supervisor's maps (`adoption`), for
+    /// workers already marked started.
+    pub fn carry_over(&mut self, carried: crate::adoption::CarriedSessions) -> Result<()> {
+        for (sid, worker) in carried.registered {
+            self.kernel_sessions.insert(sid, worker as u32, 0)?;
+            self.owners.insert(sid, worker);
+            self.slots[worker].sessions += 1;
+        }
+        for (sid, learned) in carried.learned {
+            let worker = learned.worker as usize;
+            self.learned.insert(sid, learned, 0)?;
+            self.kernel_sessions.insert(sid, worker as u32, 0)?;
+            self.slots[worker].learned += 1;
+        }
+        for i in 0..self.slots.len() {
+            self.publish(i)?;
+        }
+        Ok(())
+    }
+
+    /// Shutdown: every worker is down for the selector from now on (new
+    /// connections get the 503 listener), while workers keep their sessions
+    /// and control connections until they exit.
+    pub fn stop_placing(&mut self) -> Result<()> {
+        self.stopping = true;
+        for i in 0..self.slots.len() {
+            self.publish(i)?;
+        }
+        Ok(())
     }
 
     /// Marks the worker dead and forgets its sessions.
@@ -267,7 +301,7 @@ impl SessionTable {
     fn publish(&mut self, index: usize) -> Result<()> {
         let slot = &self.slots[index];
         let state = WorkerState {
-            live: slot.pid.is_some() as u32,
+            live: (slot.pid.is_some() && !self.stopping) as u32,
             sessions: slot.sessions + slot.learned,
         };
         self.kernel_workers.set(index as u32, state, 0)?;

@@ -52,6 +52,7 @@ use crate::{
 /// Ticks back off up to this multiple of the period while a CPU sees no SYN.
 const IDLE_BACKOFF: u32 = 64;
 
+/// The listener slots, shared by the sorters and the supervisor.
 pub type SockArray = Arc<Mutex<ReusePortSockArray<MapData>>>;
 
 struct SortingLoop {
@@ -71,7 +72,7 @@ struct SortingLoop {
 /// Starts one loop per CPU, each with its sorting listeners on `addr`
 /// carrying the socket filter `filter`.
 pub fn start(
-    listeners: ReusePortSockArray<MapData>,
+    listeners: SockArray,
     addr: SocketAddr,
     filter: OwnedFd,
     cpus: usize,
@@ -82,7 +83,6 @@ pub fn start(
 ) -> Result<SortingHandle> {
     let handoff = Arc::new(handoff);
     let filter = Arc::new(filter);
-    let listeners = Arc::new(Mutex::new(listeners));
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();
     for cpu in 0..cpus {

@@ -82,6 +82,39 @@ impl Cluster {
     ) -> Cluster {
         let dir = TempDir::new();
         let control = dir.0.join("control.sock");
+        Cluster::start_inner(listen, workers, extra, command, configure, dir, control)
+    }
+
+    /// Like `start_with`, with the control socket at `control` (e.g. the
+    /// path an earlier sticky's workers still know).
+    pub fn start_with_control(
+        listen: &str,
+        control: &std::path::Path,
+        workers: usize,
+        extra: &[&str],
+        command: &[&str],
+    ) -> Cluster {
+        let dir = TempDir::new();
+        Cluster::start_inner(
+            listen,
+            workers,
+            extra,
+            command,
+            |_| {},
+            dir,
+            control.to_owned(),
+        )
+    }
+
+    fn start_inner(
+        listen: &str,
+        workers: usize,
+        extra: &[&str],
+        command: &[&str],
+        configure: impl FnOnce(&mut Command),
+        dir: TempDir,
+        control: PathBuf,
+    ) -> Cluster {
         let mut sticky = Command::new(sticky_bin());
         configure(&mut sticky);
         let mut child = sticky
@@ -209,8 +242,14 @@ impl Cluster {
 
     /// Sends SIGTERM and waits for exit (up to `limit`).
     pub fn terminate(&mut self, limit: Duration) -> Option<ExitStatus> {
-        let mut child = self.child.take()?;
+        let child = self.child.as_ref()?;
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        self.wait_exit(limit)
+    }
+
+    /// Waits for sticky to exit by itself (up to `limit`, then SIGKILL).
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
         let start = Instant::now();
         while start.elapsed() < limit {
             if let Ok(Some(status)) = child.try_wait() {
@@ -268,6 +307,14 @@ pub fn map_entries(pid: u32, name: &str) -> usize {
         "flows" | "placed_flows" => count(Map::LruHashMap(data)),
         _ => count(Map::HashMap(data)),
     }
+}
+
+/// Prints a test's figures so that they show in `cargo xtask test`'s output
+/// even when the test passes (libtest captures `println!`, not a direct
+/// write to stderr).
+pub fn report(line: &str) {
+    use std::io::Write as _;
+    let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
 }
 
 /// Sends one line on a new control connection, returns the answer line.

@@ -6,19 +6,21 @@
 //! - `cargo xtask test [-- ARGS]`      debug build, then `cargo test --workspace`
 //! - `cargo xtask bench [--quick] [ARGS]`  sticky vs floor, JSON in bench/results/
 //! - `cargo xtask fuzz [--seconds N]`  libFuzzer on the request parser (fuzz.rs)
+//! - `cargo xtask soak [--minutes N] [--sessions N]`  long Socket.IO run with worker restarts (soak.rs)
 //!
 //! Loading BPF programs needs root, so `run` and `bench` go through `sudo`
 //! when not root (only the final binary: the build stays the user's, so
 //! `target/` does not become root-owned).
 
 mod fuzz;
+mod soak;
 
 use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const USAGE: &str = "usage: cargo xtask <build | run [-- STICKY_ARGS] | test [-- CARGO_TEST_ARGS] | bench [--quick] [BENCH_ARGS] | fuzz [--seconds N]>";
+const USAGE: &str = "usage: cargo xtask <build | run [-- STICKY_ARGS] | test [-- CARGO_TEST_ARGS] | bench [--quick] [BENCH_ARGS] | fuzz [--seconds N] | soak [--minutes N] [--sessions N]>";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -28,6 +30,7 @@ fn main() {
         Some("test") => test(extra(&args[1..])),
         Some("bench") => bench(extra(&args[1..])),
         Some("fuzz") => fuzz::fuzz(&args[1..]),
+        Some("soak") => soak::soak(extra(&args[1..])),
         Some("-h" | "--help") => {
             println!("{USAGE}");
             Ok(())
