@@ -130,6 +130,43 @@ for (const lang of ['plain-node', 'plain-python', 'plain-rust']) {
   });
 }
 
+describe("Engine.IO close on the wire, --learn-idle 10m (plain-node workers)", () => {
+  let sticky;
+  before(async () => {
+    sticky = await h.startSticky({
+      learn: 'on',
+      command: h.workerFor('plain-node').command,
+      extraArgs: ['--learn-idle', '10m'],
+    });
+  });
+  after(() => h.stopSticky(sticky));
+
+  const learnedSessions = async () => (await h.stats(sticky)).learned_sessions;
+
+  test('a long-polling client that disconnects closes its learned session at once', async () => {
+    const before = await h.stats(sticky);
+    const conns = [];
+    for (let i = 0; i < 3; i++) conns.push(await h.connectClient(sticky.url, { transports: ['polling'] }));
+    // learned_sessions is recounted at each expiry scan (every 5 s here).
+    await h.waitFor('3 learned sessions', async () => (await learnedSessions()) === 3, { timeout: 15000 });
+    for (const c of conns) c.socket.disconnect(); // POSTs the close packet `1`
+    // Forgotten at the next scan, not after --learn-idle (10 min).
+    await h.waitFor('the closed sessions forgotten', async () => (await learnedSessions()) === 0, { timeout: 15000 });
+    const after = await h.stats(sticky);
+    assert.equal(after.learn_closed - before.learn_closed, 3, 'three close packets seen');
+  });
+
+  test('a WebSocket session end is not seen: it stays until --learn-idle', async () => {
+    const before = await h.stats(sticky);
+    const conn = await h.connectClient(sticky.url);
+    assert.equal(await conn.upgraded, 'websocket');
+    conn.socket.disconnect(); // closes the WebSocket; no Engine.IO close packet
+    await h.waitFor('the learned session counted', async () => (await learnedSessions()) === 1, { timeout: 15000 });
+    const after = await h.stats(sticky);
+    assert.equal(after.learn_closed - before.learn_closed, 0);
+  });
+});
+
 describe('control experiment: unmodified socket.io workers, --learn off', () => {
   let sticky;
   before(async () => {
