@@ -92,6 +92,8 @@ struct Opts {
     learn: bool,
     /// Run only the WebSocket learn on/off comparison (`ws_learn`).
     ws_learn: bool,
+    /// A cgroup v2 directory to start sticky in (`ws_learn`).
+    cgroup: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Opts, String> {
@@ -110,6 +112,7 @@ fn parse_args() -> Result<Opts, String> {
         direct: None,
         learn: true,
         ws_learn: false,
+        cgroup: None,
     };
     let (mut rounds, mut duration) = (None, None);
     let mut quick = false;
@@ -461,6 +464,27 @@ impl Cluster {
                     if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) < 0 {
                         return Err(io::Error::last_os_error());
                     }
+                    Ok(())
+                });
+            }
+        }
+        if let Some(dir) = &opts.cgroup {
+            let procs = std::ffi::CString::new(
+                dir.join("cgroup.procs")
+                    .into_os_string()
+                    .into_encoded_bytes(),
+            )
+            .map_err(|_| format!("bad cgroup path {}", dir.display()))?;
+            // SAFETY: open/write/close are plain syscalls, safe between fork
+            // and exec; `procs` is owned by the closure. Writing "0" moves
+            // the writer (sticky-to-be) into that cgroup.
+            unsafe {
+                command.pre_exec(move || {
+                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                    if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    libc::close(fd);
                     Ok(())
                 });
             }

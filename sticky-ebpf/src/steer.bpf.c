@@ -665,36 +665,46 @@ static __always_inline int cgroup_tcp_payload(struct __sk_buff *skb, int egress,
 					      struct sticky_flow *key,
 					      __u32 *off, __u32 *len)
 {
+	/*
+	 * Headers by direct packet access: they sit in the linear part of the
+	 * skb (the payload often does not), and this runs on every packet of
+	 * the cgroup, so no helper call on the way to a cheap exit.
+	 */
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
 	__u32 ip_len, tot_len;
-	struct tcphdr th;
+	struct tcphdr *th;
 
 	if (skb->protocol == bpf_htons(ETH_P_IP)) {
-		struct iphdr ip;
+		struct iphdr *ip = data;
 
-		if (bpf_skb_load_bytes(skb, 0, &ip, sizeof(ip)) || ip.protocol != IPPROTO_TCP)
+		if ((void *)(ip + 1) > end || ip->protocol != IPPROTO_TCP)
 			return 0;
-		ip_len = ip.ihl * 4;
-		tot_len = bpf_ntohs(ip.tot_len);
-		key->local[0] = egress ? ip.saddr : ip.daddr;
-		key->remote[0] = egress ? ip.daddr : ip.saddr;
+		ip_len = ip->ihl * 4;
+		tot_len = bpf_ntohs(ip->tot_len);
+		key->local[0] = egress ? ip->saddr : ip->daddr;
+		key->remote[0] = egress ? ip->daddr : ip->saddr;
 		key->family = AF_INET;
 	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
-		struct ipv6hdr ip6;
+		struct ipv6hdr *ip6 = data;
 
-		if (bpf_skb_load_bytes(skb, 0, &ip6, sizeof(ip6)) || ip6.nexthdr != IPPROTO_TCP)
+		if ((void *)(ip6 + 1) > end || ip6->nexthdr != IPPROTO_TCP)
 			return 0;
-		ip_len = sizeof(ip6);
-		tot_len = sizeof(ip6) + bpf_ntohs(ip6.payload_len);
-		__builtin_memcpy(key->local, egress ? &ip6.saddr : &ip6.daddr, 16);
-		__builtin_memcpy(key->remote, egress ? &ip6.daddr : &ip6.saddr, 16);
+		ip_len = sizeof(*ip6);
+		tot_len = sizeof(*ip6) + bpf_ntohs(ip6->payload_len);
+		__builtin_memcpy(key->local, egress ? &ip6->saddr : &ip6->daddr, 16);
+		__builtin_memcpy(key->remote, egress ? &ip6->daddr : &ip6->saddr, 16);
 		key->family = AF_INET6;
 	} else {
 		return 0;
 	}
-	if (bpf_skb_load_bytes(skb, ip_len, &th, sizeof(th)))
+	if (ip_len < sizeof(struct iphdr) || ip_len > 60)
 		return 0;
-	key->remote_port = egress ? th.dest : th.source;
-	*off = ip_len + th.doff * 4;
+	th = data + ip_len;
+	if ((void *)(th + 1) > end)
+		return 0;
+	key->remote_port = egress ? th->dest : th->source;
+	*off = ip_len + th->doff * 4;
 	if (tot_len <= *off)
 		return 0; /* no payload: SYN, ACK, FIN */
 	*len = tot_len - *off;
@@ -708,10 +718,23 @@ int sticky_learn(struct __sk_buff *skb)
 	struct sticky_config *cfg = bpf_map_lookup_elem(&config, &zero);
 	struct sticky_flow key = {};
 	struct sticky_placed *placed;
+	struct bpf_sock *sk;
 	struct scratch *s;
 
 	if (!cfg || !cfg->learn || skb->local_port != cfg->port)
 		return 1;
+	/*
+	 * Cheap exit for established connections (every WebSocket message):
+	 * past the segments searched, skip the flow lookup. Retransmissions
+	 * count in both. No TCP socket under BPF_PROG_TEST_RUN: full path.
+	 */
+	sk = skb->sk;
+	if (sk) {
+		struct bpf_tcp_sock *tp = bpf_tcp_sock(sk);
+
+		if (tp && tp->data_segs_out > STICKY_LEARN_SEGMENTS)
+			return 1;
+	}
 	if (!cgroup_tcp_payload(skb, 1, &key, &off, &len))
 		return 1;
 	placed = bpf_map_lookup_elem(&placed_flows, &key);
@@ -792,9 +815,14 @@ int sticky_watch(struct __sk_buff *skb)
 
 	if (!cfg || !cfg->learn || skb->local_port != cfg->port)
 		return 1;
-	if (!cgroup_tcp_payload(skb, 0, &key, &off, &len) || len < 4 ||
-	    bpf_skb_load_bytes(skb, off, &word, 4) ||
-	    (word != WORD_GET && word != WORD_POST))
+	if (!cgroup_tcp_payload(skb, 0, &key, &off, &len) || len < 4)
+		return 1;
+	/* The first payload bytes: often in a page fragment, not linear. */
+	if (off <= 120 && (void *)(long)skb->data + off + 4 <= (void *)(long)skb->data_end)
+		word = *(__u32 *)((void *)(long)skb->data + off);
+	else if (bpf_skb_load_bytes(skb, off, &word, 4))
+		return 1;
+	if (word != WORD_GET && word != WORD_POST)
 		return 1;
 	s = bpf_map_lookup_elem(&scratch, &three);
 	if (!s)
