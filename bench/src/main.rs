@@ -38,6 +38,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+mod ws_learn;
+
 const WORKERS: usize = 2;
 /// Sessions registered per worker, so requests spread over several sids.
 const SIDS_PER_WORKER: usize = 3;
@@ -49,7 +51,7 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 
 const USAGE: &str = "usage: sticky-bench [--quick] [--rounds N] [--duration SECS] [--clients N]
                     [--learn on|off] [--json PATH] [--readme PATH] [--sticky PATH]
-                    [--worker PATH] [--direct ADDR]
+                    [--worker PATH] [--direct ADDR] [--ws-learn]
 
   --quick          1 round of 1 s per workload (default: 3 rounds of 3 s)
   --rounds N       rounds per mode; modes alternate sticky, floor, sticky, ...
@@ -64,7 +66,10 @@ const USAGE: &str = "usage: sticky-bench [--quick] [--rounds N] [--duration SECS
   --sticky PATH    sticky binary (default: `sticky` next to this executable)
   --worker PATH    worker binary (default: `sticky-demo-worker` next to it)
   --direct ADDR    debug: start nothing, measure a server already listening
-                   at ADDR in both columns (checks the harness itself)";
+                   at ADDR in both columns (checks the harness itself)
+  --ws-learn       instead: Socket.IO messages over established WebSockets,
+                   sticky --learn on vs off (plain socketioxide workers;
+                   JSON in <json stem>-ws-learn.json)";
 
 fn main() {
     let result = parse_args().and_then(|opts| run(&opts));
@@ -74,6 +79,7 @@ fn main() {
     }
 }
 
+#[derive(Clone)]
 struct Opts {
     sticky: PathBuf,
     worker: PathBuf,
@@ -84,6 +90,10 @@ struct Opts {
     readme: Option<PathBuf>,
     direct: Option<SocketAddr>,
     learn: bool,
+    /// Run only the WebSocket learn on/off comparison (`ws_learn`).
+    ws_learn: bool,
+    /// A cgroup v2 directory to start sticky in (`ws_learn`).
+    cgroup: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Opts, String> {
@@ -101,6 +111,8 @@ fn parse_args() -> Result<Opts, String> {
         readme: None,
         direct: None,
         learn: true,
+        ws_learn: false,
+        cgroup: None,
     };
     let (mut rounds, mut duration) = (None, None);
     let mut quick = false;
@@ -109,6 +121,7 @@ fn parse_args() -> Result<Opts, String> {
         let mut value = |name: &str| args.next().ok_or(format!("{name} needs a value"));
         match arg.as_str() {
             "--quick" => quick = true,
+            "--ws-learn" => opts.ws_learn = true,
             "--rounds" => rounds = Some(number(&value("--rounds")?)? as usize),
             "--duration" => {
                 duration = Some(Duration::from_secs_f64(number(&value("--duration")?)?))
@@ -293,6 +306,9 @@ struct Results {
 }
 
 fn run(opts: &Opts) -> Result<(), String> {
+    if opts.ws_learn {
+        return ws_learn::run(opts);
+    }
     if opts.direct.is_none() {
         for (what, path) in [("sticky", &opts.sticky), ("worker", &opts.worker)] {
             if !path.is_file() {
@@ -448,6 +464,27 @@ impl Cluster {
                     if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) < 0 {
                         return Err(io::Error::last_os_error());
                     }
+                    Ok(())
+                });
+            }
+        }
+        if let Some(dir) = &opts.cgroup {
+            let procs = std::ffi::CString::new(
+                dir.join("cgroup.procs")
+                    .into_os_string()
+                    .into_encoded_bytes(),
+            )
+            .map_err(|_| format!("bad cgroup path {}", dir.display()))?;
+            // SAFETY: open/write/close are plain syscalls, safe between fork
+            // and exec; `procs` is owned by the closure. Writing "0" moves
+            // the writer (sticky-to-be) into that cgroup.
+            unsafe {
+                command.pre_exec(move || {
+                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                    if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    libc::close(fd);
                     Ok(())
                 });
             }
@@ -1101,12 +1138,21 @@ fn table(opts: &Opts, r: &Results) -> String {
 
 /// Replaces what sits between the README's bench markers with `report`.
 fn update_readme(path: &Path, report: &str) -> Result<(), String> {
-    const BEGIN: &str = "<!-- bench:begin -->";
-    const END: &str = "<!-- bench:end -->";
+    replace_between_markers(path, "<!-- bench:begin -->", "<!-- bench:end -->", report)
+}
+
+/// Replaces what sits between `begin` and `end` in `path` with a stamp
+/// (machine, CPUs) and `report`, its first heading one level down.
+fn replace_between_markers(
+    path: &Path,
+    begin: &str,
+    end: &str,
+    report: &str,
+) -> Result<(), String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let (Some(a), Some(b)) = (text.find(BEGIN), text.find(END)) else {
-        return Err(format!("{} has no {BEGIN} / {END} markers", path.display()));
+    let (Some(a), Some(b)) = (text.find(begin), text.find(end)) else {
+        return Err(format!("{} has no {begin} / {end} markers", path.display()));
     };
     let machine = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
@@ -1115,7 +1161,7 @@ fn update_readme(path: &Path, report: &str) -> Result<(), String> {
         machine.trim()
     );
     let new = format!(
-        "{}{BEGIN}\n{stamp}{}\n{}",
+        "{}{begin}\n{stamp}{}\n{}",
         &text[..a],
         report.trim_start_matches('\n').replacen("## ", "### ", 1),
         &text[b..]

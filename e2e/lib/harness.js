@@ -22,38 +22,34 @@ const LEARN = process.env.E2E_LEARN || 'off';
 // ---------------------------------------------------------------- workers
 
 /**
- * The worker command of each language, or a reason to skip it.
+ * The worker command of each language, or a reason to skip it. `node`,
+ * `python`, `rust`: the integrations' workers (they register their
+ * sessions); `plain-node`, `plain-python`, `plain-rust`: workers with no
+ * sticky code at all, only listening on fd 3 (session learning).
  * @returns {{name: string, command: string[] | null, skip: string | false}}
  */
 function workerFor(lang) {
-  if (lang === 'node') {
-    return { name: 'node', command: [process.execPath, 'e2e/workers/node-worker.js'], skip: false };
-  }
-  if (lang === 'python') {
-    const script = path.join(REPO_ROOT, 'e2e/workers/python_worker.py');
-    if (!fs.existsSync(script)) {
-      return { name: lang, command: null, skip: 'e2e/workers/python_worker.py does not exist yet' };
-    }
+  const found = (command) => ({ name: lang, command, skip: false });
+  const skipped = (why) => ({ name: lang, command: null, skip: why });
+  if (lang === 'node') return found([process.execPath, 'e2e/workers/node-worker.js']);
+  if (lang === 'plain-node') return found([process.execPath, 'e2e/workers/plain-node-worker.js']);
+  if (lang === 'python' || lang === 'plain-python') {
+    const script = `e2e/workers/${lang === 'python' ? 'python_worker.py' : 'plain_python_worker.py'}`;
     const probe = spawnSync(PYTHON, ['-c', 'import socketio'], { encoding: 'utf8' });
     if (probe.status !== 0) {
       const why = probe.error ? probe.error.message : (probe.stderr || '').trim().split('\n').pop();
-      return {
-        name: lang,
-        command: null,
-        skip: `${PYTHON} -c "import socketio" failed (${why}); pip install -r e2e/requirements.txt`,
-      };
+      return skipped(`${PYTHON} -c "import socketio" failed (${why}); pip install -r e2e/requirements.txt`);
     }
-    return { name: lang, command: [PYTHON, 'e2e/workers/python_worker.py'], skip: false };
+    return found([PYTHON, script]);
   }
-  if (lang === 'rust') {
-    const bin = path.resolve(
-      REPO_ROOT,
-      process.env.RUST_WORKER || path.join(path.dirname(STICKY_BIN), 'sticky-socketioxide-worker'),
-    );
+  if (lang === 'rust' || lang === 'plain-rust') {
+    const name = lang === 'rust' ? 'sticky-socketioxide-worker' : 'sticky-plain-socketioxide-worker';
+    const fromEnv = lang === 'rust' ? process.env.RUST_WORKER : process.env.PLAIN_RUST_WORKER;
+    const bin = path.resolve(REPO_ROOT, fromEnv || path.join(path.dirname(STICKY_BIN), name));
     if (!fs.existsSync(bin)) {
-      return { name: lang, command: null, skip: `${path.relative(REPO_ROOT, bin)} is missing (cargo build --workspace)` };
+      return skipped(`${path.relative(REPO_ROOT, bin)} is missing (cargo build --workspace)`);
     }
-    return { name: lang, command: [bin], skip: false };
+    return found([bin]);
   }
   throw new Error(`unknown worker language ${lang}`);
 }

@@ -27,6 +27,7 @@ async function pollingLoad(sticky, { label, lang, clients, messages, transports 
     ackTimeouts: 0,
     otherWorker: 0, // a session's whoami answered by another worker than its hello
     wrongLang: 0,
+    onWebSocket: 0, // sessions on the WebSocket transport at the end (upgraded)
   };
   const errors = [];
   const perWorker = {};
@@ -92,6 +93,7 @@ async function pollingLoad(sticky, { label, lang, clients, messages, transports 
     } catch (err) {
       note('whoami', err);
     }
+    if (socket.io.engine && socket.io.engine.transport.name === 'websocket') tally.onWebSocket++;
   }
 
   await Promise.all(Array.from({ length: clients }, (_, i) => client(i)));
@@ -105,7 +107,8 @@ async function pollingLoad(sticky, { label, lang, clients, messages, transports 
       `connected ${tally.connected}, connect_error ${tally.connectErrors}, ` +
       `"Session ID unknown" ${tally.sessionIdUnknown}, transport errors ${tally.transportErrors}, ` +
       `unexpected disconnects ${tally.disconnects}, ack timeouts ${tally.ackTimeouts}, ` +
-      `wrong echoes ${tally.wrongEcho}, whoami on another worker ${tally.otherWorker}`,
+      `wrong echoes ${tally.wrongEcho}, whoami on another worker ${tally.otherWorker}, ` +
+      `on WebSocket at the end ${tally.onWebSocket}`,
   );
   console.log(
     `[${label}] connect p50 ${pct(connectTimes, 50).toFixed(1)} ms p99 ${pct(connectTimes, 99).toFixed(1)} ms; ` +

@@ -207,7 +207,8 @@ pub struct Placed {
 pub struct Learned {
     pub worker: u32,
     pub pad: u32,
-    /// CLOCK_MONOTONIC nanoseconds of the last request carrying the sid.
+    /// CLOCK_MONOTONIC nanoseconds of the last request carrying the sid;
+    /// 0 once its client sent the Engine.IO close packet.
     pub last_seen_ns: u64,
 }
 
@@ -251,6 +252,7 @@ pub const COUNTERS: &[&str] = &[
     "learn_known",
     "learn_full",
     "placed_cookie",
+    "learn_closed",
 ];
 
 /// `enum sticky_counter` indices used by user space.

@@ -167,8 +167,9 @@ struct sticky_placed {
 
 /*
  * Value of the `learned` hash map (key: struct sticky_sid): a session that
- * sticky_learn found in a worker's answer. The selector refreshes last_seen
- * whenever a request carries the sid; user space expires idle ones.
+ * sticky_learn found in a worker's answer. sticky_watch (and the placement
+ * paths) refresh last_seen whenever a request carries the sid; 0 means the
+ * client closed the session. User space forgets idle and closed ones.
  */
 struct sticky_learned {
 	__u32 worker;
@@ -205,6 +206,7 @@ enum sticky_counter {
 	STICKY_CNT_LEARN_KNOWN,      /* open packets for an already known sid */
 	STICKY_CNT_LEARN_FULL,       /* open packets not learned: sessions map full */
 	STICKY_CNT_PLACED_COOKIE,    /* syncookie connections placed on first data */
+	STICKY_CNT_LEARN_CLOSED,     /* learned sessions closed by their client */
 	STICKY_COUNTERS,
 };
 

@@ -7,7 +7,9 @@
 //! - `steer.bpf.c`: `sticky_select` (SK_REUSEPORT, select-or-migrate),
 //!   `sticky_sort` (SOCKET_FILTER on the sorting listeners) and
 //!   `sticky_learn` (CGROUP_SKB egress: learns sessions from the workers'
-//!   Engine.IO open packets), plus every map.
+//!   Engine.IO open packets), `sticky_watch` (CGROUP_SKB ingress: keeps
+//!   learned sessions fresh from the clients' requests, and notices their
+//!   Engine.IO close), plus every map.
 //! - `parse.h`: the request-line parser both programs share.
 //! - `../include/sticky.h`: map layouts shared with user space, mirrored in
 //!   `sticky-common`.
@@ -27,6 +29,7 @@ pub fn steer_object() -> &'static [u8] {
 pub const SELECT_PROGRAM: &str = "sticky_select";
 pub const SORT_PROGRAM: &str = "sticky_sort";
 pub const LEARN_PROGRAM: &str = "sticky_learn";
+pub const WATCH_PROGRAM: &str = "sticky_watch";
 
 /// Map names inside [`steer_object`].
 pub mod maps {

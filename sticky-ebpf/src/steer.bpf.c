@@ -142,10 +142,13 @@ struct {
 	__type(value, struct sticky_learned);
 } learned SEC(".maps");
 
-/* Entry 0: the socket filter's; entry 1: the selector's; 2: sticky_learn's. */
+/*
+ * Entry 0: the socket filter's; 1: the selector's; 2: sticky_learn's;
+ * 3: sticky_watch's.
+ */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 3);
+	__uint(max_entries, 4);
 	__type(key, __u32);
 	__type(value, struct scratch);
 } scratch SEC(".maps");
@@ -265,7 +268,7 @@ static __always_inline __u32 owner_of(struct scratch *s, int result)
 		if (owner) {
 			struct sticky_learned *l = bpf_map_lookup_elem(&learned, &s->key);
 
-			if (l)
+			if (l && l->last_seen_ns) /* 0: closed, stays so */
 				l->last_seen_ns = bpf_ktime_get_ns();
 			return *owner;
 		}
@@ -749,66 +752,201 @@ static __always_inline int learn_sid(struct scratch *s, __u32 worker)
 	return 1;
 }
 
+/*
+ * The TCP payload of a packet seen by a cgroup_skb program on the listening
+ * port (the IP header is at offset 0 in both directions): its offset and
+ * length, and the flow key as the selector built it (local = the server);
+ * `*ends` tells a FIN or RST. A segment without payload (SYN, ACK, FIN)
+ * gives `*len == 0`. Returns 0 for anything else.
+ */
+static __always_inline int cgroup_tcp_payload(struct __sk_buff *skb, int egress,
+					      struct sticky_flow *key,
+					      __u32 *off, __u32 *len, int *ends)
+{
+	/*
+	 * Headers by direct packet access: they sit in the linear part of the
+	 * skb (the payload often does not), and this runs on every packet of
+	 * the cgroup, so no helper call on the way to a cheap exit.
+	 */
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	__u32 ip_len, tot_len;
+	struct tcphdr *th;
+
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = data;
+
+		if ((void *)(ip + 1) > end || ip->protocol != IPPROTO_TCP)
+			return 0;
+		ip_len = ip->ihl * 4;
+		tot_len = bpf_ntohs(ip->tot_len);
+		key->local[0] = egress ? ip->saddr : ip->daddr;
+		key->remote[0] = egress ? ip->daddr : ip->saddr;
+		key->family = AF_INET;
+	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = data;
+
+		if ((void *)(ip6 + 1) > end || ip6->nexthdr != IPPROTO_TCP)
+			return 0;
+		ip_len = sizeof(*ip6);
+		tot_len = sizeof(*ip6) + bpf_ntohs(ip6->payload_len);
+		__builtin_memcpy(key->local, egress ? &ip6->saddr : &ip6->daddr, 16);
+		__builtin_memcpy(key->remote, egress ? &ip6->daddr : &ip6->saddr, 16);
+		key->family = AF_INET6;
+	} else {
+		return 0;
+	}
+	if (ip_len < sizeof(struct iphdr) || ip_len > 60)
+		return 0;
+	th = data + ip_len;
+	if ((void *)(th + 1) > end)
+		return 0;
+	key->remote_port = egress ? th->dest : th->source;
+	*off = ip_len + th->doff * 4;
+	*ends = th->fin || th->rst;
+	*len = tot_len > *off ? tot_len - *off : 0;
+	return 1;
+}
+
 SEC("cgroup_skb/egress")
 int sticky_learn(struct __sk_buff *skb)
 {
-	__u32 zero = 0, two = 2, ip_len, tot_len, off, len;
+	__u32 zero = 0, two = 2, off, len;
+	int ends;
 	struct sticky_config *cfg = bpf_map_lookup_elem(&config, &zero);
 	struct sticky_flow key = {};
 	struct sticky_placed *placed;
-	struct tcphdr th;
+	struct bpf_sock *sk;
 	struct scratch *s;
 
 	if (!cfg || !cfg->learn || skb->local_port != cfg->port)
 		return 1;
-	if (skb->protocol == bpf_htons(ETH_P_IP)) {
-		struct iphdr ip;
+	/*
+	 * Cheap exit for established connections (every WebSocket message):
+	 * past the segments searched, skip the flow lookup. Retransmissions
+	 * count in both. No TCP socket under BPF_PROG_TEST_RUN: full path.
+	 */
+	sk = skb->sk;
+	if (sk) {
+		struct bpf_tcp_sock *tp = bpf_tcp_sock(sk);
 
-		if (bpf_skb_load_bytes(skb, 0, &ip, sizeof(ip)) || ip.protocol != IPPROTO_TCP)
+		if (tp && tp->data_segs_out > STICKY_LEARN_SEGMENTS)
 			return 1;
-		ip_len = ip.ihl * 4;
-		tot_len = bpf_ntohs(ip.tot_len);
-		key.local[0] = ip.saddr;
-		key.remote[0] = ip.daddr;
-		key.family = AF_INET;
-	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
-		struct ipv6hdr ip6;
-
-		if (bpf_skb_load_bytes(skb, 0, &ip6, sizeof(ip6)) || ip6.nexthdr != IPPROTO_TCP)
-			return 1;
-		ip_len = sizeof(ip6);
-		tot_len = sizeof(ip6) + bpf_ntohs(ip6.payload_len);
-		__builtin_memcpy(key.local, &ip6.saddr, 16);
-		__builtin_memcpy(key.remote, &ip6.daddr, 16);
-		key.family = AF_INET6;
-	} else {
-		return 1;
 	}
-	if (bpf_skb_load_bytes(skb, ip_len, &th, sizeof(th)))
+	if (!cgroup_tcp_payload(skb, 1, &key, &off, &len, &ends))
 		return 1;
-	key.remote_port = th.dest;
 	placed = bpf_map_lookup_elem(&placed_flows, &key);
 	if (!placed)
 		return 1;
-	off = ip_len + th.doff * 4;
-	if (tot_len <= off) {
+	if (len == 0) {
 		/* No payload. The worker's FIN or RST ends the search early. */
-		if (th.fin || th.rst)
+		if (ends)
 			bpf_map_delete_elem(&placed_flows, &key);
 		return 1;
 	}
 	s = bpf_map_lookup_elem(&scratch, &two);
 	if (!s)
 		return 1;
-	len = tot_len - off;
 	if (len > STICKY_LEARN_SCAN)
 		len = STICKY_LEARN_SCAN;
 	barrier_var(len);
 	if (len == 0 || bpf_skb_load_bytes(skb, off, s->buf, len))
 		return 1;
 	s->len = len;
-	if (learn_sid(s, placed->worker) || th.fin || th.rst ||
+	if (learn_sid(s, placed->worker) || ends ||
 	    __sync_fetch_and_add(&placed->segments, 1) + 1 >= STICKY_LEARN_SEGMENTS)
 		bpf_map_delete_elem(&placed_flows, &key);
+	return 1;
+}
+
+/*
+ * Is s->buf (the whole segment, `seg_len` bytes) a long-polling POST whose
+ * body is exactly the Engine.IO close packet: `1` (EIO 4, also as the last
+ * packet of a payload, after the 0x1e separator) or `1:1` (EIO 3)? A
+ * client writes a request's head and a small body at once, so both are in
+ * one segment.
+ */
+static __always_inline int is_close_request(struct scratch *s, __u32 seg_len)
+{
+	__u32 n = s->len;
+	__u8 t[8];
+
+	if (seg_len != n || n < 16 || n > STICKY_SCAN_MAX)
+		return 0;
+	if (s->buf[0] != 'P' || s->buf[1] != 'O' || s->buf[2] != 'S' ||
+	    s->buf[3] != 'T' || s->buf[4] != ' ')
+		return 0;
+	__builtin_memcpy(t, &s->buf[(n - 8) & SCAN_MASK], 8); /* the last 8 bytes */
+	if (t[7] != '1')
+		return 0;
+	if (t[6] == 0x1e)
+		return 1;
+	if (t[3] == '\r' && t[4] == '\n' && t[5] == '\r' && t[6] == '\n')
+		return 1; /* "\r\n\r\n1" */
+	return t[1] == '\r' && t[2] == '\n' && t[3] == '\r' && t[4] == '\n' &&
+	       t[5] == '1' && t[6] == ':'; /* "\r\n\r\n1:1" */
+}
+
+/*
+ * sticky_watch (cgroup_skb/ingress on the same cgroup as sticky_learn): the
+ * clients' requests on every connection of the listening port. A request
+ * carrying a learned sid refreshes that session's last_seen, also on a
+ * keep-alive connection (the placement paths only see a connection's first
+ * request); an Engine.IO close packet sent over long-polling (see
+ * is_close_request) marks it closed (last_seen 0), and user space forgets
+ * it at its next expiry scan instead of after the idle time.
+ *
+ * Not seen: a WebSocket session's end (the client closes the WebSocket, it
+ * sends no close packet; its sid is never sent again anyway, so it idles
+ * out); a close the server decides (ping timeout, server-side disconnect).
+ *
+ * Invariants: always returns 1 (never drops); only touches `learned`
+ * entries (a registered session's lifetime is its worker's business); a
+ * closed session stays closed; cheap exit unless the payload starts with
+ * "GET " or "POST" (WebSocket frames, TLS, body segments).
+ */
+#define WORD_GET 0x20544547U  /* "GET " little-endian */
+#define WORD_POST 0x54534f50U /* "POST" little-endian */
+
+SEC("cgroup_skb/ingress")
+int sticky_watch(struct __sk_buff *skb)
+{
+	__u32 zero = 0, three = 3, off, len, word, copy;
+	int ends;
+	struct sticky_config *cfg = bpf_map_lookup_elem(&config, &zero);
+	struct sticky_flow key = {};
+	struct sticky_learned *l;
+	struct scratch *s;
+
+	if (!cfg || !cfg->learn || skb->local_port != cfg->port)
+		return 1;
+	if (!cgroup_tcp_payload(skb, 0, &key, &off, &len, &ends) || len < 4)
+		return 1;
+	/* The first payload bytes: often in a page fragment, not linear. */
+	if (off <= 120 && (void *)(long)skb->data + off + 4 <= (void *)(long)skb->data_end)
+		word = *(__u32 *)((void *)(long)skb->data + off);
+	else if (bpf_skb_load_bytes(skb, off, &word, 4))
+		return 1;
+	if (word != WORD_GET && word != WORD_POST)
+		return 1;
+	s = bpf_map_lookup_elem(&scratch, &three);
+	if (!s)
+		return 1;
+	copy = len > STICKY_SCAN_MAX ? STICKY_SCAN_MAX : len;
+	barrier_var(copy);
+	if (copy == 0 || bpf_skb_load_bytes(skb, off, s->buf, copy))
+		return 1;
+	s->len = copy;
+	if (sticky_parse(s, cfg) != STICKY_PARSE_SID)
+		return 1;
+	l = bpf_map_lookup_elem(&learned, &s->key);
+	if (!l || !l->last_seen_ns)
+		return 1;
+	if (is_close_request(s, len)) {
+		l->last_seen_ns = 0;
+		count(STICKY_CNT_LEARN_CLOSED);
+	} else {
+		l->last_seen_ns = bpf_ktime_get_ns();
+	}
 	return 1;
 }

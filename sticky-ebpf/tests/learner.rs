@@ -1,7 +1,9 @@
 //! `sticky_learn`, the session learner, run in the kernel through
 //! `BPF_PROG_TEST_RUN` with crafted answer segments of a worker: Engine.IO
 //! open packets in polling bodies (EIO 4 and 3) and WebSocket frames, and
-//! everything that must not be learned. Needs root (CAP_BPF).
+//! everything that must not be learned. And `sticky_watch`, with crafted
+//! client requests: what refreshes a learned session and what closes it.
+//! Needs root (CAP_BPF).
 //!
 //! Under BPF_PROG_TEST_RUN the socket has local port 0, so the config says
 //! port 0.
@@ -32,12 +34,11 @@ impl Learner {
     fn new() -> Learner {
         let mut ebpf =
             Ebpf::load(sticky_ebpf::steer_object()).expect("loading the object (are you root?)");
-        let prog: &mut CgroupSkb = ebpf
-            .program_mut(sticky_ebpf::LEARN_PROGRAM)
-            .unwrap()
-            .try_into()
-            .unwrap();
-        prog.load().expect("the verifier accepts sticky_learn");
+        for name in [sticky_ebpf::LEARN_PROGRAM, sticky_ebpf::WATCH_PROGRAM] {
+            let prog: &mut CgroupSkb = ebpf.program_mut(name).unwrap().try_into().unwrap();
+            prog.load()
+                .unwrap_or_else(|e| panic!("the verifier rejects {name}: {e}"));
+        }
         let take = |e: &mut Ebpf, n| e.take_map(n).unwrap();
         let mut config: Array<MapData, Config> = take(&mut ebpf, "config").try_into().unwrap();
         config
@@ -75,25 +76,45 @@ impl Learner {
         (client, self.next_port)
     }
 
-    /// The worker sends `payload` on `conn`.
+    /// The worker sends `payload` on `conn` (sticky_learn sees it).
     fn answer(&mut self, conn: (IpAddr, u16), payload: &[u8]) {
         let packet = segment((server_for(conn.0), 0), conn, payload);
-        let prog: &CgroupSkb = self
-            .ebpf
-            .program(sticky_ebpf::LEARN_PROGRAM)
-            .unwrap()
-            .try_into()
-            .unwrap();
+        self.run(sticky_ebpf::LEARN_PROGRAM, &packet);
+    }
+
+    /// The client sends `payload` on `conn` (sticky_watch sees it).
+    fn request(&mut self, conn: (IpAddr, u16), payload: &[u8]) {
+        let packet = segment(conn, (server_for(conn.0), 0), payload);
+        self.run(sticky_ebpf::WATCH_PROGRAM, &packet);
+    }
+
+    fn run(&self, name: &str, packet: &[u8]) {
+        let prog: &CgroupSkb = self.ebpf.program(name).unwrap().try_into().unwrap();
         let result = prog
             .test_run(TestRunOptions {
-                data_in: Some(&packet),
+                data_in: Some(packet),
                 ..Default::default()
             })
             .expect("BPF_PROG_TEST_RUN");
-        assert_eq!(
-            result.return_value, 1,
-            "sticky_learn must never drop a packet"
-        );
+        assert_eq!(result.return_value, 1, "{name} must never drop a packet");
+    }
+
+    /// A session learned for worker 0, last seen at clock value
+    /// `last_seen_ns` (1: long ago; 0 would mean closed).
+    fn learned_session(&mut self, sid: &str, last_seen_ns: u64) -> SidKey {
+        let key = SidKey::new(sid).unwrap();
+        self.sessions.insert(key, 0, 0).unwrap();
+        let learned = Learned {
+            worker: 0,
+            pad: 0,
+            last_seen_ns,
+        };
+        self.learned.insert(key, learned, 0).unwrap();
+        key
+    }
+
+    fn last_seen(&self, key: &SidKey) -> Option<u64> {
+        self.learned.get(key, 0).ok().map(|l| l.last_seen_ns)
     }
 
     fn owner(&self, sid: &str) -> Option<u32> {
@@ -289,4 +310,96 @@ fn an_explicit_registration_wins() {
         .get(&SidKey::new("registeredExplicitly").unwrap(), 0)
         .is_err());
     assert!(l.counter("learn_known") >= 1);
+}
+
+fn post(sid: &str, body: &str) -> Vec<u8> {
+    format!(
+        "POST /socket.io/?EIO=4&transport=polling&t=P1a2b3c&sid={sid} HTTP/1.1\r\nHost: example.test\r\nContent-Type: text/plain;charset=UTF-8\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+#[test]
+fn requests_keep_learned_sessions_fresh() {
+    let mut l = Learner::new();
+    let key = l.learned_session("keptFreshByRequests1", 1);
+    let conn = (v4(), 40001);
+    // A long-poll GET on a keep-alive connection (not its first request).
+    l.request(
+        conn,
+        b"GET /socket.io/?EIO=4&transport=polling&sid=keptFreshByRequests1 HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    let seen = l.last_seen(&key).unwrap();
+    assert!(seen > 1, "a GET carrying the sid refreshes last_seen");
+    l.request(conn, &post("keptFreshByRequests1", "3"));
+    assert!(l.last_seen(&key).unwrap() >= seen, "so does a POST (pong)");
+    // IPv6 too.
+    let key6 = l.learned_session("keptFreshOverIpv6v6", 1);
+    l.request(
+        ("2001:db8::2".parse().unwrap(), 40002),
+        b"GET /socket.io/?sid=keptFreshOverIpv6v6&EIO=4 HTTP/1.1\r\n\r\n",
+    );
+    assert!(l.last_seen(&key6).unwrap() > 1);
+
+    // Not requests of a learned session: nothing changes, nothing is added.
+    let registered = SidKey::new("registeredNotLearned").unwrap();
+    l.sessions.insert(registered, 1, 0).unwrap();
+    let untouched = l.learned_session("untouchedByOthers001", 1);
+    let others: Vec<Vec<u8>> = vec![
+        b"GET /socket.io/?EIO=4&transport=polling&sid=registeredNotLearned HTTP/1.1\r\n\r\n"
+            .to_vec(),
+        post("registeredNotLearned", "1"),
+        b"GET /socket.io/?EIO=4&transport=polling HTTP/1.1\r\n\r\n".to_vec(),
+        // A WebSocket frame (masked, as clients send them) and a body segment.
+        vec![0x81, 0x82, 1, 2, 3, 4, b'4' ^ 1, b'2' ^ 2],
+        b"untouchedByOthers001 in a body segment".to_vec(),
+        b"PUT /?sid=untouchedByOthers001 HTTP/1.1\r\n\r\n".to_vec(),
+    ];
+    for payload in &others {
+        l.request(conn, payload);
+    }
+    assert!(l.learned.get(&registered, 0).is_err());
+    assert_eq!(l.owner("registeredNotLearned"), Some(1));
+    assert_eq!(l.last_seen(&untouched), Some(1));
+}
+
+#[test]
+fn a_client_close_over_polling_closes_the_learned_session() {
+    let mut l = Learner::new();
+    let before = l.counter("learn_closed");
+    let conn = (v4(), 40003);
+    let closes: Vec<(&str, Vec<u8>)> = vec![
+        ("closedByClientEio4", post("closedByClientEio4", "1")),
+        // Socket.IO's disconnect and Engine.IO's close in one payload.
+        ("closedAfterDisconnect", post("closedAfterDisconnect", "41\x1e1")),
+        (
+            "closedByClientEio3",
+            b"POST /socket.io/?EIO=3&transport=polling&sid=closedByClientEio3 HTTP/1.1\r\nContent-Length: 3\r\n\r\n1:1".to_vec(),
+        ),
+    ];
+    for (sid, payload) in &closes {
+        let key = l.learned_session(sid, 1);
+        l.request(conn, payload);
+        assert_eq!(l.last_seen(&key), Some(0), "{sid}: closed");
+        // Closed stays closed: a later request does not revive it.
+        l.request(conn, &post(sid, "3"));
+        assert_eq!(l.last_seen(&key), Some(0), "{sid}: still closed");
+    }
+    assert_eq!(l.counter("learn_closed") - before, closes.len() as u64);
+
+    // Other bodies are not a close.
+    for (i, body) in ["2", "11", "4close", "1\x1e4x", "42[\"a\",1]"]
+        .iter()
+        .enumerate()
+    {
+        let sid = format!("notClosedByBody{i}");
+        let key = l.learned_session(&sid, 1);
+        l.request(conn, &post(&sid, body));
+        assert!(
+            l.last_seen(&key).unwrap() > 1,
+            "body {body:?} is not a close"
+        );
+    }
+    assert_eq!(l.counter("learn_closed") - before, closes.len() as u64);
 }

@@ -230,12 +230,15 @@ impl SessionTable {
     }
 
     /// Forgets learned sessions idle for `idle` (no request carried their
-    /// sid), recounts each worker's learned sessions and publishes the
-    /// counts. Returns how many it forgot.
+    /// sid) or closed by their client (`last_seen_ns` 0, set by
+    /// `sticky_watch`), recounts each worker's learned sessions and
+    /// publishes the counts. Returns how many it forgot.
     pub fn expire_learned(&mut self, idle: Duration) -> usize {
         let now = monotonic_ns();
         let idle = idle.as_nanos() as u64;
-        let forgot = self.forget_learned(|l, _| now.saturating_sub(l.last_seen_ns) > idle);
+        let forgot = self.forget_learned(|l, _| {
+            l.last_seen_ns == 0 || now.saturating_sub(l.last_seen_ns) > idle
+        });
         let mut counts = vec![0u32; self.slots.len()];
         for (_, l) in self.learned.iter().flatten() {
             if let Some(c) = counts.get_mut(l.worker as usize) {

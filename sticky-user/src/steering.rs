@@ -1,9 +1,10 @@
-//! Loads the steering object (`sticky-ebpf`), attaches its two programs and
+//! Loads the steering object (`sticky-ebpf`), attaches its programs and
 //! hands out its maps, typed.
 //!
 //! Attach points: `sticky_select` on the reuseport group (through any of its
-//! listening sockets), `sticky_sort` on each sorting listener. Nothing is
-//! pinned: when the supervisor's sockets close, the kernel drops it all.
+//! listening sockets), `sticky_sort` on each sorting listener, and with
+//! learning on `sticky_learn` / `sticky_watch` on sticky's cgroup (egress /
+//! ingress). Nothing is pinned: when the supervisor's sockets close, the kernel drops it all.
 
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 
@@ -16,7 +17,7 @@ use aya::{
 use sticky_common::{
     Config, Handoff, Learned, SidKey, WorkerState, COUNTERS, DOORBELL_BYTES, MAX_CPUS,
 };
-use sticky_ebpf::{maps, LEARN_PROGRAM, SELECT_PROGRAM, SORT_PROGRAM};
+use sticky_ebpf::{maps, LEARN_PROGRAM, SELECT_PROGRAM, SORT_PROGRAM, WATCH_PROGRAM};
 
 /// Socket migration through a select-or-migrate program arrived in 5.14.
 const MIN_KERNEL: (u32, u32) = (5, 14);
@@ -53,8 +54,10 @@ impl Steering {
         select.load().map_err(|e| load_error(e.into()))?;
         let sort: &mut SocketFilter = program(&mut ebpf, SORT_PROGRAM)?;
         sort.load().map_err(|e| load_error(e.into()))?;
-        let learn: &mut CgroupSkb = program(&mut ebpf, LEARN_PROGRAM)?;
-        learn.load().map_err(|e| load_error(e.into()))?;
+        for name in [LEARN_PROGRAM, WATCH_PROGRAM] {
+            let prog: &mut CgroupSkb = program(&mut ebpf, name)?;
+            prog.load().map_err(|e| load_error(e.into()))?;
+        }
         Ok(Steering { ebpf })
     }
 
@@ -83,23 +86,28 @@ impl Steering {
             .context("attaching the selector to the listeners (SO_ATTACH_REUSEPORT_EBPF)")
     }
 
-    /// Runs `sticky_learn` on the egress of `cgroup` (a cgroup v2 directory):
-    /// the supervisor's own, which every socket it creates, and every
-    /// connection accepted from them, carries. Detached when sticky exits.
+    /// Runs `sticky_learn` on the egress and `sticky_watch` on the ingress
+    /// of `cgroup` (a cgroup v2 directory): the supervisor's own, which every
+    /// socket it creates, and every connection accepted from them, carries.
+    /// Detached when sticky exits.
     pub fn attach_learner(&mut self, cgroup: &std::path::Path) -> Result<()> {
-        let dir = std::fs::File::open(cgroup)
-            .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
-        let learn: &mut CgroupSkb = program(&mut self.ebpf, LEARN_PROGRAM)?;
-        // A bpf_link (aya uses one on 5.7+) always coexists with other
-        // programs; its flags must be 0, which `Single` maps to.
-        learn
-            .attach(dir, CgroupSkbAttachType::Egress, CgroupAttachMode::Single)
-            .with_context(|| {
-                format!(
-                    "attaching the session learner to cgroup {}",
-                    cgroup.display()
-                )
-            })?;
+        for (name, direction) in [
+            (LEARN_PROGRAM, CgroupSkbAttachType::Egress),
+            (WATCH_PROGRAM, CgroupSkbAttachType::Ingress),
+        ] {
+            let dir = std::fs::File::open(cgroup)
+                .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+            let prog: &mut CgroupSkb = program(&mut self.ebpf, name)?;
+            // A bpf_link (aya uses one on 5.7+) always coexists with other
+            // programs; its flags must be 0, which `Single` maps to.
+            prog.attach(dir, direction, CgroupAttachMode::Single)
+                .with_context(|| {
+                    format!(
+                        "attaching the session learner ({name}) to cgroup {}",
+                        cgroup.display()
+                    )
+                })?;
+        }
         Ok(())
     }
 

@@ -125,3 +125,39 @@ fn learned_sessions_are_forgotten_when_their_worker_exits() {
     let _ = unknown_answers(&cluster, &sid, 1);
     assert_eq!(cluster.counter("sid_unknown"), before + 1);
 }
+
+#[test]
+fn requests_on_a_keep_alive_connection_keep_a_learned_session() {
+    use std::io::{Read, Write};
+    let cluster = engine_io_cluster(3, &["--learn-idle", "1s", "--balance", "round-robin"]);
+    let sid = handshake(&cluster);
+    // One keep-alive connection carries the session's requests for three
+    // times --learn-idle. Only its first request is placed (and seen by the
+    // placement paths); sticky_watch sees the others.
+    let mut conn = std::net::TcpStream::connect(cluster.addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let request =
+        format!("GET /socket.io/?EIO=4&transport=polling&sid={sid} HTTP/1.1\r\nHost: x\r\n\r\n");
+    for i in 0..15 {
+        conn.write_all(request.as_bytes()).unwrap();
+        let mut answer = Vec::new();
+        let mut chunk = [0u8; 1024];
+        // The worker's answers are small: head and body, Content-Length.
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n")
+            || !String::from_utf8_lossy(&answer).contains("pid=")
+        {
+            let n = conn.read(&mut chunk).unwrap();
+            assert!(n > 0, "request {i}: the worker closed the connection");
+            answer.extend_from_slice(&chunk[..n]);
+        }
+        assert!(answer.starts_with(b"HTTP/1.1 200"), "request {i}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The session is still known: new connections reach its owner.
+    assert_eq!(
+        unknown_answers(&cluster, &sid, 6),
+        0,
+        "the session expired while its keep-alive connection was busy"
+    );
+}
