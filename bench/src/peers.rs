@@ -26,7 +26,7 @@ const USAGE: &str =
                     [--peers DIR] [--nginx PATH]
 
   --quick          1 round, 0.7 s per workload after 0.2 s of warm-up
-                   (default: 2 rounds, 2.5 s after 0.5 s)
+                   (default: 4 rounds, 1.25 s after 0.3 s)
   --rounds N       rounds; each starts every server fresh
   --duration SECS  measured time of each workload, per round
   --warmup SECS    unmeasured run of each workload before it
@@ -83,9 +83,9 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
         .and_then(|p| p.parent().map(Path::to_path_buf))
         .unwrap_or_default();
     let mut opts = Opts {
-        rounds: 2,
-        duration: Duration::from_millis(2500),
-        warmup: Duration::from_millis(500),
+        rounds: 4,
+        duration: Duration::from_millis(1250),
+        warmup: Duration::from_millis(300),
         clients: 64,
         workers: vec![2, 4],
         variants: Variant::ALL.to_vec(),
@@ -151,7 +151,7 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
         }
     }
-    let (r, d, w) = if quick { (1, 0.7, 0.2) } else { (2, 2.5, 0.5) };
+    let (r, d, w) = if quick { (1, 0.7, 0.2) } else { (4, 1.25, 0.3) };
     opts.rounds = rounds.unwrap_or(r);
     opts.duration = duration.unwrap_or(Duration::from_secs_f64(d));
     opts.warmup = warmup.unwrap_or(Duration::from_secs_f64(w));

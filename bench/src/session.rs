@@ -226,6 +226,49 @@ impl Session {
         Ok(ws)
     }
 
+    /// A WebSocket-only session (`transport=websocket` from the start, as
+    /// Socket.IO clients configured with `transports: ["websocket"]` open
+    /// them): one connection, no routing after it.
+    pub fn open_websocket(
+        addr: SocketAddr,
+        source: Option<Ipv4Addr>,
+    ) -> Result<(Session, WebSocket), Failure> {
+        let mut conn = Conn::new(addr, source);
+        let target = format!("{}&transport=websocket", eio::PATH);
+        let r = conn.request(&crate::ws::upgrade_request(&target))?;
+        if r.status != 101 {
+            return Err(format!(
+                "WebSocket handshake: status {}: {}",
+                r.status,
+                r.text().trim()
+            )
+            .into());
+        }
+        let (stream, rest) = conn
+            .take()
+            .ok_or_else(|| Failure::Error("WebSocket handshake: connection closed".into()))?;
+        let mut ws = WebSocket::new(stream, rest);
+        let open = eio::parse_open(&ws.recv_text()?)?;
+        let session = Session {
+            sid: open.sid,
+            pid: None,
+            next_ack: 0,
+        };
+        ws.send_text("40")?;
+        loop {
+            let text = ws.recv_text()?;
+            if let Packet::Message(m) = eio::parse_packet(&text)? {
+                match eio::parse_sio(m)? {
+                    SioPacket::Connect(_) => return Ok((session, ws)),
+                    SioPacket::ConnectError(e) => {
+                        return Err(format!("Socket.IO connect refused: {e}").into())
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
     /// Emits `name` with `args` over the WebSocket and waits for its ack;
     /// answers pings on the way.
     pub fn call_ws(

@@ -31,7 +31,8 @@ pub enum Workload {
     /// Session establishment: handshake, Socket.IO connect, upgrade to
     /// WebSocket (probe), one `whoami` over it; timed per session.
     Establish,
-    /// Acked `echo` round trips on an established WebSocket, one client.
+    /// Acked `echo` round trips on an established (WebSocket-only)
+    /// session, one client.
     WsRoundTrip,
 }
 
@@ -251,25 +252,14 @@ fn ws_round_trips(addr: SocketAddr, clients: usize, duration: Duration) -> Stats
         let mut stats = Stats::default();
         let src = Some(source(t));
         let payload = [Value::from("x")];
-        // Established before the clock starts (retried if the upgrade lands
-        // on the wrong worker).
+        // Established before the clock starts, WebSocket-only: how it was
+        // established does not matter here, and the floor could not keep a
+        // polling session long enough to upgrade it.
         let connect = |stats: &mut Stats| {
-            for _ in 0..20 {
-                let mut conn = Polling::new(addr, src);
-                let result = Session::open(&mut conn).and_then(|s| {
-                    let ws = s.upgrade(addr, src)?;
-                    Ok((s, ws))
-                });
-                stats.connections += conn.opened() + 1;
-                match result {
-                    Ok(pair) => return Some(pair),
-                    Err(f) => count(stats, f),
-                }
-                if crate::peers::interrupted() {
-                    break;
-                }
-            }
-            None
+            stats.connections += 1;
+            Session::open_websocket(addr, src)
+                .map_err(|f| count(stats, f))
+                .ok()
         };
         let mut open = connect(&mut stats);
         barrier.wait();
