@@ -168,10 +168,20 @@ pub struct Cell {
 
 impl Cell {
     /// The front's CPU milliseconds per 1,000 connections opened.
-    pub fn front_ms_per_1k(&self) -> Option<f64> {
-        (self.stats.connections >= 100)
-            .then(|| self.front_cpu_s * 1e3 / self.stats.connections as f64 * 1e3)
+    pub fn front_ms_per_1k_connections(&self) -> Option<f64> {
+        per_1k(self.front_cpu_s, self.stats.connections)
     }
+
+    /// The front's CPU milliseconds per 1,000 timed operations.
+    pub fn front_ms_per_1k_ops(&self) -> Option<f64> {
+        per_1k(self.front_cpu_s, self.stats.latencies.len() as u64)
+    }
+}
+
+/// `cpu_s` in milliseconds per 1,000 of `n` (None when `n` is too small
+/// for 10 ms clock ticks to mean anything).
+fn per_1k(cpu_s: f64, n: u64) -> Option<f64> {
+    (n >= 100).then(|| cpu_s * 1e3 / n as f64 * 1e3)
 }
 
 pub struct Results {

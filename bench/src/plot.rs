@@ -68,6 +68,7 @@ fn draw_svg(path: &Path, opts: &Opts, r: &Results) -> Result<(), Box<dyn std::er
             .x_desc("µs (log)")
             .y_desc("fraction")
             .x_labels(8)
+            .x_label_formatter(&|x| format!("{x:.0}"))
             .draw()?;
         for (v, pts) in series {
             let c = color(v);
@@ -123,6 +124,7 @@ fn draw_svg(path: &Path, opts: &Opts, r: &Results) -> Result<(), Box<dyn std::er
         chart
             .configure_mesh()
             .disable_x_mesh()
+            .y_label_formatter(&|y| format!("{y:.0}"))
             .x_labels(worker_counts.len() * 2 + 1)
             .x_label_formatter(&|x| {
                 let i = x.floor() as usize;

@@ -30,7 +30,7 @@ pub fn markdown(opts: &Opts, r: &Results, plot: Option<&Path>) -> String {
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let mut out = format!(
-        "\nMeasured by `cargo xtask bench` on {cpus} CPUs, Linux {}, Node.js {}: {} round(s), each workload warmed up {:.1} s then measured {:.1} s per round, servers started fresh each round; {:.0} s in all. Ratios within one run are what to compare (absolute times drift on shared machines).\n\n",
+        "\nMeasured by `cargo xtask bench` on {cpus} CPUs, Linux {}, Node.js {}: {} round(s), each workload warmed up {:.2} s then measured {:.2} s per round, servers started fresh each round; {:.0} s in all. Ratios within one run are what to compare (absolute times drift on shared machines).\n\n",
         kernel.trim(),
         node_version(),
         opts.rounds,
@@ -45,10 +45,16 @@ pub fn markdown(opts: &Opts, r: &Results, plot: Option<&Path>) -> String {
         out += &format!("![latency CDFs and rates](bench/results/{name})\n\n");
     }
     out += &targets(opts, r);
+    out += &front_summary(opts, r);
     for workload in Workload::ALL {
         let clients = workload.clients(opts.clients);
+        let basis = if workload.per_connection() {
+            "conns"
+        } else {
+            workload.unit()
+        };
         out += &format!(
-            "\n#### {} ({} per second)\n\n| variant | workers | rate (/s) | p50 (µs) | p99 (µs) | errors | wrong worker | front CPU (ms / 1k conns) |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
+            "\n#### {} ({} per second)\n\n| variant | workers | rate (/s) | p50 (µs) | p99 (µs) | errors | wrong worker | front CPU (ms / 1k {basis}) |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
             workload.label(clients),
             workload.unit()
         );
@@ -67,12 +73,12 @@ pub fn markdown(opts: &Opts, r: &Results, plot: Option<&Path>) -> String {
                     fmt(s.percentile_us(0.99), 0),
                     s.errors,
                     s.wrong_worker,
-                    c.front_ms_per_1k().map_or("-".into(), |x| fmt(x, 1)),
+                    front_cpu(c, workload).map_or("-".into(), |x| fmt(x, 1)),
                 );
             }
         }
     }
-    out += "\nFront CPU: user + system time of the sticky supervisor, the `@socket.io/sticky` (or plain cluster) master, or every nginx process, while the workload ran, per 1,000 TCP connections the clients opened. Kernel work done in softirq (sticky's placement) is charged to whichever process was running and is not in it.\n";
+    out += "\nFront CPU: user + system time of the sticky supervisor, the `@socket.io/sticky` (or plain cluster) master, or every nginx process, while the workload ran: per 1,000 TCP connections the clients opened where each operation opens its own, per 1,000 operations on kept connections. Kernel work done in softirq (sticky's placement) is charged to whichever process was running and is not in it.\n";
     if !r.failures.is_empty() {
         out += "\nFailures during the run:\n\n";
         for f in &r.failures {
@@ -80,6 +86,14 @@ pub fn markdown(opts: &Opts, r: &Results, plot: Option<&Path>) -> String {
         }
     }
     out
+}
+
+fn front_cpu(c: &Cell, w: Workload) -> Option<f64> {
+    if w.per_connection() {
+        c.front_ms_per_1k_connections()
+    } else {
+        c.front_ms_per_1k_ops()
+    }
 }
 
 fn node_version() -> String {
@@ -199,6 +213,27 @@ fn targets(opts: &Opts, r: &Results) -> String {
     out
 }
 
+/// The fronts' CPU per 1,000 connections, on the new-connection load.
+fn front_summary(opts: &Opts, r: &Results) -> String {
+    let fronts = [Variant::Sticky, Variant::SocketIoSticky, Variant::Nginx];
+    let mut out = String::from("\nFront CPU time per 1,000 connections (ms), sid requests on new connections from 64 clients:\n\n| workers |");
+    for v in fronts {
+        out += &format!(" {} ({}) |", v.label(), v.front());
+    }
+    out += "\n|---:|---:|---:|---:|\n";
+    for &w in &opts.workers {
+        out += &format!("| {w} |");
+        for v in fronts {
+            let x = r
+                .get(v, w, Workload::NewConnConcurrent)
+                .and_then(|c| c.front_ms_per_1k_connections());
+            out += &format!(" {} |", x.map_or("-".into(), |x| fmt(x, 1)));
+        }
+        out += "\n";
+    }
+    out
+}
+
 /// Replaces what sits between the README's peers markers with `report`.
 pub fn update_readme(path: &Path, report: &str) -> Result<(), String> {
     const BEGIN: &str = "<!-- peers:begin -->";
@@ -251,7 +286,8 @@ pub fn json(opts: &Opts, r: &Results) -> String {
                         "wrong_worker": s.wrong_worker,
                         "connections": s.connections,
                         "front_cpu_s": num(c.front_cpu_s),
-                        "front_cpu_ms_per_1k_connections": c.front_ms_per_1k().map(num),
+                        "front_cpu_ms_per_1k_connections": c.front_ms_per_1k_connections().map(num),
+                        "front_cpu_ms_per_1k_operations": c.front_ms_per_1k_ops().map(num),
                     }),
                 );
             }

@@ -77,6 +77,16 @@ impl Workload {
         }
     }
 
+    /// Whether the front's CPU time is best counted per connection (each
+    /// operation opens its own) or per operation (on kept connections,
+    /// where only a front on the data path works at all).
+    pub fn per_connection(self) -> bool {
+        matches!(
+            self,
+            Workload::NewConnSerial | Workload::NewConnConcurrent | Workload::Establish
+        )
+    }
+
     pub fn clients(self, concurrency: usize) -> usize {
         match self {
             Workload::NewConnSerial | Workload::WsRoundTrip => 1,
