@@ -234,6 +234,10 @@ pub(crate) struct Stats {
     pub connections: u64,
     pub errors: u64,
     pub wrong_worker: u64,
+    /// The `latencies` of answers from the right worker, where a workload
+    /// tells them apart (the peers' new-connection workloads): a wrong
+    /// worker's answer may be cheaper than a right one's.
+    pub right_latencies: Vec<u64>,
     pub elapsed: Duration,
     pub first_error: Option<String>,
 }
@@ -241,6 +245,7 @@ pub(crate) struct Stats {
 impl Stats {
     pub fn merge(&mut self, other: Stats) {
         self.latencies.extend(other.latencies);
+        self.right_latencies.extend(other.right_latencies);
         self.connections += other.connections;
         self.errors += other.errors;
         self.wrong_worker += other.wrong_worker;
@@ -258,13 +263,17 @@ impl Stats {
     }
     /// Percentile in microseconds; `latencies` must be sorted.
     pub fn percentile_us(&self, q: f64) -> f64 {
-        if self.latencies.is_empty() {
-            return f64::NAN;
-        }
-        let rank =
-            ((q * self.latencies.len() as f64).ceil() as usize).clamp(1, self.latencies.len());
-        self.latencies[rank - 1] as f64 / 1000.0
+        percentile_us(&self.latencies, q)
     }
+}
+
+/// Percentile of `sorted` (nanoseconds) in microseconds; NaN if empty.
+pub(crate) fn percentile_us(sorted: &[u64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1] as f64 / 1000.0
 }
 
 /// One workload's results in both modes.

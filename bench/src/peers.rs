@@ -33,7 +33,8 @@ const USAGE: &str =
   --clients N      concurrent clients (default 64)
   --workers N,N    worker counts (default 2,4)
   --variants K,..  any of sticky, socketio_sticky, nginx, floor, sticky_rust
-                   (default: all)
+                   (default: these five), sticky_syn (diagnostic: sticky's
+                   listeners balanced at SYN time, no stickiness)
   --json PATH      write the results as JSON
   --readme PATH    write the tables between the peers markers of PATH
   --plot PATH      write the latency CDFs and rates as SVG
@@ -88,7 +89,7 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
         warmup: Duration::from_millis(300),
         clients: 64,
         workers: vec![2, 4],
-        variants: Variant::ALL.to_vec(),
+        variants: Variant::DEFAULT.to_vec(),
         json: None,
         readme: None,
         plot: None,
@@ -207,7 +208,10 @@ fn key(v: Variant, workers: usize, w: Workload) -> (usize, usize, usize) {
 fn check_programs(opts: &mut Opts) -> Result<(), String> {
     let p = &mut opts.programs;
     let uses = |v: Variant| opts.variants.contains(&v);
-    if (uses(Variant::Sticky) || uses(Variant::StickyRust)) && !p.sticky.is_file() {
+    let uses_sticky = [Variant::Sticky, Variant::StickyRust, Variant::StickySyn]
+        .into_iter()
+        .any(uses);
+    if uses_sticky && !p.sticky.is_file() {
         return Err(format!(
             "sticky binary {} not found (cargo xtask build, or --sticky PATH)",
             p.sticky.display()
@@ -274,6 +278,7 @@ fn run(opts: &mut Opts) -> Result<(), String> {
     }
     for cell in results.cells.values_mut() {
         cell.stats.latencies.sort_unstable();
+        cell.stats.right_latencies.sort_unstable();
     }
     results.seconds_total = started.elapsed().as_secs_f64();
     let report = crate::report::markdown(opts, &results, opts.plot.as_deref());

@@ -17,6 +17,7 @@ fn color(v: Variant) -> RGBColor {
         Variant::Nginx => RGBColor(0x2c, 0xa0, 0x2c),
         Variant::Floor => RGBColor(0x7f, 0x7f, 0x7f),
         Variant::StickyRust => RGBColor(0xff, 0x7f, 0x0e),
+        Variant::StickySyn => RGBColor(0x94, 0x67, 0xbd),
     }
 }
 

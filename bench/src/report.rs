@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 
-use crate::core::ratio;
+use crate::core::{percentile_us, ratio};
 use crate::peers::{Cell, Opts, Results};
 use crate::servers::Variant;
 use crate::workloads::Workload;
@@ -20,6 +20,11 @@ fn fmt(x: f64, digits: usize) -> String {
 
 fn p50(c: Option<&Cell>) -> f64 {
     c.map_or(f64::NAN, |c| c.stats.percentile_us(0.5))
+}
+
+/// p50 of the right worker's answers only.
+fn p50_right(c: Option<&Cell>) -> f64 {
+    c.map_or(f64::NAN, |c| percentile_us(&c.stats.right_latencies, 0.5))
 }
 
 fn rate(c: Option<&Cell>) -> f64 {
@@ -164,6 +169,17 @@ fn targets(opts: &Opts, r: &Results) -> String {
                 "≤ 1.15",
                 cmp(x, x <= 1.15),
             );
+            let x = ratio(
+                p50(get(Variant::Sticky, wl)),
+                p50_right(get(Variant::Floor, wl)),
+            );
+            row(
+                &format!("p50 sticky / floor's right-worker answers, new connection, {tag}"),
+                w,
+                x,
+                "(≤ 1.15)",
+                None,
+            );
         }
         let x = ratio(
             rate(get(Variant::Sticky, Workload::NewConnConcurrent)),
@@ -278,6 +294,7 @@ pub fn json(opts: &Opts, r: &Results) -> String {
                         "seconds": num(s.elapsed.as_secs_f64()),
                         "rate": num(s.rate()),
                         "p50_us": num(s.percentile_us(0.5)),
+                        "p50_right_worker_us": num(percentile_us(&s.right_latencies, 0.5)),
                         "p90_us": num(s.percentile_us(0.9)),
                         "p99_us": num(s.percentile_us(0.99)),
                         "max_us": num(s.percentile_us(1.0)),

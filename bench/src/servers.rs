@@ -26,15 +26,29 @@ pub enum Variant {
     Floor,
     /// `sticky run` with the Rust socketioxide worker.
     StickyRust,
+    /// Diagnostic, not run by default: `sticky run --placement syn` with
+    /// the Node.js workers, i.e. sticky's listeners balanced at SYN time
+    /// with no stickiness. Against `Floor` it isolates the shared accept
+    /// queue; against `Sticky`, the cost of placement by sid.
+    StickySyn,
 }
 
 impl Variant {
-    pub const ALL: [Variant; 5] = [
+    /// What `cargo xtask bench` runs.
+    pub const DEFAULT: [Variant; 5] = [
         Variant::Sticky,
         Variant::SocketIoSticky,
         Variant::Nginx,
         Variant::Floor,
         Variant::StickyRust,
+    ];
+    pub const ALL: [Variant; 6] = [
+        Variant::Sticky,
+        Variant::SocketIoSticky,
+        Variant::Nginx,
+        Variant::Floor,
+        Variant::StickyRust,
+        Variant::StickySyn,
     ];
 
     pub fn label(self) -> &'static str {
@@ -44,6 +58,7 @@ impl Variant {
             Variant::Nginx => "nginx ip_hash",
             Variant::Floor => "cluster, no stickiness (floor)",
             Variant::StickyRust => "sticky, Rust workers",
+            Variant::StickySyn => "sticky --placement syn (no stickiness)",
         }
     }
 
@@ -54,6 +69,7 @@ impl Variant {
             Variant::Nginx => "nginx",
             Variant::Floor => "floor",
             Variant::StickyRust => "sticky_rust",
+            Variant::StickySyn => "sticky_syn",
         }
     }
 
@@ -61,7 +77,7 @@ impl Variant {
     /// supervisor, the cluster master, nginx).
     pub fn front(self) -> &'static str {
         match self {
-            Variant::Sticky | Variant::StickyRust => "sticky supervisor",
+            Variant::Sticky | Variant::StickyRust | Variant::StickySyn => "sticky supervisor",
             Variant::SocketIoSticky => "cluster master",
             Variant::Nginx => "nginx (all processes)",
             Variant::Floor => "cluster master",
@@ -179,12 +195,15 @@ impl Server {
             dir: None,
         };
         match variant {
-            Variant::Sticky | Variant::StickyRust => {
+            Variant::Sticky | Variant::StickyRust | Variant::StickySyn => {
                 let mut cmd = Command::new(&programs.sticky);
                 cmd.args(["run", "--listen", &addr.to_string(), "--workers"])
-                    .arg(workers.to_string())
-                    .arg("--");
-                if variant == Variant::Sticky {
+                    .arg(workers.to_string());
+                if variant == Variant::StickySyn {
+                    cmd.args(["--placement", "syn"]);
+                }
+                cmd.arg("--");
+                if variant != Variant::StickyRust {
                     let worker = node_worker();
                     cmd.arg(worker.get_program()).args(worker.get_args());
                 } else {
@@ -279,6 +298,9 @@ impl Server {
         );
         loop {
             self.check_alive()?;
+            if crate::peers::interrupted() {
+                return Err("interrupted".into());
+            }
             match http::exchange(self.addr, None, &handshake) {
                 Ok(r) if r.status == 200 => return Ok(()),
                 _ if Instant::now() > deadline => {

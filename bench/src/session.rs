@@ -35,29 +35,47 @@ impl From<String> for Failure {
     }
 }
 
-/// The two connections of a long-polling client, as browsers use them: a
-/// `GET` poll on one while a `POST` goes out on the other. Each is kept
-/// alive where the server allows, and reopened when it closes.
+/// The connections of a long-polling client: as browsers use them, a `GET`
+/// poll on one while a `POST` goes out on the other; or one connection for
+/// both (`single`). Each is kept alive where the server allows, and
+/// reopened when it closes.
 pub struct Polling {
-    pub get: Conn,
-    pub post: Conn,
+    get: Conn,
+    /// None: `POST`s share the `GET` connection.
+    post: Option<Conn>,
 }
 
 impl Polling {
     pub fn new(addr: SocketAddr, source: Option<Ipv4Addr>) -> Polling {
         Polling {
             get: Conn::new(addr, source),
-            post: Conn::new(addr, source),
+            post: Some(Conn::new(addr, source)),
         }
     }
 
+    /// One connection for everything: a session opened this way reaches
+    /// one worker even without stickiness, as long as the server keeps the
+    /// connection alive.
+    pub fn single(addr: SocketAddr, source: Option<Ipv4Addr>) -> Polling {
+        Polling {
+            get: Conn::new(addr, source),
+            post: None,
+        }
+    }
+
+    fn post_conn(&mut self) -> &mut Conn {
+        self.post.as_mut().unwrap_or(&mut self.get)
+    }
+
     pub fn opened(&self) -> u64 {
-        self.get.opened + self.post.opened
+        self.get.opened + self.post.as_ref().map_or(0, |c| c.opened)
     }
 
     pub fn close(&mut self) {
         self.get.close();
-        self.post.close();
+        if let Some(c) = &mut self.post {
+            c.close();
+        }
     }
 }
 
@@ -143,7 +161,7 @@ impl Session {
 
     /// Sends Engine.IO packets in one `POST`.
     pub fn post(&self, conn: &mut Polling, body: &str) -> Result<(), Failure> {
-        let r = conn.post.request(&http::request(
+        let r = conn.post_conn().request(&http::request(
             "POST",
             &self.target("polling"),
             body.as_bytes(),

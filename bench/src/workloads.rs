@@ -150,9 +150,10 @@ fn new_connections(addr: SocketAddr, clients: usize, duration: Duration) -> Stat
         let src = Some(source(t));
         let mut sessions = Vec::new();
         for _ in 0..sessions_per_client(clients) {
-            // Each session opened on its own connections, closed before
-            // the clock starts.
-            let mut conn = Polling::new(addr, src);
+            // Each session opened on one keep-alive connection of its own,
+            // closed before the clock starts (so that a server without
+            // stickiness gets sessions too: they are what it misroutes).
+            let mut conn = Polling::single(addr, src);
             sessions.extend(open_session(&mut conn, &mut stats));
             stats.connections += conn.opened();
         }
@@ -170,9 +171,11 @@ fn new_connections(addr: SocketAddr, clients: usize, duration: Duration) -> Stat
             match http::exchange(addr, src, &requests[i]) {
                 Ok(r) => {
                     // Answered, right or wrong: timed either way.
-                    stats.latencies.push((r.complete - begin).as_nanos() as u64);
-                    if let Err(f) = sessions[i].check(r) {
-                        count(&mut stats, f);
+                    let ns = (r.complete - begin).as_nanos() as u64;
+                    stats.latencies.push(ns);
+                    match sessions[i].check(r) {
+                        Ok(_) => stats.right_latencies.push(ns),
+                        Err(f) => count(&mut stats, f),
                     }
                 }
                 Err(e) => stats.fail(e.to_string()),
