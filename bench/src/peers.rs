@@ -21,7 +21,8 @@ use crate::workloads::Workload;
 
 const USAGE: &str =
     "usage: sticky-bench [peers] [--quick] [--rounds N] [--duration SECS] [--warmup SECS]
-                    [--clients N] [--workers N,N] [--variants KEY,...] [--json PATH]
+                    [--clients N] [--workers N,N] [--variants KEY,...]
+                    [--workloads KEY,...] [--json PATH]
                     [--readme PATH] [--plot PATH] [--sticky PATH] [--rust-worker PATH]
                     [--peers DIR] [--nginx PATH]
 
@@ -35,6 +36,9 @@ const USAGE: &str =
   --variants K,..  any of sticky, socketio_sticky, nginx, floor, sticky_rust
                    (default: these five), sticky_syn (diagnostic: sticky's
                    listeners balanced at SYN time, no stickiness)
+  --workloads K,.. any of new_connection_serial, new_connection_concurrent,
+                   long_polling_keepalive, session_establishment,
+                   websocket_round_trip (default: all)
   --json PATH      write the results as JSON
   --readme PATH    write the tables between the peers markers of PATH
   --plot PATH      write the latency CDFs and rates as SVG
@@ -63,6 +67,7 @@ pub struct Opts {
     pub clients: usize,
     pub workers: Vec<usize>,
     pub variants: Vec<Variant>,
+    pub workloads: Vec<Workload>,
     json: Option<PathBuf>,
     readme: Option<PathBuf>,
     plot: Option<PathBuf>,
@@ -90,6 +95,7 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
         clients: 64,
         workers: vec![2, 4],
         variants: Variant::DEFAULT.to_vec(),
+        workloads: Workload::ALL.to_vec(),
         json: None,
         readme: None,
         plot: None,
@@ -136,6 +142,12 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
                 opts.variants = value("--variants")?
                     .split(',')
                     .map(|k| Variant::parse(k).ok_or(format!("unknown variant {k:?}\n{USAGE}")))
+                    .collect::<Result<_, _>>()?
+            }
+            "--workloads" => {
+                opts.workloads = value("--workloads")?
+                    .split(',')
+                    .map(|k| Workload::parse(k).ok_or(format!("unknown workload {k:?}\n{USAGE}")))
                     .collect::<Result<_, _>>()?
             }
             "--json" => opts.json = Some(value("--json")?.into()),
@@ -325,7 +337,7 @@ fn measure(opts: &Opts, results: &mut Results, round: usize, variant: Variant, w
         }
     };
     let mut line = format!("{what}:");
-    for workload in Workload::ALL {
+    for &workload in &opts.workloads {
         let clients = workload.clients(opts.clients);
         if !opts.warmup.is_zero() {
             workload.run(server.addr, clients, opts.warmup);

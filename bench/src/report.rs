@@ -51,7 +51,7 @@ pub fn markdown(opts: &Opts, r: &Results, plot: Option<&Path>) -> String {
     }
     out += &targets(opts, r);
     out += &front_summary(opts, r);
-    for workload in Workload::ALL {
+    for &workload in &opts.workloads {
         let clients = workload.clients(opts.clients);
         let basis = if workload.per_connection() {
             "conns"
@@ -231,15 +231,19 @@ fn targets(opts: &Opts, r: &Results) -> String {
 
 /// The fronts' CPU per 1,000 connections, on the new-connection load.
 fn front_summary(opts: &Opts, r: &Results) -> String {
-    let fronts = [Variant::Sticky, Variant::SocketIoSticky, Variant::Nginx];
+    let fronts = [
+        (Variant::Sticky, "sticky supervisor"),
+        (Variant::SocketIoSticky, "`@socket.io/sticky` master"),
+        (Variant::Nginx, "nginx (all processes)"),
+    ];
     let mut out = String::from("\nFront CPU time per 1,000 connections (ms), sid requests on new connections from 64 clients:\n\n| workers |");
-    for v in fronts {
-        out += &format!(" {} ({}) |", v.label(), v.front());
+    for (_, name) in fronts {
+        out += &format!(" {name} |");
     }
     out += "\n|---:|---:|---:|---:|\n";
     for &w in &opts.workers {
         out += &format!("| {w} |");
-        for v in fronts {
+        for (v, _) in fronts {
             let x = r
                 .get(v, w, Workload::NewConnConcurrent)
                 .and_then(|c| c.front_ms_per_1k_connections());
@@ -281,7 +285,7 @@ pub fn json(opts: &Opts, r: &Results) -> String {
         let mut by_workers = serde_json::Map::new();
         for &w in &opts.workers {
             let mut workloads = serde_json::Map::new();
-            for wl in Workload::ALL {
+            for &wl in &opts.workloads {
                 let Some(c) = r.get(v, w, wl) else { continue };
                 let s = &c.stats;
                 workloads.insert(

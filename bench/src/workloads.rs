@@ -45,6 +45,10 @@ impl Workload {
         Workload::WsRoundTrip,
     ];
 
+    pub fn parse(key: &str) -> Option<Workload> {
+        Workload::ALL.into_iter().find(|w| w.key() == key)
+    }
+
     pub fn key(self) -> &'static str {
         match self {
             Workload::NewConnSerial => "new_connection_serial",
