@@ -111,7 +111,7 @@ fn draw_svg(path: &Path, opts: &Opts, r: &Results) -> Result<(), Box<dyn std::er
         let mut chart = ChartBuilder::on(area)
             .caption(
                 format!(
-                    "{} per second: {}",
+                    "{} per second: {} (colors as in the CDFs)",
                     wl.unit(),
                     wl.label(wl.clients(opts.clients))
                 ),
