@@ -235,6 +235,9 @@ fn check_programs(opts: &mut Opts) -> Result<(), String> {
             p.rust_worker.display()
         ));
     }
+    if let Ok(dir) = p.peers.canonicalize() {
+        p.peers = dir;
+    }
     if !p.peers.join("node_modules/@socket.io/sticky").is_dir() {
         return Err(format!(
             "{} has no node_modules: run `npm ci` there (cargo xtask bench does)",

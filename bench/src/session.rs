@@ -25,7 +25,13 @@ pub enum Failure {
 
 impl From<io::Error> for Failure {
     fn from(e: io::Error) -> Failure {
-        Failure::Error(e.to_string())
+        Failure::Error(match e.kind() {
+            // What a read timeout looks like on a blocking socket.
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                format!("no answer within {:?}", http::IO_TIMEOUT)
+            }
+            _ => e.to_string(),
+        })
     }
 }
 

@@ -182,7 +182,7 @@ fn new_connections(addr: SocketAddr, clients: usize, duration: Duration) -> Stat
                         Err(f) => count(&mut stats, f),
                     }
                 }
-                Err(e) => stats.fail(e.to_string()),
+                Err(e) => count(&mut stats, e.into()),
             }
         }
         stats.elapsed = start.elapsed();
