@@ -4,7 +4,7 @@
 //! - `cargo xtask build`               release build of every binary
 //! - `cargo xtask run [-- ARGS]`       demo cluster on 127.0.0.1:3000
 //! - `cargo xtask test [-- ARGS]`      debug build, then `cargo test --workspace`
-//! - `cargo xtask bench [--quick] [ARGS]`  sticky vs floor, JSON in bench/results/
+//! - `cargo xtask bench [--core] [--quick] [ARGS]`  benchmarks (bench.rs), results in bench/results/
 //! - `cargo xtask fuzz [--seconds N]`  libFuzzer on the request parser (fuzz.rs)
 //! - `cargo xtask soak [--minutes N] [--sessions N]`  long Socket.IO run with worker restarts (soak.rs)
 //!
@@ -12,6 +12,7 @@
 //! when not root (only the final binary: the build stays the user's, so
 //! `target/` does not become root-owned).
 
+mod bench;
 mod fuzz;
 mod soak;
 
@@ -20,7 +21,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const USAGE: &str = "usage: cargo xtask <build | run [-- STICKY_ARGS] | test [-- CARGO_TEST_ARGS] | bench [--quick] [BENCH_ARGS] | fuzz [--seconds N] | soak [--minutes N] [--sessions N]>";
+const USAGE: &str = "usage: cargo xtask <build | run [-- STICKY_ARGS] | test [-- CARGO_TEST_ARGS] | bench [--core] [--quick] [BENCH_ARGS] | fuzz [--seconds N] | soak [--minutes N] [--sessions N]>";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -28,7 +29,7 @@ fn main() {
         Some("build") => build_release(),
         Some("run") => run(extra(&args[1..])),
         Some("test") => test(extra(&args[1..])),
-        Some("bench") => bench(extra(&args[1..])),
+        Some("bench") => bench::run(extra(&args[1..])),
         Some("fuzz") => fuzz::fuzz(&args[1..]),
         Some("soak") => soak::soak(extra(&args[1..])),
         Some("-h" | "--help") => {
@@ -239,20 +240,6 @@ impl Tally {
             self.passed, self.failed, self.skipped
         );
     }
-}
-
-fn bench(extra: &[String]) -> Result<(), String> {
-    build_release()?;
-    let results = root_dir().join("bench/results");
-    std::fs::create_dir_all(&results)
-        .map_err(|e| format!("cannot create {}: {e}", results.display()))?;
-    let json = results.join(format!("{}.json", today()));
-    let mut args: Vec<OsString> = extra.iter().map(OsString::from).collect();
-    args.push("--json".into());
-    args.push(json.into());
-    args.push("--readme".into());
-    args.push(root_dir().join("README.md").into());
-    exec_as_root(&root_dir().join("target/release/sticky-bench"), &args)
 }
 
 /// Replaces this process with `program args` (so its exit code and Ctrl-C

@@ -210,7 +210,7 @@ impl SocketIoWebSocket {
     /// Upgrades a new connection, reads the Engine.IO open packet, joins
     /// namespace `/` and waits for its CONNECT answer.
     fn connect(addr: SocketAddr) -> io::Result<SocketIoWebSocket> {
-        let mut stream = super::connect(addr)?;
+        let mut stream = crate::http::connect(addr, None)?;
         stream.write_all(
             b"GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\nHost: x\r\n\
               Upgrade: websocket\r\nConnection: Upgrade\r\n\

@@ -1,0 +1,52 @@
+//! `cargo xtask bench`: the benchmarks, results in bench/results/.
+//!
+//! - `cargo xtask bench [--quick] [ARGS]`: sticky against its peers
+//!   (`sticky-bench peers`, after `npm ci` in bench/peers when needed):
+//!   `<date>.json`, `<date>.svg`, the README's peers section.
+//! - `cargo xtask bench --core [--quick] [--learn on|off] [ARGS]`: sticky
+//!   placement against SYN-time balancing with the std-only demo worker
+//!   (`sticky-bench core`): `<date>-core.json`, the README's bench section.
+//!   `--learn` alone implies `--core` (it only means something there), and
+//!   so does `--ws-learn` (WebSocket round trips, learning on vs off).
+
+use std::ffi::OsString;
+use std::process::Command;
+
+pub fn run(extra: &[String]) -> Result<(), String> {
+    let core = extra
+        .iter()
+        .any(|a| a == "--core" || a == "--learn" || a == "--ws-learn");
+    let args: Vec<&String> = extra.iter().filter(|a| *a != "--core").collect();
+    super::build_release()?;
+    let root = super::root_dir();
+    let results = root.join("bench/results");
+    std::fs::create_dir_all(&results)
+        .map_err(|e| format!("cannot create {}: {e}", results.display()))?;
+    let date = super::today();
+    let mut argv: Vec<OsString> = Vec::new();
+    if core {
+        argv.push("core".into());
+        argv.extend(args.iter().map(OsString::from));
+        argv.push("--json".into());
+        argv.push(results.join(format!("{date}-core.json")).into());
+    } else {
+        let peers = root.join("bench/peers");
+        if !peers.join("node_modules").exists() {
+            let mut npm = Command::new("npm");
+            npm.current_dir(&peers)
+                .args(["ci", "--no-audit", "--no-fund"]);
+            super::status(npm, "npm ci in bench/peers")?;
+        }
+        argv.push("peers".into());
+        argv.extend(args.iter().map(OsString::from));
+        argv.push("--peers".into());
+        argv.push(peers.into());
+        argv.push("--json".into());
+        argv.push(results.join(format!("{date}.json")).into());
+        argv.push("--plot".into());
+        argv.push(results.join(format!("{date}.svg")).into());
+    }
+    argv.push("--readme".into());
+    argv.push(root.join("README.md").into());
+    super::exec_as_root(&root.join("target/release/sticky-bench"), &argv)
+}
