@@ -274,6 +274,17 @@ pub fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
 
+/// What each open descriptor of process `pid` is (for failure messages).
+pub fn fd_targets(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .map(|t| t.display().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Entries in the kernel map `name` held by process `pid` (found through
 /// its descriptors, so other sticky instances do not count), for the hash
 /// maps whose size can grow: `flows`, `placed_flows`, `sessions`, `learned`.

@@ -621,11 +621,19 @@ fn hostile_control_lines_are_refused_without_harm() {
         |c| c.stats()["sessions"] == "1",
     );
     assert_eq!(sticky_tests::map_entries(cluster.pid(), "sessions"), 1);
+    // The dead worker's control connections close as the supervisor notices
+    // their end, and its replacement is being started: let that settle.
+    let settled = |c: &Cluster| sticky_tests::fd_count(c.pid()) <= supervisor_fds + 2;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !settled(&cluster) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let now = sticky_tests::fd_count(cluster.pid());
     println!("supervisor descriptors: {supervisor_fds} -> {now}");
     assert!(
         now <= supervisor_fds + 2,
-        "supervisor descriptors grew: {supervisor_fds} -> {now}"
+        "supervisor descriptors grew: {supervisor_fds} -> {now}: {:?}",
+        sticky_tests::fd_targets(cluster.pid())
     );
 }
 
