@@ -404,9 +404,7 @@ static __always_inline __u32 decide(struct sk_reuseport_md *md,
 		if (!s)
 			goto absorb;
 		len = md->len - doff_len;
-		if (len > STICKY_SCAN_MAX)
-			len = STICKY_SCAN_MAX;
-		barrier_var(len);
+		len = copy_len(len, STICKY_SCAN_MAX);
 		if (len == 0 || bpf_skb_load_bytes(md, doff_len, s->buf, len))
 			goto absorb;
 		s->len = len;
@@ -548,9 +546,7 @@ int sticky_sort(struct __sk_buff *skb)
 		count(STICKY_CNT_HANDOFF_DROPS);
 		return 0; /* dropped: see struct sticky_handoff */
 	}
-	if (len > STICKY_SCAN_MAX)
-		len = STICKY_SCAN_MAX;
-	barrier_var(len);
+	len = copy_len(len, STICKY_SCAN_MAX);
 	if (len == 0 || bpf_skb_load_bytes(skb, off, s->buf, len))
 		goto out;
 	s->len = len;
@@ -700,9 +696,7 @@ int sticky_learn(struct __sk_buff *skb)
 	if (!s)
 		return 1;
 	len = tot_len - off;
-	if (len > STICKY_LEARN_SCAN)
-		len = STICKY_LEARN_SCAN;
-	barrier_var(len);
+	len = copy_len(len, STICKY_LEARN_SCAN);
 	if (len == 0 || bpf_skb_load_bytes(skb, off, s->buf, len))
 		return 1;
 	s->len = len;
