@@ -5,17 +5,20 @@
 //! - `cargo xtask run [-- ARGS]`       demo cluster on 127.0.0.1:3000
 //! - `cargo xtask test [-- ARGS]`      debug build, then `cargo test --workspace`
 //! - `cargo xtask bench [--quick] [ARGS]`  sticky vs floor, JSON in bench/results/
+//! - `cargo xtask kernels [--quick]`   sticky under qemu on Debian's kernels
 //!
 //! Loading BPF programs needs root, so `run` and `bench` go through `sudo`
 //! when not root (only the final binary: the build stays the user's, so
 //! `target/` does not become root-owned).
+
+mod kernels;
 
 use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const USAGE: &str = "usage: cargo xtask <build | run [-- STICKY_ARGS] | test [-- CARGO_TEST_ARGS] | bench [--quick] [BENCH_ARGS]>";
+const USAGE: &str = "usage: cargo xtask <build | run [-- STICKY_ARGS] | test [-- CARGO_TEST_ARGS] | bench [--quick] [BENCH_ARGS] | kernels [--quick | --kernel VERSION]>";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -24,6 +27,7 @@ fn main() {
         Some("run") => run(extra(&args[1..])),
         Some("test") => test(extra(&args[1..])),
         Some("bench") => bench(extra(&args[1..])),
+        Some("kernels") => kernels::run(extra(&args[1..])),
         Some("-h" | "--help") => {
             println!("{USAGE}");
             Ok(())
