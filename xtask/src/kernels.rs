@@ -90,7 +90,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     for (kernel, vmlinuz) in options.kernels.iter().zip(&kernels) {
         let boot = Instant::now();
         eprintln!("kernels: booting {} ({})", kernel.series, vmlinuz.display());
-        let output = boot_guest(&cache, vmlinuz, &base, &payload, options.kvm)?;
+        let output = boot_guest(&cache, kernel, vmlinuz, &base, &payload, options.kvm)?;
         let row = Row::from_guest(kernel, &output, boot.elapsed());
         eprintln!("{}", row.summary());
         rows.push(row);
@@ -441,6 +441,7 @@ fn json_field(json: &str, key: &str) -> Option<String> {
 /// guest wrote to its result port.
 fn boot_guest(
     cache: &Path,
+    kernel: &Kernel,
     vmlinuz: &Path,
     base: &Path,
     payload: &Path,
@@ -450,8 +451,8 @@ fn boot_guest(
     // (/init) are added to the root filesystem's.
     let initrd = cache.join("initrd.cpio");
     concatenate(&[base, payload], &initrd)?;
-    let results = cache.join("results.txt");
-    let console = cache.join("console.log");
+    let results = cache.join(format!("results-{}.txt", kernel.series));
+    let console = cache.join(format!("console-{}.log", kernel.series));
     let _ = fs::remove_file(&results);
     let accel = if kvm { "kvm" } else { "tcg,thread=multi" };
     let mut qemu = Command::new("qemu-system-x86_64");
