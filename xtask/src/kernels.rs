@@ -364,10 +364,10 @@ fn build_payload(cache: &Path, tests: &[String]) -> Result<PathBuf, String> {
         0o644,
         include_bytes!("../guest/probe.py"),
     )?;
-    let env = format!(
-        "export STICKY_BIN=/kernels/sticky STICKY_DEMO_WORKER=/kernels/sticky-demo-worker\n\
-         export TEST_TIMEOUT=600 TEST_ARGS='--test-threads=1 --color=never'\n"
-    );
+    // One test at a time: two emulated CPUs, and tests that count workers'
+    // connections must not share them.
+    let env = "export STICKY_BIN=/kernels/sticky STICKY_DEMO_WORKER=/kernels/sticky-demo-worker\n\
+               export TEST_TIMEOUT=600 TEST_ARGS='--test-threads=1 --color=never'\n";
     archive.file("kernels/run.env", 0o644, env.as_bytes())?;
     for name in ["sticky", "sticky-demo-worker"] {
         archive.copy(&bin.join(name), &format!("kernels/{name}"))?;
@@ -823,5 +823,80 @@ impl Cpio {
         self.out
             .flush()
             .map_err(|e| format!("writing an initramfs: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{kernel, update_readme, Row};
+    use std::time::Duration;
+
+    /// What a 6.1 guest wrote (abridged), and a 5.10 one.
+    const GUEST_6_1: &str = "kernel 6.1.0-50-cloud-amd64\n\
+        probe loads=yes\nprobe places=yes\nprobe wakeup=yes\n\
+        binary steering\n\nrunning 2 tests\n\
+        test ipv6_listeners_place_by_sid_too ... ok\n\
+        test random_uses_every_worker ... FAILED\n\
+        binary-exit 101\nguest done\n";
+    const GUEST_5_10: &str = "kernel 5.10.0-32-cloud-amd64\n\
+        probe loads=no\nprobe exit=1\nprobe error_lines=1\n\
+        probe error=sticky: error: kernel 5.10.0-32-cloud-amd64 is too old: sticky needs Linux 5.14 or newer\n\
+        guest done\n";
+
+    #[test]
+    fn guest_output_becomes_a_row() {
+        let row = Row::from_guest(kernel("6.1").unwrap(), GUEST_6_1, Duration::ZERO);
+        assert_eq!(row.kernel, "6.1.0-50-cloud-amd64");
+        assert_eq!(
+            (row.loads, row.places, row.wakeup),
+            (Some(true), Some(true), Some(true))
+        );
+        assert_eq!(
+            (row.passed, row.failed.as_slice()),
+            (1, &["random_uses_every_worker".to_owned()][..])
+        );
+        assert!(!row.as_expected(), "a failed test fails the row");
+
+        let old = Row::from_guest(kernel("5.10").unwrap(), GUEST_5_10, Duration::ZERO);
+        assert!(
+            old.as_expected(),
+            "5.10 refusing in one line is what is required"
+        );
+        assert!(old.cells().contains("refuses (as required)"));
+        let silent = Row::from_guest(
+            kernel("5.10").unwrap(),
+            "kernel 5.10.0\nprobe loads=no\n",
+            Duration::ZERO,
+        );
+        assert!(!silent.as_expected(), "a refusal must say why");
+    }
+
+    #[test]
+    fn the_readme_keeps_rows_of_kernels_not_run() {
+        let dir = std::env::temp_dir().join(format!("xtask-kernels-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let readme = dir.join("README.md");
+        let old_row =
+            "| 6.12.117+deb13-cloud-amd64 | Debian 13 | yes | yes | yes | 40 passed, 0 failed |";
+        let stale = "| 6.1.0-40-cloud-amd64 | Debian 12 | no | no | no | old |";
+        std::fs::write(
+            &readme,
+            format!(
+                "# x\n<!-- kernels:begin -->\n{old_row}\n{stale}\n<!-- kernels:end -->\nrest\n"
+            ),
+        )
+        .unwrap();
+        let row = Row::from_guest(kernel("6.1").unwrap(), GUEST_6_1, Duration::ZERO);
+        update_readme(&readme, &[row]).unwrap();
+        let text = std::fs::read_to_string(&readme).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(text.contains(old_row), "{text}");
+        assert!(!text.contains(stale), "{text}");
+        assert!(text.contains("| 6.1.0-50-cloud-amd64 |"), "{text}");
+        assert!(
+            text.find("6.12.117").unwrap() < text.find("6.1.0-50").unwrap(),
+            "newest first"
+        );
+        assert!(text.ends_with("<!-- kernels:end -->\nrest\n"), "{text}");
     }
 }
