@@ -210,6 +210,12 @@ fn run(args: RunArgs) -> Result<()> {
     let mut sorter = match mode {
         Mode::Sticky => Some(sorter::start(
             maps.listeners,
+            group
+                .workers
+                .iter()
+                .map(|fd| fd.try_clone())
+                .collect::<std::io::Result<_>>()
+                .context("copying the worker listeners for the sorter")?,
             group.addr,
             steering.sort_program()?,
             cpus,

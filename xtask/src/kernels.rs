@@ -30,18 +30,29 @@ use super::{cargo, find_in_path, is_root, root_dir, status};
 /// The kernels of the matrix: Debian suite and the version it ships.
 const KERNELS: &[Kernel] = &[
     Kernel {
-        suite: "bookworm",
-        series: "6.1",
-        users: "Debian 12",
-    },
-    Kernel {
-        suite: "trixie",
         series: "6.12",
+        suite: "trixie",
+        image: None,
         users: "Debian 13, bookworm-backports",
     },
     Kernel {
-        suite: "bullseye",
+        series: "6.1",
+        suite: "bookworm",
+        image: None,
+        users: "Debian 12",
+    },
+    // The previous Debian 12 kernel, still in the archive: it predates the
+    // kernel's own wake-up after a migration, so it shows sticky's.
+    Kernel {
+        series: "6.1.170",
+        suite: "bookworm",
+        image: Some("linux-image-6.1.0-47-cloud-amd64"),
+        users: "Debian 12 until 6.1.176",
+    },
+    Kernel {
         series: "5.10",
+        suite: "bullseye",
+        image: None,
         users: "Debian 11 (below 5.14: must refuse)",
     },
 ];
@@ -57,8 +68,11 @@ const README_BEGIN: &str = "<!-- kernels:begin -->";
 const README_END: &str = "<!-- kernels:end -->";
 
 struct Kernel {
-    suite: &'static str,
+    /// What `--kernel` takes; also the cache directory's name.
     series: &'static str,
+    suite: &'static str,
+    /// The image package; None: the suite's current `linux-image-cloud-amd64`.
+    image: Option<&'static str>,
     users: &'static str,
 }
 
@@ -208,7 +222,7 @@ fn apt(dir: &Path, tool: &str) -> Command {
 
 /// The `vmlinuz` of each kernel, downloaded and extracted when not cached.
 fn fetch_kernels(cache: &Path, kernels: &[&Kernel]) -> Result<Vec<PathBuf>, String> {
-    let vmlinuz = |k: &Kernel| cache.join(k.suite).join("vmlinuz");
+    let vmlinuz = |k: &Kernel| cache.join(k.series).join("vmlinuz");
     if kernels.iter().all(|k| vmlinuz(k).exists()) {
         return Ok(kernels.iter().map(|k| vmlinuz(k)).collect());
     }
@@ -216,9 +230,12 @@ fn fetch_kernels(cache: &Path, kernels: &[&Kernel]) -> Result<Vec<PathBuf>, Stri
     for sub in ["sources.list.d", "lists/partial", "cache/archives/partial"] {
         fs::create_dir_all(dir.join(sub)).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
-    let sources: String = kernels
+    let mut suites: Vec<&str> = kernels.iter().map(|k| k.suite).collect();
+    suites.sort();
+    suites.dedup();
+    let sources: String = suites
         .iter()
-        .map(|k| format!("deb {MIRROR} {} main\n", k.suite))
+        .map(|suite| format!("deb {MIRROR} {suite} main\n"))
         .collect();
     fs::write(dir.join("sources.list"), sources).map_err(|e| format!("{e}"))?;
     let mut update = apt(&dir, "apt-get");
@@ -228,14 +245,17 @@ fn fetch_kernels(cache: &Path, kernels: &[&Kernel]) -> Result<Vec<PathBuf>, Stri
         if vmlinuz(k).exists() {
             continue;
         }
-        let target = cache.join(k.suite);
+        let target = cache.join(k.series);
         fs::create_dir_all(&target).map_err(|e| format!("{}: {e}", target.display()))?;
         // The metapackage names the suite's current image package.
-        let image = depends_of(
-            &dir,
-            &format!("linux-image-cloud-amd64/{}", k.suite),
-            &target,
-        )?;
+        let image = match k.image {
+            Some(image) => image.to_owned(),
+            None => depends_of(
+                &dir,
+                &format!("linux-image-cloud-amd64/{}", k.suite),
+                &target,
+            )?,
+        };
         let deb = download(&dir, &format!("{image}/{}", k.suite), &target)?;
         eprintln!("kernels: extracting {}", deb.display());
         let mut tarball = Command::new("dpkg-deb")
@@ -677,14 +697,13 @@ fn update_readme(readme: &Path, rows: &[Row]) -> Result<(), String> {
         ));
     };
     let old = &text[begin + README_BEGIN.len()..end];
-    let series = |kernel: &str| kernel.split('.').take(2).collect::<Vec<_>>().join(".");
+    // Rows are keyed by their "deployed by" cell: a kernel's point release
+    // changes, its row stays one.
+    let users = |line: &str| line.split(" | ").nth(1).unwrap_or("").to_owned();
     let mut kept: Vec<String> = old
         .lines()
         .filter(|l| l.starts_with("| ") && !l.starts_with("| kernel |"))
-        .filter(|l| {
-            let kernel = l[2..].split(' ').next().unwrap_or("");
-            !rows.iter().any(|r| series(&r.kernel) == series(kernel))
-        })
+        .filter(|l| !rows.iter().any(|r| users(l) == r.users))
         .map(str::to_owned)
         .collect();
     kept.extend(rows.iter().map(Row::cells));
