@@ -33,7 +33,7 @@ const KERNELS: &[Kernel] = &[
         series: "6.12",
         suite: "trixie",
         image: None,
-        users: "Debian 13, bookworm-backports",
+        users: "Debian 13",
     },
     Kernel {
         series: "6.1",
