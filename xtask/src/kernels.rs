@@ -5,15 +5,16 @@
 //! Everything comes from Debian's archive through apt, cached under
 //! `target/kernels/`:
 //! - kernels: `linux-image-cloud-amd64` of bullseye (5.10, the "too old"
-//!   path), bookworm (6.1) and trixie (6.12); only `vmlinuz` is kept, since
-//!   everything the guest needs (BPF, cgroup2, loopback, serial console,
-//!   initramfs) is built into Debian's cloud kernels: no modules to load;
+//!   path), bookworm (6.1, and 6.1.170 pinned) and trixie (6.12); only
+//!   `vmlinuz` is kept, since everything the guest needs (BPF, cgroup2,
+//!   loopback, serial console, initramfs) is built into Debian's cloud
+//!   kernels: no modules to load;
 //! - a root filesystem: `debootstrap --variant=minbase bookworm` plus
 //!   python3 (scripted test workers) and busybox-static (`ip`), packed once
 //!   into an uncompressed initramfs. The whole guest lives in RAM: no disk
 //!   image, no 9p, no modules, and it unpacks in about a second.
 //!
-//! Per run, a second small archive is appended: the guest's `/init`, the
+//! Per run, a second archive is appended: the guest's `/init`, the
 //! direct check (`guest/probe.py`), `sticky`, the demo worker and the test
 //! binaries (built on the host; glibc of host and guest is bookworm's).
 //! The guest writes its results to a second serial port, parsed here.
