@@ -106,7 +106,8 @@ pub fn run(args: &[String]) -> Result<(), String> {
         let boot = Instant::now();
         eprintln!("kernels: booting {} ({})", kernel.series, vmlinuz.display());
         let output = boot_guest(&cache, kernel, vmlinuz, &base, &payload, options.kvm)?;
-        let row = Row::from_guest(kernel, &output, boot.elapsed());
+        let mut row = Row::from_guest(kernel, &output, boot.elapsed());
+        row.subset = options.tests.clone();
         eprintln!("{}", row.summary());
         rows.push(row);
     }
@@ -551,6 +552,8 @@ struct Row {
     finished: bool,
     below_minimum: bool,
     took: Duration,
+    /// The test executables run, when not all of them (`--quick`, `--tests`).
+    subset: Vec<String>,
 }
 
 impl Row {
@@ -601,6 +604,7 @@ impl Row {
                 && !output.lines().any(|l| l == "binary-exit 124"),
             below_minimum: series_major_minor(kernel.series) < (5, 14),
             took,
+            subset: Vec::new(),
         }
     }
 
@@ -657,6 +661,11 @@ impl Row {
                 self.failed.len(),
                 self.failed.join(", ")
             )
+        };
+        let tests = if self.subset.is_empty() || self.below_minimum {
+            tests
+        } else {
+            format!("{tests} (only {})", self.subset.join(", "))
         };
         let (places, wakeup) = if self.below_minimum {
             ("n/a", "n/a")
@@ -876,6 +885,10 @@ mod tests {
             (1, &["random_uses_every_worker".to_owned()][..])
         );
         assert!(!row.as_expected(), "a failed test fails the row");
+
+        let mut quick = Row::from_guest(kernel("6.1").unwrap(), GUEST_6_1, Duration::ZERO);
+        quick.subset = vec!["steering".into()];
+        assert!(quick.cells().contains("(only steering)"));
 
         let old = Row::from_guest(kernel("5.10").unwrap(), GUEST_5_10, Duration::ZERO);
         assert!(
