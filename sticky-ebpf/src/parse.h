@@ -63,6 +63,30 @@ static __always_inline __u32 launder(struct scratch *s, __u32 off)
 	return *(volatile __u32 *)&s->mark;
 }
 
+/*
+ * How many payload bytes to copy: min(len, max), in a form every supported
+ * verifier can prove is 1..max (bpf_skb_load_bytes refuses a size that may
+ * be 0). The 6.1 verifier learns nothing from `len != 0` and loses compare
+ * bounds across 32-bit register copies ("invalid access to map value ...
+ * size=0"), so the size is rebuilt from a masked register: max is a power
+ * of two and len - 1 < max already, so the mask changes no value.
+ * 0 when there is nothing to copy.
+ */
+static __always_inline __u32 copy_len(__u32 len, __u32 max)
+{
+	__u32 last;
+
+	if (len == 0)
+		return 0;
+	if (len > max)
+		len = max;
+	last = len - 1;
+	barrier_var(last);
+	return (last & (max - 1)) + 1;
+}
+_Static_assert((STICKY_SCAN_MAX & (STICKY_SCAN_MAX - 1)) == 0, "copy_len masks");
+_Static_assert((STICKY_LEARN_SCAN & (STICKY_LEARN_SCAN - 1)) == 0, "copy_len masks");
+
 /* Non-zero unless "name=" starts at buf[at]: two masked word compares. */
 static __always_inline __u64 param_differs(struct scratch *s, __u32 at,
 					   const struct sticky_config *cfg)

@@ -409,10 +409,7 @@ static __always_inline int first_payload(struct sk_reuseport_md *md,
 	s = bpf_map_lookup_elem(&scratch, &one);
 	if (!s)
 		return 0;
-	len = md->len - doff_len;
-	if (len > STICKY_SCAN_MAX)
-		len = STICKY_SCAN_MAX;
-	barrier_var(len);
+	len = copy_len(md->len - doff_len, STICKY_SCAN_MAX);
 	if (len == 0 || bpf_skb_load_bytes(md, doff_len, s->buf, len))
 		return 0;
 	s->len = len;
@@ -642,9 +639,7 @@ int sticky_sort(struct __sk_buff *skb)
 		count(STICKY_CNT_HANDOFF_DROPS);
 		return 0; /* dropped: see struct sticky_handoff */
 	}
-	if (len > STICKY_SCAN_MAX)
-		len = STICKY_SCAN_MAX;
-	barrier_var(len);
+	len = copy_len(len, STICKY_SCAN_MAX);
 	if (len == 0 || bpf_skb_load_bytes(skb, off, s->buf, len))
 		goto out;
 	s->len = len;
@@ -847,9 +842,7 @@ int sticky_learn(struct __sk_buff *skb)
 	s = bpf_map_lookup_elem(&scratch, &two);
 	if (!s)
 		return 1;
-	if (len > STICKY_LEARN_SCAN)
-		len = STICKY_LEARN_SCAN;
-	barrier_var(len);
+	len = copy_len(len, STICKY_LEARN_SCAN);
 	if (len == 0 || bpf_skb_load_bytes(skb, off, s->buf, len))
 		return 1;
 	s->len = len;
@@ -932,8 +925,7 @@ int sticky_watch(struct __sk_buff *skb)
 	s = bpf_map_lookup_elem(&scratch, &three);
 	if (!s)
 		return 1;
-	copy = len > STICKY_SCAN_MAX ? STICKY_SCAN_MAX : len;
-	barrier_var(copy);
+	copy = copy_len(len, STICKY_SCAN_MAX);
 	if (copy == 0 || bpf_skb_load_bytes(skb, off, s->buf, copy))
 		return 1;
 	s->len = copy;

@@ -226,6 +226,20 @@ pub fn listen(fd: &impl AsRawFd) -> Result<()> {
     Ok(())
 }
 
+/// `shutdown(SHUT_WR)` on a listener: changes nothing (it keeps listening,
+/// children do not inherit it) but wakes its waiters (`sk_state_change`),
+/// which then find the connections migrated into its queue. Kernels before
+/// "tcp: call sk_data_ready() after listener migration" (upstream April
+/// 2026, in Debian's 6.1.176 but not 6.1.170) leave a worker blocked in
+/// epoll_wait or accept asleep next to such a connection.
+pub fn wake_waiters(fd: &impl AsRawFd) -> io::Result<()> {
+    // SAFETY: plain syscall on a valid fd.
+    if unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_WR) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// `shutdown(SHUT_RD)` on a listener: stops listening and migrates its
 /// accept queue through the selector (`inet_csk_listen_stop`).
 pub fn stop_listening(fd: &impl AsRawFd) -> io::Result<()> {

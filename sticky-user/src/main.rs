@@ -268,9 +268,18 @@ fn run(args: RunArgs) -> Result<()> {
     if learning {
         expire_learned_sessions(sessions.clone(), args.learn_idle);
     }
+    let woken: sorter::WorkerListeners = Arc::new(Mutex::new(
+        group
+            .workers
+            .iter()
+            .map(|fd| fd.try_clone())
+            .collect::<std::io::Result<_>>()
+            .context("copying the worker listeners for the sorter")?,
+    ));
     let mut sorter = match mode {
         Mode::Sticky => Some(sorter::start(
             slots.clone(),
+            woken.clone(),
             group.addr,
             steering.sort_program()?,
             cpus,
@@ -291,6 +300,7 @@ fn run(args: RunArgs) -> Result<()> {
             addr: group.addr,
             slots,
             workers: group.workers,
+            woken,
         },
         control_path.clone(),
         sessions,

@@ -12,7 +12,9 @@
 //! 3. close it: its request sockets stay attached to a closed listener, so
 //!    their first data segment migrates in softirq straight to the owner
 //!    (softirq path), with no user-space step;
-//! 4. make the next spare (after the migration: off the connections' path).
+//! 4. make the next spare (after the migration: off the connections' path);
+//! 5. if the queue was not empty, wake the worker listeners' waiters
+//!    (`wake_waiters`): some kernels do not after a migration.
 //!
 //! Rotations happen when the CPU's doorbell rings (the selector rings it at
 //! each SYN: rotating before the client's data arrives sends that data down
@@ -44,7 +46,7 @@ use aya::maps::{ArrayOfMaps, MapData, ReusePortSockArray};
 use sticky_common::{counter, Handoff, HANDOFF_GRACE_NS, SORTING_SLOT};
 
 use crate::{
-    listeners::{sorting_listener, stop_listening},
+    listeners::{sorting_listener, stop_listening, wake_waiters},
     log,
     steering::{monotonic_ns, Counters, Doorbell, HandoffMap},
 };
@@ -55,11 +57,17 @@ const IDLE_BACKOFF: u32 = 64;
 /// The listener slots, shared by the sorters and the supervisor.
 pub type SockArray = Arc<Mutex<ReusePortSockArray<MapData>>>;
 
+/// Copies of the worker listeners now in the slots (the supervisor replaces
+/// one when it hands a crash-looping worker's queue off), whose waiters a
+/// migration may have to wake.
+pub type WorkerListeners = Arc<Mutex<Vec<OwnedFd>>>;
+
 struct SortingLoop {
     cpu: usize,
     addr: SocketAddr,
     filter: Arc<OwnedFd>,
     listeners: SockArray,
+    workers: WorkerListeners,
     current: OwnedFd,
     spare: OwnedFd,
     doorbell: Doorbell,
@@ -73,6 +81,7 @@ struct SortingLoop {
 /// carrying the socket filter `filter`.
 pub fn start(
     listeners: SockArray,
+    workers: WorkerListeners,
     addr: SocketAddr,
     filter: OwnedFd,
     cpus: usize,
@@ -99,6 +108,7 @@ pub fn start(
             addr,
             filter: filter.clone(),
             listeners: listeners.clone(),
+            workers: workers.clone(),
             current,
             spare,
             doorbell,
@@ -180,11 +190,17 @@ impl SortingLoop {
         let handoff = self.handoff.entry(self.cpu);
         handoff.closing.store(1, Ordering::SeqCst);
         wait_for_cross_cpu_completions(handoff);
+        let queued = wait(&self.current, -1, Duration::ZERO).0;
         // Migrates the queue; the socket stays in the group's closed part
         // (for its request sockets) until the kernel frees it.
         let stopped = stop_listening(&self.current);
         handoff.closing.store(0, Ordering::SeqCst);
         stopped.context("shutting the previous sorting listener")?;
+        if queued {
+            for worker in self.workers.lock().unwrap().iter() {
+                wake_waiters(worker).context("waking a worker listener's waiters")?;
+            }
+        }
         let next = sorting_listener(self.addr, &*self.filter)?;
         // Closes the old listener (dropped here); its request sockets live on.
         self.current = std::mem::replace(&mut self.spare, next);

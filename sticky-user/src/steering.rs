@@ -334,6 +334,24 @@ fn raise_memlock() {
 
 /// Turns the usual load failures into one line that says what to do.
 fn load_error(e: anyhow::Error) -> anyhow::Error {
+    // A program the verifier walked and refused (EACCES, like a missing
+    // privilege): name the kernel and the verifier's reason, not sudo.
+    let refused = e
+        .chain()
+        .find_map(|c| match c.downcast_ref::<aya::programs::ProgramError>() {
+            Some(aya::programs::ProgramError::LoadError { verifier_log, .. }) => {
+                verifier_reason(&verifier_log.to_string()).map(str::to_owned)
+            }
+            _ => None,
+        });
+    if let Some(reason) = refused {
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        return anyhow!(
+            "the BPF verifier of Linux {} refused sticky's kernel programs ({reason}): \
+             see README's kernel matrix for the kernels sticky is tested on",
+            release.trim()
+        );
+    }
     let text = format!("{e:#}");
     let denied = e.chain().any(|c| {
         c.downcast_ref::<std::io::Error>()
@@ -347,9 +365,42 @@ fn load_error(e: anyhow::Error) -> anyhow::Error {
     }
 }
 
+/// The verifier's reason for refusing a program: the first line after the
+/// last instruction it walked (`175: (85) call bpf_skb_load_bytes#26`).
+fn verifier_reason(log: &str) -> Option<&str> {
+    let lines: Vec<&str> = log
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let last_insn = lines.iter().rposition(|l| {
+        l.split_once(':')
+            .is_some_and(|(n, _)| n.parse::<u32>().is_ok())
+    })?;
+    lines.get(last_insn + 1).copied()
+}
+
 #[cfg(test)]
 mod tests {
-    use super::check_kernel_release;
+    use super::{check_kernel_release, verifier_reason};
+
+    #[test]
+    fn the_verifier_reason_is_the_line_after_the_last_instruction() {
+        // Tail of Debian 6.1's log for a size that may be 0.
+        let log = "0: R1=ctx(off=0,imm=0) R10=fp0\n\
+                   ; int sticky_sort(struct __sk_buff *skb)\n\
+                   174: (bc) w4 = w7 ; R4_w=scalar(umax=1023)\n\
+                   175: (85) call bpf_skb_load_bytes#26\n\
+                   invalid access to map value, value_size=2136 off=0 size=0\n\
+                   R3 min value is outside of the allowed memory range\n\
+                   verification time 4526757 usec\n\
+                   processed 102591 insns (limit 1000000) max_states_per_insn 4\n";
+        assert_eq!(
+            verifier_reason(log),
+            Some("invalid access to map value, value_size=2136 off=0 size=0")
+        );
+        assert_eq!(verifier_reason(""), None);
+    }
 
     #[test]
     fn kernels_before_5_14_are_refused_with_the_reason() {

@@ -26,7 +26,7 @@ use crate::{
     listeners::{stop_listening, worker_listener},
     log,
     sessions::SessionTable,
-    sorter::SockArray,
+    sorter::{SockArray, WorkerListeners},
     spawn::WorkerCommand,
 };
 
@@ -63,12 +63,15 @@ pub struct Listeners {
     pub slots: SockArray,
     /// Worker `i`'s listener, in slot `i`.
     pub workers: Vec<OwnedFd>,
+    /// The sorters' copies of `workers`, kept in step.
+    pub woken: WorkerListeners,
 }
 
 pub struct Supervisor {
     command: WorkerCommand,
     addr: SocketAddr,
     slots: SockArray,
+    woken: WorkerListeners,
     control: PathBuf,
     sessions: Arc<Mutex<SessionTable>>,
     workers: Vec<Worker>,
@@ -119,6 +122,7 @@ impl Supervisor {
             command,
             addr: listeners.addr,
             slots: listeners.slots,
+            woken: listeners.woken,
             control,
             sessions,
             workers,
@@ -261,6 +265,7 @@ impl Supervisor {
             .unwrap()
             .set(i as u32, &fresh, 0)
             .context("placing the fresh listener in its slot")?;
+        self.woken.lock().unwrap()[i] = fresh.try_clone()?;
         let old = std::mem::replace(&mut self.workers[i].listener, fresh);
         stop_listening(&old).context("shutting the old listener")?;
         Ok(())
