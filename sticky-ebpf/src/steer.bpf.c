@@ -733,8 +733,12 @@ static __always_inline int learn_sid(struct scratch *s, __u32 worker)
 	l.last_seen_ns = bpf_ktime_get_ns();
 	err = bpf_map_update_elem(&sessions, &s->key, &worker, BPF_NOEXIST);
 	if (err) {
-		/* -EEXIST: registered or learned already; else full (-E2BIG). */
-		count(err == -EEXIST ? STICKY_CNT_LEARN_KNOWN : STICKY_CNT_LEARN_FULL);
+		/*
+		 * Registered or learned already, or the map is full. Asked of
+		 * the map, not told by the error: 6.1 does not answer -EEXIST.
+		 */
+		count(bpf_map_lookup_elem(&sessions, &s->key) ? STICKY_CNT_LEARN_KNOWN
+							       : STICKY_CNT_LEARN_FULL);
 		return 1;
 	}
 	/* Never a session without its expiry record: it would never expire. */
@@ -761,17 +765,27 @@ static __always_inline int cgroup_tcp_payload(struct __sk_buff *skb, int egress,
 	/*
 	 * Headers by direct packet access: they sit in the linear part of the
 	 * skb (the payload often does not), and this runs on every packet of
-	 * the cgroup, so no helper call on the way to a cheap exit.
+	 * the cgroup, so no helper call on the way to a cheap exit. Copies are
+	 * the fallback: a header outside the linear part, or no packet
+	 * pointers at all (6.1's BPF_PROG_TEST_RUN sets none for cgroup_skb).
 	 */
 	void *data = (void *)(long)skb->data;
 	void *end = (void *)(long)skb->data_end;
+	struct ipv6hdr ip6_copy;
+	struct tcphdr th_copy;
+	struct iphdr ip_copy;
 	__u32 ip_len, tot_len;
 	struct tcphdr *th;
 
 	if (skb->protocol == bpf_htons(ETH_P_IP)) {
 		struct iphdr *ip = data;
 
-		if ((void *)(ip + 1) > end || ip->protocol != IPPROTO_TCP)
+		if ((void *)(ip + 1) > end) {
+			if (bpf_skb_load_bytes(skb, 0, &ip_copy, sizeof(ip_copy)))
+				return 0;
+			ip = &ip_copy;
+		}
+		if (ip->protocol != IPPROTO_TCP)
 			return 0;
 		ip_len = ip->ihl * 4;
 		tot_len = bpf_ntohs(ip->tot_len);
@@ -781,7 +795,12 @@ static __always_inline int cgroup_tcp_payload(struct __sk_buff *skb, int egress,
 	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr *ip6 = data;
 
-		if ((void *)(ip6 + 1) > end || ip6->nexthdr != IPPROTO_TCP)
+		if ((void *)(ip6 + 1) > end) {
+			if (bpf_skb_load_bytes(skb, 0, &ip6_copy, sizeof(ip6_copy)))
+				return 0;
+			ip6 = &ip6_copy;
+		}
+		if (ip6->nexthdr != IPPROTO_TCP)
 			return 0;
 		ip_len = sizeof(*ip6);
 		tot_len = sizeof(*ip6) + bpf_ntohs(ip6->payload_len);
@@ -794,8 +813,11 @@ static __always_inline int cgroup_tcp_payload(struct __sk_buff *skb, int egress,
 	if (ip_len < sizeof(struct iphdr) || ip_len > 60)
 		return 0;
 	th = data + ip_len;
-	if ((void *)(th + 1) > end)
-		return 0;
+	if ((void *)(th + 1) > end) {
+		if (bpf_skb_load_bytes(skb, ip_len, &th_copy, sizeof(th_copy)))
+			return 0;
+		th = &th_copy;
+	}
 	key->remote_port = egress ? th->dest : th->source;
 	*off = ip_len + th->doff * 4;
 	*ends = th->fin || th->rst;

@@ -309,7 +309,13 @@ fn an_explicit_registration_wins() {
         .learned
         .get(&SidKey::new("registeredExplicitly").unwrap(), 0)
         .is_err());
-    assert!(l.counter("learn_known") >= 1);
+    assert!(
+        l.counter("learn_known") >= 1,
+        "learn_known {} learn_full {} learned {}",
+        l.counter("learn_known"),
+        l.counter("learn_full"),
+        l.counter("learned")
+    );
 }
 
 fn post(sid: &str, body: &str) -> Vec<u8> {

@@ -289,10 +289,12 @@ fn disagreements(h: &mut Harness, inputs: impl Iterator<Item = (String, Vec<u8>)
 /// reference model that the host build was fuzzed against.
 #[test]
 fn fuzz_corpus_agrees_with_the_reference_parser() {
-    let mut dirs = vec![std::path::PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../fuzz/corpus"
-    ))];
+    // The workspace root without `..`: the kernel-matrix guest has the
+    // corpus at this path but no sticky-ebpf directory.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap();
+    let mut dirs = vec![root.join("fuzz/corpus")];
     dirs.extend(std::env::var_os("STICKY_FUZZ_CORPUS").map(Into::into));
     let mut inputs = Vec::new();
     for dir in &dirs {

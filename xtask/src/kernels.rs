@@ -397,19 +397,11 @@ fn build_payload(cache: &Path, tests: &[String]) -> Result<PathBuf, String> {
     for (name, path) in &binaries {
         archive.copy(path, &format!("kernels/tests/{name}"))?;
     }
-    // Scripted workers the tests find through their build-time path.
-    let workers = root_dir().join("tests/workers");
-    let guest_path = workers.to_string_lossy().trim_start_matches('/').to_owned();
-    let mut parent = String::new();
-    for part in guest_path.split('/') {
-        parent = if parent.is_empty() {
-            part.to_owned()
-        } else {
-            format!("{parent}/{part}")
-        };
-        archive.dir(&parent)?;
+    // Files the tests find through their build-time path: the scripted
+    // workers, and the fuzz corpus the parser test replays in the kernel.
+    for dir in ["tests/workers", "fuzz/corpus"] {
+        archive.add_at_build_path(&root_dir().join(dir))?;
     }
-    archive.add_tree(&workers, &guest_path)?;
     archive.finish()?;
     Ok(path)
 }
@@ -807,6 +799,22 @@ impl Cpio {
 
     /// Adds the tree under `dir` as `prefix/...`: directories, regular files
     /// and symlinks. Device nodes are skipped: the guest mounts devtmpfs.
+    /// Adds `dir` and its contents at the same absolute path in the guest,
+    /// with every parent directory.
+    fn add_at_build_path(&mut self, dir: &Path) -> Result<(), String> {
+        let guest_path = dir.to_string_lossy().trim_start_matches('/').to_owned();
+        let mut parent = String::new();
+        for part in guest_path.split('/') {
+            parent = if parent.is_empty() {
+                part.to_owned()
+            } else {
+                format!("{parent}/{part}")
+            };
+            self.dir(&parent)?;
+        }
+        self.add_tree(dir, &guest_path)
+    }
+
     fn add_tree(&mut self, dir: &Path, prefix: &str) -> Result<(), String> {
         use std::os::unix::fs::PermissionsExt;
         let mut entries: Vec<_> = fs::read_dir(dir)
