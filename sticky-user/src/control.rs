@@ -36,8 +36,11 @@ const MAX_LINE: usize = 1024;
 const MAX_WORKER_CONNECTIONS: usize = 1024;
 /// Connections from anyone else (operators' `stats`, strangers).
 const MAX_OTHER_CONNECTIONS: usize = 64;
-/// Connections not yet identified.
+/// Connections not yet identified (not a known worker at first sight).
 const MAX_IDENTIFYING: usize = 256;
+/// A worker may connect before the supervisor has recorded its pid: ask the
+/// table this many times, 10 ms apart, before calling the peer a stranger.
+const IDENTIFY_ATTEMPTS: usize = 20;
 const OTHER_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub struct ControlSocket {
@@ -86,14 +89,23 @@ impl ControlSocket {
             .spawn(move || {
                 for stream in self.listener.incoming() {
                     let Ok(stream) = stream else { continue };
-                    // Dropping a stream closes it.
-                    let Some(slot) = Slot::take(&limits.identifying, MAX_IDENTIFYING) else {
+                    let Ok(cred) = peer_cred(&stream) else {
                         continue;
+                    };
+                    // A known worker is recognised here at once, in order, so
+                    // strangers waiting to be identified cannot crowd it out.
+                    let known = identify(&state, cred.pid as u32, 1);
+                    let identifying = match known {
+                        Some(_) => None,
+                        None => match Slot::take(&limits.identifying, MAX_IDENTIFYING) {
+                            Some(slot) => Some(slot),
+                            None => continue, // dropping the stream closes it
+                        },
                     };
                     let (state, limits) = (state.clone(), limits.clone());
                     let _ = std::thread::Builder::new()
                         .name("control-conn".into())
-                        .spawn(move || admit(stream, &state, &limits, slot));
+                        .spawn(move || admit(stream, cred, known, &state, &limits, identifying));
                 }
             })
             .expect("spawning the control thread");
@@ -127,10 +139,17 @@ impl Drop for Slot {
     }
 }
 
-/// Identifies the peer, then serves it under its class's cap.
-fn admit(stream: UnixStream, state: &ControlState, limits: &Limits, identifying: Slot) {
-    let Ok(cred) = peer_cred(&stream) else { return };
-    let worker = identify(state, cred.pid as u32);
+/// Identifies the peer (unless already known), then serves it under its
+/// class's cap.
+fn admit(
+    stream: UnixStream,
+    cred: libc::ucred,
+    known: Option<WorkerId>,
+    state: &ControlState,
+    limits: &Limits,
+    identifying: Option<Slot>,
+) {
+    let worker = known.or_else(|| identify(state, cred.pid as u32, IDENTIFY_ATTEMPTS));
     drop(identifying);
     let class = match worker {
         Some(_) => Slot::take(&limits.workers, MAX_WORKER_CONNECTIONS),
@@ -190,12 +209,14 @@ fn serve_connection(
 
 /// Retries briefly: a worker may connect before the supervisor has recorded
 /// its pid (it runs as soon as exec succeeds).
-fn identify(state: &ControlState, pid: u32) -> Option<WorkerId> {
-    for _ in 0..20 {
+fn identify(state: &ControlState, pid: u32, attempts: usize) -> Option<WorkerId> {
+    for attempt in 0..attempts {
+        if attempt > 0 {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         if let Some(id) = state.sessions.lock().unwrap().identify(pid) {
             return Some(id);
         }
-        std::thread::sleep(Duration::from_millis(10));
     }
     None
 }
