@@ -99,10 +99,7 @@ struct Opts {
 }
 
 fn parse_args(args: Vec<String>) -> Result<Opts, String> {
-    let exe_dir = std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(Path::to_path_buf))
-        .unwrap_or_default();
+    let exe_dir = crate::exe_dir();
     let mut opts = Opts {
         sticky: exe_dir.join("sticky"),
         worker: exe_dir.join("sticky-demo-worker"),

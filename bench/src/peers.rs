@@ -84,10 +84,7 @@ pub fn main(args: Vec<String>) {
 }
 
 fn parse_args(args: Vec<String>) -> Result<Opts, String> {
-    let exe_dir = std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(Path::to_path_buf))
-        .unwrap_or_default();
+    let exe_dir = crate::exe_dir();
     let mut opts = Opts {
         rounds: 4,
         duration: Duration::from_millis(1250),

@@ -236,6 +236,16 @@ impl Cluster {
         }
     }
 
+    /// Opens an Engine.IO session (handshake on its own connection) and
+    /// returns its sid.
+    pub fn engine_io_handshake(&self) -> String {
+        let r = self.get("/socket.io/?EIO=4&transport=polling");
+        assert_eq!(r.status, 200, "{}", r.text());
+        let text = r.text();
+        let start = text.find(r#""sid":""#).expect("open packet") + 7;
+        text[start..start + text[start..].find('"').unwrap()].to_owned()
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
     }

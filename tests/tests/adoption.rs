@@ -118,15 +118,6 @@ fn a_new_sticky_adopts_the_workers_of_a_killed_one() {
     );
 }
 
-/// Opens an Engine.IO session (handshake on its own connection): its sid.
-fn handshake(cluster: &Cluster) -> String {
-    let r = cluster.get("/socket.io/?EIO=4&transport=polling");
-    assert_eq!(r.status, 200, "{}", r.text());
-    let text = r.text();
-    let start = text.find(r#""sid":""#).expect("open packet") + 7;
-    text[start..start + text[start..].find('"').unwrap()].to_owned()
-}
-
 #[test]
 fn learned_sessions_survive_adoption_and_too_few_workers_is_refused() {
     const WORKERS: usize = 3;
@@ -140,7 +131,7 @@ fn learned_sessions_survive_adoption_and_too_few_workers_is_refused() {
     let extra = ["--balance", "round-robin"];
     let mut old = Cluster::start_with_control("127.0.0.1:0", &control, WORKERS, &extra, &command);
     let addr = old.addr.to_string();
-    let sids: Vec<String> = (0..12).map(|_| handshake(&old)).collect();
+    let sids: Vec<String> = (0..12).map(|_| old.engine_io_handshake()).collect();
     assert_eq!(old.counter("learned"), 12);
     kill(old.pid(), libc::SIGKILL);
     old.terminate(Duration::from_secs(5));

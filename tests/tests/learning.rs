@@ -17,15 +17,6 @@ fn engine_io_cluster(workers: usize, extra: &[&str]) -> Cluster {
     )
 }
 
-/// Opens a session (handshake on its own connection) and returns its sid.
-fn handshake(cluster: &Cluster) -> String {
-    let r = cluster.get("/socket.io/?EIO=4&transport=polling");
-    assert_eq!(r.status, 200, "{}", r.text());
-    let text = r.text();
-    let start = text.find(r#""sid":""#).expect("open packet") + 7;
-    text[start..start + text[start..].find('"').unwrap()].to_owned()
-}
-
 /// Sends `n` requests carrying `sid`; returns how many got "Session ID unknown".
 fn unknown_answers(cluster: &Cluster, sid: &str, n: usize) -> usize {
     (0..n)
@@ -41,7 +32,7 @@ fn unmodified_workers_get_sticky_sessions() {
     let cluster = engine_io_cluster(3, &["--balance", "round-robin"]);
     let mut unknown = 0;
     for _ in 0..40 {
-        let sid = handshake(&cluster);
+        let sid = cluster.engine_io_handshake();
         unknown += unknown_answers(&cluster, &sid, 5);
     }
     let stats = cluster.stats();
@@ -60,7 +51,7 @@ fn unmodified_workers_get_sticky_sessions() {
 fn without_learning_round_robin_scatters_sessions() {
     // The control experiment: the same workers, learning off.
     let cluster = engine_io_cluster(3, &["--balance", "round-robin", "--learn", "off"]);
-    let sid = handshake(&cluster);
+    let sid = cluster.engine_io_handshake();
     let unknown = unknown_answers(&cluster, &sid, 6);
     println!("learning off: {unknown}/6 unknown");
     assert!(
@@ -73,8 +64,8 @@ fn without_learning_round_robin_scatters_sessions() {
 #[test]
 fn idle_learned_sessions_expire() {
     let cluster = engine_io_cluster(2, &["--learn-idle", "1s"]);
-    let active = handshake(&cluster);
-    let idle = handshake(&cluster);
+    let active = cluster.engine_io_handshake();
+    let idle = cluster.engine_io_handshake();
     cluster.wait_for("two learned sessions", Duration::from_secs(12), |c| {
         c.stats()["learned_sessions"] == "2"
     });
@@ -103,7 +94,7 @@ fn idle_learned_sessions_expire() {
 #[test]
 fn learned_sessions_are_forgotten_when_their_worker_exits() {
     let cluster = engine_io_cluster(2, &[]);
-    let sid = handshake(&cluster);
+    let sid = cluster.engine_io_handshake();
     let owner_pid = {
         let r = cluster.get(&format!("/socket.io/?EIO=4&transport=polling&sid={sid}"));
         r.text()
@@ -130,7 +121,7 @@ fn learned_sessions_are_forgotten_when_their_worker_exits() {
 fn requests_on_a_keep_alive_connection_keep_a_learned_session() {
     use std::io::{Read, Write};
     let cluster = engine_io_cluster(3, &["--learn-idle", "1s", "--balance", "round-robin"]);
-    let sid = handshake(&cluster);
+    let sid = cluster.engine_io_handshake();
     // One keep-alive connection carries the session's requests for three
     // times --learn-idle. Only its first request is placed (and seen by the
     // placement paths); sticky_watch sees the others.
