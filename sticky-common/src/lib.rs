@@ -180,7 +180,7 @@ pub struct Handoff {
 
 /// How long after a cross-CPU first segment announced itself its child is
 /// surely queued (`STICKY_HANDOFF_GRACE_NS`).
-pub const HANDOFF_GRACE_NS: u64 = 100_000;
+pub const HANDOFF_GRACE_NS: u64 = 5_000_000;
 
 /// `struct sticky_decision`: value of the `flows` map, the socket filter's
 /// decision for one queued connection (TCP fields in network byte order).

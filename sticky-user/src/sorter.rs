@@ -188,8 +188,7 @@ impl SortingLoop {
         // A first segment of this CPU's listener may be completing on
         // another CPU: announce the shutdown, wait such completions out.
         let handoff = self.handoff.entry(self.cpu);
-        handoff.closing.store(1, Ordering::SeqCst);
-        wait_for_cross_cpu_completions(handoff);
+        close_handoff(handoff);
         let queued = wait(&self.current, -1, Duration::ZERO).0;
         // Migrates the queue; the socket stays in the group's closed part
         // (for its request sockets) until the kernel frees it.
@@ -251,16 +250,31 @@ impl SortingHandle {
     }
 }
 
-/// Spins until the last cross-CPU announcement is HANDOFF_GRACE_NS old
-/// (usually at once: announcements are rare and the clock moves on).
-fn wait_for_cross_cpu_completions(handoff: &Handoff) {
+/// Longest a rotation is put off while cross-CPU first segments keep
+/// coming; past it, `closing` stays set and new ones are dropped (their
+/// clients retransmit) until the last is HANDOFF_GRACE_NS old.
+const HANDOFF_POSTPONE_MAX: Duration = Duration::from_millis(10);
+
+/// Sets `closing` once no first segment of this CPU's listener can still be
+/// completing on another CPU: the last announcement is HANDOFF_GRACE_NS old
+/// (usually at once: announcements are rare and the clock moves on). While
+/// one is recent, `closing` is cleared again and the rotation waits, so
+/// segments are dropped only in the short window of each check.
+fn close_handoff(handoff: &Handoff) {
+    let start = Instant::now();
     loop {
-        let busy = handoff.busy_ns.load(Ordering::SeqCst);
-        let age = monotonic_ns().saturating_sub(busy);
+        handoff.closing.store(1, Ordering::SeqCst);
+        let age = monotonic_ns().saturating_sub(handoff.busy_ns.load(Ordering::SeqCst));
         if age >= HANDOFF_GRACE_NS {
             return;
         }
-        std::hint::spin_loop();
+        let left = Duration::from_nanos(HANDOFF_GRACE_NS - age);
+        if start.elapsed() >= HANDOFF_POSTPONE_MAX {
+            std::thread::sleep(left); // closing stays set: the wait ends
+            continue;
+        }
+        handoff.closing.store(0, Ordering::SeqCst);
+        std::thread::sleep(left.min(Duration::from_micros(100)));
     }
 }
 
