@@ -185,7 +185,7 @@ fn first_segments_have_defined_outcomes() {
             format!("GET /?sid=other_1&sid={sid20} HTTP/1.1\r\n\r\n"),
             Owner(1),
         ), // first wins
-        (format!("GET /?&&sid=third-3 HTTP/1.0\r\n\r\n"), Owner(3)),
+        ("GET /?&&sid=third-3 HTTP/1.0\r\n\r\n".to_string(), Owner(3)),
         (format!("GET /?sid={sid20}\r\n"), Owner(2)), // HTTP/0.9-style line end
         (big, Owner(2)),
         (

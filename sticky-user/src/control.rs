@@ -14,7 +14,7 @@
 //! capped at `MAX_LINE` bytes; a longer one ends the connection.
 
 use std::{
-    io::{BufRead, BufReader, ErrorKind, Read, Write},
+    io::{BufRead, BufReader, Read, Write},
     os::unix::net::{UnixListener, UnixStream},
     path::{Path, PathBuf},
     sync::{
@@ -270,7 +270,7 @@ fn peer_cred(stream: &UnixStream) -> std::io::Result<libc::ucred> {
         return Err(std::io::Error::last_os_error());
     }
     if cred.pid == 0 {
-        return Err(std::io::Error::new(ErrorKind::Other, "peer has no pid"));
+        return Err(std::io::Error::other("peer has no pid"));
     }
     Ok(cred)
 }

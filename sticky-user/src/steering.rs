@@ -155,7 +155,7 @@ impl Counters {
         self.0
             .get(&index, 0)
             .ok()
-            .and_then(|v| v.iter().nth(cpu).copied())
+            .and_then(|v| v.get(cpu).copied())
             .unwrap_or(0)
     }
 
@@ -380,6 +380,17 @@ fn verifier_reason(log: &str) -> Option<&str> {
     lines.get(last_insn + 1).copied()
 }
 
+/// CLOCK_MONOTONIC in ns: the clock of bpf_ktime_get_ns().
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: plain vDSO call with a valid timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 #[cfg(test)]
 mod tests {
     use super::{check_kernel_release, verifier_reason};
@@ -422,15 +433,4 @@ mod tests {
             assert!(check_kernel_release(ok).is_ok(), "{ok}");
         }
     }
-}
-
-/// CLOCK_MONOTONIC in ns: the clock of bpf_ktime_get_ns().
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: plain vDSO call with a valid timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
