@@ -268,18 +268,12 @@ fn run(args: RunArgs) -> Result<()> {
     if learning {
         expire_learned_sessions(sessions.clone(), args.learn_idle);
     }
-    let woken: sorter::WorkerListeners = Arc::new(Mutex::new(
-        group
-            .workers
-            .iter()
-            .map(|fd| fd.try_clone())
-            .collect::<std::io::Result<_>>()
-            .context("copying the worker listeners for the sorter")?,
-    ));
+    // Shared by the sorters (wake-ups) and the supervisor (restarts).
+    let worker_listeners: sorter::WorkerListeners = Arc::new(Mutex::new(group.workers));
     let mut sorter = match mode {
         Mode::Sticky => Some(sorter::start(
             slots.clone(),
-            woken.clone(),
+            worker_listeners.clone(),
             group.addr,
             steering.sort_program()?,
             cpus,
@@ -299,8 +293,7 @@ fn run(args: RunArgs) -> Result<()> {
         supervisor::Listeners {
             addr: group.addr,
             slots,
-            workers: group.workers,
-            woken,
+            workers: worker_listeners,
         },
         control_path.clone(),
         sessions,

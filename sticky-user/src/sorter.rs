@@ -57,9 +57,9 @@ const IDLE_BACKOFF: u32 = 64;
 /// The listener slots, shared by the sorters and the supervisor.
 pub type SockArray = Arc<Mutex<ReusePortSockArray<MapData>>>;
 
-/// Copies of the worker listeners now in the slots (the supervisor replaces
-/// one when it hands a crash-looping worker's queue off), whose waiters a
-/// migration may have to wake.
+/// The worker listeners now in the slots, owned with the supervisor (which
+/// replaces one when it hands a crash-looping worker's queue off); the
+/// sorters wake their waiters after a migration.
 pub type WorkerListeners = Arc<Mutex<Vec<OwnedFd>>>;
 
 struct SortingLoop {

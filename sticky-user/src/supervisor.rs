@@ -48,7 +48,6 @@ pub struct Adopted {
 const ADOPTED_EXITED: i32 = 0;
 
 struct Worker {
-    listener: OwnedFd,
     pid: Option<u32>,
     /// Set for an adopted worker: waitpid cannot see it, its pidfd can.
     pidfd: Option<Arc<OwnedFd>>,
@@ -61,17 +60,16 @@ struct Worker {
 pub struct Listeners {
     pub addr: SocketAddr,
     pub slots: SockArray,
-    /// Worker `i`'s listener, in slot `i`.
-    pub workers: Vec<OwnedFd>,
-    /// The sorters' copies of `workers`, kept in step.
-    pub woken: WorkerListeners,
+    /// Worker `i`'s listener, in slot `i`; shared with the sorters, which
+    /// may have to wake its waiters.
+    pub workers: WorkerListeners,
 }
 
 pub struct Supervisor {
     command: WorkerCommand,
     addr: SocketAddr,
     slots: SockArray,
-    woken: WorkerListeners,
+    listeners: WorkerListeners,
     control: PathBuf,
     sessions: Arc<Mutex<SessionTable>>,
     workers: Vec<Worker>,
@@ -106,11 +104,9 @@ impl Supervisor {
                 }
             })?;
         let now = Instant::now();
-        let workers = listeners
-            .workers
-            .into_iter()
-            .map(|listener| Worker {
-                listener,
+        let count = listeners.workers.lock().unwrap().len();
+        let workers = (0..count)
+            .map(|_| Worker {
                 pid: None,
                 pidfd: None,
                 started: now,
@@ -122,7 +118,7 @@ impl Supervisor {
             command,
             addr: listeners.addr,
             slots: listeners.slots,
-            woken: listeners.woken,
+            listeners: listeners.workers,
             control,
             sessions,
             workers,
@@ -165,9 +161,9 @@ impl Supervisor {
     }
 
     fn spawn(&mut self, i: usize) -> std::io::Result<u32> {
-        let pid = self
-            .command
-            .spawn(&self.workers[i].listener, i, &self.control)?;
+        // A copy: the lock is not held across fork and exec.
+        let listener = self.listeners.lock().unwrap()[i].try_clone()?;
+        let pid = self.command.spawn(&listener, i, &self.control)?;
         let w = &mut self.workers[i];
         w.pid = Some(pid);
         w.started = Instant::now();
@@ -265,8 +261,7 @@ impl Supervisor {
             .unwrap()
             .set(i as u32, &fresh, 0)
             .context("placing the fresh listener in its slot")?;
-        self.woken.lock().unwrap()[i] = fresh.try_clone()?;
-        let old = std::mem::replace(&mut self.workers[i].listener, fresh);
+        let old = std::mem::replace(&mut self.listeners.lock().unwrap()[i], fresh);
         stop_listening(&old).context("shutting the old listener")?;
         Ok(())
     }
