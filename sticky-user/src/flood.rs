@@ -20,7 +20,7 @@
 use std::{
     collections::VecDeque,
     net::SocketAddr,
-    os::fd::{AsRawFd, OwnedFd},
+    os::fd::OwnedFd,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -35,7 +35,7 @@ use sticky_common::{counter, Config, OVERFLOW_SLOT};
 use crate::{
     listeners::{overflow_listener, stop_listening},
     log,
-    sorter::SockArray,
+    sorter::{readable, SockArray},
     steering::Counters,
 };
 
@@ -151,15 +151,4 @@ impl SynFloodGuard {
         stop_listening(&old).context("shutting the previous overflow listener")?;
         Ok(())
     }
-}
-
-fn readable(fd: &OwnedFd, timeout: Duration) -> bool {
-    let mut pfd = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd.
-    let rc = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as libc::c_int) };
-    rc > 0 && pfd.revents & libc::POLLIN != 0
 }

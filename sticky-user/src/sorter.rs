@@ -189,7 +189,7 @@ impl SortingLoop {
         // another CPU: announce the shutdown, wait such completions out.
         let handoff = self.handoff.entry(self.cpu);
         close_handoff(handoff);
-        let queued = wait(&self.current, -1, Duration::ZERO).0;
+        let queued = readable(&self.current, Duration::ZERO);
         // Migrates the queue; the socket stays in the group's closed part
         // (for its request sockets) until the kernel frees it.
         let stopped = stop_listening(&self.current);
@@ -299,6 +299,11 @@ fn set_realtime() {
 
 /// ppoll(2) on the listener and the doorbell, with microsecond precision:
 /// (listener readable, doorbell rang).
+/// Whether `listener` has a queued connection, waiting up to `timeout`.
+pub fn readable(listener: &OwnedFd, timeout: Duration) -> bool {
+    wait(listener, -1, timeout).0 // poll ignores a negative fd
+}
+
 fn wait(listener: &OwnedFd, doorbell: RawFd, timeout: Duration) -> (bool, bool) {
     let mut pfds = [
         libc::pollfd {
