@@ -53,6 +53,8 @@ pub struct ControlSocket {
 pub struct ControlState {
     pub sessions: Arc<Mutex<SessionTable>>,
     pub counters: Arc<Counters>,
+    /// The broadcast relay, whose counters `stats` reports too.
+    pub relay: Option<Arc<crate::relay::Relay>>,
 }
 
 impl ControlSocket {
@@ -226,8 +228,9 @@ fn answer(state: &ControlState, worker: Option<WorkerId>, uid: u32, line: &str) 
     let result = match (command, worker) {
         ("stats", _) if worker.is_some() || uid == 0 || uid == unsafe { libc::geteuid() } => {
             let table = state.sessions.lock().unwrap();
+            let relay = state.relay.as_ref().map(|r| r.report()).unwrap_or_default();
             return format!(
-                "ok {} live_workers={} sessions={} learned_sessions={} {}\n",
+                "ok {} {relay} live_workers={} sessions={} learned_sessions={} {}\n",
                 state.counters.report(),
                 table.live_workers(),
                 table.session_count(),

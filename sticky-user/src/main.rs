@@ -10,6 +10,7 @@ mod control;
 mod flood;
 mod listeners;
 mod reject;
+mod relay;
 mod sessions;
 mod sorter;
 mod spawn;
@@ -107,6 +108,11 @@ struct RunArgs {
     #[arg(long, default_value_t = SESSIONS_MAX,
           value_parser = clap::value_parser!(u32).range(1..=SESSIONS_MAX as i64))]
     max_sessions: u32,
+    /// Give each worker a Node.js IPC channel to the relay (fd 4,
+    /// NODE_CHANNEL_FD), for `@socket.io/cluster-adapter`; `auto`: when the
+    /// command is `node`.
+    #[arg(long, value_enum, default_value_t = IpcArg::Auto)]
+    ipc: IpcArg,
     /// The worker command and its arguments.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     command: Vec<OsString>,
@@ -123,6 +129,13 @@ enum BalanceArg {
 enum PlacementArg {
     Sticky,
     Syn,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum IpcArg {
+    Auto,
+    On,
+    Off,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -260,10 +273,19 @@ fn run(args: RunArgs) -> Result<()> {
         .control
         .unwrap_or_else(|| default_control(group.addr.port()));
     let control = control::ControlSocket::bind(&control_path)?;
+    let relay = relay::Relay::start(&relay::default_path(&control_path), sessions.clone())?;
+    let _remove_relay = control::RemoveOnDrop(relay.path().to_owned());
     let _remove_control = control.serve(control::ControlState {
         sessions: sessions.clone(),
         counters: counters.clone(),
+        relay: Some(relay.clone()),
     });
+    let node_ipc = match args.ipc {
+        IpcArg::Auto => command.is_node(),
+        IpcArg::On => true,
+        IpcArg::Off => false,
+    };
+    let command = command.with_relay(relay, node_ipc);
     reject::serve(group.reject);
     if learning {
         expire_learned_sessions(sessions.clone(), args.learn_idle);

@@ -6,7 +6,9 @@
 //! known only after fork: everything is allocated before fork, and the child
 //! only writes the pid's digits into a prepared buffer (async-signal-safe;
 //! the supervisor is multi-threaded). Every other descriptor is made
-//! `CLOEXEC` in the child, so fd 0-2 and 3 are all a worker inherits.
+//! `CLOEXEC` in the child, so fd 0-2 and 3 are all a worker inherits; plus,
+//! for a Node.js worker (`--ipc`), fd 4: its end of a Node IPC channel to
+//! the relay (`NODE_CHANNEL_FD=4`, `NODE_CHANNEL_SERIALIZATION_MODE=advanced`).
 
 use std::{
     ffi::{CString, OsStr, OsString},
@@ -16,15 +18,20 @@ use std::{
         unix::ffi::OsStrExt,
     },
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use anyhow::{bail, Result};
+
+use crate::relay::Relay;
 
 /// `close_range(2)` flag: set CLOEXEC instead of closing.
 const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
 /// Room for the decimal pid in `LISTEN_PID=`.
 const PID_DIGITS: usize = 20;
 const LISTEN_PID: &[u8] = b"LISTEN_PID=";
+/// Where a worker finds its Node IPC channel, if it has one.
+const NODE_CHANNEL_FD: i32 = 4;
 
 /// The worker command, resolved once at startup.
 #[derive(Clone)]
@@ -32,6 +39,9 @@ pub struct WorkerCommand {
     program: CString,
     argv: Vec<CString>,
     pub display: String,
+    /// The broadcast relay: `STICKY_RELAY`, and the Node IPC channels.
+    relay: Option<Arc<Relay>>,
+    node_ipc: bool,
 }
 
 impl WorkerCommand {
@@ -53,7 +63,28 @@ impl WorkerCommand {
                 .map(|a| a.to_string_lossy())
                 .collect::<Vec<_>>()
                 .join(" "),
+            relay: None,
+            node_ipc: false,
         })
+    }
+
+    /// Whether the program is Node.js (`node`, `nodejs`, `node20`...): what
+    /// `--ipc auto` gives a Node IPC channel.
+    pub fn is_node(&self) -> bool {
+        let path = Path::new(OsStr::from_bytes(self.program.as_bytes()));
+        let name = path.file_name().map(OsStr::as_bytes).unwrap_or_default();
+        name == b"nodejs"
+            || name
+                .strip_prefix(b"node")
+                .is_some_and(|v| v.iter().all(|c| c.is_ascii_digit()))
+    }
+
+    /// Workers get `STICKY_RELAY`, and with `node_ipc` a Node IPC channel
+    /// to the relay as fd 4.
+    pub fn with_relay(mut self, relay: Arc<Relay>, node_ipc: bool) -> WorkerCommand {
+        self.relay = Some(relay);
+        self.node_ipc = node_ipc;
+        self
     }
 
     /// Forks and execs the worker; returns its pid once exec succeeded.
@@ -62,7 +93,11 @@ impl WorkerCommand {
         let mut env: Vec<Vec<u8>> = std::env::vars_os()
             .filter(|(k, _)| {
                 let k = k.as_bytes();
-                !(k.starts_with(b"LISTEN_") || k.starts_with(b"STICKY_"))
+                // NODE_CHANNEL_*: a channel sticky itself was given is not
+                // the worker's (and its fd number is not fd 4 there).
+                !(k.starts_with(b"LISTEN_")
+                    || k.starts_with(b"STICKY_")
+                    || k.starts_with(b"NODE_CHANNEL_"))
             })
             .map(|(k, v)| [k.as_bytes(), b"=", v.as_bytes()].concat())
             .collect();
@@ -70,6 +105,19 @@ impl WorkerCommand {
         env.push(b"LISTEN_FDNAMES=sticky".to_vec());
         env.push(format!("STICKY_WORKER={index}").into_bytes());
         env.push([b"STICKY_CONTROL=", control.as_os_str().as_bytes()].concat());
+        if let Some(relay) = &self.relay {
+            env.push([b"STICKY_RELAY=", relay.path().as_os_str().as_bytes()].concat());
+        }
+        // Dropped (our end stays with the relay) once the child has it.
+        let channel = match (&self.relay, self.node_ipc) {
+            (Some(relay), true) => Some(relay.node_channel(index)?),
+            _ => None,
+        };
+        if channel.is_some() {
+            env.push(format!("NODE_CHANNEL_FD={NODE_CHANNEL_FD}").into_bytes());
+            // `advanced`: V8 serialization, Buffers survive (`json` loses them).
+            env.push(b"NODE_CHANNEL_SERIALIZATION_MODE=advanced".to_vec());
+        }
         let mut listen_pid = LISTEN_PID.to_vec();
         listen_pid.resize(LISTEN_PID.len() + PID_DIGITS + 1, 0);
         let env: Vec<CString> = env
@@ -94,6 +142,7 @@ impl WorkerCommand {
             return Err(io::Error::last_os_error());
         }
         let listener_fd = listener.as_raw_fd();
+        let channel_fd = channel.as_ref().map_or(-1, |c| c.as_raw_fd());
 
         // SAFETY: the child only makes async-signal-safe calls before exec.
         let pid = unsafe { libc::fork() };
@@ -110,7 +159,10 @@ impl WorkerCommand {
             unsafe {
                 child(
                     pipe[1],
-                    listener_fd,
+                    Inherited {
+                        listener: listener_fd,
+                        channel: channel_fd,
+                    },
                     pid_buf.add(LISTEN_PID.len()),
                     self.program.as_ptr(),
                     &argv,
@@ -143,10 +195,17 @@ impl WorkerCommand {
     }
 }
 
+/// The descriptors a worker inherits: its listener (to fd 3) and, or -1,
+/// its Node IPC channel (to fd 4).
+struct Inherited {
+    listener: i32,
+    channel: i32,
+}
+
 /// Runs in the forked child. Never returns.
 unsafe fn child(
     err_fd: i32,
-    listener_fd: i32,
+    fds: Inherited,
     pid_digits: *mut u8,
     program: *const libc::c_char,
     argv: &[*const libc::c_char],
@@ -167,15 +226,29 @@ unsafe fn child(
     libc::sigemptyset(&mut empty);
     libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
 
-    // Keep the error pipe off fd 3.
+    // Keep the error pipe off fds 3 and 4, and the channel off fd 3.
     let mut err_fd = err_fd;
-    if err_fd == 3 {
-        err_fd = libc::fcntl(3, libc::F_DUPFD_CLOEXEC, 4);
+    if err_fd == 3 || err_fd == 4 {
+        err_fd = libc::fcntl(err_fd, libc::F_DUPFD_CLOEXEC, 5);
     }
+    let mut channel_fd = fds.channel;
+    if channel_fd == 3 {
+        channel_fd = libc::fcntl(3, libc::F_DUPFD_CLOEXEC, 5);
+    }
+    let listener_fd = fds.listener;
     if listener_fd == 3 {
         libc::fcntl(3, libc::F_SETFD, 0); // clear CLOEXEC
     } else if libc::dup2(listener_fd, 3) < 0 {
         fail(err_fd);
+    }
+    let mut first_closed = 4u32;
+    if fds.channel >= 0 {
+        if channel_fd == NODE_CHANNEL_FD {
+            libc::fcntl(NODE_CHANNEL_FD, libc::F_SETFD, 0);
+        } else if libc::dup2(channel_fd, NODE_CHANNEL_FD) < 0 {
+            fail(err_fd);
+        }
+        first_closed = 5;
     }
 
     // LISTEN_PID=<own pid>, written in place.
@@ -197,9 +270,9 @@ unsafe fn child(
 
     // Descriptors sticky itself inherited without CLOEXEC (from a shell or
     // a service manager) must not reach the worker either: mark every fd
-    // above 3 close-on-exec (close_range, Linux 5.11+; the error pipe stays
-    // open until exec succeeds).
-    libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, CLOSE_RANGE_CLOEXEC);
+    // above 3 (or 4) close-on-exec (close_range, Linux 5.11+; the error pipe
+    // stays open until exec succeeds).
+    libc::syscall(libc::SYS_close_range, first_closed, u32::MAX, CLOSE_RANGE_CLOEXEC);
 
     libc::execve(program, argv.as_ptr(), envp.as_ptr());
     fail(err_fd)

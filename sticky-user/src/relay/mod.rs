@@ -1,0 +1,116 @@
+//! Broadcasting between workers: the supervisor as the cluster's relay.
+//!
+//! Two ways in, one bounded queue per member (`outbox`):
+//! - `node`: a Node.js IPC channel per worker (a socketpair end as fd 4,
+//!   `NODE_CHANNEL_FD=4`, `advanced` serialization), relayed the way
+//!   `@socket.io/cluster-adapter`'s `setupPrimary()` does, so that adapter
+//!   works unchanged;
+//! - `pubsub`: a unix socket (`$STICKY_RELAY`) speaking a small pub/sub
+//!   protocol (README, "Broadcasting between workers"), for the Python
+//!   manager and the Rust driver.
+//!
+//! The relay never decodes payloads: frames go out as they came.
+
+mod node;
+mod outbox;
+mod pubsub;
+mod v8;
+
+use std::{
+    os::fd::OwnedFd,
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+};
+
+use anyhow::Result;
+
+use crate::sessions::SessionTable;
+
+#[derive(Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Relay counters, reported by `sticky stats`.
+#[derive(Default)]
+pub struct Stats {
+    /// Messages received from members (both ways in).
+    received: Counter,
+    /// Copies queued for a member.
+    delivered: Counter,
+    /// Copies dropped because the member's queue was full.
+    dropped: Counter,
+    /// Node messages that did not parse (relayed to every other worker).
+    malformed: Counter,
+}
+
+pub struct Relay {
+    stats: Arc<Stats>,
+    node: node::NodeChannels,
+    pubsub: Arc<pubsub::Broker>,
+    path: PathBuf,
+}
+
+impl Relay {
+    /// Serves the pub/sub socket at `path`; workers are identified through
+    /// `sessions`, as on the control socket.
+    pub fn start(path: &Path, sessions: Arc<Mutex<SessionTable>>) -> Result<Arc<Relay>> {
+        let stats = Arc::new(Stats::default());
+        let pubsub = pubsub::Broker::serve(path, sessions, stats.clone())?;
+        Ok(Arc::new(Relay {
+            node: node::NodeChannels::new(stats.clone()),
+            stats,
+            pubsub,
+            path: path.to_owned(),
+        }))
+    }
+
+    /// The pub/sub socket's path, given to workers as `STICKY_RELAY`.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A fresh Node IPC channel for worker `index`, replacing its previous
+    /// one: the end the worker gets (fd 4) is returned.
+    pub fn node_channel(&self, index: usize) -> std::io::Result<OwnedFd> {
+        self.node.open(index)
+    }
+
+    /// `name=value` pairs for `sticky stats`.
+    pub fn report(&self) -> String {
+        let s = &self.stats;
+        format!(
+            "relay_received={} relay_delivered={} relay_dropped={} relay_malformed={} relay_node_channels={} relay_pubsub_connections={}",
+            s.received.get(),
+            s.delivered.get(),
+            s.dropped.get(),
+            s.malformed.get(),
+            self.node.open_count(),
+            self.pubsub.connection_count(),
+        )
+    }
+}
+
+/// The relay socket's default path, beside the control socket:
+/// `sticky-3000.sock` gives `sticky-3000.relay.sock`.
+pub fn default_path(control: &Path) -> PathBuf {
+    let name = control
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let relay = match name.strip_suffix(".sock") {
+        Some(stem) => format!("{stem}.relay.sock"),
+        None => format!("{name}.relay"),
+    };
+    control.with_file_name(relay)
+}
