@@ -77,19 +77,37 @@ struct SortingLoop {
     stop: Arc<AtomicBool>,
 }
 
+/// What the sorting loops are given: the slots they rotate in, the
+/// listeners they wake, and the kernel objects they read.
+pub struct Sorting {
+    pub slots: SockArray,
+    pub workers: WorkerListeners,
+    pub addr: SocketAddr,
+    /// `sticky_sort`, attached to every sorting listener.
+    pub filter: OwnedFd,
+    /// One sorting loop (and slot) per CPU.
+    pub cpus: usize,
+    /// Fallback rotation period while SYNs arrive.
+    pub period: Duration,
+    pub counters: Arc<Counters>,
+    pub handoff: HandoffMap,
+    pub doorbells: ArrayOfMaps<MapData, MapData>,
+}
+
 /// Starts one loop per CPU, each with its sorting listeners on `addr`
 /// carrying the socket filter `filter`.
-pub fn start(
-    listeners: SockArray,
-    workers: WorkerListeners,
-    addr: SocketAddr,
-    filter: OwnedFd,
-    cpus: usize,
-    period: Duration,
-    counters: Arc<Counters>,
-    handoff: HandoffMap,
-    mut doorbells: ArrayOfMaps<MapData, MapData>,
-) -> Result<SortingHandle> {
+pub fn start(sorting: Sorting) -> Result<SortingHandle> {
+    let Sorting {
+        slots: listeners,
+        workers,
+        addr,
+        filter,
+        cpus,
+        period,
+        counters,
+        handoff,
+        mut doorbells,
+    } = sorting;
     let handoff = Arc::new(handoff);
     let filter = Arc::new(filter);
     let stop = Arc::new(AtomicBool::new(false));
