@@ -95,8 +95,7 @@ fn run(args: RunArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| cli::default_control(group.addr.port()));
     let control = control::ControlSocket::bind(&control_path)?;
-    let relay = relay::Relay::start(&relay::default_path(&control_path), sessions.clone())?;
-    let _remove_relay = control::RemoveOnDrop(relay.path().to_owned());
+    let (relay, _remove_relay) = relay::Relay::start(&control_path, sessions.clone())?;
     let _remove_control = control.serve(control::ControlState {
         sessions: sessions.clone(),
         counters: counters.clone(),

@@ -27,7 +27,7 @@ use std::{
 
 use anyhow::Result;
 
-use crate::sessions::SessionTable;
+use crate::{control::RemoveOnDrop, sessions::SessionTable};
 
 #[derive(Default)]
 pub struct Counter(AtomicU64);
@@ -62,17 +62,23 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// Serves the pub/sub socket at `path`; workers are identified through
-    /// `sessions`, as on the control socket.
-    pub fn start(path: &Path, sessions: Arc<Mutex<SessionTable>>) -> Result<Arc<Relay>> {
+    /// Serves the pub/sub socket beside the control socket (`default_path`);
+    /// workers are identified through `sessions`, as on the control socket.
+    /// The socket file goes when the returned guard is dropped.
+    pub fn start(
+        control: &Path,
+        sessions: Arc<Mutex<SessionTable>>,
+    ) -> Result<(Arc<Relay>, RemoveOnDrop)> {
+        let path = default_path(control);
         let stats = Arc::new(Stats::default());
-        let pubsub = pubsub::Broker::serve(path, sessions, stats.clone())?;
-        Ok(Arc::new(Relay {
+        let pubsub = pubsub::Broker::serve(&path, sessions, stats.clone())?;
+        let relay = Arc::new(Relay {
             node: node::NodeChannels::new(stats.clone()),
             stats,
             pubsub,
-            path: path.to_owned(),
-        }))
+            path: path.clone(),
+        });
+        Ok((relay, RemoveOnDrop(path)))
     }
 
     /// The pub/sub socket's path, given to workers as `STICKY_RELAY`.
@@ -103,7 +109,7 @@ impl Relay {
 
 /// The relay socket's default path, beside the control socket:
 /// `sticky-3000.sock` gives `sticky-3000.relay.sock`.
-pub fn default_path(control: &Path) -> PathBuf {
+fn default_path(control: &Path) -> PathBuf {
     let name = control
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
