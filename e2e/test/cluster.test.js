@@ -11,6 +11,8 @@ const h = require('../lib/harness');
 const { scenario } = require('../lib/cluster');
 
 const NODE_CAPS = { fetchSockets: true, serverSideEmit: true };
+// python-socketio has no fetchSockets or serverSideEmit across servers.
+const PYTHON_CAPS = { fetchSockets: false, serverSideEmit: false };
 
 async function withSticky(options, body) {
   const sticky = await h.startSticky({ workers: 3, ...options });
@@ -46,6 +48,23 @@ describe('Node.js: @socket.io/cluster-adapter over sticky\'s IPC channel', () =>
     await withSticky(
       { command: [process.execPath, 'e2e/workers/seed-worker.js'], extraArgs: ['--ipc', 'on'] },
       (sticky) => scenario(sticky, NODE_CAPS, 'seed worker'),
+    );
+  });
+});
+
+describe('Python: python-socketio with sticky_relay.RelayManager', () => {
+  const python = h.workerFor('python');
+  test('3 workers, 30 clients: emit, rooms, binary, SIGKILL', { skip: python.skip }, async () => {
+    await withSticky(
+      {
+        command: [python.command[0], 'e2e/workers/cluster_python_worker.py'],
+        env: { MANAGER: 'relay' },
+      },
+      async (sticky) => {
+        const { stats } = await scenario(sticky, PYTHON_CAPS, 'python relay');
+        assert.equal(stats.relay_dropped, 0);
+        assert.ok(stats.relay_pubsub_connections >= 3, 'every worker subscribed');
+      },
     );
   });
 });
