@@ -5,10 +5,11 @@
 // socket.io-client sessions, lib/cluster.js's scenario (io.emit, rooms,
 // binary, fetchSockets, serverSideEmit, all again after a SIGKILL).
 
-const { describe, test } = require('node:test');
+const { describe, test, before, after } = require('node:test');
 const assert = require('node:assert/strict');
 const h = require('../lib/harness');
 const { scenario } = require('../lib/cluster');
+const { startRedis, redisMissing } = require('../lib/redis');
 
 const NODE_CAPS = { fetchSockets: true, serverSideEmit: true };
 // python-socketio has no fetchSockets or serverSideEmit across servers.
@@ -65,6 +66,38 @@ describe('Python: python-socketio with sticky_relay.RelayManager', () => {
         assert.equal(stats.relay_dropped, 0);
         assert.ok(stats.relay_pubsub_connections >= 3, 'every worker subscribed');
       },
+    );
+  });
+});
+
+describe('Across machines: the official Redis adapters on a real redis-server', () => {
+  const missing = redisMissing();
+  let redis;
+  before(async () => {
+    if (!missing) redis = await startRedis();
+  });
+  after(async () => {
+    if (redis) await redis.stop();
+  });
+
+  test('Node.js: @socket.io/redis-adapter', { skip: missing }, async () => {
+    await withSticky(
+      {
+        command: [process.execPath, 'e2e/workers/cluster-worker.js'],
+        env: { ADAPTER: 'redis', REDIS_URL: redis.url },
+      },
+      (sticky) => scenario(sticky, NODE_CAPS, 'node redis-adapter'),
+    );
+  });
+
+  const python = h.workerFor('python');
+  test('Python: socketio.AsyncRedisManager', { skip: missing || python.skip }, async () => {
+    await withSticky(
+      {
+        command: [python.command[0], 'e2e/workers/cluster_python_worker.py'],
+        env: { MANAGER: 'redis', REDIS_URL: redis.url },
+      },
+      (sticky) => scenario(sticky, PYTHON_CAPS, 'python redis'),
     );
   });
 });
