@@ -7,6 +7,8 @@
 
 const { describe, test, before, after } = require('node:test');
 const assert = require('node:assert/strict');
+const fs = require('node:fs');
+const path = require('node:path');
 const h = require('../lib/harness');
 const { scenario } = require('../lib/cluster');
 const { startRedis, redisMissing } = require('../lib/redis');
@@ -14,9 +16,20 @@ const { startRedis, redisMissing } = require('../lib/redis');
 const NODE_CAPS = { fetchSockets: true, serverSideEmit: true };
 // python-socketio has no fetchSockets or serverSideEmit across servers.
 const PYTHON_CAPS = { fetchSockets: false, serverSideEmit: false };
+// socketioxide has fetch_sockets across servers, no server-side emit.
+const RUST_CAPS = { fetchSockets: true, serverSideEmit: false };
+
+/** The socketioxide cluster worker binary, or a reason to skip. */
+function rustClusterWorker() {
+  const bin = path.join(path.dirname(h.STICKY_BIN), 'sticky-socketioxide-cluster-worker');
+  return fs.existsSync(bin)
+    ? { command: [bin], skip: false }
+    : { command: null, skip: `${bin} is missing (cargo build --workspace)` };
+}
 
 async function withSticky(options, body) {
-  const sticky = await h.startSticky({ workers: 3, ...options });
+  // round-robin: new sessions spread evenly, so every worker holds clients.
+  const sticky = await h.startSticky({ workers: 3, balance: 'round-robin', ...options });
   try {
     return await body(sticky);
   } catch (err) {
@@ -70,6 +83,16 @@ describe('Python: python-socketio with sticky_relay.RelayManager', () => {
   });
 });
 
+describe('Rust: socketioxide-redis\'s adapter over sticky_socketioxide::RelayDriver', () => {
+  const rust = rustClusterWorker();
+  test('3 workers, 30 clients: emit, rooms, binary, fetch_sockets, SIGKILL', { skip: rust.skip }, async () => {
+    await withSticky({ command: rust.command, env: { ADAPTER: 'relay' } }, async (sticky) => {
+      const { stats } = await scenario(sticky, RUST_CAPS, 'rust relay');
+      assert.equal(stats.relay_dropped, 0);
+    });
+  });
+});
+
 describe('Across machines: the official Redis adapters on a real redis-server', () => {
   const missing = redisMissing();
   let redis;
@@ -98,6 +121,15 @@ describe('Across machines: the official Redis adapters on a real redis-server', 
         env: { MANAGER: 'redis', REDIS_URL: redis.url },
       },
       (sticky) => scenario(sticky, PYTHON_CAPS, 'python redis'),
+    );
+  });
+
+  const rust = rustClusterWorker();
+  test('Rust: socketioxide-redis (its Redis driver)', { skip: missing || rust.skip }, async () => {
+    await withSticky(
+      // socketioxide-redis's driver needs RESP3 (push messages).
+      { command: rust.command, env: { ADAPTER: 'redis', REDIS_URL: `${redis.url}/?protocol=resp3` } },
+      (sticky) => scenario(sticky, RUST_CAPS, 'rust redis'),
     );
   });
 });

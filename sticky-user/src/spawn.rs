@@ -272,7 +272,12 @@ unsafe fn child(
     // a service manager) must not reach the worker either: mark every fd
     // above 3 (or 4) close-on-exec (close_range, Linux 5.11+; the error pipe
     // stays open until exec succeeds).
-    libc::syscall(libc::SYS_close_range, first_closed, u32::MAX, CLOSE_RANGE_CLOEXEC);
+    libc::syscall(
+        libc::SYS_close_range,
+        first_closed,
+        u32::MAX,
+        CLOSE_RANGE_CLOEXEC,
+    );
 
     libc::execve(program, argv.as_ptr(), envp.as_ptr());
     fail(err_fd)

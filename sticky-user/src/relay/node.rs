@@ -170,7 +170,12 @@ impl NodeChannels {
         match route {
             Route::Requester(uid) => {
                 // Unknown requester (it restarted): dropped, as setupPrimary does.
-                if let Some(c) = slots.channels.iter().flatten().find(|c| c.uids.contains_key(&uid)) {
+                if let Some(c) = slots
+                    .channels
+                    .iter()
+                    .flatten()
+                    .find(|c| c.uids.contains_key(&uid))
+                {
                     c.outbox.push(frame);
                 }
             }

@@ -125,7 +125,8 @@ impl Outbox {
             let mut result = Ok(());
             for frame in &frames {
                 if frame.len() >= GATHER_BYTES {
-                    result = flush(&mut stream, &mut gathered).and_then(|()| stream.write_all(frame));
+                    result =
+                        flush(&mut stream, &mut gathered).and_then(|()| stream.write_all(frame));
                 } else {
                     if gathered.len() + frame.len() > GATHER_BYTES {
                         result = flush(&mut stream, &mut gathered);

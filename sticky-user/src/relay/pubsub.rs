@@ -116,7 +116,9 @@ impl Broker {
             let _ = refuse(&mut stream, "too many relay connections for this worker");
             return;
         }
-        let Ok(writer) = stream.try_clone() else { return };
+        let Ok(writer) = stream.try_clone() else {
+            return;
+        };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let outbox = Outbox::start(
             format!("worker {worker} (relay connection {id})"),
@@ -218,7 +220,10 @@ impl Broker {
 
 fn channel(bytes: &[u8]) -> Result<&[u8], String> {
     if bytes.is_empty() || bytes.len() > MAX_CHANNEL {
-        return Err(format!("channel of {} bytes (1..={MAX_CHANNEL})", bytes.len()));
+        return Err(format!(
+            "channel of {} bytes (1..={MAX_CHANNEL})",
+            bytes.len()
+        ));
     }
     Ok(bytes)
 }

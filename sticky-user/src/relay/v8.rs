@@ -114,12 +114,21 @@ impl Reader<'_> {
     }
 
     fn peek(&self) -> Result<u8, Malformed> {
-        self.bytes.get(self.pos).copied().ok_or(Malformed("truncated"))
+        self.bytes
+            .get(self.pos)
+            .copied()
+            .ok_or(Malformed("truncated"))
     }
 
     fn take(&mut self, n: usize) -> Result<&[u8], Malformed> {
-        let end = self.pos.checked_add(n).ok_or(Malformed("length overflow"))?;
-        let slice = self.bytes.get(self.pos..end).ok_or(Malformed("truncated"))?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .ok_or(Malformed("length overflow"))?;
+        let slice = self
+            .bytes
+            .get(self.pos..end)
+            .ok_or(Malformed("truncated"))?;
         self.pos = end;
         Ok(slice)
     }
@@ -348,7 +357,10 @@ mod tests {
     #[test]
     fn other_messages_are_not_the_adapters() {
         // v8.serialize({cmd: 'x'}) and v8.serialize('hello')
-        assert_eq!(adapter_message(&hex("ff0f6f2203636d642201787b01")), Ok(None));
+        assert_eq!(
+            adapter_message(&hex("ff0f6f2203636d642201787b01")),
+            Ok(None)
+        );
         assert_eq!(adapter_message(&hex("ff0f220568656c6c6f")), Ok(None));
     }
 
