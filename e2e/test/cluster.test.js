@@ -133,3 +133,66 @@ describe('Across machines: the official Redis adapters on a real redis-server', 
     );
   });
 });
+
+describe('Relay faults', () => {
+  test('a worker that stops reading: others unaffected, its copies dropped and counted, memory bounded', async () => {
+    await withSticky(
+      {
+        command: [process.execPath, 'e2e/workers/cluster-worker.js'],
+        extraArgs: ['--ipc', 'on'],
+        env: { ADAPTER: 'cluster' },
+      },
+      async (sticky) => {
+        const rss = () => Number(/VmRSS:\s+(\d+)/.exec(fs.readFileSync(`/proc/${sticky.proc.pid}/status`, 'utf8'))[1]) / 1024;
+        const clients = [];
+        for (let i = 0; i < 3; i++) clients.push(await h.connectClient(sticky.url, { transports: ['websocket'] }));
+        try {
+          const by = (w) => clients.find((c) => c.hello.worker === w);
+          const [sender, reader, stopped] = [by(0), by(1), by(2)];
+          assert.ok(sender && reader && stopped, 'one client per worker');
+          const rssBefore = rss();
+          process.kill(stopped.hello.pid, 'SIGSTOP');
+          const MESSAGES = 120;
+          const SIZE = 256 << 10;
+          let got = 0;
+          let rssPeak = 0;
+          let st = {};
+          reader.socket.on('shout', () => (got += 1));
+          const t0 = performance.now();
+          try {
+            for (let n = 0; n < MESSAGES; n++) {
+              await h.emitAck(sender.socket, 'shout', { n, bin: Buffer.alloc(SIZE, n) });
+            }
+            await h.waitFor('the reading worker got every message', () => got === MESSAGES, { timeout: 20000 });
+            // Still stopped: its queue is full now.
+            rssPeak = rss();
+            st = await h.stats(sticky);
+          } finally {
+            process.kill(stopped.hello.pid, 'SIGCONT');
+          }
+          const ms = performance.now() - t0;
+          console.log(`# stopped worker: ${MESSAGES} x ${SIZE >> 10} KiB broadcast in ${ms.toFixed(0)} ms; ` +
+            `the reading worker's client got ${got}/${MESSAGES}; relay_dropped=${st.relay_dropped}; ` +
+            `sticky RSS ${rssBefore.toFixed(1)} -> ${rssPeak.toFixed(1)} MiB`);
+          assert.equal(got, MESSAGES);
+          assert.ok(st.relay_dropped > 0, 'copies for the stopped worker were dropped');
+          assert.ok(rssPeak - rssBefore < 64, `sticky's memory grew by ${(rssPeak - rssBefore).toFixed(1)} MiB`);
+          assert.match(sticky.stderr(), /relay: worker 2 \(node channel\) is not reading: \d+ messages/);
+          // Resumed, it reads again: a new broadcast reaches its client.
+          const last = { n: -1, bin: Buffer.from('after') };
+          await h.waitFor('the resumed worker delivers a new broadcast', async () => {
+            const seen = new Promise((resolve) => {
+              const on = (p) => p.n === -1 && resolve(true);
+              stopped.socket.on('shout', on);
+              setTimeout(() => (stopped.socket.off('shout', on), resolve(false)), 1000);
+            });
+            await h.emitAck(sender.socket, 'shout', last);
+            return seen;
+          }, { timeout: 20000, interval: 10 });
+        } finally {
+          for (const c of clients) c.socket.disconnect();
+        }
+      },
+    );
+  });
+});
