@@ -88,15 +88,18 @@ async function startSticky({
   command,
   env = {},
   extraArgs = [],
+  // A fixed port and control path: taking over a killed sticky's workers.
+  listen = '127.0.0.1:0',
+  controlPath = null,
 }) {
   if (!fs.existsSync(STICKY_BIN)) {
     throw new Error(`${STICKY_BIN} is missing: run cargo build --workspace (or set STICKY_BIN)`);
   }
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'sticky-e2e-'));
-  const control = path.join(dir, 'control.sock');
+  const control = controlPath ?? path.join(dir, 'control.sock');
   const args = [
     'run',
-    '--listen', '127.0.0.1:0',
+    '--listen', listen,
     '--workers', String(workers),
     '--balance', balance,
     '--control', control,

@@ -196,3 +196,66 @@ describe('Relay faults', () => {
     );
   });
 });
+
+describe('Supervisor death', () => {
+  /** Whether a shout from `from` reaches each of `clients` within 1 s. */
+  async function reach(from, clients, n) {
+    const payload = { n, bin: Buffer.from([n]) };
+    const got = clients.map((c) => new Promise((resolve) => {
+      const on = (p) => p.n === n && (c.socket.off('shout', on), resolve(true));
+      c.socket.on('shout', on);
+      setTimeout(() => (c.socket.off('shout', on), resolve(false)), 1000);
+    }));
+    await h.emitAck(from.socket, 'shout', payload);
+    return Promise.all(got);
+  }
+
+  for (const kind of ['python', 'node']) {
+    const python = h.workerFor('python');
+    const options = kind === 'python'
+      ? { command: [python.command?.[0], 'e2e/workers/cluster_python_worker.py'], env: { MANAGER: 'relay' } }
+      : { command: [process.execPath, 'e2e/workers/cluster-worker.js'], extraArgs: ['--ipc', 'on'], env: { ADAPTER: 'cluster' } };
+    const title = kind === 'python'
+      ? 'relay socket (python-socketio): broadcasting stops with sticky and resumes once a new sticky adopts the workers'
+      : 'Node IPC: adopted workers keep serving, their broadcasts stay local (the channel cannot be given again)';
+    test(title, { skip: kind === 'python' && python.skip }, async () => {
+      const first = await h.startSticky({ workers: 3, balance: 'round-robin', ...options });
+      let second = null;
+      const clients = [];
+      try {
+        for (let i = 0; i < 6; i++) clients.push(await h.connectClient(first.url, { transports: ['websocket'] }));
+        const pids = new Set(clients.map((c) => c.hello.pid));
+        assert.equal(pids.size, 3);
+        const from = clients[0];
+        const count = (r) => r.filter(Boolean).length;
+        const before = count(await reach(from, clients, 1));
+        first.proc.kill('SIGKILL');
+        await first.exited;
+        const orphaned = count(await reach(from, clients, 2));
+        const local = clients.filter((c) => c.hello.pid === from.hello.pid).length;
+        second = await h.startSticky({
+          workers: 3, balance: 'round-robin', ...options,
+          listen: `127.0.0.1:${first.port}`, controlPath: first.control,
+        });
+        assert.match(second.stderr(), /adopted worker/);
+        let adopted = 0;
+        const deadline = performance.now() + 10000;
+        let n = 3;
+        do {
+          adopted = count(await reach(from, clients, n++));
+        } while (kind === 'python' && adopted < clients.length && performance.now() < deadline);
+        const alive = [...pids].filter((pid) => { try { process.kill(pid, 0); return true; } catch { return false; } });
+        console.log(`# ${kind}: a broadcast reached ${before}/6 clients with sticky, ${orphaned}/6 (${local} on the sender's worker) ` +
+          `after SIGKILL of sticky, ${adopted}/6 after a new sticky adopted the workers; ${alive.length}/3 worker processes alive`);
+        assert.equal(before, 6);
+        assert.equal(orphaned, local, 'without sticky a broadcast stays on its worker');
+        assert.equal(alive.length, 3, 'no worker crashed');
+        assert.equal(adopted, kind === 'python' ? 6 : local);
+      } finally {
+        for (const c of clients) c.socket.disconnect();
+        if (second) await second.stop();
+        await first.stop();
+      }
+    });
+  }
+});
