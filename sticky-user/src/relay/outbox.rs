@@ -1,13 +1,16 @@
 //! A member's bounded outgoing queue and the thread that writes it.
 //!
-//! Publishers only ever push here, never write to a member's socket: a
-//! member that stops reading fills its own queue, then its messages are
-//! dropped (counted, logged) while everyone else is unaffected.
+//! Publishers never block on a member's socket: a frame for an idle member
+//! is written at once without blocking (`MSG_DONTWAIT`: no thread wake-up
+//! on the common path), and whatever does not fit goes to the queue, which
+//! the member's writer thread drains. A member that stops reading fills its
+//! own queue, then its messages are dropped (counted, logged) while
+//! everyone else is unaffected.
 
 use std::{
     collections::VecDeque,
     io::Write,
-    os::unix::net::UnixStream,
+    os::{fd::AsRawFd, unix::net::UnixStream},
     sync::{Arc, Condvar, Mutex},
     time::{Duration, Instant},
 };
@@ -29,6 +32,9 @@ pub type Frame = Arc<[u8]>;
 struct Queue {
     frames: VecDeque<Frame>,
     bytes: usize,
+    /// Someone (a publisher inline, or the writer thread) is writing to the
+    /// socket: everyone else queues, so frames keep their order.
+    writing: bool,
     closed: bool,
     dropped: u64,
     dropped_bytes: u64,
@@ -41,17 +47,36 @@ pub struct Outbox {
     queue: Mutex<Queue>,
     ready: Condvar,
     stats: Arc<Stats>,
+    /// For the publishers' non-blocking writes; lives as long as the outbox,
+    /// so its fd is never reused under them.
+    socket: UnixStream,
 }
 
 impl Outbox {
     /// Starts the writer thread for `stream`; it ends when the stream fails
     /// or the outbox is closed.
     pub fn start(name: String, stream: UnixStream, stats: Arc<Stats>) -> Arc<Outbox> {
+        let socket = match stream.try_clone() {
+            Ok(s) => s,
+            Err(e) => {
+                log!("relay: cannot start the writer for {name}: {e}");
+                let outbox = Arc::new(Outbox {
+                    name,
+                    queue: Mutex::new(Queue::default()),
+                    ready: Condvar::new(),
+                    stats,
+                    socket: stream,
+                });
+                outbox.close();
+                return outbox;
+            }
+        };
         let outbox = Arc::new(Outbox {
             name,
             queue: Mutex::new(Queue::default()),
             ready: Condvar::new(),
             stats,
+            socket,
         });
         let writer = outbox.clone();
         let spawned = std::thread::Builder::new()
@@ -87,12 +112,64 @@ impl Outbox {
             }
             return false;
         }
-        q.bytes += frame.len();
-        q.frames.push_back(frame);
-        drop(q);
-        self.ready.notify_one();
         self.stats.delivered.inc();
+        if q.writing || !q.frames.is_empty() {
+            q.bytes += frame.len();
+            q.frames.push_back(frame);
+            return true;
+        }
+        // Idle: write it now, without blocking; queue what does not fit.
+        q.writing = true;
+        drop(q);
+        let sent = self.send_now(&frame);
+        let mut q = self.queue.lock().unwrap();
+        q.writing = false;
+        match sent {
+            Some(n) if n == frame.len() => {}
+            Some(n) => {
+                let rest: Frame = frame[n..].into();
+                q.bytes += rest.len();
+                q.frames.push_front(rest);
+            }
+            None => {
+                q.closed = true;
+                q.frames.clear();
+                q.bytes = 0;
+            }
+        }
+        // Frames queued meanwhile, or a remainder: the writer's.
+        if !q.frames.is_empty() || q.closed {
+            drop(q);
+            self.ready.notify_one();
+        }
         true
+    }
+
+    /// Bytes written without blocking (0 if the socket is full); None if
+    /// the socket is gone.
+    fn send_now(&self, frame: &[u8]) -> Option<usize> {
+        let mut sent = 0;
+        while sent < frame.len() {
+            // SAFETY: a valid buffer and our own socket.
+            let n = unsafe {
+                libc::send(
+                    self.socket.as_raw_fd(),
+                    frame[sent..].as_ptr().cast(),
+                    frame.len() - sent,
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                return match e.kind() {
+                    std::io::ErrorKind::WouldBlock => Some(sent),
+                    std::io::ErrorKind::Interrupted => continue,
+                    _ => None,
+                };
+            }
+            sent += n as usize;
+        }
+        Some(sent)
     }
 
     pub fn close(&self) {
@@ -113,13 +190,14 @@ impl Outbox {
         loop {
             let frames: Vec<Frame> = {
                 let mut q = self.queue.lock().unwrap();
-                while q.frames.is_empty() && !q.closed {
+                while (q.frames.is_empty() || q.writing) && !q.closed {
                     q = self.ready.wait(q).unwrap();
                 }
                 if q.closed {
                     break;
                 }
                 q.bytes = 0;
+                q.writing = true;
                 q.frames.drain(..).collect()
             };
             let mut result = Ok(());
@@ -143,6 +221,7 @@ impl Outbox {
                 }
                 break;
             }
+            self.queue.lock().unwrap().writing = false;
         }
         self.close();
         let _ = stream.shutdown(std::net::Shutdown::Both);
