@@ -23,7 +23,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const USAGE: &str = "usage: cargo xtask <build | run [-- STICKY_ARGS] | test [-- CARGO_TEST_ARGS] | bench [--core] [--quick] [BENCH_ARGS] | fuzz [--seconds N] | soak [--minutes N] [--sessions N] | kernels [--quick | --kernel VERSION]>";
+const USAGE: &str = "usage: cargo xtask <build | run [-- STICKY_ARGS] | test [-- CARGO_TEST_ARGS] | bench [--core | --broadcast] [--quick] [BENCH_ARGS] | fuzz [--seconds N] | soak [--minutes N] [--sessions N] | kernels [--quick | --kernel VERSION]>";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
