@@ -24,7 +24,7 @@ use std::{
     os::unix::net::{UnixListener, UnixStream},
     path::Path,
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex,
     },
     time::Duration,
@@ -40,6 +40,9 @@ const MAX_FRAME: usize = 64 << 20;
 /// Relay connections one worker slot may hold (a process per namespace
 /// or per server is plenty below this).
 const MAX_PER_WORKER: usize = 64;
+/// Connections still being identified; more are closed at once, so
+/// strangers cannot make the relay spawn threads without bound.
+const MAX_IDENTIFYING: usize = 64;
 
 struct Connection {
     worker: usize,
@@ -50,6 +53,7 @@ struct Connection {
 pub struct Broker {
     connections: Mutex<HashMap<u64, Connection>>,
     next_id: AtomicU64,
+    identifying: AtomicUsize,
     sessions: Arc<Mutex<SessionTable>>,
     stats: Arc<Stats>,
 }
@@ -79,6 +83,7 @@ impl Broker {
         let broker = Arc::new(Broker {
             connections: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
+            identifying: AtomicUsize::new(0),
             sessions,
             stats,
         });
@@ -87,6 +92,10 @@ impl Broker {
             .name("relay".into())
             .spawn(move || {
                 for stream in listener.incoming().flatten() {
+                    if accepting.identifying.fetch_add(1, Ordering::Relaxed) >= MAX_IDENTIFYING {
+                        accepting.identifying.fetch_sub(1, Ordering::Relaxed);
+                        continue; // dropping the stream closes it
+                    }
                     let broker = accepting.clone();
                     let _ = std::thread::Builder::new()
                         .name("relay-conn".into())
@@ -103,8 +112,10 @@ impl Broker {
     fn admit(&self, mut stream: UnixStream) {
         let Some(worker) = self.identify(&stream) else {
             let _ = refuse(&mut stream, "unknown peer: not a sticky worker");
+            self.identifying.fetch_sub(1, Ordering::Relaxed);
             return;
         };
+        self.identifying.fetch_sub(1, Ordering::Relaxed);
         let mine = self
             .connections
             .lock()
@@ -240,8 +251,19 @@ fn frame(op: u8, parts: &[&[u8]]) -> Vec<u8> {
     out
 }
 
+/// Sends `e` and closes. What the peer sent is read first (briefly): closing
+/// with unread bytes would reset the connection and lose the answer.
 fn refuse(stream: &mut UnixStream, reason: &str) -> std::io::Result<()> {
-    stream.write_all(&frame(b'e', &[reason.as_bytes()]))
+    stream.write_all(&frame(b'e', &[reason.as_bytes()]))?;
+    stream.shutdown(std::net::Shutdown::Write)?;
+    stream.set_read_timeout(Some(Duration::from_millis(100)))?;
+    let mut sink = [0u8; 4096];
+    for _ in 0..16 {
+        if matches!(stream.read(&mut sink), Ok(0) | Err(_)) {
+            break;
+        }
+    }
+    Ok(())
 }
 
 fn peer_pid(stream: &UnixStream) -> Option<u32> {
