@@ -46,6 +46,9 @@ pub enum Mode {
     Sticky = 0,
     /// Balance at SYN time with no stickiness: the benchmark floor.
     SynBalance = 1,
+    /// Every SYN answered with a SYN cookie, placement by sid on the first
+    /// data segment in softirq: no user-space step per connection.
+    Cookie = 2,
 }
 
 /// `struct sticky_config`, the one entry of the `config` map.

@@ -72,6 +72,12 @@ enum sticky_mode {
 	STICKY_MODE_STICKY = 0,
 	/* Benchmark floor: balance at SYN time, no stickiness, no sorting. */
 	STICKY_MODE_SYN_BALANCE = 1,
+	/*
+	 * Every SYN to the overflow listener, answered with a SYN cookie; the
+	 * first data segment is placed by sid in softirq (the cookie path):
+	 * no request socket, no rotation, no user-space step per connection.
+	 */
+	STICKY_MODE_COOKIE = 2,
 };
 
 /* The one entry of the `config` array map, written by user space. */

@@ -9,7 +9,8 @@
  *   a queued child migrating at rotation -> the socket filter's decision
  *   (queue path); a non-SYN segment with no socket at all (SYN cookies) ->
  *   the sink if it is a pure ACK, else parse and pick the owner (cookie
- *   path); during a SYN flood (config.flood) SYN -> the overflow listener.
+ *   path); during a SYN flood (config.flood), and always in cookie mode,
+ *   SYN -> the overflow listener.
  * - sticky_sort (SOCKET_FILTER on the sorting listeners, inherited by their
  *   children) records that decision from the first data segment.
  *
@@ -462,8 +463,12 @@ static __always_inline __u32 decide(struct sk_reuseport_md *md,
 	if (!sk) {
 		/* A SYN: no payload yet. Wait for it on the sorting listener. */
 		count(STICKY_CNT_SYN);
-		if (cfg->flood) {
-			/* Cookies instead of request sockets: see STICKY_OVERFLOW_SLOT. */
+		if (cfg->flood || cfg->mode == STICKY_MODE_COOKIE) {
+			/*
+			 * Cookies instead of request sockets: see
+			 * STICKY_OVERFLOW_SLOT. In cookie mode always: the
+			 * first data is then placed above, with no rotation.
+			 */
 			note_syn_slot(md, STICKY_NO_WORKER);
 			return OVERFLOW;
 		}

@@ -30,11 +30,12 @@ use std::{
 
 use anyhow::{Context, Result};
 use aya::maps::{Array, MapData};
-use sticky_common::{counter, Config, OVERFLOW_SLOT};
+use sticky_common::{counter, Config, Mode, OVERFLOW_SLOT};
 
 use crate::{
     listeners::{overflow_listener, stop_listening},
     log,
+    plug::Plugs,
     sorter::{readable, SockArray},
     steering::Counters,
 };
@@ -55,6 +56,8 @@ pub struct SynFloodGuard {
     settings: Config,
     counters: Arc<Counters>,
     stop: Arc<AtomicBool>,
+    /// Cookie mode: the overflow listener's request queue kept full.
+    plugs: Option<Plugs>,
     /// (when, handshakes started, connections placed), oldest first.
     samples: VecDeque<(Instant, u64, u64)>,
 }
@@ -77,7 +80,9 @@ impl SynFloodGuard {
             .unwrap()
             .set(OVERFLOW_SLOT, &overflow, 0)
             .context("placing the overflow listener in its slot")?;
+        let cookie_mode = settings.mode == Mode::Cookie as u32;
         Ok(SynFloodGuard {
+            plugs: cookie_mode.then(|| Plugs::new(addr)).transpose()?,
             addr,
             filter,
             listeners,
@@ -92,11 +97,18 @@ impl SynFloodGuard {
 
     pub fn run(&mut self) {
         while !self.stop.load(Ordering::Relaxed) {
-            if readable(&self.overflow, TICK) {
+            let replaced = readable(&self.overflow, TICK);
+            if replaced {
                 if let Err(e) = self.replace_overflow() {
                     log!("overflow listener rotation failed: {e:#}");
                     std::thread::sleep(TICK);
                 }
+            }
+            if let Some(plugs) = self.plugs.as_mut() {
+                if let Err(e) = plugs.keep_up(replaced) {
+                    log!("SYN cookie plug failed: {e:#}");
+                }
+                continue; // cookie mode: every SYN gets a cookie already
             }
             let open = self.open_handshakes();
             let flood = match self.settings.flood {
