@@ -387,6 +387,7 @@ static __always_inline void flow_of_packet(struct sk_reuseport_md *md,
 #define SORT 0xfffffffeu
 #define SINK 0xfffffffdu
 #define OVERFLOW 0xfffffffcu
+#define PLUG 0xfffffffbu
 #define TCPHDR_ACK 0x10
 #define TCPHDR_SYN 0x02
 
@@ -427,6 +428,7 @@ static __always_inline __u32 decide(struct sk_reuseport_md *md,
 	struct bpf_sock *sk;
 	struct scratch *s;
 	struct sticky_decision *decision;
+	__u16 sport;
 	__u8 flags;
 
 	if (cfg->mode == STICKY_MODE_SYN_BALANCE) {
@@ -462,6 +464,10 @@ static __always_inline __u32 decide(struct sk_reuseport_md *md,
 	}
 	if (!sk) {
 		/* A SYN: no payload yet. Wait for it on the sorting listener. */
+		if (cfg->plug_port && cfg->mode == STICKY_MODE_COOKIE &&
+		    bpf_skb_load_bytes(md, 0, &sport, sizeof(sport)) == 0 &&
+		    (__u32)bpf_ntohs(sport) - cfg->plug_port < STICKY_PLUGS)
+			return PLUG; /* the supervisor's own plug: see STICKY_PLUG_SLOT */
 		count(STICKY_CNT_SYN);
 		if (cfg->flood || cfg->mode == STICKY_MODE_COOKIE) {
 			/*
@@ -530,7 +536,9 @@ int sticky_select(struct sk_reuseport_md *md)
 		return SK_PASS;
 	if (target == OVERFLOW && select_slot(md, STICKY_OVERFLOW_SLOT))
 		return SK_PASS;
-	if (target == SINK || target == OVERFLOW)
+	if (target == PLUG && select_slot(md, STICKY_PLUG_SLOT))
+		return SK_PASS;
+	if (target == SINK || target == OVERFLOW || target == PLUG)
 		target = SORT; /* no such listener (supervisor gone): as before */
 	if (target == SORT &&
 	    select_slot(md, STICKY_SORTING_SLOT + sorting_index(cfg)))

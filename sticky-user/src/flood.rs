@@ -33,7 +33,7 @@ use aya::maps::{Array, MapData};
 use sticky_common::{counter, Config, Mode, OVERFLOW_SLOT};
 
 use crate::{
-    listeners::{overflow_listener, stop_listening},
+    listeners::{overflow_listener, plugged_overflow_listener, stop_listening},
     log,
     plug::Plugs,
     sorter::{readable, SockArray},
@@ -46,6 +46,9 @@ const WINDOW: Duration = Duration::from_secs(3);
 const ENTER: u64 = 4096;
 /// ... and end it.
 const LEAVE: u64 = 1024;
+/// Cookie mode: the longest a connection queued on the overflow listener
+/// waits for its migration, so that one replacement takes several.
+const COOKIE_BATCH: Duration = Duration::from_millis(1);
 
 pub struct SynFloodGuard {
     addr: SocketAddr,
@@ -74,15 +77,24 @@ impl SynFloodGuard {
         counters: Arc<Counters>,
         stop: Arc<AtomicBool>,
     ) -> Result<SynFloodGuard> {
-        let overflow = overflow_listener(addr, &*filter)?;
+        let mut config = config;
+        let mut settings = settings;
+        let mut plugs = (settings.mode == Mode::Cookie as u32).then(|| Plugs::new(addr));
+        let overflow = match plugs {
+            Some(_) => plugged_overflow_listener(addr, &*filter)?,
+            None => overflow_listener(addr, &*filter)?,
+        };
+        if let Some(plugs) = plugs.as_mut() {
+            plugs.plug(&overflow, &listeners, &mut config, &mut settings)?;
+            plugs.unplug_slot(&listeners)?;
+        }
         listeners
             .lock()
             .unwrap()
             .set(OVERFLOW_SLOT, &overflow, 0)
             .context("placing the overflow listener in its slot")?;
-        let cookie_mode = settings.mode == Mode::Cookie as u32;
         Ok(SynFloodGuard {
-            plugs: cookie_mode.then(|| Plugs::new(addr)).transpose()?,
+            plugs,
             addr,
             filter,
             listeners,
@@ -97,17 +109,20 @@ impl SynFloodGuard {
 
     pub fn run(&mut self) {
         while !self.stop.load(Ordering::Relaxed) {
-            let replaced = readable(&self.overflow, TICK);
-            if replaced {
+            let queued = readable(&self.overflow, TICK);
+            if queued && self.plugs.is_some() {
+                // Cookie mode: only SYNs reusing a TIME_WAIT connection's
+                // ports are queued here; gather them, since each
+                // replacement costs PLUGS new plugs.
+                std::thread::sleep(COOKIE_BATCH);
+            }
+            if queued || self.plugs.as_ref().is_some_and(Plugs::due) {
                 if let Err(e) = self.replace_overflow() {
                     log!("overflow listener rotation failed: {e:#}");
                     std::thread::sleep(TICK);
                 }
             }
-            if let Some(plugs) = self.plugs.as_mut() {
-                if let Err(e) = plugs.keep_up(replaced) {
-                    log!("SYN cookie plug failed: {e:#}");
-                }
+            if self.plugs.is_some() {
                 continue; // cookie mode: every SYN gets a cookie already
             }
             let open = self.open_handshakes();
@@ -153,7 +168,14 @@ impl SynFloodGuard {
 
     /// A fresh overflow listener in the slot, the old one's queue migrated.
     fn replace_overflow(&mut self) -> Result<()> {
-        let next = overflow_listener(self.addr, &*self.filter)?;
+        let next = match self.plugs {
+            Some(_) => plugged_overflow_listener(self.addr, &*self.filter)?,
+            None => overflow_listener(self.addr, &*self.filter)?,
+        };
+        if let Some(plugs) = self.plugs.as_mut() {
+            plugs.plug(&next, &self.listeners, &mut self.config, &mut self.settings)?;
+            plugs.unplug_slot(&self.listeners)?;
+        }
         self.listeners
             .lock()
             .unwrap()

@@ -109,6 +109,12 @@ pub fn overflow_listener(addr: SocketAddr, filter: &impl AsRawFd) -> Result<Owne
     sorting_listener_with_backlog(addr, filter, 0)
 }
 
+/// Cookie mode's overflow listener: a backlog of PLUGS - 1, for the plugs
+/// (`plug.rs`) to fill its request queue.
+pub fn plugged_overflow_listener(addr: SocketAddr, filter: &impl AsRawFd) -> Result<OwnedFd> {
+    sorting_listener_with_backlog(addr, filter, sticky_common::PLUGS as i32 - 1)
+}
+
 fn sorting_listener_with_backlog(
     addr: SocketAddr,
     filter: &impl AsRawFd,

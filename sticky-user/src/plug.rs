@@ -3,17 +3,28 @@
 //!
 //! A listener with a backlog of 0 still takes one request socket on kernels
 //! whose `inet_csk_reqsk_queue_is_full` compares with `>` (6.18 here, and
-//! the stable kernels that took that fix; older ones compare `>=` and send
-//! cookies from the first SYN). The first SYN after that place frees up
-//! would get a request socket and go down the queue path, a user-space
-//! step. A plug takes the place instead: sticky's own client socket to the
-//! listening address, whose socket filter drops every segment reaching it.
-//! Its SYN gets the request socket; the SYN-ACK never reaches the plug, so
-//! it never ACKs, and the request socket waits out its SYN-ACK retries
-//! (about a minute with `tcp_synack_retries` 5). The plug retransmits its
-//! SYN (after 1, 3, 7, 15, 31, 63 s), which takes the place again whenever
-//! it is free; a new plug every `EVERY`, and one after each replacement of
-//! the overflow listener (`flood.rs`), keep it taken.
+//! the stable kernels that took that change; older ones compare `>=` and
+//! send cookies from the first SYN). A real client's SYN that got that
+//! place would take the queue path (a user-space step), and while its
+//! connection waits in the overflow listener's accept queue (backlog 0:
+//! full) the kernel drops every other SYN: clients retry after a second.
+//!
+//! So every overflow listener is plugged before it takes SYNs: it waits in
+//! the plug slot, where the selector sends only SYNs from the plugs' client
+//! ports (`config.plug_port` and the next `PLUGS - 1`). A plug is sticky's
+//! own client socket whose socket filter drops every segment reaching it:
+//! its SYN takes a place (on loopback the SYN is processed within
+//! `connect()`), the SYN-ACK never reaches it, so it never ACKs, and the
+//! request socket stays until its SYN-ACK retries run out (63 s with
+//! `tcp_synack_retries` 5). `PLUGS` of them fill a backlog of `PLUGS - 1`;
+//! only then does the listener move to the overflow slot. The backlog is
+//! not 0 because a SYN that reuses the ports of a TIME_WAIT connection
+//! skips the cookie check and always gets a request socket: those
+//! connections are placed by the queue path, and wait in the overflow
+//! listener's accept queue meanwhile, which a backlog of 0 would fill
+//! (every other SYN is then dropped until the guard migrates it). Before the plug's request
+//! socket can expire, the guard (`flood.rs`) replaces the overflow listener
+//! with a freshly plugged one (`Plugs::due`).
 //!
 //! Nothing depends on the plug for correctness: a real client that finds
 //! the place free gets the request socket and is placed by the queue path
@@ -28,64 +39,159 @@ use std::{
 };
 
 use anyhow::{Context, Result};
+use aya::maps::{Array, MapData};
+use sticky_common::{Config, PLUGS, PLUG_SLOT};
 
-use crate::listeners::{drop_everything, sockaddr, socket};
-
-/// A new plug this often.
-const EVERY: Duration = Duration::from_secs(10);
-/// A plug is closed after this long: its SYN retries are over (the last is
-/// sent 63 s after the first, and the connect fails at about 127 s).
-const LIFE: Duration = Duration::from_secs(130);
+use crate::{
+    listeners::{drop_everything, sockaddr, socket},
+    sorter::SockArray,
+};
 
 pub struct Plugs {
     target: SocketAddr,
+    /// How often the overflow listener gets a fresh plug.
+    every: Duration,
     /// Open plugs, oldest first, with their creation time.
-    open: VecDeque<(Instant, OwnedFd)>,
+    open: VecDeque<(Instant, Vec<OwnedFd>)>,
 }
 
 impl Plugs {
-    /// Plugs for the group listening on `listen`; the first is sent now.
-    pub fn new(listen: SocketAddr) -> Result<Plugs> {
+    /// Plugs for the group listening on `listen`.
+    pub fn new(listen: SocketAddr) -> Plugs {
         let mut target = listen;
         if target.ip().is_unspecified() {
             // 0.0.0.0 and [::] (dual stack) both take loopback IPv4.
             target = (Ipv4Addr::LOCALHOST, listen.port()).into();
         }
-        let mut plugs = Plugs {
+        Plugs {
             target,
+            every: renewal_period(),
             open: VecDeque::new(),
-        };
-        plugs.add().context("sending the first SYN cookie plug")?;
-        Ok(plugs)
+        }
     }
 
-    /// Sends a new plug if `now` asks for one (the overflow listener was
-    /// replaced) or the last is `EVERY` old; closes plugs past `LIFE`.
-    pub fn keep_up(&mut self, now: bool) -> Result<()> {
-        while self.open.front().is_some_and(|(t, _)| t.elapsed() > LIFE) {
+    /// Whether the last plug is old enough that its request socket may
+    /// soon expire: time for a freshly plugged overflow listener.
+    pub fn due(&self) -> bool {
+        self.open
+            .back()
+            .is_none_or(|(t, _)| t.elapsed() >= self.every)
+    }
+
+    /// Plugs `listener`, not yet the overflow listener: puts it in the plug
+    /// slot, points the selector at the new plugs' ports (in `settings`,
+    /// the config in the kernel) and sends their SYNs.
+    pub fn plug(
+        &mut self,
+        listener: &OwnedFd,
+        slots: &SockArray,
+        config: &mut Array<MapData, Config>,
+        settings: &mut Config,
+    ) -> Result<()> {
+        // The previous listener's plugs keep it full until it is replaced
+        // (after this); older ones have done their work: their request
+        // sockets stay with their closed listeners until they expire.
+        while self.open.len() > 1 {
             self.open.pop_front();
         }
-        let due = self.open.back().is_none_or(|(t, _)| t.elapsed() >= EVERY);
-        if now || due {
-            self.add()?;
+        let (base, plugs) = self.bind_plugs()?;
+        settings.plug_port = u32::from(base);
+        config
+            .set(0, *settings, 0)
+            .context("telling the selector the plugs' ports")?;
+        slots
+            .lock()
+            .unwrap()
+            .set(PLUG_SLOT, listener, 0)
+            .context("placing the next overflow listener in the plug slot")?;
+        let (addr, len) = sockaddr(self.target);
+        for fd in &plugs {
+            // SAFETY: addr/len describe a valid sockaddr for the socket's family.
+            let rc = unsafe { libc::connect(fd.as_raw_fd(), (&raw const addr).cast(), len) };
+            let err = io::Error::last_os_error();
+            if rc < 0 && err.raw_os_error() != Some(libc::EINPROGRESS) {
+                return Err(err).with_context(|| format!("connecting a plug to {}", self.target));
+            }
         }
+        self.open.push_back((Instant::now(), plugs));
         Ok(())
     }
 
-    fn add(&mut self) -> Result<()> {
-        let fd = socket(self.target)?;
-        drop_everything(&fd).context("making a SYN cookie plug deaf")?;
-        set_nonblocking(&fd)?;
-        let (addr, len) = sockaddr(self.target);
-        // SAFETY: addr/len describe a valid sockaddr for the socket's family.
-        let rc = unsafe { libc::connect(fd.as_raw_fd(), (&raw const addr).cast(), len) };
-        let err = io::Error::last_os_error();
-        if rc < 0 && err.raw_os_error() != Some(libc::EINPROGRESS) {
-            return Err(err).with_context(|| format!("connecting a plug to {}", self.target));
+    /// PLUGS deaf, non-blocking sockets bound to consecutive client ports
+    /// from the returned one (an ephemeral port the kernel picks, and the
+    /// next ones if free; else another try).
+    fn bind_plugs(&self) -> Result<(u16, Vec<OwnedFd>)> {
+        let any = |port: u16| -> SocketAddr {
+            match self.target {
+                SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, port).into(),
+                SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, port).into(),
+            }
+        };
+        let deaf_socket = |port: u16| -> Result<OwnedFd> {
+            let fd = socket(self.target)?;
+            drop_everything(&fd).context("making a SYN cookie plug deaf")?;
+            set_nonblocking(&fd)?;
+            let (addr, len) = sockaddr(any(port));
+            // SAFETY: addr/len describe a valid sockaddr for the socket's family.
+            if unsafe { libc::bind(fd.as_raw_fd(), (&raw const addr).cast(), len) } < 0 {
+                return Err(io::Error::last_os_error()).context("binding a plug");
+            }
+            Ok(fd)
+        };
+        for _ in 0..50 {
+            let first = deaf_socket(0)?;
+            let base = local_port(&first)?;
+            if u32::from(base) + PLUGS > 65535 {
+                continue;
+            }
+            let rest: Result<Vec<OwnedFd>> =
+                (1..PLUGS as u16).map(|i| deaf_socket(base + i)).collect();
+            if let Ok(mut plugs) = rest {
+                plugs.insert(0, first);
+                return Ok((base, plugs));
+            }
         }
-        self.open.push_back((Instant::now(), fd));
-        Ok(())
+        anyhow::bail!("no {PLUGS} consecutive free client ports for the SYN cookie plugs")
     }
+}
+
+impl Plugs {
+    /// Empties the plug slot, once the plug's SYN has been processed: a
+    /// socket sits in one slot at a time, and the plugged listener goes on
+    /// to the overflow slot.
+    pub fn unplug_slot(&self, slots: &SockArray) -> Result<()> {
+        slots
+            .lock()
+            .unwrap()
+            .clear_index(&PLUG_SLOT)
+            .context("emptying the plug slot")
+    }
+}
+
+/// Half the life of a request socket that is never answered: its SYN-ACK
+/// is retransmitted `tcp_synack_retries` times (1, 2, 4 ... s apart) and
+/// it expires one more doubling later; at most 30 s, at least 1 s.
+fn renewal_period() -> Duration {
+    let retries: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_synack_retries")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(5);
+    let life_s = (1u64 << (retries.min(10) + 1)) - 1;
+    Duration::from_secs((life_s / 2).clamp(1, 30))
+}
+
+fn local_port(fd: &OwnedFd) -> Result<u16> {
+    // SAFETY: all-zero is a valid sockaddr_storage; the kernel fills it.
+    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: valid fd and buffer of `len` bytes.
+    if unsafe { libc::getsockname(fd.as_raw_fd(), (&raw mut addr).cast(), &mut len) } < 0 {
+        return Err(io::Error::last_os_error()).context("getsockname() of a plug");
+    }
+    // sin_port and sin6_port sit at the same offset, network byte order.
+    // SAFETY: the storage holds a sockaddr_in or sockaddr_in6.
+    let sin = unsafe { &*(&raw const addr).cast::<libc::sockaddr_in>() };
+    Ok(u16::from_be(sin.sin_port))
 }
 
 fn set_nonblocking(fd: &OwnedFd) -> Result<()> {
