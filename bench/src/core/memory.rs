@@ -6,7 +6,7 @@
 //!   over the control socket (`/register-many` of the fair worker);
 //! - learned: 64 clients open `learned` Engine.IO sessions (a handshake per
 //!   new connection, answered by the fair worker with a fresh sid), which
-//!   `sticky_learn` puts in the maps; `--learn-idle 1h` keeps them.
+//!   `sticky_learn` puts in the maps; `--learn-idle 60m` keeps them.
 //!
 //! With the sessions held: the kernel's own account of every map the
 //! supervisor holds (`memlock` in /proc/PID/fdinfo: the memory in use on
@@ -90,7 +90,7 @@ fn hold(
     asked: usize,
     fill: impl FnOnce(&Cluster) -> Result<(), String>,
 ) -> Result<Held, String> {
-    let cluster = Cluster::start_with(opts, Mode::Sticky, None, &["--learn-idle", "1h"])?;
+    let cluster = Cluster::start_with(opts, Mode::Sticky, None, &["--learn-idle", "60m"])?;
     let pid = cluster.pid();
     let (maps_before_kib, _, _) = map_memory(pid);
     let rss_before_kib = rss_kib(pid);
