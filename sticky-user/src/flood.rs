@@ -85,7 +85,7 @@ impl SynFloodGuard {
             None => overflow_listener(addr, &*filter)?,
         };
         if let Some(plugs) = plugs.as_mut() {
-            plugs.plug(&overflow, &listeners, &mut config, &mut settings)?;
+            plug_or_say_why(plugs.plug(&overflow, &listeners, &mut config, &mut settings));
             plugs.unplug_slot(&listeners)?;
         }
         listeners
@@ -173,7 +173,12 @@ impl SynFloodGuard {
             None => overflow_listener(self.addr, &*self.filter)?,
         };
         if let Some(plugs) = self.plugs.as_mut() {
-            plugs.plug(&next, &self.listeners, &mut self.config, &mut self.settings)?;
+            plug_or_say_why(plugs.plug(
+                &next,
+                &self.listeners,
+                &mut self.config,
+                &mut self.settings,
+            ));
             plugs.unplug_slot(&self.listeners)?;
         }
         self.listeners
@@ -184,5 +189,14 @@ impl SynFloodGuard {
         let old = std::mem::replace(&mut self.overflow, next);
         stop_listening(&old).context("shutting the previous overflow listener")?;
         Ok(())
+    }
+}
+
+/// An overflow listener that could not be plugged still works: its first
+/// SYN gets a request socket and takes the queue path (and a queued
+/// connection makes the guard replace it, plugging again).
+fn plug_or_say_why(plugged: Result<()>) {
+    if let Err(e) = plugged {
+        log!("SYN cookie plugs: {e:#}; until the next try, a connection may take the queue path");
     }
 }

@@ -43,7 +43,7 @@ use aya::maps::{Array, MapData};
 use sticky_common::{Config, PLUGS, PLUG_SLOT};
 
 use crate::{
-    listeners::{drop_everything, sockaddr, socket},
+    listeners::{drop_everything, setsockopt_int, sockaddr, socket},
     sorter::SockArray,
 };
 
@@ -121,24 +121,24 @@ impl Plugs {
     /// from the returned one (an ephemeral port the kernel picks, and the
     /// next ones if free; else another try).
     fn bind_plugs(&self) -> Result<(u16, Vec<OwnedFd>)> {
-        let any = |port: u16| -> SocketAddr {
-            match self.target {
-                SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, port).into(),
-                SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, port).into(),
-            }
-        };
+        // From the target's own address: a port is then taken only if a
+        // socket is bound to that address (or the wildcard) there, not by
+        // every client connection of the host; SO_REUSEADDR lets a port
+        // whose only users are in TIME_WAIT be used.
+        let from = |port: u16| SocketAddr::new(self.target.ip(), port);
         let deaf_socket = |port: u16| -> Result<OwnedFd> {
             let fd = socket(self.target)?;
             drop_everything(&fd).context("making a SYN cookie plug deaf")?;
             set_nonblocking(&fd)?;
-            let (addr, len) = sockaddr(any(port));
+            setsockopt_int(&fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+            let (addr, len) = sockaddr(from(port));
             // SAFETY: addr/len describe a valid sockaddr for the socket's family.
             if unsafe { libc::bind(fd.as_raw_fd(), (&raw const addr).cast(), len) } < 0 {
                 return Err(io::Error::last_os_error()).context("binding a plug");
             }
             Ok(fd)
         };
-        for _ in 0..50 {
+        for _ in 0..200 {
             let first = deaf_socket(0)?;
             let base = local_port(&first)?;
             if u32::from(base) + PLUGS > 65535 {
