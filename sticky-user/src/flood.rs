@@ -16,6 +16,12 @@
 //! first data segment. Below `LEAVE` it clears the flag. The overflow
 //! listener is replaced whenever a connection is queued on it (one that got
 //! a request socket just before the queue filled), which migrates it.
+//!
+//! In cookie mode (`--placement cookie`) every SYN goes to the overflow
+//! listener anyway: the guard only keeps it plugged (`plug.rs`), replacing
+//! it with a freshly plugged one before its plugs expire and whenever a
+//! connection is queued on it (a SYN reusing a TIME_WAIT connection's
+//! ports), after `COOKIE_BATCH`.
 
 use std::{
     collections::VecDeque,
