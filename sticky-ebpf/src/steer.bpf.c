@@ -9,7 +9,8 @@
  *   a queued child migrating at rotation -> the socket filter's decision
  *   (queue path); a non-SYN segment with no socket at all (SYN cookies) ->
  *   the sink if it is a pure ACK, else parse and pick the owner (cookie
- *   path); during a SYN flood (config.flood) SYN -> the overflow listener.
+ *   path); during a SYN flood (config.flood), and always in cookie mode,
+ *   SYN -> the overflow listener.
  * - sticky_sort (SOCKET_FILTER on the sorting listeners, inherited by their
  *   children) records that decision from the first data segment.
  *
@@ -386,6 +387,7 @@ static __always_inline void flow_of_packet(struct sk_reuseport_md *md,
 #define SORT 0xfffffffeu
 #define SINK 0xfffffffdu
 #define OVERFLOW 0xfffffffcu
+#define PLUG 0xfffffffbu
 #define TCPHDR_ACK 0x10
 #define TCPHDR_SYN 0x02
 
@@ -426,6 +428,7 @@ static __always_inline __u32 decide(struct sk_reuseport_md *md,
 	struct bpf_sock *sk;
 	struct scratch *s;
 	struct sticky_decision *decision;
+	__u16 sport;
 	__u8 flags;
 
 	if (cfg->mode == STICKY_MODE_SYN_BALANCE) {
@@ -461,9 +464,17 @@ static __always_inline __u32 decide(struct sk_reuseport_md *md,
 	}
 	if (!sk) {
 		/* A SYN: no payload yet. Wait for it on the sorting listener. */
+		if (cfg->plug_port && cfg->mode == STICKY_MODE_COOKIE &&
+		    bpf_skb_load_bytes(md, 0, &sport, sizeof(sport)) == 0 &&
+		    (__u32)bpf_ntohs(sport) - cfg->plug_port < STICKY_PLUGS)
+			return PLUG; /* the supervisor's own plug: see STICKY_PLUG_SLOT */
 		count(STICKY_CNT_SYN);
-		if (cfg->flood) {
-			/* Cookies instead of request sockets: see STICKY_OVERFLOW_SLOT. */
+		if (cfg->flood || cfg->mode == STICKY_MODE_COOKIE) {
+			/*
+			 * Cookies instead of request sockets: see
+			 * STICKY_OVERFLOW_SLOT. In cookie mode always: the
+			 * first data is then placed above, with no rotation.
+			 */
 			note_syn_slot(md, STICKY_NO_WORKER);
 			return OVERFLOW;
 		}
@@ -525,7 +536,9 @@ int sticky_select(struct sk_reuseport_md *md)
 		return SK_PASS;
 	if (target == OVERFLOW && select_slot(md, STICKY_OVERFLOW_SLOT))
 		return SK_PASS;
-	if (target == SINK || target == OVERFLOW)
+	if (target == PLUG && select_slot(md, STICKY_PLUG_SLOT))
+		return SK_PASS;
+	if (target == SINK || target == OVERFLOW || target == PLUG)
 		target = SORT; /* no such listener (supervisor gone): as before */
 	if (target == SORT &&
 	    select_slot(md, STICKY_SORTING_SLOT + sorting_index(cfg)))

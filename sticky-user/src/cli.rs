@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use sticky_common::{Balance, Config, Mode, MAX_WORKERS, PARAM_MAX, SESSIONS_MAX};
 
-use crate::spawn::WorkerCommand;
+use crate::{log, spawn::WorkerCommand};
 
 #[derive(Parser)]
 #[command(
@@ -58,7 +58,9 @@ pub struct RunArgs {
     /// Path of the control socket [default: $XDG_RUNTIME_DIR or /tmp, sticky-<port>.sock].
     #[arg(long)]
     pub control: Option<PathBuf>,
-    /// `syn` balances at SYN time with no stickiness: the benchmark floor.
+    /// `cookie` answers every SYN with a SYN cookie and places the first
+    /// data segment by sid in the kernel, with no rotation; `syn` balances
+    /// at SYN time with no stickiness: the benchmark floor.
     #[arg(long, value_enum, default_value_t = PlacementArg::Sticky)]
     pub placement: PlacementArg,
     /// Learn sessions from the workers' own Engine.IO handshake answers, so
@@ -93,6 +95,7 @@ pub enum BalanceArg {
 #[derive(Clone, Copy, ValueEnum)]
 pub enum PlacementArg {
     Sticky,
+    Cookie,
     Syn,
 }
 
@@ -139,6 +142,11 @@ impl Settings {
         check_sid_param(&args.sid_param)?;
         let mode = match args.placement {
             PlacementArg::Sticky => Mode::Sticky,
+            PlacementArg::Cookie if syncookies_enabled() => Mode::Cookie,
+            PlacementArg::Cookie => {
+                log!("--placement cookie: net.ipv4.tcp_syncookies is 0, so the kernel sends no SYN cookies; placing by rotation (--placement sticky) instead (sysctl -w net.ipv4.tcp_syncookies=1 to place by cookie)");
+                Mode::Sticky
+            }
             PlacementArg::Syn => Mode::SynBalance,
         };
         let command = WorkerCommand::resolve(&args.command)?;
@@ -155,8 +163,8 @@ impl Settings {
             rotate: args.rotate,
             grace: args.grace,
             control: args.control,
-            // Learning needs placements: sticky mode.
-            learn: args.learn == LearnArg::On && mode == Mode::Sticky,
+            // Learning needs placements by sticky: not the floor.
+            learn: args.learn == LearnArg::On && mode != Mode::SynBalance,
             learn_idle: args.learn_idle,
             max_sessions: args.max_sessions,
             node_ipc: match args.ipc {
@@ -189,11 +197,23 @@ impl Settings {
     pub fn describe_placement(&self) -> &'static str {
         match (self.mode, self.balance) {
             (Mode::SynBalance, _) => "placement: syn, no stickiness",
+            (Mode::Cookie, Balance::Random) => "placement: cookie, balance: random",
+            (Mode::Cookie, Balance::RoundRobin) => "placement: cookie, balance: round-robin",
+            (Mode::Cookie, Balance::LeastConnection) => {
+                "placement: cookie, balance: least-connection"
+            }
             (_, Balance::Random) => "balance: random",
             (_, Balance::RoundRobin) => "balance: round-robin",
             (_, Balance::LeastConnection) => "balance: least-connection",
         }
     }
+}
+
+/// Whether this network namespace's kernel answers with SYN cookies when a
+/// listener's queue is full (`net.ipv4.tcp_syncookies` 1 or 2; it also
+/// governs IPv6), which `--placement cookie` relies on for every SYN.
+fn syncookies_enabled() -> bool {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_syncookies").is_ok_and(|v| v.trim() != "0")
 }
 
 fn check_sid_param(param: &str) -> Result<()> {

@@ -10,6 +10,7 @@ mod cli;
 mod control;
 mod flood;
 mod listeners;
+mod plug;
 mod reject;
 mod relay;
 mod sessions;
@@ -109,7 +110,7 @@ fn run(args: RunArgs) -> Result<()> {
     // Shared by the sorters (wake-ups) and the supervisor (restarts).
     let worker_listeners: sorter::WorkerListeners = Arc::new(Mutex::new(group.workers));
     let mut sorter = match settings.mode {
-        Mode::Sticky => Some(start_sorters(
+        Mode::Sticky | Mode::Cookie => Some(start_sorters(
             sorter::Sorting {
                 slots: slots.clone(),
                 workers: worker_listeners.clone(),
@@ -117,6 +118,8 @@ fn run(args: RunArgs) -> Result<()> {
                 filter: steering.sort_program()?,
                 cpus,
                 period: settings.rotate,
+                // Cookie mode sends no SYN to a sorting listener.
+                rotate_on_clock: settings.mode == Mode::Sticky,
                 counters: counters.clone(),
                 handoff: maps.handoff,
                 doorbells: maps.doorbells,

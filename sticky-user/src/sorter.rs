@@ -72,6 +72,7 @@ struct SortingLoop {
     spare: OwnedFd,
     doorbell: Doorbell,
     period: Duration,
+    rotate_on_clock: bool,
     counters: Arc<Counters>,
     handoff: Arc<HandoffMap>,
     stop: Arc<AtomicBool>,
@@ -89,6 +90,10 @@ pub struct Sorting {
     pub cpus: usize,
     /// Fallback rotation period while SYNs arrive.
     pub period: Duration,
+    /// Whether to rotate on that clock at all: not in cookie mode, where
+    /// SYNs go to the overflow listener (counted, but never on a sorting
+    /// listener); its loops then rotate only when a listener is readable.
+    pub rotate_on_clock: bool,
     pub counters: Arc<Counters>,
     pub handoff: HandoffMap,
     pub doorbells: ArrayOfMaps<MapData, MapData>,
@@ -104,6 +109,7 @@ pub fn start(sorting: Sorting) -> Result<SortingHandle> {
         filter,
         cpus,
         period,
+        rotate_on_clock,
         counters,
         handoff,
         mut doorbells,
@@ -131,6 +137,7 @@ pub fn start(sorting: Sorting) -> Result<SortingHandle> {
             spare,
             doorbell,
             period,
+            rotate_on_clock,
             counters: counters.clone(),
             handoff: handoff.clone(),
             stop: stop.clone(),
@@ -171,7 +178,7 @@ impl SortingLoop {
             }
             if !queued && !rang {
                 // The clock: rotate only if SYNs came since the last rotation.
-                let active = self.syns() != syns_at_rotation;
+                let active = self.rotate_on_clock && self.syns() != syns_at_rotation;
                 tick = if active {
                     self.period
                 } else {

@@ -4,8 +4,10 @@
 //!   (`sticky-bench peers`, after `npm ci` in bench/peers when needed):
 //!   `<date>.json`, `<date>.svg`, the README's peers section.
 //! - `cargo xtask bench --core [--quick] [--learn on|off] [ARGS]`: sticky
-//!   placement against SYN-time balancing with the std-only demo worker
-//!   (`sticky-bench core`): `<date>-core.json`, the README's bench section.
+//!   placement (rotation and cookie) against SYN-time balancing with the
+//!   fair-floor C worker, distance workloads and memory with 1,000,000
+//!   sessions (`sticky-bench core`): `<date>-core.json`, the README's bench
+//!   section.
 //!   `--learn` alone implies `--core` (it only means something there), and
 //!   so does `--ws-learn` (WebSocket round trips, learning on vs off).
 //! - `cargo xtask bench --broadcast [--quick] [ARGS]`: broadcast fan-out

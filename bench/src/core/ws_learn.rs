@@ -107,7 +107,7 @@ pub fn run(opts: &Opts) -> Result<(), String> {
     let report = table(opts, &workloads, &results, pinning.as_ref(), own_cgroups);
     print!("{report}");
     if let Some(path) = &opts.readme {
-        super::replace_between_markers(
+        super::report::replace_between_markers(
             path,
             "<!-- bench-ws-learn:begin -->",
             "<!-- bench-ws-learn:end -->",
