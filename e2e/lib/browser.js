@@ -20,6 +20,7 @@ function launchBrowser(extraArgs = []) {
   return puppeteer.launch({
     executablePath: CHROMIUM,
     headless: true,
+    protocolTimeout: 30000,
     args: [
       '--no-sandbox', // the tests run as root
       '--disable-gpu',
