@@ -4,13 +4,15 @@
 // for the browser tests: one browser, several tabs sharing its connection
 // pool (what a real browser does), every Engine.IO answer watched.
 
+const fs = require('node:fs');
+const path = require('node:path');
 const puppeteer = require('puppeteer-core');
+const { REPO_ROOT, STICKY_BIN } = require('./harness');
 
 const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
 
 /** Why the browser tests cannot run here, or false. */
 function browserMissing() {
-  const fs = require('node:fs');
   if (!fs.existsSync(CHROMIUM)) return `${CHROMIUM} is missing (apt-get install chromium, or set CHROMIUM)`;
   return false;
 }
@@ -33,6 +35,39 @@ function launchBrowser(extraArgs = []) {
     ],
   });
 }
+
+// ---------------------------------------------------------------- the test app
+
+const PYTHON = process.env.PYTHON || 'python3';
+const PAGE_DIR = path.join(REPO_ROOT, 'e2e', 'browser-app');
+const CLIENT_JS = path.join(REPO_ROOT, 'e2e', 'node_modules', 'socket.io-client', 'dist', 'socket.io.min.js');
+const RUST_APP = path.resolve(
+  REPO_ROOT,
+  process.env.BROWSER_RUST_APP || path.join(path.dirname(STICKY_BIN), 'sticky-browser-app-worker'),
+);
+
+/** The app's worker command for each kind, or why it is skipped. */
+function appFor(kind) {
+  const [lang, mode] = kind.split('-'); // node-plain, python-integration, ...
+  const env = { APP_STICKY: mode, APP_PAGE_DIR: PAGE_DIR, APP_CLIENT_JS: CLIENT_JS };
+  if (lang === 'node') return { env, command: [process.execPath, 'e2e/workers/browser-app-node.js'] };
+  if (lang === 'python') {
+    const probe = require('node:child_process').spawnSync(PYTHON, ['-c', 'import socketio'], { encoding: 'utf8' });
+    if (probe.status !== 0) return { skip: `${PYTHON} cannot import socketio (pip install -r e2e/requirements.txt)` };
+    return { env, command: [PYTHON, 'e2e/workers/browser_app_python.py'] };
+  }
+  if (!fs.existsSync(RUST_APP)) return { skip: `${path.relative(REPO_ROOT, RUST_APP)} is missing (cargo build --workspace)` };
+  return { env, command: [RUST_APP] };
+}
+
+/** The browser scenarios of issue 11: tabs of one browser, transports. */
+const SCENARIOS = [
+  { name: 'default transports, 8 tabs', tabs: 8 },
+  { name: 'long-polling only, 3 tabs', tabs: 3, transports: ['polling'] },
+  { name: 'WebSocket only, 4 tabs', tabs: 4, transports: ['websocket'] },
+];
+
+// ---------------------------------------------------------------- tabs
 
 const isEngineIo = (url) => url.includes('/socket.io/');
 
@@ -152,4 +187,4 @@ function assertClean(assert, figures, echoesPerTab) {
   return s;
 }
 
-module.exports = { CHROMIUM, browserMissing, launchBrowser, runTabs, summarize, assertClean, samples };
+module.exports = { CHROMIUM, SCENARIOS, appFor, browserMissing, launchBrowser, runTabs, summarize, assertClean, samples };

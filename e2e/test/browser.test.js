@@ -16,41 +16,12 @@
 
 const { describe, test, before, after } = require('node:test');
 const assert = require('node:assert/strict');
-const fs = require('node:fs');
-const path = require('node:path');
-const { REPO_ROOT, STICKY_BIN, startSticky, stats } = require('../lib/harness');
-const { browserMissing, launchBrowser, runTabs, summarize, assertClean } = require('../lib/browser');
+const { startSticky, stats } = require('../lib/harness');
+const { browserMissing, launchBrowser, runTabs, summarize, assertClean, appFor, SCENARIOS } = require('../lib/browser');
 
 const WORKERS = Number(process.env.E2E_BROWSER_WORKERS || 3);
 const ECHOES = Number(process.env.E2E_BROWSER_ECHOES || 20);
-const PYTHON = process.env.PYTHON || 'python3';
-const PAGE_DIR = path.join(REPO_ROOT, 'e2e', 'browser-app');
-const CLIENT_JS = path.join(REPO_ROOT, 'e2e', 'node_modules', 'socket.io-client', 'dist', 'socket.io.min.js');
-const RUST_APP = path.resolve(
-  REPO_ROOT,
-  process.env.BROWSER_RUST_APP || path.join(path.dirname(STICKY_BIN), 'sticky-browser-app-worker'),
-);
-
-/** The app's worker command for each kind, or why it is skipped. */
-function appFor(kind) {
-  const [lang, mode] = kind.split('-'); // node-plain, python-integration, ...
-  const env = { APP_STICKY: mode, APP_PAGE_DIR: PAGE_DIR, APP_CLIENT_JS: CLIENT_JS };
-  if (lang === 'node') return { env, command: [process.execPath, 'e2e/workers/browser-app-node.js'] };
-  if (lang === 'python') {
-    const probe = require('node:child_process').spawnSync(PYTHON, ['-c', 'import socketio'], { encoding: 'utf8' });
-    if (probe.status !== 0) return { skip: `${PYTHON} cannot import socketio (pip install -r e2e/requirements.txt)` };
-    return { env, command: [PYTHON, 'e2e/workers/browser_app_python.py'] };
-  }
-  if (!fs.existsSync(RUST_APP)) return { skip: `${path.relative(REPO_ROOT, RUST_APP)} is missing (cargo build --workspace)` };
-  return { env, command: [RUST_APP] };
-}
-
 const KINDS = (process.env.E2E_BROWSER_KINDS || 'node-plain,python-plain,rust-plain,node-integration,python-integration,rust-integration').split(',');
-const SCENARIOS = [
-  { name: 'default transports, 8 tabs', tabs: 8 },
-  { name: 'long-polling only, 3 tabs', tabs: 3, transports: ['polling'] },
-  { name: 'WebSocket only, 4 tabs', tabs: 4, transports: ['websocket'] },
-];
 
 /** sticky's counters that say a request was dropped or reset (issue 11's kernel check), if it has any. */
 function retryCounters(st) {
