@@ -22,6 +22,10 @@
     connectErrors: [],
     sessions: [],
     transport: null,
+    forwardedFor: undefined, // X-Forwarded-For as the worker saw it
+    connects: [], // Date.now() of each connect
+    disconnectTimes: [],
+    shouts: [], // broadcasts received: {tab, round, host}
     done: false,
   };
   window.__result = result;
@@ -34,11 +38,18 @@
   let helloWaiters = [];
   socket.on('hello', (me) => {
     workerOf.set(socket.id, me.pid);
-    result.sessions.push({ sid: socket.id, pid: me.pid });
+    result.sessions.push({ sid: socket.id, pid: me.pid, host: me.host, at: Date.now() });
     helloWaiters.forEach((w) => w());
     helloWaiters = [];
   });
-  socket.on('disconnect', (reason) => result.disconnects.push(reason));
+  socket.on('disconnect', (reason) => {
+    result.disconnects.push(reason);
+    result.disconnectTimes.push(Date.now());
+  });
+  socket.on('connect', () => result.connects.push(Date.now()));
+  // Broadcasts between tabs (the multi-host test): window.__shout(round).
+  socket.on('shout', (m) => result.shouts.push({ tab: m.tab, round: m.round, host: m.host }));
+  window.__shout = (round) => socket.emit('shout', { tab, round });
   socket.on('connect_error', (err) => result.connectErrors.push(String(err && err.message)));
   const hello = () =>
     socket.id && workerOf.has(socket.id) ? Promise.resolve() : new Promise((r) => helloWaiters.push(r));
@@ -59,6 +70,7 @@
       try {
         const res = await fetch(`/api/ping?tab=${encodeURIComponent(tab)}&i=${i}`, { cache: 'no-store' });
         const body = await res.json();
+        result.forwardedFor = body.forwardedFor;
         if (res.ok && typeof body.pid === 'number') result.api++;
         else result.apiErrors.push(`api ${i}: HTTP ${res.status}`);
       } catch (err) {

@@ -100,7 +100,10 @@ async function runTabs(browser, url, { tabs, transports, echoes = 20, timeoutMs 
       await cdp.send('Network.enable');
       cdp.on('Network.webSocketHandshakeResponseReceived', (e) => {
         figures.engineRequests++;
-        if (e.response.status !== 101) figures.badWebSockets.push(`tab ${t}: ${e.response.status}`);
+        // 101 over HTTP/1.1; 200 over HTTP/2 (RFC 8441's extended CONNECT).
+        if (e.response.status !== 101 && e.response.status !== 200) {
+          figures.badWebSockets.push(`tab ${t}: ${e.response.status}`);
+        }
       });
       cdp.on('Network.webSocketFrameError', (e) => {
         if (!finished) figures.badWebSockets.push(`tab ${t}: frame error ${e.errorMessage}`);

@@ -99,4 +99,23 @@ async function startProxy(kind, file, { upstream, edits = [], vars = {}, host = 
   return { url: `${scheme}://${front}`, port, output: () => output, stop };
 }
 
-module.exports = { proxyMissing, freePort, renderConfig, startProxy };
+/**
+ * A self-signed certificate for `ip`, made with openssl in `dir`:
+ * {cert, key, pem} (pem: certificate then key, as HAProxy takes it).
+ */
+function makeCertificate(dir, ip = '127.0.0.1') {
+  const cert = path.join(dir, 'cert.pem');
+  const key = path.join(dir, 'key.pem');
+  const made = spawnSync(
+    'openssl',
+    ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes', '-days', '2',
+      '-subj', `/CN=${ip}`, '-addext', `subjectAltName=IP:${ip}`, '-keyout', key, '-out', cert],
+    { encoding: 'utf8' },
+  );
+  if (made.status !== 0) throw new Error(`openssl could not make a certificate: ${made.error?.message || made.stderr}`);
+  const pem = path.join(dir, 'cert+key.pem');
+  fs.writeFileSync(pem, fs.readFileSync(cert, 'utf8') + fs.readFileSync(key, 'utf8'));
+  return { cert, key, pem };
+}
+
+module.exports = { proxyMissing, freePort, renderConfig, startProxy, makeCertificate };

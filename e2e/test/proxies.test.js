@@ -75,6 +75,8 @@ describe('Chromium through front proxies to 3 sticky workers', { skip: browserMi
           const counters = resetCounters(await stats(sticky).catch(() => ({})));
           console.log(line(`${proxy.kind} recommended, ${scenario.name}`, summarize(figures, ECHOES), counters, Date.now() - started));
           assertClean(assert, figures, ECHOES);
+          const forwarded = [...new Set(figures.tabs.map((t) => t.forwardedFor))];
+          assert.deepEqual(forwarded, ['127.0.0.1'], 'the workers see the browser address in X-Forwarded-For');
         });
       }
     });

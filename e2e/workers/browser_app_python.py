@@ -39,7 +39,9 @@ def static(name, content_type):
 
 
 async def ping(request):
-    return web.json_response({**ME, "at": int(time.time() * 1000)}, headers={"Cache-Control": "no-store"})
+    # What a front proxy says the client's address is (X-Forwarded-For).
+    body = {**ME, "forwardedFor": request.headers.get("X-Forwarded-For"), "at": int(time.time() * 1000)}
+    return web.json_response(body, headers={"Cache-Control": "no-store"})
 
 
 app.router.add_get("/", static(os.path.join(PAGE_DIR, "index.html"), "text/html"))

@@ -11,6 +11,7 @@
 use std::os::fd::FromRawFd;
 
 use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
+use axum::http::HeaderMap;
 use axum::routing::get;
 use axum::Router;
 use serde_json::{json, Value};
@@ -56,8 +57,14 @@ async fn main() -> std::io::Result<()> {
         .route("/client.js", file(client_js, "text/javascript")?)
         .route(
             "/api/ping",
-            get(move || async move {
-                let body = json!({ "worker": worker, "pid": pid }).to_string();
+            get(move |headers: HeaderMap| async move {
+                // What a front proxy says the client's address is.
+                let forwarded_for = headers
+                    .get("x-forwarded-for")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned);
+                let body = json!({ "worker": worker, "pid": pid, "forwardedFor": forwarded_for })
+                    .to_string();
                 ([(CONTENT_TYPE, "application/json"), (CACHE_CONTROL, "no-store")], body)
             }),
         )
