@@ -12,11 +12,23 @@ const { describe, test, before, after } = require('node:test');
 const assert = require('node:assert/strict');
 const { startSticky, stats } = require('../lib/harness');
 const { browserMissing, launchBrowser, runTabs, summarize, assertClean, appFor, SCENARIOS } = require('../lib/browser');
-const { proxyMissing, startProxy } = require('../lib/proxies');
+const fs = require('node:fs');
+const os = require('node:os');
+const path = require('node:path');
+const { proxyMissing, startProxy, makeCertificate } = require('../lib/proxies');
 
 const ECHOES = Number(process.env.E2E_BROWSER_ECHOES || 20);
 
 const PROXIES = [
+  // HTTPS, HTTP/2 to the browser: its recommended file is tested by
+  // https.test.js for every worker kind; here its reuse counterfactual.
+  {
+    kind: 'haproxy',
+    file: 'haproxy-https.cfg',
+    tls: true,
+    recommendedElsewhere: true,
+    reuse: { line: 'default http-reuse safe, HTTPS and HTTP/2', edits: [['    option http-server-close\n', '']] },
+  },
   { kind: 'haproxy', file: 'haproxy.cfg', reuse: { line: 'default http-reuse safe', edits: [['    option http-server-close\n', '']] } },
   {
     kind: 'nginx',
@@ -49,21 +61,32 @@ const resetCounters = (st) =>
 describe('Chromium through front proxies to 3 sticky workers', { skip: browserMissing() }, () => {
   let browser;
   let sticky;
+  let certDir;
+  let certs;
   before(async () => {
-    browser = await launchBrowser();
+    certDir = fs.mkdtempSync(path.join(os.tmpdir(), 'sticky-tls-'));
+    certs = makeCertificate(certDir);
+    browser = await launchBrowser(['--ignore-certificate-errors']);
     const app = appFor('node-plain');
     sticky = await startSticky({ workers: 3, learn: 'on', command: app.command, env: app.env });
   });
   after(async () => {
     await browser?.close();
     await sticky?.stop();
+    if (certDir) fs.rmSync(certDir, { recursive: true, force: true });
+  });
+  const proxyOptions = (proxy, edits = []) => ({
+    upstream: `127.0.0.1:${sticky.port}`,
+    edits,
+    ...(proxy.tls ? { scheme: 'https', vars: { CERT: certs.pem } } : {}),
   });
 
   for (const proxy of PROXIES) {
-    describe(`${proxy.kind}, recommended (deploy/${proxy.file})`, { skip: proxyMissing(proxy.kind) }, () => {
+    const recommendedSkip = proxyMissing(proxy.kind) || (proxy.recommendedElsewhere && 'tested by https.test.js');
+    describe(`${proxy.kind}, recommended (deploy/${proxy.file})`, { skip: recommendedSkip }, () => {
       let front;
       before(async () => {
-        front = await startProxy(proxy.kind, proxy.file, { upstream: `127.0.0.1:${sticky.port}` });
+        front = await startProxy(proxy.kind, proxy.file, proxyOptions(proxy));
       });
       after(async () => {
         await front?.stop();
@@ -84,7 +107,7 @@ describe('Chromium through front proxies to 3 sticky workers', { skip: browserMi
     describe(`${proxy.kind}, ${proxy.reuse.line}`, { skip: proxyMissing(proxy.kind) }, () => {
       let front;
       before(async () => {
-        front = await startProxy(proxy.kind, proxy.file, { upstream: `127.0.0.1:${sticky.port}`, edits: proxy.reuse.edits });
+        front = await startProxy(proxy.kind, proxy.file, proxyOptions(proxy, proxy.reuse.edits));
       });
       after(async () => {
         await front?.stop();
@@ -95,7 +118,8 @@ describe('Chromium through front proxies to 3 sticky workers', { skip: browserMi
         const total = { lost: 0, workers: new Set() };
         for (const scenario of SCENARIOS.filter((s) => s.transports?.[0] !== 'websocket')) {
           const started = Date.now();
-          const figures = await runTabs(browser, front.url, { ...scenario, echoes: ECHOES });
+          // Shorter: tabs that lose their session may not finish.
+          const figures = await runTabs(browser, front.url, { ...scenario, echoes: ECHOES, timeoutMs: 15000 });
           const counters = resetCounters(await stats(sticky).catch(() => ({})));
           const s = summarize(figures, ECHOES);
           const workers = new Set(figures.tabs.flatMap((t) => (t.sessions || []).map((x) => x.pid)));
