@@ -27,6 +27,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 
 use crate::{
+    resets::ResetStats,
     sessions::{SessionTable, WorkerId},
     steering::Counters,
 };
@@ -53,6 +54,7 @@ pub struct ControlSocket {
 pub struct ControlState {
     pub sessions: Arc<Mutex<SessionTable>>,
     pub counters: Arc<Counters>,
+    pub resets: Arc<ResetStats>,
 }
 
 impl ControlSocket {
@@ -227,8 +229,9 @@ fn answer(state: &ControlState, worker: Option<WorkerId>, uid: u32, line: &str) 
         ("stats", _) if worker.is_some() || uid == 0 || uid == unsafe { libc::geteuid() } => {
             let table = state.sessions.lock().unwrap();
             return format!(
-                "ok {} live_workers={} sessions={} learned_sessions={} {}\n",
+                "ok {} {} live_workers={} sessions={} learned_sessions={} {}\n",
                 state.counters.report(),
+                state.resets.report(),
                 table.live_workers(),
                 table.session_count(),
                 table.learned_count(),

@@ -10,6 +10,7 @@ mod control;
 mod flood;
 mod listeners;
 mod reject;
+mod resets;
 mod sessions;
 mod sorter;
 mod spawn;
@@ -29,7 +30,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use sticky_common::{
-    Balance, Config, Mode, MAX_CPUS, MAX_WORKERS, PARAM_MAX, REJECT_SLOT, SESSIONS_MAX, SINK_SLOT,
+    Balance, Config, Foreign, Mode, MAX_CPUS, MAX_WORKERS, PARAM_MAX, REJECT_SLOT, SESSIONS_MAX, SINK_SLOT,
 };
 
 /// Logs one line to stderr, prefixed so it stands out among worker output.
@@ -99,6 +100,12 @@ struct RunArgs {
     /// workers need no sticky code.
     #[arg(long, value_enum, default_value_t = LearnArg::On)]
     learn: LearnArg,
+    /// A request carrying another worker's session on a reused keep-alive
+    /// connection: `reset` drops it and resets the connection (the client
+    /// resends it on a new one, placed by its sid); `pass` lets the
+    /// connection's worker answer it. Needs session learning on.
+    #[arg(long, value_enum, default_value_t = ForeignArg::Reset)]
+    foreign_requests: ForeignArg,
     /// Forget a learned session after this long without a request carrying its sid.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     learn_idle: Duration,
@@ -123,6 +130,12 @@ enum BalanceArg {
 enum PlacementArg {
     Sticky,
     Syn,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ForeignArg {
+    Reset,
+    Pass,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -207,6 +220,9 @@ fn run(args: RunArgs) -> Result<()> {
     let mut config = Config::new(workers as u32, cpus as u32, balance, mode, param);
     if learning {
         config = config.learning(group.addr.port());
+        if args.foreign_requests == ForeignArg::Reset && can_reset() {
+            config.foreign = Foreign::Reset as u32;
+        }
     }
     // The port names this group's selector, for a successor's adoption.
     config.port = u32::from(group.addr.port());
@@ -255,6 +271,11 @@ fn run(args: RunArgs) -> Result<()> {
     let slots: sorter::SockArray = Arc::new(Mutex::new(maps.listeners));
 
     let counters = Arc::new(maps.counters);
+    let reset_stats = Arc::new(resets::ResetStats::default());
+    if config.foreign == Foreign::Reset as u32 {
+        resets::serve(maps.resets, group.addr.port(), reset_stats.clone())
+            .context("starting the connection resetter")?;
+    }
     let sessions = Arc::new(Mutex::new(table));
     let control_path = args
         .control
@@ -263,6 +284,7 @@ fn run(args: RunArgs) -> Result<()> {
     let _remove_control = control.serve(control::ControlState {
         sessions: sessions.clone(),
         counters: counters.clone(),
+        resets: reset_stats,
     });
     reject::serve(group.reject);
     if learning {
@@ -327,6 +349,20 @@ fn attach_learner(steering: &mut steering::Steering) -> bool {
         Ok(()) => true,
         Err(e) => {
             log!("session learning is off: {e:#}");
+            false
+        }
+    }
+}
+
+/// Can the kernel reset connections for us? If not, says so in one line.
+fn can_reset() -> bool {
+    match resets::probe() {
+        Ok(()) => true,
+        Err(why) => {
+            log!(
+                "{why}: a request carrying another worker's session on a reused connection \
+                 reaches the connection's worker (see README, \"Requests on reused connections\")"
+            );
             false
         }
     }
