@@ -225,9 +225,13 @@ pub struct Placed {
 pub struct Conn {
     pub worker: u32,
     pub flags: u32,
+    /// Answer segments searched since `CONN_LEARN` was set.
+    pub segments: u32,
+    pub pad: u32,
 }
 pub const CONN_DOOMED: u32 = 1;
 pub const CONN_UPGRADED: u32 = 2;
+pub const CONN_LEARN: u32 = 4;
 
 /// `struct sticky_reset`: an entry of the `resets` ring buffer, a
 /// connection that user space must destroy.

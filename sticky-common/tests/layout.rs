@@ -18,8 +18,8 @@ int main(void) {
     O(sticky_config, param_mask) O(sticky_config, port) O(sticky_config, learn)
     O(sticky_config, foreign) C(STICKY_FOREIGN_PASS) C(STICKY_FOREIGN_RESET)
     S(sticky_placed) O(sticky_placed, worker) O(sticky_placed, segments) O(sticky_placed, idle)
-    S(sticky_conn) O(sticky_conn, worker) O(sticky_conn, flags)
-    C(STICKY_CONN_DOOMED) C(STICKY_CONN_UPGRADED)
+    S(sticky_conn) O(sticky_conn, worker) O(sticky_conn, flags) O(sticky_conn, segments)
+    C(STICKY_CONN_DOOMED) C(STICKY_CONN_UPGRADED) C(STICKY_CONN_LEARN)
     S(sticky_reset) O(sticky_reset, cookie) O(sticky_reset, flow) O(sticky_reset, worker)
     O(sticky_reset, owner) C(STICKY_RESETS_BYTES)
     S(sticky_decision) O(sticky_decision, owner) O(sticky_decision, placed)
@@ -110,6 +110,8 @@ fn rust_mirror_matches_sticky_h() {
     expect("sticky_conn", size_of::<Conn>());
     expect("sticky_conn.worker", offset_of!(Conn, worker));
     expect("sticky_conn.flags", offset_of!(Conn, flags));
+    expect("sticky_conn.segments", offset_of!(Conn, segments));
+    expect("STICKY_CONN_LEARN", CONN_LEARN as usize);
     expect("STICKY_CONN_DOOMED", CONN_DOOMED as usize);
     expect("STICKY_CONN_UPGRADED", CONN_UPGRADED as usize);
     expect("sticky_reset", size_of::<ResetEvent>());

@@ -210,12 +210,20 @@ struct sticky_learned {
  */
 struct sticky_conn {
 	__u32 worker;
-	__u32 flags; /* STICKY_CONN_* */
+	__u32 flags;    /* STICKY_CONN_* */
+	__u32 segments; /* answer segments searched since STICKY_CONN_LEARN was set */
+	__u32 pad;
 };
 /* A foreign request was dropped: drop every later segment, reset pending. */
 #define STICKY_CONN_DOOMED 1
 /* The worker answered 101 Switching Protocols: never parsed again. */
 #define STICKY_CONN_UPGRADED 2
+/*
+ * A request without a sid (maybe an Engine.IO handshake) on a connection
+ * past its first answers: search the next STICKY_LEARN_SEGMENTS answer
+ * segments for an open packet, as on a new connection.
+ */
+#define STICKY_CONN_LEARN 4
 
 /* An entry of the `resets` ring buffer: a connection for user space to destroy. */
 struct sticky_reset {

@@ -829,6 +829,42 @@ static __always_inline int cgroup_tcp_payload(struct __sk_buff *skb, int egress,
 	return 1;
 }
 
+/*
+ * sticky_learn past a connection's first answers: only if sticky_watch saw
+ * a request without a sid on it since (STICKY_CONN_LEARN), search the next
+ * answer segments for an open packet, for the connection's worker. A
+ * handshake on a reused keep-alive connection is learned like one on a new
+ * connection. Otherwise one socket-storage lookup.
+ */
+static __noinline int learn_later(struct __sk_buff *skb)
+{
+	__u32 two = 2, off, len;
+	int ends;
+	struct sticky_flow key = {};
+	struct sticky_conn *conn;
+	struct bpf_sock *sk;
+	struct scratch *s;
+
+	sk = accepted_sock(skb);
+	if (!sk)
+		return 1;
+	conn = bpf_sk_storage_get(&conns, sk, 0, 0);
+	if (!conn || !(conn->flags & STICKY_CONN_LEARN))
+		return 1;
+	if (!cgroup_tcp_payload(skb, 1, &key, &off, &len, &ends) || len == 0)
+		return 1;
+	s = bpf_map_lookup_elem(&scratch, &two);
+	if (!s)
+		return 1;
+	len = copy_len(len, STICKY_LEARN_SCAN);
+	if (len == 0 || bpf_skb_load_bytes(skb, off, s->buf, len))
+		return 1;
+	s->len = len;
+	if (learn_sid(s, conn->worker) || ends || ++conn->segments >= STICKY_LEARN_SEGMENTS)
+		conn->flags &= ~STICKY_CONN_LEARN;
+	return 1;
+}
+
 SEC("cgroup_skb/egress")
 int sticky_learn(struct __sk_buff *skb)
 {
@@ -853,7 +889,7 @@ int sticky_learn(struct __sk_buff *skb)
 		struct bpf_tcp_sock *tp = bpf_tcp_sock(sk);
 
 		if (tp && tp->data_segs_out > STICKY_LEARN_SEGMENTS)
-			return 1;
+			return learn_later(skb);
 	}
 	if (!cgroup_tcp_payload(skb, 1, &key, &off, &len, &ends))
 		return 1;
@@ -987,8 +1023,14 @@ int sticky_watch(struct __sk_buff *skb)
 	if (copy == 0 || bpf_skb_load_bytes(skb, off, s->buf, copy))
 		return 1;
 	s->len = copy;
-	if (sticky_parse(s, cfg) != STICKY_PARSE_SID)
+	if (sticky_parse(s, cfg) != STICKY_PARSE_SID) {
+		/* Maybe a handshake on a reused connection: see learn_later. */
+		if (conn && conn->worker != STICKY_NO_WORKER) {
+			conn->flags |= STICKY_CONN_LEARN;
+			conn->segments = 0;
+		}
 		return 1;
+	}
 	owner = bpf_map_lookup_elem(&sessions, &s->key);
 	if (!owner)
 		return 1;

@@ -357,3 +357,35 @@ fn frequent_resets_are_logged_once_with_the_fix() {
     assert_eq!(lines.len(), 1, "one line per window");
     assert!(lines[0].contains("http-reuse never") && lines[0].contains("keepalive"));
 }
+
+/// An Engine.IO handshake on a keep-alive connection past its first answers
+/// (one that served a page and its assets) is learned too, for the
+/// connection's worker: the session's next requests, on any connection,
+/// reach it.
+#[test]
+fn a_handshake_on_a_reused_connection_is_learned() {
+    let cluster = request_log_cluster("127.0.0.1:0", 3, &[]);
+    let mut conn = KeepAlive::connect(cluster.addr);
+    let page = conn.get("/index.html").unwrap();
+    let worker = page.worker.expect("worker header");
+    for asset in ["/app.js", "/style.css", "/api/items"] {
+        assert_eq!(conn.get(asset).unwrap().worker, Some(worker));
+    }
+    let mut owners = Vec::new();
+    for _ in 0..3 {
+        let open = conn.get("/socket.io/?EIO=4&transport=polling").unwrap();
+        let text = String::from_utf8_lossy(&open.body).into_owned();
+        let start = text.find(r#""sid":""#).expect("open packet") + 7;
+        let sid = &text[start..start + text[start..].find('"').unwrap()];
+        for _ in 0..3 {
+            let r = KeepAlive::connect(cluster.addr).get(&format!("/?sid={sid}")).unwrap();
+            owners.push(r.worker);
+        }
+    }
+    report(&format!(
+        "3 handshakes on worker {worker}'s connection after 4 answers: their sids' requests on new \
+         connections answered by {owners:?}; learned={}",
+        cluster.counter("learned")
+    ));
+    assert!(owners.iter().all(|w| *w == Some(worker)));
+}

@@ -62,7 +62,7 @@ const KERNELS: &[Kernel] = &[
 /// and runs the direct check plus the kernel-side program tests (the
 /// verifier of that kernel), which fit CI's time.
 const QUICK: &str = "6.1";
-const QUICK_TESTS: &[&str] = &["parser", "learner"];
+const QUICK_TESTS: &[&str] = &["parser", "learner", "foreign_decision"];
 
 const MIRROR: &str = "http://deb.debian.org/debian";
 const README_BEGIN: &str = "<!-- kernels:begin -->";
