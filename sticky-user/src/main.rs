@@ -271,8 +271,9 @@ fn run(args: RunArgs) -> Result<()> {
     let slots: sorter::SockArray = Arc::new(Mutex::new(maps.listeners));
 
     let counters = Arc::new(maps.counters);
-    let reset_stats = Arc::new(resets::ResetStats::default());
-    if config.foreign == Foreign::Reset as u32 {
+    let resetting = config.foreign == Foreign::Reset as u32;
+    let reset_stats = Arc::new(resets::ResetStats::new(resetting));
+    if resetting {
         resets::serve(maps.resets, group.addr.port(), reset_stats.clone())
             .context("starting the connection resetter")?;
     }

@@ -33,14 +33,24 @@ const WINDOW: Duration = Duration::from_secs(10);
 /// What `sticky stats` reports of the resets.
 #[derive(Default)]
 pub struct ResetStats {
+    /// Foreign requests are reset (else passed: turned off, or this kernel cannot).
+    pub enabled: bool,
     pub reset: AtomicU64,
     pub failed: AtomicU64,
 }
 
 impl ResetStats {
+    pub fn new(enabled: bool) -> ResetStats {
+        ResetStats {
+            enabled,
+            ..ResetStats::default()
+        }
+    }
+
     pub fn report(&self) -> String {
         format!(
-            "connections_reset={} reset_failures={}",
+            "foreign_requests={} connections_reset={} reset_failures={}",
+            if self.enabled { "reset" } else { "pass" },
             self.reset.load(Ordering::Relaxed),
             self.failed.load(Ordering::Relaxed)
         )

@@ -538,6 +538,8 @@ struct Row {
     error: Vec<String>,
     places: Option<bool>,
     wakeup: Option<bool>,
+    /// What sticky does with foreign requests there: `reset` or `pass`.
+    foreign: Option<String>,
     passed: usize,
     failed: Vec<String>,
     /// Test binaries that did not finish (exit code 124: timeout).
@@ -590,6 +592,7 @@ impl Row {
                 .collect(),
             places: yes("places"),
             wakeup: yes("wakeup"),
+            foreign: probe.get("foreign").map(|v| v.to_string()),
             passed,
             failed,
             finished: output.contains("guest done")
@@ -664,17 +667,23 @@ impl Row {
         } else {
             (mark(self.places), mark(self.wakeup))
         };
+        let foreign = match (self.below_minimum, self.foreign.as_deref()) {
+            (true, _) => "n/a",
+            (_, Some("reset")) => "reset (SOCK_DESTROY)",
+            (_, Some("pass")) => "passed (no SOCK_DESTROY)",
+            _ => "not reached",
+        };
         format!(
-            "| {} | {} | {loads} | {places} | {wakeup} | {tests} |",
+            "| {} | {} | {loads} | {places} | {wakeup} | {foreign} | {tests} |",
             self.kernel, self.users
         )
     }
 
     fn table(rows: &[Row]) -> String {
         let mut lines = vec![
-            "| kernel | deployed by | loads | places by sid | migration wake-up | tests in the guest |"
+            "| kernel | deployed by | loads | places by sid | migration wake-up | foreign requests | tests in the guest |"
                 .to_owned(),
-            "|---|---|---|---|---|---|".to_owned(),
+            "|---|---|---|---|---|---|---|".to_owned(),
         ];
         lines.extend(rows.iter().map(Row::cells));
         lines.join("\n")
@@ -870,7 +879,7 @@ mod tests {
 
     /// What a 6.1 guest wrote (abridged), and a 5.10 one.
     const GUEST_6_1: &str = "kernel 6.1.0-50-cloud-amd64\n\
-        probe loads=yes\nprobe places=yes\nprobe wakeup=yes\n\
+        probe loads=yes\nprobe places=yes\nprobe foreign=reset\nprobe wakeup=yes\n\
         binary steering\n\nrunning 2 tests\n\
         test ipv6_listeners_place_by_sid_too ... ok\n\
         test random_uses_every_worker ... FAILED\n\
@@ -897,6 +906,7 @@ mod tests {
         let mut quick = Row::from_guest(kernel("6.1").unwrap(), GUEST_6_1, Duration::ZERO);
         quick.subset = vec!["steering".into()];
         assert!(quick.cells().contains("(only steering)"));
+        assert!(quick.cells().contains("| reset (SOCK_DESTROY) |"));
 
         let old = Row::from_guest(kernel("5.10").unwrap(), GUEST_5_10, Duration::ZERO);
         assert!(
