@@ -40,6 +40,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::http::{exchange, Conn, Response};
 
+mod foreign;
 mod ws_learn;
 
 const WORKERS: usize = 2;
@@ -52,7 +53,7 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 
 const USAGE: &str = "usage: sticky-bench [--quick] [--rounds N] [--duration SECS] [--clients N]
                     [--learn on|off] [--json PATH] [--readme PATH] [--sticky PATH]
-                    [--worker PATH] [--direct ADDR] [--ws-learn]
+                    [--worker PATH] [--direct ADDR] [--ws-learn] [--foreign]
 
   --quick          1 round of 1 s per workload (default: 3 rounds of 3 s)
   --rounds N       rounds per mode; modes alternate sticky, floor, sticky, ...
@@ -70,7 +71,11 @@ const USAGE: &str = "usage: sticky-bench [--quick] [--rounds N] [--duration SECS
                    at ADDR in both columns (checks the harness itself)
   --ws-learn       instead: Socket.IO messages over established WebSockets,
                    sticky --learn on vs off (plain socketioxide workers;
-                   JSON in <json stem>-ws-learn.json)";
+                   JSON in <json stem>-ws-learn.json)
+  --foreign        instead: the foreign-request check's cost (WebSocket echo,
+                   keep-alive long-polling; --foreign-requests reset vs off),
+                   Connection: close per poll, and a reset request's resend
+                   (JSON in <json stem>-foreign.json)";
 
 /// `sticky-bench core ARGS`.
 pub fn main(args: Vec<String>) {
@@ -96,6 +101,10 @@ struct Opts {
     ws_learn: bool,
     /// A cgroup v2 directory to start sticky in (`ws_learn`).
     cgroup: Option<PathBuf>,
+    /// Run only the foreign-request comparison (`foreign`).
+    foreign_bench: bool,
+    /// `--foreign-requests` for sticky (None: its default).
+    foreign: Option<&'static str>,
 }
 
 fn parse_args(args: Vec<String>) -> Result<Opts, String> {
@@ -112,6 +121,8 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
         learn: true,
         ws_learn: false,
         cgroup: None,
+        foreign_bench: false,
+        foreign: None,
     };
     let (mut rounds, mut duration) = (None, None);
     let mut quick = false;
@@ -121,6 +132,7 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
         match arg.as_str() {
             "--quick" => quick = true,
             "--ws-learn" => opts.ws_learn = true,
+            "--foreign" => opts.foreign_bench = true,
             "--rounds" => rounds = Some(number(&value("--rounds")?)? as usize),
             "--duration" => {
                 duration = Some(Duration::from_secs_f64(number(&value("--duration")?)?))
@@ -314,6 +326,9 @@ struct Results {
 }
 
 fn run(opts: &Opts) -> Result<(), String> {
+    if opts.foreign_bench {
+        return foreign::run(opts);
+    }
     if opts.ws_learn {
         return ws_learn::run(opts);
     }
@@ -510,6 +525,7 @@ impl Cluster {
                 (Mode::Sticky, false) => &["--learn", "off"][..],
                 _ => &[],
             })
+            .args(opts.foreign.map(|f| ["--foreign-requests", f]).iter().flatten())
             .arg("--")
             .arg(&opts.worker)
             .stdin(Stdio::null())

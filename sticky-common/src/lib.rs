@@ -79,6 +79,8 @@ pub enum Foreign {
     Pass = 0,
     /// Dropped, and the connection reset (user space destroys it).
     Reset = 1,
+    /// Not looked for (no socket storage at all): the benchmark's control.
+    Off = 2,
 }
 
 impl Config {

@@ -16,7 +16,7 @@ int main(void) {
     S(sticky_config) O(sticky_config, worker_count) O(sticky_config, balance)
     O(sticky_config, mode) O(sticky_config, param_len) O(sticky_config, sorting_count) O(sticky_config, flood) O(sticky_config, param_word)
     O(sticky_config, param_mask) O(sticky_config, port) O(sticky_config, learn)
-    O(sticky_config, foreign) C(STICKY_FOREIGN_PASS) C(STICKY_FOREIGN_RESET)
+    O(sticky_config, foreign) C(STICKY_FOREIGN_PASS) C(STICKY_FOREIGN_RESET) C(STICKY_FOREIGN_OFF)
     S(sticky_placed) O(sticky_placed, worker) O(sticky_placed, segments) O(sticky_placed, idle)
     S(sticky_conn) O(sticky_conn, worker) O(sticky_conn, flags) O(sticky_conn, segments)
     C(STICKY_CONN_DOOMED) C(STICKY_CONN_UPGRADED) C(STICKY_CONN_LEARN)
@@ -107,6 +107,7 @@ fn rust_mirror_matches_sticky_h() {
     expect("sticky_config.foreign", offset_of!(Config, foreign));
     expect("STICKY_FOREIGN_PASS", Foreign::Pass as usize);
     expect("STICKY_FOREIGN_RESET", Foreign::Reset as usize);
+    expect("STICKY_FOREIGN_OFF", Foreign::Off as usize);
     expect("sticky_conn", size_of::<Conn>());
     expect("sticky_conn.worker", offset_of!(Conn, worker));
     expect("sticky_conn.flags", offset_of!(Conn, flags));

@@ -97,11 +97,14 @@ struct sticky_config {
  * a keep-alive connection). RESET: sticky_watch drops it and every later
  * segment of that connection, and asks user space (the `resets` ring) to
  * destroy the socket, so the client resends it on a new connection. PASS:
- * counted only (no socket destroy on this kernel, or turned off).
+ * counted only (no socket destroy on this kernel, or `pass` asked). OFF:
+ * not looked for at all.
  */
 enum sticky_foreign {
 	STICKY_FOREIGN_PASS = 0,
 	STICKY_FOREIGN_RESET = 1,
+	/* Not even looked at: no socket storage, as before (benchmark control). */
+	STICKY_FOREIGN_OFF = 2,
 };
 
 /* One entry per worker slot of the `workers` array map, written by user space. */

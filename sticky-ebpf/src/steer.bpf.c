@@ -889,7 +889,7 @@ int sticky_learn(struct __sk_buff *skb)
 		struct bpf_tcp_sock *tp = bpf_tcp_sock(sk);
 
 		if (tp && tp->data_segs_out > STICKY_LEARN_SEGMENTS)
-			return learn_later(skb);
+			return cfg->foreign == STICKY_FOREIGN_OFF ? 1 : learn_later(skb);
 	}
 	if (!cgroup_tcp_payload(skb, 1, &key, &off, &len, &ends))
 		return 1;
@@ -900,7 +900,7 @@ int sticky_learn(struct __sk_buff *skb)
 	 * placement; a pure ACK may come from a child still queued, with a
 	 * stale `placed` of an earlier connection on the same 4-tuple.
 	 */
-	sk = accepted_sock(skb);
+	sk = cfg->foreign == STICKY_FOREIGN_OFF ? NULL : accepted_sock(skb);
 	if (sk) {
 		conn = conn_of(sk, len ? placed : NULL);
 		if (conn && len >= 12)
@@ -1000,7 +1000,7 @@ int sticky_watch(struct __sk_buff *skb)
 	if (!cgroup_tcp_payload(skb, 0, &key, &off, &len, &ends) || len == 0)
 		return 1;
 	/* A doomed connection loses every segment; an upgraded one is not ours. */
-	sk = accepted_sock(skb);
+	sk = cfg->foreign == STICKY_FOREIGN_OFF ? NULL : accepted_sock(skb);
 	if (sk) {
 		conn = conn_of(sk, NULL);
 		gate = conn_gate(conn);

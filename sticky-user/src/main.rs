@@ -103,7 +103,8 @@ struct RunArgs {
     /// A request carrying another worker's session on a reused keep-alive
     /// connection: `reset` drops it and resets the connection (the client
     /// resends it on a new one, placed by its sid); `pass` lets the
-    /// connection's worker answer it. Needs session learning on.
+    /// connection's worker answer it (counted); `off` does not look (the
+    /// benchmark's control). Needs session learning on.
     #[arg(long, value_enum, default_value_t = ForeignArg::Reset)]
     foreign_requests: ForeignArg,
     /// Forget a learned session after this long without a request carrying its sid.
@@ -136,6 +137,7 @@ enum PlacementArg {
 enum ForeignArg {
     Reset,
     Pass,
+    Off,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -220,9 +222,11 @@ fn run(args: RunArgs) -> Result<()> {
     let mut config = Config::new(workers as u32, cpus as u32, balance, mode, param);
     if learning {
         config = config.learning(group.addr.port());
-        if args.foreign_requests == ForeignArg::Reset && can_reset() {
-            config.foreign = Foreign::Reset as u32;
-        }
+        config.foreign = match args.foreign_requests {
+            ForeignArg::Reset if can_reset() => Foreign::Reset,
+            ForeignArg::Reset | ForeignArg::Pass => Foreign::Pass,
+            ForeignArg::Off => Foreign::Off,
+        } as u32;
     }
     // The port names this group's selector, for a successor's adoption.
     config.port = u32::from(group.addr.port());
@@ -272,7 +276,15 @@ fn run(args: RunArgs) -> Result<()> {
 
     let counters = Arc::new(maps.counters);
     let resetting = config.foreign == Foreign::Reset as u32;
-    let reset_stats = Arc::new(resets::ResetStats::new(resetting));
+    let foreign_mode = match config.foreign {
+        f if f == Foreign::Reset as u32 => "reset",
+        f if f == Foreign::Off as u32 => "off",
+        _ => "pass",
+    };
+    let reset_stats = Arc::new(resets::ResetStats::new(foreign_mode));
+    // Workers inherit it: the integrations keep polling connections alive
+    // when foreign requests are reset (README, "Requests on reused connections").
+    std::env::set_var("STICKY_FOREIGN_REQUESTS", foreign_mode);
     if resetting {
         resets::serve(maps.resets, group.addr.port(), reset_stats.clone())
             .context("starting the connection resetter")?;

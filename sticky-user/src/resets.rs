@@ -33,16 +33,17 @@ const WINDOW: Duration = Duration::from_secs(10);
 /// What `sticky stats` reports of the resets.
 #[derive(Default)]
 pub struct ResetStats {
-    /// Foreign requests are reset (else passed: turned off, or this kernel cannot).
-    pub enabled: bool,
+    /// What happens to foreign requests: `reset`, `pass` (asked so, or this
+    /// kernel cannot reset) or `off`.
+    pub mode: &'static str,
     pub reset: AtomicU64,
     pub failed: AtomicU64,
 }
 
 impl ResetStats {
-    pub fn new(enabled: bool) -> ResetStats {
+    pub fn new(mode: &'static str) -> ResetStats {
         ResetStats {
-            enabled,
+            mode,
             ..ResetStats::default()
         }
     }
@@ -50,7 +51,7 @@ impl ResetStats {
     pub fn report(&self) -> String {
         format!(
             "foreign_requests={} connections_reset={} reset_failures={}",
-            if self.enabled { "reset" } else { "pass" },
+            self.mode,
             self.reset.load(Ordering::Relaxed),
             self.failed.load(Ordering::Relaxed)
         )
@@ -238,7 +239,7 @@ pub fn probe() -> Result<(), String> {
         Some(libc::EOPNOTSUPP) => {
             "this kernel cannot destroy sockets (built without CONFIG_INET_DIAG_DESTROY)".into()
         }
-        Some(libc::ENOENT) => {
+        Some(libc::ENOENT) | Some(libc::EPROTONOSUPPORT) => {
             "sock_diag for TCP is missing (load the tcp_diag module: modprobe tcp_diag)".into()
         }
         _ => format!("destroying a socket with sock_diag failed ({e})"),

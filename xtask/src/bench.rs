@@ -7,7 +7,8 @@
 //!   placement against SYN-time balancing with the std-only demo worker
 //!   (`sticky-bench core`): `<date>-core.json`, the README's bench section.
 //!   `--learn` alone implies `--core` (it only means something there), and
-//!   so does `--ws-learn` (WebSocket round trips, learning on vs off).
+//!   so does `--ws-learn` (WebSocket round trips, learning on vs off) and
+//!   `--foreign` (the foreign-request check's cost, reset vs off).
 
 use std::ffi::OsString;
 use std::process::Command;
@@ -15,7 +16,7 @@ use std::process::Command;
 pub fn run(extra: &[String]) -> Result<(), String> {
     let core = extra
         .iter()
-        .any(|a| a == "--core" || a == "--learn" || a == "--ws-learn");
+        .any(|a| a == "--core" || a == "--learn" || a == "--ws-learn" || a == "--foreign");
     let args: Vec<&String> = extra.iter().filter(|a| *a != "--core").collect();
     super::build_release()?;
     let root = super::root_dir();
