@@ -179,7 +179,7 @@ fn run(args: RunArgs) -> Result<()> {
             PARAM_MAX - 1
         );
     }
-    let command = spawn::WorkerCommand::resolve(&args.command)?;
+    let mut command = spawn::WorkerCommand::resolve(&args.command)?;
 
     let mut steering = steering::Steering::load(args.max_sessions)?;
     let mut maps = steering.take_maps()?;
@@ -282,9 +282,9 @@ fn run(args: RunArgs) -> Result<()> {
         _ => "pass",
     };
     let reset_stats = Arc::new(resets::ResetStats::new(foreign_mode));
-    // Workers inherit it: the integrations keep polling connections alive
-    // when foreign requests are reset (README, "Requests on reused connections").
-    std::env::set_var("STICKY_FOREIGN_REQUESTS", foreign_mode);
+    // The integrations keep polling connections alive when foreign requests
+    // are reset (README, "Requests on reused connections").
+    command.set_env("STICKY_FOREIGN_REQUESTS", foreign_mode);
     if resetting {
         resets::serve(maps.resets, group.addr.port(), reset_stats.clone())
             .context("starting the connection resetter")?;

@@ -32,6 +32,8 @@ pub struct WorkerCommand {
     program: CString,
     argv: Vec<CString>,
     pub display: String,
+    /// More `STICKY_*` variables for every worker (`NAME=value`).
+    extra_env: Vec<Vec<u8>>,
 }
 
 impl WorkerCommand {
@@ -53,7 +55,13 @@ impl WorkerCommand {
                 .map(|a| a.to_string_lossy())
                 .collect::<Vec<_>>()
                 .join(" "),
+            extra_env: Vec::new(),
         })
+    }
+
+    /// Gives every worker `name=value` (inherited `STICKY_*` variables are not).
+    pub fn set_env(&mut self, name: &str, value: &str) {
+        self.extra_env.push(format!("{name}={value}").into_bytes());
     }
 
     /// Forks and execs the worker; returns its pid once exec succeeded.
@@ -70,6 +78,7 @@ impl WorkerCommand {
         env.push(b"LISTEN_FDNAMES=sticky".to_vec());
         env.push(format!("STICKY_WORKER={index}").into_bytes());
         env.push([b"STICKY_CONTROL=", control.as_os_str().as_bytes()].concat());
+        env.extend(self.extra_env.iter().cloned());
         let mut listen_pid = LISTEN_PID.to_vec();
         listen_pid.resize(LISTEN_PID.len() + PID_DIGITS + 1, 0);
         let env: Vec<CString> = env
