@@ -105,8 +105,8 @@ fn saw(cluster: &Cluster, marker: &str) -> Vec<usize> {
 
 /// Whether sticky resets foreign requests on this kernel. Where it cannot
 /// (no SOCK_DESTROY: a kernel without CONFIG_INET_DIAG_DESTROY, or without
-/// the tcp_diag module, as in the kernel matrix's module-less guests), one
-/// line at start says why, and the reset tests stop there.
+/// the tcp_diag module), one line at start says why, and the reset tests
+/// stop there.
 fn resets_here(cluster: &Cluster) -> bool {
     if cluster.stats()["foreign_requests"] == "reset" {
         return true;
