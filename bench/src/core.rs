@@ -53,6 +53,7 @@ use crate::host::{other_stickies, warn_others};
 use crate::http::{exchange_after, Conn, Response};
 use crate::measure::{cpu_set, run_clients, Rng, Stats};
 
+mod foreign;
 mod memory;
 mod report;
 mod ws_learn;
@@ -72,6 +73,7 @@ const USAGE: &str =
                     [--modes sticky,cookie,floor] [--sessions N] [--learned N]
                     [--no-memory] [--learn on|off] [--json PATH] [--readme PATH]
                     [--sticky PATH] [--worker PATH] [--direct ADDR] [--ws-learn]
+                    [--foreign]
 
   --quick          1 round of 1 s per workload, 100,000 learned sessions
                    (default: 3 rounds of 3 s, 1,000,000)
@@ -96,7 +98,11 @@ const USAGE: &str =
                    at ADDR in every column (checks the harness itself)
   --ws-learn       instead: Socket.IO messages over established WebSockets,
                    sticky --learn on vs off (plain socketioxide workers;
-                   JSON in <json stem>-ws-learn.json)";
+                   JSON in <json stem>-ws-learn.json)
+  --foreign        instead: the foreign-request check's cost (WebSocket echo,
+                   keep-alive long-polling; --foreign-requests reset vs off),
+                   Connection: close per poll, and a reset request's resend
+                   (JSON in <json stem>-foreign.json)";
 
 /// `sticky-bench core ARGS`.
 pub fn main(args: Vec<String>) {
@@ -125,6 +131,10 @@ struct Opts {
     ws_learn: bool,
     /// A cgroup v2 directory to start sticky in (`ws_learn`).
     cgroup: Option<PathBuf>,
+    /// Run only the foreign-request comparison (`foreign`).
+    foreign_bench: bool,
+    /// `--foreign-requests` for sticky (None: its default).
+    foreign: Option<&'static str>,
 }
 
 fn parse_args(args: Vec<String>) -> Result<Opts, String> {
@@ -143,6 +153,8 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
         learn: true,
         ws_learn: false,
         cgroup: None,
+        foreign_bench: false,
+        foreign: None,
     };
     let (mut rounds, mut duration) = (None, None);
     let (mut sessions, mut learned, mut memory) = (None, None, true);
@@ -154,6 +166,7 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
             "--quick" => quick = true,
             "--ws-learn" => opts.ws_learn = true,
             "--no-memory" => memory = false,
+            "--foreign" => opts.foreign_bench = true,
             "--rounds" => rounds = Some(number(&value("--rounds")?)? as usize),
             "--duration" => {
                 duration = Some(Duration::from_secs_f64(number(&value("--duration")?)?))
@@ -341,6 +354,9 @@ struct Results {
 }
 
 fn run(opts: &Opts) -> Result<(), String> {
+    if opts.foreign_bench {
+        return foreign::run(opts);
+    }
     if opts.ws_learn {
         return ws_learn::run(opts);
     }
@@ -557,6 +573,7 @@ impl Cluster {
                 _ => &[],
             })
             .args(extra)
+            .args(opts.foreign.map(|f| ["--foreign-requests", f]).iter().flatten())
             .arg("--")
             .arg(&opts.worker)
             .stdin(Stdio::null())

@@ -5,7 +5,7 @@ use std::{ffi::OsString, net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use sticky_common::{Balance, Config, Mode, MAX_WORKERS, PARAM_MAX, SESSIONS_MAX};
+use sticky_common::{Balance, Config, Foreign, Mode, MAX_WORKERS, PARAM_MAX, SESSIONS_MAX};
 
 use crate::{log, spawn::WorkerCommand};
 
@@ -67,6 +67,13 @@ pub struct RunArgs {
     /// workers need no sticky code.
     #[arg(long, value_enum, default_value_t = LearnArg::On)]
     pub learn: LearnArg,
+    /// A request carrying another worker's session on a reused keep-alive
+    /// connection: `reset` drops it and resets the connection (the client
+    /// resends it on a new one, placed by its sid); `pass` lets the
+    /// connection's worker answer it (counted); `off` does not look (the
+    /// benchmark's control). Needs session learning on.
+    #[arg(long, value_enum, default_value_t = ForeignArg::Reset)]
+    pub foreign_requests: ForeignArg,
     /// Forget a learned session after this long without a request carrying its sid.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub learn_idle: Duration,
@@ -107,6 +114,13 @@ pub enum IpcArg {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ForeignArg {
+    Reset,
+    Pass,
+    Off,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LearnArg {
     On,
     Off,
@@ -125,6 +139,8 @@ pub struct Settings {
     /// Asked for; whether it runs also depends on the kernel (`main::attach_learner`).
     pub learn: bool,
     pub learn_idle: Duration,
+    /// Asked for; `main::foreign_requests` says what the kernel can do.
+    pub foreign_requests: Foreign,
     pub max_sessions: u32,
     pub command: WorkerCommand,
     /// Workers get a Node IPC channel to the relay (`--ipc`).
@@ -166,6 +182,11 @@ impl Settings {
             // Learning needs placements by sticky: not the floor.
             learn: args.learn == LearnArg::On && mode != Mode::SynBalance,
             learn_idle: args.learn_idle,
+            foreign_requests: match args.foreign_requests {
+                ForeignArg::Reset => Foreign::Reset,
+                ForeignArg::Pass => Foreign::Pass,
+                ForeignArg::Off => Foreign::Off,
+            },
             max_sessions: args.max_sessions,
             node_ipc: match args.ipc {
                 IpcArg::Auto => command.is_node(),
@@ -177,7 +198,7 @@ impl Settings {
     }
 
     /// The selector's configuration for a group on `port`.
-    pub fn kernel_config(&self, cpus: usize, port: u16, learning: bool) -> Config {
+    pub fn kernel_config(&self, cpus: usize, port: u16, learning: bool, foreign: Foreign) -> Config {
         let mut config = Config::new(
             self.workers as u32,
             cpus as u32,
@@ -188,6 +209,7 @@ impl Settings {
         if learning {
             config = config.learning(port);
         }
+        config.foreign = foreign as u32;
         // The port names this group's selector, for a successor's adoption.
         config.port = u32::from(port);
         config

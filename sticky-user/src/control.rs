@@ -27,6 +27,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 
 use crate::{
+    resets::ResetStats,
     sessions::{SessionTable, WorkerId},
     steering::Counters,
 };
@@ -55,6 +56,7 @@ pub struct ControlState {
     pub counters: Arc<Counters>,
     /// The broadcast relay, whose counters `stats` reports too.
     pub relay: Option<Arc<crate::relay::Relay>>,
+    pub resets: Arc<ResetStats>,
 }
 
 impl ControlSocket {
@@ -230,8 +232,9 @@ fn answer(state: &ControlState, worker: Option<WorkerId>, uid: u32, line: &str) 
             let table = state.sessions.lock().unwrap();
             let relay = state.relay.as_ref().map(|r| r.report()).unwrap_or_default();
             return format!(
-                "ok {} {relay} live_workers={} sessions={} learned_sessions={} {}\n",
+                "ok {} {} {relay} live_workers={} sessions={} learned_sessions={} {}\n",
                 state.counters.report(),
+                state.resets.report(),
                 table.live_workers(),
                 table.session_count(),
                 table.learned_count(),

@@ -13,6 +13,7 @@ mod listeners;
 mod plug;
 mod reject;
 mod relay;
+mod resets;
 mod sessions;
 mod sorter;
 mod spawn;
@@ -31,7 +32,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use aya::maps::{MapData, ReusePortSockArray};
 use clap::Parser;
-use sticky_common::{Mode, MAX_CPUS, REJECT_SLOT, SINK_SLOT};
+use sticky_common::{Foreign, Mode, MAX_CPUS, REJECT_SLOT, SINK_SLOT};
 
 use cli::{Cli, Command, RunArgs, Settings};
 
@@ -64,7 +65,7 @@ fn main() {
 /// services, sorters, supervisor. Only the sorters and the supervisor keep
 /// working after start-up; nothing here is on the data path.
 fn run(args: RunArgs) -> Result<()> {
-    let settings = Settings::from_args(args)?;
+    let mut settings = Settings::from_args(args)?;
     let mut steering = steering::Steering::load(settings.max_sessions)?;
     let mut maps = steering.take_maps()?;
     let cpus = sorting_cpus();
@@ -74,7 +75,8 @@ fn run(args: RunArgs) -> Result<()> {
     let group = takeover.listener_group(settings.listen)?;
 
     let learning = settings.learn && attach_learner(&mut steering);
-    let config = settings.kernel_config(cpus, group.addr.port(), learning);
+    let foreign = foreign_requests(&settings, learning);
+    let config = settings.kernel_config(cpus, group.addr.port(), learning, foreign);
     maps.config.set(0, config, 0)?;
     let mut table = sessions::SessionTable::new(
         maps.sessions,
@@ -90,6 +92,16 @@ fn run(args: RunArgs) -> Result<()> {
 
     let slots: sorter::SockArray = Arc::new(Mutex::new(maps.listeners));
     let counters = Arc::new(maps.counters);
+    let reset_stats = Arc::new(resets::ResetStats::new(foreign.name()));
+    // The integrations keep polling connections alive when foreign requests
+    // are reset (README, "Requests on reused connections").
+    settings
+        .command
+        .set_env("STICKY_FOREIGN_REQUESTS", foreign.name());
+    if foreign == Foreign::Reset {
+        resets::serve(maps.resets, group.addr.port(), reset_stats.clone())
+            .context("starting the connection resetter")?;
+    }
     let sessions = Arc::new(Mutex::new(table));
     let control_path = settings
         .control
@@ -101,6 +113,7 @@ fn run(args: RunArgs) -> Result<()> {
         sessions: sessions.clone(),
         counters: counters.clone(),
         relay: Some(relay.clone()),
+        resets: reset_stats,
     });
     reject::serve(group.reject);
     if learning {
@@ -202,6 +215,29 @@ fn attach_learner(steering: &mut steering::Steering) -> bool {
         Ok(()) => true,
         Err(e) => {
             log!("session learning is off: {e:#}");
+            false
+        }
+    }
+}
+
+/// What `sticky_watch` does with a foreign request: it needs learning (the
+/// cgroup programs) and, to reset, a kernel that destroys sockets.
+fn foreign_requests(settings: &Settings, learning: bool) -> Foreign {
+    match settings.foreign_requests {
+        _ if !learning => Foreign::Pass,
+        Foreign::Reset if !can_reset() => Foreign::Pass,
+        asked => asked,
+    }
+}
+
+fn can_reset() -> bool {
+    match resets::probe() {
+        Ok(()) => true,
+        Err(why) => {
+            log!(
+                "{why}: a request carrying another worker's session on a reused connection \
+                 reaches the connection's worker (see README, \"Requests on reused connections\")"
+            );
             false
         }
     }

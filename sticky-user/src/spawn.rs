@@ -42,6 +42,8 @@ pub struct WorkerCommand {
     /// The broadcast relay: `STICKY_RELAY`, and the Node IPC channels.
     relay: Option<Arc<Relay>>,
     node_ipc: bool,
+    /// More `STICKY_*` variables for every worker (`NAME=value`).
+    extra_env: Vec<Vec<u8>>,
 }
 
 impl WorkerCommand {
@@ -65,6 +67,7 @@ impl WorkerCommand {
                 .join(" "),
             relay: None,
             node_ipc: false,
+            extra_env: Vec::new(),
         })
     }
 
@@ -85,6 +88,11 @@ impl WorkerCommand {
         self.relay = Some(relay);
         self.node_ipc = node_ipc;
         self
+    }
+
+    /// Gives every worker `name=value` (inherited `STICKY_*` variables are not).
+    pub fn set_env(&mut self, name: &str, value: &str) {
+        self.extra_env.push(format!("{name}={value}").into_bytes());
     }
 
     /// Forks and execs the worker; returns its pid once exec succeeded.
@@ -118,6 +126,7 @@ impl WorkerCommand {
             // `advanced`: V8 serialization, Buffers survive (`json` loses them).
             env.push(b"NODE_CHANNEL_SERIALIZATION_MODE=advanced".to_vec());
         }
+        env.extend(self.extra_env.iter().cloned());
         let mut listen_pid = LISTEN_PID.to_vec();
         listen_pid.resize(LISTEN_PID.len() + PID_DIGITS + 1, 0);
         let env: Vec<CString> = env

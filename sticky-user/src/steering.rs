@@ -36,6 +36,8 @@ pub struct SteeringMaps {
     pub handoff: HandoffMap,
     pub doorbells: ArrayOfMaps<MapData, MapData>,
     pub learned: HashMap<MapData, SidKey, Learned>,
+    /// Connections `sticky_watch` doomed, for `resets.rs` to destroy.
+    pub resets: RingBuf<MapData>,
 }
 
 impl Steering {
@@ -70,6 +72,7 @@ impl Steering {
             counters: Counters(self.take(maps::COUNTERS)?),
             doorbells: self.take(maps::DOORBELLS)?,
             learned: self.take(maps::LEARNED)?,
+            resets: self.take(maps::RESETS)?,
             handoff: HandoffMap::new(
                 self.ebpf
                     .take_map(maps::HANDOFF)
