@@ -21,7 +21,7 @@ mod takeover;
 use std::{
     io::{BufRead, BufReader, Write},
     os::unix::net::UnixStream,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -50,6 +50,9 @@ fn main() {
         Command::Run(args) => run(args),
         Command::Stats { control, listen } => {
             stats(control.unwrap_or_else(|| cli::default_control(listen.port())))
+        }
+        Command::Reload { control, listen } => {
+            reload(control.unwrap_or_else(|| cli::default_control(listen.port())))
         }
     };
     if let Err(e) = result {
@@ -93,10 +96,12 @@ fn run(args: RunArgs) -> Result<()> {
         .control
         .clone()
         .unwrap_or_else(|| cli::default_control(group.addr.port()));
+    let events = supervisor::events();
     let _remove_control =
         control::ControlSocket::bind(&control_path)?.serve(control::ControlState {
             sessions: sessions.clone(),
             counters: counters.clone(),
+            reload: events.0.clone(),
         });
     reject::serve(group.reject);
     if learning {
@@ -134,16 +139,21 @@ fn run(args: RunArgs) -> Result<()> {
         control_path.display()
     );
     let supervisor = supervisor::Supervisor::start(
-        settings.command,
+        supervisor::WorkerSettings {
+            command: settings.command,
+            control: control_path.clone(),
+            workers: settings.workers,
+            grace: settings.grace,
+            drain: settings.drain,
+        },
         supervisor::Listeners {
             addr: group.addr,
             slots,
             workers: worker_listeners,
         },
-        control_path.clone(),
         sessions,
-        settings.grace,
         adopted,
+        events,
     )?;
     log!("{ready}");
     let result = supervisor.run();
@@ -221,20 +231,32 @@ fn sorting_cpus() -> usize {
 }
 
 fn stats(path: PathBuf) -> Result<()> {
-    let mut stream = UnixStream::connect(&path).with_context(|| {
+    let body = ask(&path, "stats")?;
+    for field in body.split(' ') {
+        println!("{}", field.replacen('=', " ", 1));
+    }
+    Ok(())
+}
+
+/// `sticky reload`: prints what the running sticky started.
+fn reload(path: PathBuf) -> Result<()> {
+    println!("{}", ask(&path, "reload")?);
+    Ok(())
+}
+
+/// One request line to a running sticky's control socket; its `ok` answer.
+fn ask(path: &Path, request: &str) -> Result<String> {
+    let mut stream = UnixStream::connect(path).with_context(|| {
         format!(
             "cannot reach a running sticky at {} (pass --control or --listen)",
             path.display()
         )
     })?;
-    stream.write_all(b"stats\n")?;
+    stream.write_all(format!("{request}\n").as_bytes())?;
     let mut line = String::new();
     BufReader::new(stream).read_line(&mut line)?;
-    let Some(body) = line.trim_end().strip_prefix("ok ") else {
-        bail!("sticky answered: {}", line.trim_end())
-    };
-    for field in body.split(' ') {
-        println!("{}", field.replacen('=', " ", 1));
+    match line.trim_end().strip_prefix("ok") {
+        Some(body) => Ok(body.trim_start().to_owned()),
+        None => bail!("sticky answered: {}", line.trim_end()),
     }
-    Ok(())
 }

@@ -1,6 +1,7 @@
 //! Starting a worker process with socket activation (the systemd
 //! convention): its listener as fd 3, `LISTEN_FDS=1`, `LISTEN_PID=<its pid>`,
-//! `LISTEN_FDNAMES=sticky`, plus `STICKY_WORKER` and `STICKY_CONTROL`.
+//! `LISTEN_FDNAMES=sticky`, plus `STICKY_WORKER`, `STICKY_GENERATION` and
+//! `STICKY_CONTROL`.
 //!
 //! Hand-rolled fork/exec because `LISTEN_PID` must hold the child's own pid,
 //! known only after fork: everything is allocated before fork, and the child
@@ -56,8 +57,15 @@ impl WorkerCommand {
         })
     }
 
-    /// Forks and execs the worker; returns its pid once exec succeeded.
-    pub fn spawn(&self, listener: &OwnedFd, index: usize, control: &Path) -> io::Result<u32> {
+    /// Forks and execs worker `index` of reload generation `generation`;
+    /// returns its pid once exec succeeded.
+    pub fn spawn(
+        &self,
+        listener: &OwnedFd,
+        index: usize,
+        generation: u64,
+        control: &Path,
+    ) -> io::Result<u32> {
         // Everything the child needs, built before fork.
         let mut env: Vec<Vec<u8>> = std::env::vars_os()
             .filter(|(k, _)| {
@@ -69,6 +77,7 @@ impl WorkerCommand {
         env.push(b"LISTEN_FDS=1".to_vec());
         env.push(b"LISTEN_FDNAMES=sticky".to_vec());
         env.push(format!("STICKY_WORKER={index}").into_bytes());
+        env.push(format!("STICKY_GENERATION={generation}").into_bytes());
         env.push([b"STICKY_CONTROL=", control.as_os_str().as_bytes()].concat());
         let mut listen_pid = LISTEN_PID.to_vec();
         listen_pid.resize(LISTEN_PID.len() + PID_DIGITS + 1, 0);
