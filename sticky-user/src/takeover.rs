@@ -82,10 +82,13 @@ impl Takeover {
         table.carry_over(carried)?;
         for a in &self.adopted {
             old.release_slot(a.index)?;
+            let index = crate::supervisor::index_of(a.index, self.per_generation);
+            let generation = match a.generation {
+                0 => String::new(),
+                g => format!(" of generation {g}"),
+            };
             log!(
-                "adopted worker {} of generation {} (pid {}) and its listener from an earlier sticky",
-                crate::supervisor::index_of(a.index, self.per_generation),
-                a.generation,
+                "adopted worker {index}{generation} (pid {}) and its listener from an earlier sticky",
                 a.pid
             );
         }
