@@ -289,10 +289,19 @@ impl SessionTable {
         let forgot = self.forget_learned(|l, _| {
             l.last_seen_ns == 0 || now.saturating_sub(l.last_seen_ns) > idle
         });
+        self.recount_learned();
+        forgot
+    }
+
+    /// Recounts each worker's open learned sessions (closed ones, not yet
+    /// forgotten, do not count) and publishes the counts that changed. One
+    /// pass over the kernel map: the expiry scan, and a drain that must
+    /// know when an old worker has no session left.
+    pub fn recount_learned(&mut self) {
         let mut counts = vec![0u32; self.slots.len()];
         for (_, l) in self.learned.iter().flatten() {
             if let Some(c) = counts.get_mut(l.worker as usize) {
-                *c += 1;
+                *c += u32::from(l.last_seen_ns != 0);
             }
         }
         for (i, learned) in counts.into_iter().enumerate() {
@@ -301,7 +310,6 @@ impl SessionTable {
                 let _ = self.publish(i);
             }
         }
-        forgot
     }
 
     /// Removes the learned sessions matching `doomed` from both maps.

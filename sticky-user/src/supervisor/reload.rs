@@ -33,6 +33,9 @@ pub(super) const TICK: Duration = Duration::from_millis(100);
 /// A new process that lives this long has started; until then the old
 /// generation is kept, ready to take new sessions back.
 const SETTLE: Duration = Duration::from_secs(2);
+/// How often a drain recounts learned sessions (one pass over the kernel
+/// map; the expiry scan's own count may be seconds old).
+const RECOUNT: Duration = Duration::from_millis(500);
 
 /// The old generation of a reload in progress.
 pub(super) struct Draining {
@@ -41,6 +44,7 @@ pub(super) struct Draining {
     deadline: Instant,
     /// `SETTLE`, or the drain window if shorter.
     settle: Duration,
+    recounted: Option<Instant>,
 }
 
 /// A process sent SIGTERM by a drain or a rollback.
@@ -129,6 +133,7 @@ impl Supervisor {
             started: now,
             deadline: now + self.drain,
             settle: SETTLE.min(self.drain),
+            recounted: None,
         });
     }
 
@@ -145,8 +150,12 @@ impl Supervisor {
                 }
             }
         }
-        let Some(d) = &self.draining else { return };
+        let Some(d) = &mut self.draining else { return };
         let (deadline, settled) = (now >= d.deadline, now >= d.started + d.settle);
+        if settled && !d.recounted.is_some_and(|t| now < t + RECOUNT) {
+            d.recounted = Some(now);
+            self.sessions.lock().unwrap().recount_learned();
+        }
 
         let mut cut = 0;
         for slot in self.old_processes() {
