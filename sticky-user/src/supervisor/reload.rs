@@ -152,7 +152,7 @@ impl Supervisor {
         }
         let Some(d) = &mut self.draining else { return };
         let (deadline, settled) = (now >= d.deadline, now >= d.started + d.settle);
-        if settled && !d.recounted.is_some_and(|t| now < t + RECOUNT) {
+        if settled && d.recounted.is_none_or(|t| now >= t + RECOUNT) {
             d.recounted = Some(now);
             self.sessions.lock().unwrap().recount_learned();
         }
