@@ -235,9 +235,8 @@ impl Supervisor {
             let now = Instant::now();
             let mut next = self.workers.iter().filter_map(|w| w.restart_at).min();
             if self.draining.is_some() || !self.retiring.is_empty() {
-                next = next
-                    .min(Some(now + reload::TICK))
-                    .or(Some(now + reload::TICK));
+                let tick = now + reload::TICK;
+                next = Some(next.map_or(tick, |t| t.min(tick)));
             }
             let timeout = next
                 .map(|t| t.saturating_duration_since(now))

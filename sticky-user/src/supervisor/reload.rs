@@ -1,7 +1,7 @@
 //! Reloads: a new generation of workers, the old one drained.
 //!
 //! `sticky reload` (or SIGHUP) starts a new process in every worker index,
-//! in the other half of the kernel slots (`slot_of`), each with the
+//! in the other slot of the index's pair (`slot_of`), each with the
 //! listener of that slot (its own). The new processes take new sessions at
 //! once; the old ones are marked draining: requests carrying their sids
 //! still reach them (the `sessions` map names their slots), balancing skips
