@@ -8,7 +8,7 @@
 //! from its second quick exit on, its queue is handed to the live workers.
 //!
 //! `sticky reload` (or SIGHUP) starts a new generation of workers in the
-//! other half of the slots while the old one drains: see `reload`.
+//! other slot of each worker's pair while the old one drains: see `reload`.
 
 use std::{
     net::SocketAddr,

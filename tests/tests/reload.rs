@@ -67,10 +67,16 @@ fn sighup_starts_a_generation_and_an_old_worker_stops_once_its_last_session_clos
 
     // Requests without a sid: the new generation only. With their sid: the
     // old owner, on new connections.
+    let mut spread: HashMap<u32, usize> = HashMap::new();
     for _ in 0..20 {
         let r = cluster.get("/");
         assert!(new.contains(&r.pid.unwrap()), "balanced onto an old worker");
+        *spread.entry(r.pid.unwrap()).or_default() += 1;
     }
+    assert!(
+        spread.len() == 2 && spread.values().all(|&n| n >= 5),
+        "balanced unevenly over the new generation: {spread:?}"
+    );
     for round in 0..5 {
         for (sid, owner) in &sessions {
             let r = cluster.get(&format!("/?sid={sid}&round={round}"));
@@ -101,8 +107,9 @@ fn sighup_starts_a_generation_and_an_old_worker_stops_once_its_last_session_clos
         "{log}"
     );
     sticky_tests::report(&format!(
-        "SIGHUP: generation 1 {new:?} took 20/20 new connections, {} old sids x 5 rounds stayed \
-         on {old:?}; old worker 0 stopped {stopped_after:.1?} after its last session closed",
+        "SIGHUP: generation 1 {new:?} took 20/20 new connections ({spread:?}), {} old sids x 5 \
+         rounds stayed on {old:?}; old worker 0 stopped {stopped_after:.1?} after its last \
+         session closed",
         sessions.len()
     ));
 }

@@ -181,7 +181,10 @@ fn one_way(root: &Path, o: &Options, way: Way, out: &Path) -> Result<Outcome, St
     sticky.stop();
     deployed?;
     if !status.success() {
-        return Err(format!("the client failed ({status}); see {}", log_path.display()));
+        return Err(format!(
+            "the client failed ({status}); see {}",
+            log_path.display()
+        ));
     }
     let result = result.ok_or("the client printed no SOAK_RESULT")?;
     Ok(Outcome {

@@ -15,9 +15,9 @@
 //! `target/` does not become root-owned).
 
 mod bench;
+mod deploy;
 mod fuzz;
 mod kernels;
-mod deploy;
 mod soak;
 
 use std::ffi::OsString;
