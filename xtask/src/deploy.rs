@@ -6,15 +6,18 @@
 //! (`e2e/workers/node-worker.js`, sessions registered by the integration)
 //! and the soak client (`e2e/soak/client.js`): N sessions (a third each
 //! long-polling, WebSocket, polling then upgrade), each echoing with an ack
-//! every second and ending by itself after 5-25 s, a new one taking its
-//! place (page views). A third of the way into the run, the deploy:
+//! every 2 s and ending by itself after 10-40 s, a new one taking its place
+//! (page views). A third of the way into the run, the deploy:
 //! - restart: SIGTERM to each worker in turn, the next once sticky has
 //!   restarted the previous one (a rolling restart);
-//! - reload: `sticky reload` with `--drain` (default 30 s, longer than any
+//! - reload: `sticky reload` with `--drain` (default 60 s, longer than any
 //!   session's life).
 //!
 //! Reported per way: sessions cut (ended by their server, not by their own
-//! end), messages lost (ack timed out after 10 s), reconnects.
+//! end), messages lost (ack timed out after 10 s) before, during (until the
+//! last old process is gone, plus the 10 s ack timeout) and after the
+//! deploy, reconnects. Losses outside the deploy are the machine's own
+//! (on a shared 2-CPU machine a 10 s ack timeout is sometimes missed).
 
 use std::{
     io::{BufRead, BufReader},
@@ -30,8 +33,10 @@ use crate::soak::{self, Sticky};
 const USAGE: &str =
     "usage: cargo xtask deploy [--sessions N] [--workers N] [--seconds N] [--drain-s N]";
 /// Each session's life, in ms: the client's --lifetime-ms.
-const LIFETIME_MS: &str = "5000-25000";
-const INTERVAL_MS: u32 = 1000;
+const LIFETIME_MS: &str = "10000-40000";
+const INTERVAL_MS: u32 = 2000;
+/// The client's ack timeout: a loss is seen this long after the send.
+const ACK_TIMEOUT_S: f64 = 10.0;
 
 struct Options {
     sessions: u32,
@@ -44,8 +49,8 @@ fn options(args: &[String]) -> Result<Options, String> {
     let mut o = Options {
         sessions: 2000,
         workers: 4,
-        seconds: 90,
-        drain_s: 30,
+        seconds: 150,
+        drain_s: 60,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -90,7 +95,10 @@ impl Way {
 struct Outcome {
     way: Way,
     result: Value,
-    /// From the deploy's start until every worker runs the new process.
+    /// When the deploy started, in seconds of the client's run.
+    deploy_at: f64,
+    /// From the deploy's start until every worker runs the new process
+    /// (reload: until the last old process is gone).
     deploy_s: f64,
 }
 
@@ -113,7 +121,7 @@ pub fn deploy(args: &[String]) -> Result<(), String> {
     let out = root.join("target/deploy");
     std::fs::create_dir_all(&out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
     println!(
-        "deploy: {} workers, {} sessions living 5-25 s each, one echo per second; \
+        "deploy: {} workers, {} sessions living 10-40 s each, one echo per 2 s; \
          the deploy at t={} s of {} s",
         o.workers,
         o.sessions,
@@ -169,8 +177,10 @@ fn one_way(root: &Path, o: &Options, way: Way, out: &Path) -> Result<Outcome, St
         }
         result
     });
+    let spawned = Instant::now();
     std::thread::sleep(Duration::from_secs(u64::from(o.seconds / 3)));
     let started = Instant::now();
+    let deploy_at = (started - spawned).as_secs_f64();
     let deployed = match way {
         Way::Restart => rolling_restart(&control, o.workers),
         Way::Reload => reload(&control, &mut sticky),
@@ -190,6 +200,7 @@ fn one_way(root: &Path, o: &Options, way: Way, out: &Path) -> Result<Outcome, St
     Ok(Outcome {
         way,
         result,
+        deploy_at,
         deploy_s,
     })
 }
@@ -244,44 +255,75 @@ fn control_line(control: &Path, line: &str) -> Result<String, String> {
     Ok(answer.trim_end().to_owned())
 }
 
+/// Messages lost (by the second they were sent) before, during and after
+/// the deploy.
+fn lost_by_phase(w: &Outcome) -> [u64; 3] {
+    let mut phases = [0; 3];
+    let Some(at) = w.result["lostAt"].as_object() else {
+        return phases;
+    };
+    let end = w.deploy_at + w.deploy_s + ACK_TIMEOUT_S;
+    for (second, count) in at {
+        let t: f64 = second.parse().unwrap_or(0.0);
+        // A message sent up to one ack timeout before the deploy may be
+        // lost to it.
+        let phase = if t + ACK_TIMEOUT_S < w.deploy_at {
+            0
+        } else if t <= end {
+            1
+        } else {
+            2
+        };
+        phases[phase] += count.as_u64().unwrap_or(0);
+    }
+    phases
+}
+
 fn report(o: &Options, outcomes: &[Outcome]) {
     let n = |r: &Value, k: &str| r[k].as_u64().unwrap_or(0);
     println!(
-        "\ndeploy results: {} workers, {} concurrent sessions (5-25 s each), --drain {}s",
+        "\ndeploy results: {} workers, {} concurrent sessions (10-40 s each), --drain {}s",
         o.workers, o.sessions, o.drain_s
     );
     println!(
-        "  {:<16} {:>8} {:>12} {:>10} {:>9} {:>11} {:>10}",
-        "way", "sessions", "sessions cut", "sent", "lost", "reconnects", "deploy s"
+        "  {:<16} {:>8} {:>12} {:>9} {:>6} {:>13} {:>6} {:>11} {:>9}",
+        "way",
+        "sessions",
+        "sessions cut",
+        "sent",
+        "lost:",
+        "in the deploy",
+        "others",
+        "reconnects",
+        "deploy s"
     );
     for w in outcomes {
         let r = &w.result;
+        let [before, during, after] = lost_by_phase(w);
         println!(
-            "  {:<16} {:>8} {:>12} {:>10} {:>9} {:>11} {:>10.1}",
+            "  {:<16} {:>8} {:>12} {:>9} {:>6} {:>13} {:>6} {:>11} {:>9.1}",
             w.way.name(),
             n(r, "connects") - n(r, "reconnects"),
             n(r, "cut"),
             n(r, "sent"),
+            n(r, "lost"),
             format!(
-                "{} ({:.2}%)",
-                n(r, "lost"),
-                100.0 * n(r, "lost") as f64 / n(r, "sent").max(1) as f64
+                "{during} ({:.2}%)",
+                100.0 * during as f64 / n(r, "sent").max(1) as f64
             ),
+            before + after,
             n(r, "reconnects"),
             w.deploy_s
         );
     }
-    let of = |way: Way, k: &str| {
-        outcomes
-            .iter()
-            .find(|w| w.way == way)
-            .map_or(0, |w| n(&w.result, k))
-    };
-    println!(
-        "  sticky reload vs restart: {} vs {} sessions cut, {} vs {} messages lost",
-        of(Way::Reload, "cut"),
-        of(Way::Restart, "cut"),
-        of(Way::Reload, "lost"),
-        of(Way::Restart, "lost")
-    );
+    let find = |way: Way| outcomes.iter().find(|w| w.way == way);
+    if let (Some(reload), Some(restart)) = (find(Way::Reload), find(Way::Restart)) {
+        println!(
+            "  sticky reload vs restart: {} vs {} sessions cut, {} vs {} messages lost in the deploy",
+            n(&reload.result, "cut"),
+            n(&restart.result, "cut"),
+            lost_by_phase(reload)[1],
+            lost_by_phase(restart)[1]
+        );
+    }
 }
