@@ -56,6 +56,8 @@ function main() {
     // sessions ended by their own lifetime (--lifetime-ms), and the others
     ended: 0,
     cut: 0,
+    // second of the run -> sessions cut then
+    cutAt: {},
     // second of the run -> messages lost (ack timed out) that were sent then
     lostAt: {},
   };
@@ -91,7 +93,11 @@ function main() {
       tally.connectedNow--;
       hello = null;
       tally.disconnects[reason] = (tally.disconnects[reason] || 0) + 1;
-      if (!ending && sending) tally.cut++;
+      if (!ending && sending) {
+        tally.cut++;
+        const t = Math.floor(now());
+        tally.cutAt[t] = (tally.cutAt[t] || 0) + 1;
+      }
     });
     socket.on('connect_error', (err) => {
       tally.connectErrors++;

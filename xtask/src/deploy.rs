@@ -2,7 +2,9 @@
 //! what a deploy costs the clients, `sticky reload` against restarting the
 //! workers (today's way), in one run, side by side.
 //!
-//! Each way gets a fresh release `sticky run` with real Socket.IO workers
+//! Both ways run at the same time on the same machine (so that both see
+//! the same load from anything else running there), each with its own
+//! fresh release `sticky run` with real Socket.IO workers
 //! (`e2e/workers/node-worker.js`, sessions registered by the integration)
 //! and the soak client (`e2e/soak/client.js`): N sessions (a third each
 //! long-polling, WebSocket, polling then upgrade), each echoing with an ack
@@ -14,10 +16,11 @@
 //!   session's life).
 //!
 //! Reported per way: sessions cut (ended by their server, not by their own
-//! end), messages lost (ack timed out after 10 s) before, during (until the
-//! last old process is gone, plus the 10 s ack timeout) and after the
-//! deploy, reconnects. Losses outside the deploy are the machine's own
-//! (on a shared 2-CPU machine a 10 s ack timeout is sometimes missed).
+//! end) and messages lost (ack timed out after 10 s), in the deploy (from
+//! its start until the last old process is gone, plus the 10 s ack
+//! timeout) and outside it, and reconnects. Cuts and losses outside the
+//! deploy are the machine's own (on a loaded 2-CPU machine a ping or an
+//! ack timeout is sometimes missed).
 
 use std::{
     io::{BufRead, BufReader},
@@ -128,11 +131,17 @@ pub fn deploy(args: &[String]) -> Result<(), String> {
         o.seconds / 3,
         o.seconds
     );
-    let mut outcomes = Vec::new();
-    for way in [Way::Restart, Way::Reload] {
-        outcomes.push(one_way(&root, &o, way, &out)?);
-    }
-    report(&o, &outcomes);
+    let (root, o, out) = (&root, &o, &out);
+    let outcomes = std::thread::scope(|scope| {
+        let ways =
+            [Way::Restart, Way::Reload].map(|way| scope.spawn(move || one_way(root, o, way, out)));
+        ways.map(|w| {
+            w.join()
+                .unwrap_or_else(|_| Err("a deploy thread panicked".into()))
+        })
+    });
+    let outcomes = outcomes.into_iter().collect::<Result<Vec<_>, _>>()?;
+    report(o, &outcomes);
     Ok(())
 }
 
@@ -255,18 +264,18 @@ fn control_line(control: &Path, line: &str) -> Result<String, String> {
     Ok(answer.trim_end().to_owned())
 }
 
-/// Messages lost (by the second they were sent) before, during and after
-/// the deploy.
-fn lost_by_phase(w: &Outcome) -> [u64; 3] {
+/// `lostAt` or `cutAt` counts (by second of the run) before, during and
+/// after the deploy. A message sent up to one ack timeout before the
+/// deploy may be lost to it; a session may be cut until its last old
+/// process is gone (plus the ack timeout, for losses).
+fn by_phase(w: &Outcome, key: &str) -> [u64; 3] {
     let mut phases = [0; 3];
-    let Some(at) = w.result["lostAt"].as_object() else {
+    let Some(at) = w.result[key].as_object() else {
         return phases;
     };
     let end = w.deploy_at + w.deploy_s + ACK_TIMEOUT_S;
     for (second, count) in at {
         let t: f64 = second.parse().unwrap_or(0.0);
-        // A message sent up to one ack timeout before the deploy may be
-        // lost to it.
         let phase = if t + ACK_TIMEOUT_S < w.deploy_at {
             0
         } else if t <= end {
@@ -286,10 +295,11 @@ fn report(o: &Options, outcomes: &[Outcome]) {
         o.workers, o.sessions, o.drain_s
     );
     println!(
-        "  {:<16} {:>8} {:>12} {:>9} {:>6} {:>13} {:>6} {:>11} {:>9}",
+        "  {:<16} {:>8} {:>9} {:>6} {:>9} {:>6} {:>13} {:>6} {:>11} {:>9}",
         "way",
         "sessions",
-        "sessions cut",
+        "cut: in",
+        "others",
         "sent",
         "lost:",
         "in the deploy",
@@ -299,12 +309,14 @@ fn report(o: &Options, outcomes: &[Outcome]) {
     );
     for w in outcomes {
         let r = &w.result;
-        let [before, during, after] = lost_by_phase(w);
+        let [before, during, after] = by_phase(w, "lostAt");
+        let [cut_before, cut_during, cut_after] = by_phase(w, "cutAt");
         println!(
-            "  {:<16} {:>8} {:>12} {:>9} {:>6} {:>13} {:>6} {:>11} {:>9.1}",
+            "  {:<16} {:>8} {:>9} {:>6} {:>9} {:>6} {:>13} {:>6} {:>11} {:>9.1}",
             w.way.name(),
             n(r, "connects") - n(r, "reconnects"),
-            n(r, "cut"),
+            cut_during,
+            cut_before + cut_after,
             n(r, "sent"),
             n(r, "lost"),
             format!(
@@ -319,11 +331,11 @@ fn report(o: &Options, outcomes: &[Outcome]) {
     let find = |way: Way| outcomes.iter().find(|w| w.way == way);
     if let (Some(reload), Some(restart)) = (find(Way::Reload), find(Way::Restart)) {
         println!(
-            "  sticky reload vs restart: {} vs {} sessions cut, {} vs {} messages lost in the deploy",
-            n(&reload.result, "cut"),
-            n(&restart.result, "cut"),
-            lost_by_phase(reload)[1],
-            lost_by_phase(restart)[1]
+            "  in the deploy, sticky reload vs restart: {} vs {} sessions cut, {} vs {} messages lost",
+            by_phase(reload, "cutAt")[1],
+            by_phase(restart, "cutAt")[1],
+            by_phase(reload, "lostAt")[1],
+            by_phase(restart, "lostAt")[1]
         );
     }
 }
