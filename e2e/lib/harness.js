@@ -182,7 +182,7 @@ async function stopSticky(handle) {
     const workerPids = await stats(handle)
       .then((st) =>
         Object.entries(st)
-          .filter(([k, v]) => /^worker\d+$/.test(k) && typeof v === 'string')
+          .filter(([k, v]) => /^worker\d+(_generation\d+)?$/.test(k) && typeof v === 'string')
           .map(([, v]) => Number((/pid:(\d+)/.exec(v) || [])[1]))
           .filter(Boolean),
       )

@@ -146,10 +146,19 @@ impl Config {
     }
 }
 
+/// `sticky_worker.live`: no process in the slot.
+pub const WORKER_DOWN: u32 = 0;
+/// `sticky_worker.live`: takes its own sessions and balanced new ones.
+pub const WORKER_ACCEPTING: u32 = 1;
+/// `sticky_worker.live`: an old generation's worker after a reload: takes
+/// its own sessions only.
+pub const WORKER_DRAINING: u32 = 2;
+
 /// `struct sticky_worker`: one entry per worker slot of the `workers` map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct WorkerState {
+    /// `WORKER_DOWN`, `WORKER_ACCEPTING` or `WORKER_DRAINING`.
     pub live: u32,
     pub sessions: u32,
 }

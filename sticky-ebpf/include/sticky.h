@@ -98,7 +98,7 @@ enum sticky_mode {
 
 /* The one entry of the `config` array map, written by user space. */
 struct sticky_config {
-	__u32 worker_count; /* slots 0..worker_count-1 are in use */
+	__u32 worker_count; /* slots 0..worker_count-1 may hold workers */
 	__u32 balance;      /* enum sticky_balance */
 	__u32 mode;         /* enum sticky_mode */
 	__u32 param_len;    /* length of "name=" in param_word, 2..16 */
@@ -129,9 +129,18 @@ enum sticky_foreign {
 	STICKY_FOREIGN_OFF = 2,
 };
 
+/*
+ * Values of sticky_worker.live. A reload (`sticky reload`) starts a new
+ * generation of workers in other slots and marks the old ones DRAINING:
+ * requests carrying their sids still reach them, balancing skips them.
+ */
+#define STICKY_WORKER_DOWN 0
+#define STICKY_WORKER_ACCEPTING 1 /* takes its sessions and new ones */
+#define STICKY_WORKER_DRAINING 2  /* takes its own sessions only */
+
 /* One entry per worker slot of the `workers` array map, written by user space. */
 struct sticky_worker {
-	__u32 live;     /* 1 while the worker process runs */
+	__u32 live;     /* STICKY_WORKER_*: nonzero while the process runs */
 	__u32 sessions; /* live sessions it owns, for least-connection */
 };
 

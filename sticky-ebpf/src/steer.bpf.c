@@ -171,7 +171,17 @@ static __always_inline int worker_live(__u32 w)
 
 #include "foreign.h"
 
-/* Balancing for connections without a known sid. NO_WORKER if none is live. */
+/*
+ * Balancing for connections without a known sid, over the ACCEPTING workers
+ * only: a draining generation (after a reload) keeps its own sessions but
+ * gets no new ones. NO_WORKER if no worker accepts.
+ *
+ * Two generations interleave their slots (generation parity p uses slots
+ * 2i + p, see supervisor::slot_of), so "the first accepting slot from a
+ * uniform start" stays uniform: each accepting slot follows exactly one
+ * draining or empty slot. Contiguous halves would hand the whole draining
+ * half's share to the first accepting slot.
+ */
 static __always_inline __u32 pick_worker(const struct sticky_config *cfg)
 {
 	__u32 n = cfg->worker_count, zero = 0, start, j;
@@ -197,7 +207,7 @@ static __always_inline __u32 pick_worker(const struct sticky_config *cfg)
 		if (w >= n)
 			w -= n;
 		st = bpf_map_lookup_elem(&workers, &w);
-		if (!st || !st->live)
+		if (!st || st->live != STICKY_WORKER_ACCEPTING)
 			continue;
 		if (cfg->balance != STICKY_BALANCE_LEAST_CONNECTION)
 			return w;
@@ -234,8 +244,9 @@ static __always_inline void note_placement(const struct sticky_config *cfg,
 }
 
 /*
- * Places a connection on `owner` if it is a live worker, else balances,
- * else sends it to the 503 listener.
+ * Places a connection on `owner` if it is a live worker (accepting or
+ * draining: its own sessions), else balances, else sends it to the 503
+ * listener.
  */
 static __always_inline int place(struct sk_reuseport_md *md,
 				 const struct sticky_config *cfg, __u32 owner,

@@ -33,6 +33,15 @@ pub enum Command {
         #[arg(long, default_value = "0.0.0.0:3000")]
         listen: SocketAddr,
     },
+    /// Start a new generation of workers (new code on disk) while the old one drains its sessions.
+    Reload {
+        /// Control socket of the running sticky (default: the one for --listen's port).
+        #[arg(long)]
+        control: Option<PathBuf>,
+        /// Address the running sticky listens on, to find its control socket.
+        #[arg(long, default_value = "0.0.0.0:3000")]
+        listen: SocketAddr,
+    },
 }
 
 #[derive(clap::Args)]
@@ -55,6 +64,10 @@ pub struct RunArgs {
     /// How long workers get to exit after SIGTERM before SIGKILL.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub grace: Duration,
+    /// After `sticky reload`, how long the old workers may keep serving
+    /// their sessions before they are stopped (sooner once they have none).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub drain: Duration,
     /// Path of the control socket [default: $XDG_RUNTIME_DIR or /tmp, sticky-<port>.sock].
     #[arg(long)]
     pub control: Option<PathBuf>,
@@ -135,6 +148,7 @@ pub struct Settings {
     pub sid_param: String,
     pub rotate: Duration,
     pub grace: Duration,
+    pub drain: Duration,
     pub control: Option<PathBuf>,
     /// Asked for; whether it runs also depends on the kernel (`main::attach_learner`).
     pub learn: bool,
@@ -178,6 +192,7 @@ impl Settings {
             sid_param: args.sid_param,
             rotate: args.rotate,
             grace: args.grace,
+            drain: args.drain,
             control: args.control,
             // Learning needs placements by sticky: not the floor.
             learn: args.learn == LearnArg::On && mode != Mode::SynBalance,
@@ -200,7 +215,8 @@ impl Settings {
     /// The selector's configuration for a group on `port`.
     pub fn kernel_config(&self, cpus: usize, port: u16, learning: bool, foreign: Foreign) -> Config {
         let mut config = Config::new(
-            self.workers as u32,
+            // Room for a reload's second generation (`supervisor::slot_of`).
+            crate::supervisor::slot_count(self.workers) as u32,
             cpus as u32,
             self.balance,
             self.mode,

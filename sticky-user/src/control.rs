@@ -7,6 +7,10 @@
 //!   says.
 //! - `stats`: `ok <counters> ...`; allowed to workers and to processes of the
 //!   supervisor's own uid or root, for operators and tests.
+//! - `reload`: starts a new generation of workers (`supervisor::reload`);
+//!   `ok <what started>` or `err <why not>`. Only for processes of the
+//!   supervisor's own uid or root that are not workers (a worker asking to
+//!   replace itself would be a loop).
 //!
 //! A peer that is not a worker gets one answer and is disconnected; it has
 //! `OTHER_TIMEOUT` to send its line, and such peers have their own, small
@@ -17,6 +21,7 @@ use std::{
     io::{BufRead, BufReader, Read, Write},
     os::unix::net::{UnixListener, UnixStream},
     path::{Path, PathBuf},
+    sync::mpsc,
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc, Mutex,
@@ -30,6 +35,7 @@ use crate::{
     resets::ResetStats,
     sessions::{SessionTable, WorkerId},
     steering::Counters,
+    supervisor::Event,
 };
 
 const MAX_LINE: usize = 1024;
@@ -57,6 +63,8 @@ pub struct ControlState {
     /// The broadcast relay, whose counters `stats` reports too.
     pub relay: Option<Arc<crate::relay::Relay>>,
     pub resets: Arc<ResetStats>,
+    /// The supervisor's event channel, for `reload`.
+    pub reload: mpsc::Sender<Event>,
 }
 
 impl ControlSocket {
@@ -241,17 +249,33 @@ fn answer(state: &ControlState, worker: Option<WorkerId>, uid: u32, line: &str) 
                 table.summary()
             );
         }
-        ("open" | "close", None) | ("stats", None) => {
+        ("reload", None) if uid == 0 || uid == unsafe { libc::geteuid() } => {
+            return ask_reload(state);
+        }
+        ("reload", Some(_)) => Err("a worker cannot reload sticky".to_owned()),
+        ("open" | "close", None) | ("stats" | "reload", None) => {
             Err("unknown peer: not a sticky worker".to_owned())
         }
         ("open", Some(id)) => state.sessions.lock().unwrap().open(id, arg),
         ("close", Some(id)) => state.sessions.lock().unwrap().close(id, arg),
-        _ => Err("unknown command (expected open <sid>, close <sid> or stats)".to_owned()),
+        _ => Err("unknown command (expected open <sid>, close <sid>, stats or reload)".to_owned()),
     };
     match result {
         Ok(()) => "ok\n".to_owned(),
         Err(reason) => format!("err {reason}\n"),
     }
+}
+
+/// Hands `reload` to the supervisor's loop and relays its answer.
+fn ask_reload(state: &ControlState) -> String {
+    let (reply, answer) = mpsc::channel();
+    if state.reload.send(Event::Reload(Some(reply))).is_err() {
+        return "err sticky is stopping\n".to_owned();
+    }
+    // Starting the workers is fork/exec only; the wait is short.
+    answer
+        .recv_timeout(Duration::from_secs(30))
+        .unwrap_or_else(|_| "err no answer from the supervisor within 30 s\n".to_owned())
 }
 
 fn peer_cred(stream: &UnixStream) -> std::io::Result<libc::ucred> {

@@ -24,7 +24,7 @@ mod takeover;
 use std::{
     io::{BufRead, BufReader, Write},
     os::unix::net::UnixStream,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -53,6 +53,9 @@ fn main() {
         Command::Run(args) => run(args),
         Command::Stats { control, listen } => {
             stats(control.unwrap_or_else(|| cli::default_control(listen.port())))
+        }
+        Command::Reload { control, listen } => {
+            reload(control.unwrap_or_else(|| cli::default_control(listen.port())))
         }
     };
     if let Err(e) = result {
@@ -109,11 +112,13 @@ fn run(args: RunArgs) -> Result<()> {
         .unwrap_or_else(|| cli::default_control(group.addr.port()));
     let control = control::ControlSocket::bind(&control_path)?;
     let (relay, _remove_relay) = relay::Relay::start(&control_path, sessions.clone())?;
+    let events = supervisor::events();
     let _remove_control = control.serve(control::ControlState {
         sessions: sessions.clone(),
         counters: counters.clone(),
         relay: Some(relay.clone()),
         resets: reset_stats,
+        reload: events.0.clone(),
     });
     reject::serve(group.reject);
     if learning {
@@ -153,16 +158,21 @@ fn run(args: RunArgs) -> Result<()> {
         control_path.display()
     );
     let supervisor = supervisor::Supervisor::start(
-        settings.command.with_relay(relay, settings.node_ipc),
+        supervisor::WorkerSettings {
+            command: settings.command.with_relay(relay, settings.node_ipc),
+            control: control_path.clone(),
+            workers: settings.workers,
+            grace: settings.grace,
+            drain: settings.drain,
+        },
         supervisor::Listeners {
             addr: group.addr,
             slots,
             workers: worker_listeners,
         },
-        control_path.clone(),
         sessions,
-        settings.grace,
         adopted,
+        events,
     )?;
     log!("{ready}");
     let result = supervisor.run();
@@ -263,20 +273,32 @@ fn sorting_cpus() -> usize {
 }
 
 fn stats(path: PathBuf) -> Result<()> {
-    let mut stream = UnixStream::connect(&path).with_context(|| {
+    let body = ask(&path, "stats")?;
+    for field in body.split(' ') {
+        println!("{}", field.replacen('=', " ", 1));
+    }
+    Ok(())
+}
+
+/// `sticky reload`: prints what the running sticky started.
+fn reload(path: PathBuf) -> Result<()> {
+    println!("{}", ask(&path, "reload")?);
+    Ok(())
+}
+
+/// One request line to a running sticky's control socket; its `ok` answer.
+fn ask(path: &Path, request: &str) -> Result<String> {
+    let mut stream = UnixStream::connect(path).with_context(|| {
         format!(
             "cannot reach a running sticky at {} (pass --control or --listen)",
             path.display()
         )
     })?;
-    stream.write_all(b"stats\n")?;
+    stream.write_all(format!("{request}\n").as_bytes())?;
     let mut line = String::new();
     BufReader::new(stream).read_line(&mut line)?;
-    let Some(body) = line.trim_end().strip_prefix("ok ") else {
-        bail!("sticky answered: {}", line.trim_end())
-    };
-    for field in body.split(' ') {
-        println!("{}", field.replacen('=', " ", 1));
+    match line.trim_end().strip_prefix("ok") {
+        Some(body) => Ok(body.trim_start().to_owned()),
+        None => bail!("sticky answered: {}", line.trim_end()),
     }
-    Ok(())
 }

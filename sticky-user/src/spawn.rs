@@ -1,6 +1,7 @@
 //! Starting a worker process with socket activation (the systemd
 //! convention): its listener as fd 3, `LISTEN_FDS=1`, `LISTEN_PID=<its pid>`,
-//! `LISTEN_FDNAMES=sticky`, plus `STICKY_WORKER` and `STICKY_CONTROL`.
+//! `LISTEN_FDNAMES=sticky`, plus `STICKY_WORKER`, `STICKY_GENERATION` and
+//! `STICKY_CONTROL`.
 //!
 //! Hand-rolled fork/exec because `LISTEN_PID` must hold the child's own pid,
 //! known only after fork: everything is allocated before fork, and the child
@@ -44,6 +45,15 @@ pub struct WorkerCommand {
     node_ipc: bool,
     /// More `STICKY_*` variables for every worker (`NAME=value`).
     extra_env: Vec<Vec<u8>>,
+}
+
+/// Which worker a process is: its slot, its `STICKY_WORKER` index and its
+/// reload generation.
+#[derive(Clone, Copy)]
+pub struct SpawnedWorker {
+    pub slot: usize,
+    pub index: usize,
+    pub generation: u64,
 }
 
 impl WorkerCommand {
@@ -95,8 +105,15 @@ impl WorkerCommand {
         self.extra_env.push(format!("{name}={value}").into_bytes());
     }
 
-    /// Forks and execs the worker; returns its pid once exec succeeded.
-    pub fn spawn(&self, listener: &OwnedFd, index: usize, control: &Path) -> io::Result<u32> {
+    /// Forks and execs worker `index` of reload generation `generation`, in
+    /// `slot` (its relay channel's key: two generations' worker `index`
+    /// live side by side); returns its pid once exec succeeded.
+    pub fn spawn(&self, listener: &OwnedFd, worker: SpawnedWorker, control: &Path) -> io::Result<u32> {
+        let SpawnedWorker {
+            slot,
+            index,
+            generation,
+        } = worker;
         // Everything the child needs, built before fork.
         let mut env: Vec<Vec<u8>> = std::env::vars_os()
             .filter(|(k, _)| {
@@ -112,13 +129,14 @@ impl WorkerCommand {
         env.push(b"LISTEN_FDS=1".to_vec());
         env.push(b"LISTEN_FDNAMES=sticky".to_vec());
         env.push(format!("STICKY_WORKER={index}").into_bytes());
+        env.push(format!("STICKY_GENERATION={generation}").into_bytes());
         env.push([b"STICKY_CONTROL=", control.as_os_str().as_bytes()].concat());
         if let Some(relay) = &self.relay {
             env.push([b"STICKY_RELAY=", relay.path().as_os_str().as_bytes()].concat());
         }
         // Dropped (our end stays with the relay) once the child has it.
         let channel = match (&self.relay, self.node_ipc) {
-            (Some(relay), true) => Some(relay.node_channel(index)?),
+            (Some(relay), true) => Some(relay.node_channel(slot)?),
             _ => None,
         };
         if channel.is_some() {

@@ -7,6 +7,7 @@
 //! - `cargo xtask bench [--core] [--quick] [ARGS]`  benchmarks (bench.rs), results in bench/results/
 //! - `cargo xtask fuzz [--seconds N]`  libFuzzer on the request parser (fuzz.rs)
 //! - `cargo xtask soak [--minutes N] [--sessions N]`  long Socket.IO run with worker restarts (soak.rs)
+//! - `cargo xtask deploy [--sessions N]`  sessions cut and messages lost by a deploy: reload vs restarts (deploy.rs)
 //! - `cargo xtask kernels [--quick]`   sticky under qemu on Debian's kernels (kernels.rs)
 //!
 //! Loading BPF programs needs root, so `run` and `bench` go through `sudo`
@@ -14,6 +15,7 @@
 //! `target/` does not become root-owned).
 
 mod bench;
+mod deploy;
 mod fuzz;
 mod kernels;
 mod soak;
@@ -23,7 +25,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const USAGE: &str = "usage: cargo xtask <build | run [-- STICKY_ARGS] | test [-- CARGO_TEST_ARGS] | bench [--core | --broadcast] [--quick] [BENCH_ARGS] | fuzz [--seconds N] | soak [--minutes N] [--sessions N] | kernels [--quick | --kernel VERSION]>";
+const USAGE: &str = "usage: cargo xtask <build | run [-- STICKY_ARGS] | test [-- CARGO_TEST_ARGS] | bench [--core | --broadcast] [--quick] [BENCH_ARGS] | fuzz [--seconds N] | soak [--minutes N] [--sessions N] | deploy [--sessions N] [--workers N] | kernels [--quick | --kernel VERSION]>";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -34,6 +36,7 @@ fn main() {
         Some("bench") => bench::run(extra(&args[1..])),
         Some("fuzz") => fuzz::fuzz(&args[1..]),
         Some("soak") => soak::soak(extra(&args[1..])),
+        Some("deploy") => deploy::deploy(extra(&args[1..])),
         Some("kernels") => kernels::run(extra(&args[1..])),
         Some("-h" | "--help") => {
             println!("{USAGE}");
