@@ -25,10 +25,15 @@ pub fn demo_worker_bin() -> PathBuf {
     binary("STICKY_DEMO_WORKER", "sticky-demo-worker")
 }
 
-/// A Python 3 interpreter for scripted test workers: the system one when
-/// there is one (a version-manager shim is a shell script that would add a
-/// process and descriptors of its own), else whatever `python3` PATH finds.
+/// A Python 3 interpreter for scripted test workers: `STICKY_PYTHON` (the
+/// project's virtual environment, set by `cargo xtask test`), else the
+/// system one when there is one (a version-manager shim is a shell script
+/// that would add a process and descriptors of its own), else whatever
+/// `python3` PATH finds.
 pub fn python3_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("STICKY_PYTHON") {
+        return p.into();
+    }
     ["/usr/bin/python3", "/usr/local/bin/python3"]
         .into_iter()
         .map(PathBuf::from)

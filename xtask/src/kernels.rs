@@ -167,7 +167,7 @@ fn kernel(series: &str) -> Result<&'static Kernel, String> {
 }
 
 /// Installs the Debian packages of the commands that are missing.
-fn install_missing(commands: &[(&str, &str)]) -> Result<(), String> {
+pub fn install_missing(commands: &[(&str, &str)]) -> Result<(), String> {
     let missing: Vec<&str> = commands
         .iter()
         .filter(|(cmd, _)| {
@@ -331,18 +331,7 @@ fn base_initramfs(cache: &Path) -> Result<PathBuf, String> {
     }
     let rootfs = cache.join("rootfs");
     if !rootfs.join("usr/bin/python3").exists() {
-        eprintln!("kernels: debootstrap bookworm into {}", rootfs.display());
-        let _ = fs::remove_dir_all(&rootfs);
-        let mut cmd = Command::new("debootstrap");
-        cmd.args([
-            "--variant=minbase",
-            "--include=python3,busybox-static",
-            "bookworm",
-        ])
-        .arg(&rootfs)
-        .arg(MIRROR)
-        .stdout(Stdio::null());
-        status(cmd, "debootstrap")?;
+        debootstrap(&rootfs, &["python3", "busybox-static"])?;
     }
     // Documentation, locales and apt's caches are dead weight in RAM.
     for dir in [
@@ -360,6 +349,23 @@ fn base_initramfs(cache: &Path) -> Result<PathBuf, String> {
     archive.finish()?;
     fs::rename(&partial, &cpio).map_err(|e| format!("{e}"))?;
     Ok(cpio)
+}
+
+/// A `debootstrap --variant=minbase bookworm` root filesystem at `rootfs`
+/// (replaced), with `include` added.
+pub fn debootstrap(rootfs: &Path, include: &[&str]) -> Result<(), String> {
+    eprintln!("debootstrap bookworm into {}", rootfs.display());
+    let _ = fs::remove_dir_all(rootfs);
+    let mut cmd = Command::new("debootstrap");
+    cmd.arg("--variant=minbase");
+    if !include.is_empty() {
+        cmd.arg(format!("--include={}", include.join(",")));
+    }
+    cmd.arg("bookworm")
+        .arg(rootfs)
+        .arg(MIRROR)
+        .stdout(Stdio::null());
+    status(cmd, "debootstrap")
 }
 
 /// The per-run archive: init, the direct check, sticky and the tests.

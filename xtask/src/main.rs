@@ -4,6 +4,8 @@
 //! - `cargo xtask build`               release build of every binary
 //! - `cargo xtask run [-- ARGS]`       demo cluster on 127.0.0.1:3000
 //! - `cargo xtask test [-- ARGS]`      debug build, then `cargo test --workspace`
+//! - `cargo xtask deps`                install what run and test need (deps.rs)
+//! - `cargo xtask fresh`               run and test in a clean Debian 12 root (fresh.rs)
 //! - `cargo xtask bench [--core] [--quick] [ARGS]`  benchmarks (bench.rs), results in bench/results/
 //! - `cargo xtask fuzz [--seconds N]`  libFuzzer on the request parser (fuzz.rs)
 //! - `cargo xtask soak [--minutes N] [--sessions N]`  long Socket.IO run with worker restarts (soak.rs)
@@ -14,6 +16,8 @@
 //! `target/` does not become root-owned).
 
 mod bench;
+mod deps;
+mod fresh;
 mod fuzz;
 mod kernels;
 mod soak;
@@ -23,7 +27,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const USAGE: &str = "usage: cargo xtask <build | run [-- STICKY_ARGS] | test [-- CARGO_TEST_ARGS] | bench [--core] [--quick] [BENCH_ARGS] | fuzz [--seconds N] | soak [--minutes N] [--sessions N] | kernels [--quick | --kernel VERSION]>";
+const USAGE: &str = "usage: cargo xtask <build | run [-- STICKY_ARGS] | test [-- CARGO_TEST_ARGS] | deps | fresh | bench [--core] [--quick] [BENCH_ARGS] | fuzz [--seconds N] | soak [--minutes N] [--sessions N] | kernels [--quick | --kernel VERSION]>";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -31,6 +35,8 @@ fn main() {
         Some("build") => build_release(),
         Some("run") => run(extra(&args[1..])),
         Some("test") => test(extra(&args[1..])),
+        Some("deps") => deps::for_test().map(drop),
+        Some("fresh") => fresh::run(extra(&args[1..])),
         Some("bench") => bench::run(extra(&args[1..])),
         Some("fuzz") => fuzz::fuzz(&args[1..]),
         Some("soak") => soak::soak(extra(&args[1..])),
@@ -89,26 +95,22 @@ fn build_release() -> Result<(), String> {
 }
 
 fn run(extra: &[String]) -> Result<(), String> {
+    deps::for_run()?;
     build_release()?;
     let bin = root_dir().join("target/release");
-    let mut args: Vec<OsString> = ["run", "--listen", "127.0.0.1:3000", "--workers", "3"]
-        .iter()
-        .map(OsString::from)
-        .collect();
+    let mut args: Vec<OsString> = vec!["run".into()];
+    // Defaults the caller's own flags replace.
+    for (flag, value) in [("--listen", "127.0.0.1:3000"), ("--workers", "3")] {
+        if !extra.iter().any(|a| a == flag || a.starts_with(&format!("{flag}="))) {
+            args.extend([flag.into(), value.into()]);
+        }
+    }
     args.extend(extra.iter().map(OsString::from));
     args.push("--".into());
     // Real Socket.IO workers (demo/, npm) where Node.js is installed; the
     // std-only demo worker otherwise. Both answer the curl examples.
     let demo = root_dir().join("demo");
-    let node_demo = find_in_path("node").is_some() && {
-        if !demo.join("node_modules").exists() {
-            let mut npm = Command::new("npm");
-            npm.current_dir(&demo)
-                .args(["ci", "--no-audit", "--no-fund"]);
-            status(npm, "npm ci in demo/")?;
-        }
-        true
-    };
+    let node_demo = find_in_path("node").is_some() && demo.join("node_modules").exists();
     if node_demo {
         args.push("node".into());
         args.push(demo.join("worker.js").into());
@@ -126,6 +128,7 @@ fn run(extra: &[String]) -> Result<(), String> {
 }
 
 fn test(extra: &[String]) -> Result<(), String> {
+    let tools = deps::for_test()?;
     let mut cmd = cargo();
     cmd.args(["build", "--workspace", "--bins"]);
     status(cmd, "cargo build")?;
@@ -138,7 +141,8 @@ fn test(extra: &[String]) -> Result<(), String> {
     cmd.args(["test", "--workspace"])
         .args(extra)
         .env("STICKY_BIN", bin.join("sticky"))
-        .env("STICKY_DEMO_WORKER", bin.join("sticky-demo-worker"));
+        .env("STICKY_DEMO_WORKER", bin.join("sticky-demo-worker"))
+        .env("STICKY_PYTHON", &tools.python);
     let mut result = tally.run(cmd, "cargo test");
     // The Socket.IO suites: the Node integration's unit tests, then the
     // end-to-end tests with real socket.io servers and clients (npm).
@@ -149,6 +153,8 @@ fn test(extra: &[String]) -> Result<(), String> {
             .args(args)
             .env("STICKY_BIN", bin.join("sticky"))
             .env("RUST_WORKER", bin.join("sticky-socketioxide-worker"))
+            // The project's virtual environment (deps.rs), never the system's.
+            .env("PYTHON", &tools.python)
             // Scenarios for the Node and Python workers; the Rust worker
             // runs the 200-client load test (its scenario gaps: README).
             .env("E2E_SCENARIO_LANGS", "node,python");
@@ -162,12 +168,6 @@ fn test(extra: &[String]) -> Result<(), String> {
             ),
             "node integration tests",
         );
-    }
-    if result.is_ok() && !root.join("e2e/node_modules").exists() {
-        let mut npm = Command::new("npm");
-        npm.current_dir(root.join("e2e"))
-            .args(["ci", "--no-audit", "--no-fund"]);
-        result = status(npm, "npm ci in e2e/");
     }
     if result.is_ok() {
         let args = [
