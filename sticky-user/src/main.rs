@@ -8,7 +8,9 @@
 mod adoption;
 mod control;
 mod flood;
+mod identity;
 mod listeners;
+mod privileges;
 mod reject;
 mod sessions;
 mod sorter;
@@ -107,6 +109,13 @@ struct RunArgs {
     #[arg(long, default_value_t = SESSIONS_MAX,
           value_parser = clap::value_parser!(u32).range(1..=SESSIONS_MAX as i64))]
     max_sessions: u32,
+    /// Run every worker as this user (name or uid): its groups as
+    /// initgroups sets them, no capabilities, no_new_privs.
+    #[arg(long)]
+    user: Option<String>,
+    /// The workers' group (name or gid) [default: the user's primary group].
+    #[arg(long, requires = "user")]
+    group: Option<String>,
     /// The worker command and its arguments.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     command: Vec<OsString>,
@@ -164,7 +173,14 @@ fn run(args: RunArgs) -> Result<()> {
             PARAM_MAX - 1
         );
     }
-    let command = spawn::WorkerCommand::resolve(&args.command)?;
+    let run_as = match &args.user {
+        Some(user) => Some(identity::RunAs::resolve(user, args.group.as_deref())?),
+        None => None,
+    };
+    if let Some(who) = &run_as {
+        privileges::check_can_become(who.uid)?;
+    }
+    let command = spawn::WorkerCommand::resolve(&args.command)?.run_as(run_as.clone());
 
     let mut steering = steering::Steering::load(args.max_sessions)?;
     let mut maps = steering.take_maps()?;
@@ -260,6 +276,17 @@ fn run(args: RunArgs) -> Result<()> {
         .control
         .unwrap_or_else(|| default_control(group.addr.port()));
     let control = control::ControlSocket::bind(&control_path)?;
+    if let Some(who) = &run_as {
+        control.only_for(who)?;
+    }
+    // Start-up is over: keep only what serving needs (before any thread
+    // exists, so that every thread has the same sets).
+    let serving = privileges::Serving {
+        port: group.addr.port(),
+        with_user: run_as.is_some(),
+    };
+    let kept = privileges::drop_for_serving(&serving, || maps.config.get(&0, 0).is_ok())?;
+    log!("{}", privileges::describe(&kept));
     let _remove_control = control.serve(control::ControlState {
         sessions: sessions.clone(),
         counters: counters.clone(),

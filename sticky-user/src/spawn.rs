@@ -7,6 +7,10 @@
 //! only writes the pid's digits into a prepared buffer (async-signal-safe;
 //! the supervisor is multi-threaded). Every other descriptor is made
 //! `CLOEXEC` in the child, so fd 0-2 and 3 are all a worker inherits.
+//!
+//! With `--user`, the child also takes the worker identity before exec
+//! (`privileges::drop_in_child`: groups, gid, an empty bounding set, uid, no
+//! capabilities, `no_new_privs`), from ids resolved at startup.
 
 use std::{
     ffi::{CString, OsStr, OsString},
@@ -20,6 +24,8 @@ use std::{
 
 use anyhow::{bail, Result};
 
+use crate::{identity::RunAs, privileges};
+
 /// `close_range(2)` flag: set CLOEXEC instead of closing.
 const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
 /// Room for the decimal pid in `LISTEN_PID=`.
@@ -32,6 +38,8 @@ pub struct WorkerCommand {
     program: CString,
     argv: Vec<CString>,
     pub display: String,
+    /// `--user`/`--group`: who the workers run as.
+    run_as: Option<RunAs>,
 }
 
 impl WorkerCommand {
@@ -53,7 +61,14 @@ impl WorkerCommand {
                 .map(|a| a.to_string_lossy())
                 .collect::<Vec<_>>()
                 .join(" "),
+            run_as: None,
         })
+    }
+
+    /// Workers run as `run_as` (their replacements too).
+    pub fn run_as(mut self, run_as: Option<RunAs>) -> WorkerCommand {
+        self.run_as = run_as;
+        self
     }
 
     /// Forks and execs the worker; returns its pid once exec succeeded.
@@ -106,17 +121,19 @@ impl WorkerCommand {
             return Err(e);
         }
         if pid == 0 {
+            let plan = ChildPlan {
+                err_fd: pipe[1],
+                listener_fd,
+                // SAFETY: within listen_pid, which has room for the digits.
+                pid_digits: unsafe { pid_buf.add(LISTEN_PID.len()) },
+                program: self.program.as_ptr(),
+                argv: &argv,
+                envp: &envp,
+                run_as: self.run_as.as_ref(),
+                rtprio: privileges::original_rtprio(),
+            };
             // SAFETY: the child, single-threaded until exec.
-            unsafe {
-                child(
-                    pipe[1],
-                    listener_fd,
-                    pid_buf.add(LISTEN_PID.len()),
-                    self.program.as_ptr(),
-                    &argv,
-                    &envp,
-                )
-            }
+            unsafe { child(&plan) }
         }
         // SAFETY: plain syscalls on our own fds. setpgid here too: whichever
         // of parent and child runs first, the group exists before we signal it.
@@ -143,21 +160,30 @@ impl WorkerCommand {
     }
 }
 
-/// Runs in the forked child. Never returns.
-unsafe fn child(
+/// Everything the forked child needs, prepared before fork.
+struct ChildPlan<'a> {
+    /// Write end of the exec-error pipe.
     err_fd: i32,
     listener_fd: i32,
+    /// Where the digits of `LISTEN_PID=` go.
     pid_digits: *mut u8,
     program: *const libc::c_char,
-    argv: &[*const libc::c_char],
-    envp: &[*const libc::c_char],
-) -> ! {
-    let fail = |err_fd: i32| -> ! {
-        let errno = *libc::__errno_location();
+    argv: &'a [*const libc::c_char],
+    envp: &'a [*const libc::c_char],
+    run_as: Option<&'a RunAs>,
+    /// `RLIMIT_RTPRIO` as sticky found it (it raises it for its sorters).
+    rtprio: Option<libc::rlimit>,
+}
+
+/// Runs in the forked child. Never returns.
+unsafe fn child(plan: &ChildPlan) -> ! {
+    let fail_with = |err_fd: i32, errno: i32| -> ! {
         let bytes = errno.to_ne_bytes();
         libc::write(err_fd, bytes.as_ptr().cast(), 4);
         libc::_exit(127)
     };
+    let fail = |err_fd: i32| -> ! { fail_with(err_fd, *libc::__errno_location()) };
+    let (err_fd, listener_fd, pid_digits) = (plan.err_fd, plan.listener_fd, plan.pid_digits);
     // Its own process group: signals for a worker reach its descendants too.
     libc::setpgid(0, 0);
     // Rust ignores SIGPIPE; ignored signals survive exec. Undo that, and any
@@ -201,7 +227,17 @@ unsafe fn child(
     // open until exec succeeds).
     libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, CLOSE_RANGE_CLOEXEC);
 
-    libc::execve(program, argv.as_ptr(), envp.as_ptr());
+    if let Some(limit) = plan.rtprio {
+        libc::setrlimit(libc::RLIMIT_RTPRIO, &limit);
+    }
+    if let Some(who) = plan.run_as {
+        let errno = privileges::drop_in_child(who.uid, who.gid, &who.groups);
+        if errno != 0 {
+            fail_with(err_fd, errno);
+        }
+    }
+
+    libc::execve(plan.program, plan.argv.as_ptr(), plan.envp.as_ptr());
     fail(err_fd)
 }
 

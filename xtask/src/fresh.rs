@@ -28,6 +28,18 @@ use super::{is_root, kernels, root_dir, status};
 
 /// What the toolchain needs beyond rustc and cargo (see the module doc).
 const TOOLCHAIN_PACKAGES: &[&str] = &["gcc", "libc6-dev", "ca-certificates"];
+/// Certificate settings passed into the root as they are on the host: a
+/// network that intercepts TLS (as this project's CI machines' does) gives
+/// its CA through these. The bundle they name is copied in too.
+const CA_ENV: &[&str] = &[
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "CURL_CA_BUNDLE",
+    "NODE_EXTRA_CA_CERTS",
+    "PIP_CERT",
+    "REQUESTS_CA_BUNDLE",
+    "CARGO_HTTP_CAINFO",
+];
 /// How long `cargo xtask run` may take to build and answer.
 const RUN_TIMEOUT: Duration = Duration::from_secs(3600);
 
@@ -68,6 +80,7 @@ pub fn run(_args: &[String]) -> Result<(), String> {
         "the toolchain's packages",
     )?;
     let toolchain = toolchain.elapsed();
+    trust_host_ca(&root)?;
 
     let run = Instant::now();
     run_demo(&root)?;
@@ -138,7 +151,21 @@ fn chroot(root: &Path, script: &str) -> Command {
         .env("CARGO_HOME", "/root/.cargo")
         .env("LANG", "C.UTF-8")
         .env("TERM", "dumb");
+    for var in CA_ENV {
+        if let Some(value) = std::env::var_os(var) {
+            cmd.env(var, value);
+        }
+    }
     cmd
+}
+
+/// The host's CA bundle (`/etc/ssl/certs/ca-certificates.crt`, which holds
+/// the network's own CA where TLS is intercepted) replaces the root's.
+fn trust_host_ca(root: &Path) -> Result<(), String> {
+    let bundle = "etc/ssl/certs/ca-certificates.crt";
+    fs::copy(Path::new("/").join(bundle), root.join(bundle))
+        .map(drop)
+        .map_err(|e| format!("copying the host's CA bundle: {e}"))
 }
 
 fn in_root(root: &Path, script: &str, what: &str) -> Result<(), String> {

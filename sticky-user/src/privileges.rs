@@ -1,0 +1,331 @@
+//! Least privilege: the supervisor drops every capability it no longer
+//! needs once start-up is done (programs loaded and attached, workers
+//! adopted, sockets bound), and each worker started with `--user` drops all
+//! of them between fork and exec (`drop_in_child`).
+//!
+//! Capabilities are per thread: the serving set is applied while the
+//! supervisor is still single-threaded (checked), so every thread it starts
+//! afterwards inherits it. The bounding set is cut down to the same set, so
+//! no exec (of a worker running as root, or of the supervisor itself) gets
+//! the rest back.
+//!
+//! What stays, and why (README "Least privilege" lists the same):
+//! - `CAP_BPF` only where the kernel asks for it to read and update maps
+//!   (before Linux 6.5 the `bpf()` syscall itself required it when
+//!   `kernel.unprivileged_bpf_disabled` is set): measured at start by a map
+//!   read without it;
+//! - `CAP_NET_ADMIN`: sock_diag `SOCK_DESTROY` of connections;
+//! - `CAP_NET_BIND_SERVICE` when the port is privileged: every rotation
+//!   binds a fresh sorting listener, and a crash-looping worker gets a fresh
+//!   listener;
+//! - with `--user`: `CAP_SETUID`, `CAP_SETGID` (starting replacement
+//!   workers as that user, with their groups), `CAP_SETPCAP` (emptying each
+//!   worker's bounding set) and `CAP_KILL` (signalling workers that run as
+//!   another user).
+//!
+//! Not needed once serving, so dropped: `CAP_SYS_ADMIN` (finding the old
+//! selector by id at adoption), `CAP_SYS_PTRACE` (`pidfd_getfd` of adopted
+//! listeners), `CAP_DAC_OVERRIDE`, `CAP_CHOWN` (the control socket),
+//! `CAP_SYS_RESOURCE`, `CAP_SYS_NICE` (the sorters' SCHED_FIFO comes from
+//! `RLIMIT_RTPRIO`, raised here first and restored in each worker).
+
+use std::sync::OnceLock;
+
+use anyhow::{bail, Result};
+
+pub const CAP_KILL: u32 = 5;
+pub const CAP_SETGID: u32 = 6;
+pub const CAP_SETUID: u32 = 7;
+pub const CAP_SETPCAP: u32 = 8;
+pub const CAP_NET_BIND_SERVICE: u32 = 10;
+pub const CAP_NET_ADMIN: u32 = 12;
+pub const CAP_BPF: u32 = 39;
+
+/// Capability names by number (capability.h), for messages.
+const NAMES: &[&str] = &[
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID",
+    "CAP_KILL", "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE", "CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW",
+    "CAP_IPC_LOCK", "CAP_IPC_OWNER", "CAP_SYS_MODULE", "CAP_SYS_RAWIO", "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE", "CAP_SYS_PACCT", "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE", "CAP_SYS_TIME", "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE",
+    "CAP_AUDIT_WRITE", "CAP_AUDIT_CONTROL", "CAP_SETFCAP", "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN", "CAP_SYSLOG", "CAP_WAKE_ALARM", "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ",
+    "CAP_PERFMON", "CAP_BPF", "CAP_CHECKPOINT_RESTORE",
+];
+
+pub fn name(cap: u32) -> String {
+    NAMES
+        .get(cap as usize)
+        .map_or_else(|| format!("cap_{cap}"), |n| (*n).to_owned())
+}
+
+/// When a capability is kept for serving.
+enum When {
+    Always,
+    /// The kernel refuses map access without it (measured).
+    MapsNeedIt,
+    PrivilegedPort,
+    WithUser,
+}
+
+struct Keep {
+    cap: u32,
+    when: When,
+    why: &'static str,
+}
+
+/// The serving set. A feature that needs another capability at run time
+/// adds one line here (and to README's list).
+const SERVING: &[Keep] = &[
+    Keep { cap: CAP_BPF, when: When::MapsNeedIt, why: "map reads and updates (this kernel checks bpf() itself)" },
+    Keep { cap: CAP_NET_ADMIN, when: When::Always, why: "sock_diag SOCK_DESTROY of connections" },
+    Keep { cap: CAP_NET_BIND_SERVICE, when: When::PrivilegedPort, why: "fresh sorting listeners on a port below 1024" },
+    Keep { cap: CAP_SETUID, when: When::WithUser, why: "starting workers as --user" },
+    Keep { cap: CAP_SETGID, when: When::WithUser, why: "setting the workers' groups" },
+    Keep { cap: CAP_SETPCAP, when: When::WithUser, why: "emptying each worker's bounding set" },
+    Keep { cap: CAP_KILL, when: When::WithUser, why: "signalling workers that run as another user" },
+];
+
+/// What the serving set depends on.
+pub struct Serving {
+    pub port: u16,
+    pub with_user: bool,
+}
+
+/// The capability sets of the calling thread.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CapSets {
+    pub effective: u64,
+    pub permitted: u64,
+    pub inheritable: u64,
+}
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const CAP_VERSION_3: u32 = 0x2008_0522;
+
+pub fn capget() -> std::io::Result<CapSets> {
+    let mut header = CapHeader { version: CAP_VERSION_3, pid: 0 };
+    let mut data = [CapData::default(); 2];
+    // SAFETY: header and two data structs, as _LINUX_CAPABILITY_VERSION_3 wants.
+    let rc = unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let join = |lo: u32, hi: u32| u64::from(lo) | u64::from(hi) << 32;
+    Ok(CapSets {
+        effective: join(data[0].effective, data[1].effective),
+        permitted: join(data[0].permitted, data[1].permitted),
+        inheritable: join(data[0].inheritable, data[1].inheritable),
+    })
+}
+
+/// `capset(2)` on the calling thread; a raw syscall, async-signal-safe.
+pub fn capset(sets: CapSets) -> libc::c_long {
+    let header = CapHeader { version: CAP_VERSION_3, pid: 0 };
+    let split = |v: u64| (v as u32, (v >> 32) as u32);
+    let (e, p, i) = (split(sets.effective), split(sets.permitted), split(sets.inheritable));
+    let data = [
+        CapData { effective: e.0, permitted: p.0, inheritable: i.0 },
+        CapData { effective: e.1, permitted: p.1, inheritable: i.1 },
+    ];
+    // SAFETY: as in capget; the kernel only reads them.
+    unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) }
+}
+
+fn bit(cap: u32) -> u64 {
+    1u64 << cap
+}
+
+/// The highest capability this kernel knows.
+fn last_cap() -> u32 {
+    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(40)
+}
+
+/// `RLIMIT_RTPRIO` as sticky found it, restored in every worker.
+static ORIGINAL_RTPRIO: OnceLock<libc::rlimit> = OnceLock::new();
+
+pub fn original_rtprio() -> Option<libc::rlimit> {
+    ORIGINAL_RTPRIO.get().copied()
+}
+
+/// Lets the sorting threads ask for SCHED_FIFO priority 1 without
+/// CAP_SYS_NICE (the kernel allows up to `RLIMIT_RTPRIO`).
+fn allow_rt_priority() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain syscalls on a local struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_RTPRIO, &mut limit) } < 0 {
+        return;
+    }
+    let _ = ORIGINAL_RTPRIO.set(limit);
+    if limit.rlim_cur >= 1 {
+        return;
+    }
+    let raised = libc::rlimit { rlim_cur: 1, rlim_max: limit.rlim_max.max(1) };
+    unsafe { libc::setrlimit(libc::RLIMIT_RTPRIO, &raised) };
+}
+
+/// Drops every capability but the serving set (above) from all sets,
+/// bounding and ambient included. `maps_work` performs a map read and
+/// says whether it succeeded: run once without CAP_BPF in the effective set,
+/// it decides whether CAP_BPF stays. Returns what was kept and why.
+pub fn drop_for_serving(
+    serving: &Serving,
+    maps_work: impl Fn() -> bool,
+) -> Result<Vec<(u32, &'static str)>> {
+    let threads = std::fs::read_dir("/proc/self/task").map_or(1, |d| d.count());
+    if threads != 1 {
+        bail!("internal: {threads} threads started before privileges were dropped");
+    }
+    let now = capget()?;
+    allow_rt_priority();
+    let wanted = |k: &Keep| match k.when {
+        When::Always | When::MapsNeedIt => true,
+        When::PrivilegedPort => serving.port != 0 && serving.port < unprivileged_port_start(),
+        When::WithUser => serving.with_user,
+    };
+    let mut kept: Vec<&Keep> = SERVING
+        .iter()
+        .filter(|k| wanted(k) && now.permitted & bit(k.cap) != 0)
+        .collect();
+    // Measure whether maps still work without CAP_BPF (nor CAP_SYS_ADMIN,
+    // which older kernels accept instead): effective set only, reversible.
+    if kept.iter().any(|k| matches!(k.when, When::MapsNeedIt)) {
+        let without: u64 = kept
+            .iter()
+            .filter(|k| !matches!(k.when, When::MapsNeedIt))
+            .fold(0, |m, k| m | bit(k.cap));
+        let trial = CapSets { effective: without & now.permitted, ..now };
+        let works = capset(trial) == 0 && maps_work();
+        if capset(now) != 0 {
+            bail!("cannot restore capabilities after the map probe: {}", std::io::Error::last_os_error());
+        }
+        if works {
+            kept.retain(|k| !matches!(k.when, When::MapsNeedIt));
+        }
+    }
+    let keep: u64 = kept.iter().fold(0, |m, k| m | bit(k.cap));
+    // The bounding set first: dropping from it needs CAP_SETPCAP, which
+    // may be about to go.
+    if now.effective & bit(CAP_SETPCAP) != 0 {
+        for cap in 0..=last_cap() {
+            if keep & bit(cap) == 0 {
+                // SAFETY: plain prctl.
+                unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
+            }
+        }
+    }
+    // Ambient capabilities (a non-root sticky given them by systemd) would
+    // pass to every worker's exec.
+    unsafe {
+        libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong, 0, 0, 0)
+    };
+    let sets = CapSets { effective: keep, permitted: keep, inheritable: 0 };
+    if capset(sets) != 0 {
+        bail!("cannot drop capabilities: {}", std::io::Error::last_os_error());
+    }
+    // Not dumpable: processes of the same uid (workers without --user, or
+    // a non-root sticky's workers) cannot ptrace it or open its /proc fds.
+    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    Ok(kept.iter().map(|k| (k.cap, k.why)).collect())
+}
+
+/// One log line: what the supervisor serves with.
+pub fn describe(kept: &[(u32, &str)]) -> String {
+    if kept.is_empty() {
+        return "serving with no capabilities".to_owned();
+    }
+    let list: Vec<String> = kept.iter().map(|(cap, why)| format!("{} ({why})", name(*cap))).collect();
+    format!("serving with {} only", list.join(", "))
+}
+
+/// `--user` needs CAP_SETGID (the groups) and CAP_SETUID (unless it names
+/// ourselves).
+pub fn check_can_become(uid: libc::uid_t) -> Result<()> {
+    // SAFETY: plain getter.
+    let euid = unsafe { libc::geteuid() };
+    let sets = capget()?;
+    let missing: Vec<String> = [(CAP_SETUID, uid != euid), (CAP_SETGID, true)]
+        .into_iter()
+        .filter(|&(cap, needed)| needed && sets.effective & bit(cap) == 0)
+        .map(|(cap, _)| name(cap))
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "--user needs {} to start workers as another user: run sticky as root or grant them (systemd: AmbientCapabilities=)",
+            missing.join(" and ")
+        );
+    }
+    Ok(())
+}
+
+fn unprivileged_port_start() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1024)
+}
+
+/// A worker's identity change, run between fork and exec: only raw
+/// syscalls (async-signal-safe), everything prepared by the parent.
+/// Returns the failing step's errno, or 0.
+///
+/// # Safety
+/// Call only in the forked child; `groups` must stay valid.
+pub unsafe fn drop_in_child(uid: libc::uid_t, gid: libc::gid_t, groups: &[libc::gid_t]) -> i32 {
+    let errno = || *libc::__errno_location();
+    if libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) < 0 {
+        return errno();
+    }
+    if libc::syscall(libc::SYS_setresgid, gid, gid, gid) < 0 {
+        return errno();
+    }
+    // Empty the bounding set while CAP_SETPCAP is still effective (the
+    // supervisor keeps it for this); past the last cap the kernel says
+    // EINVAL, which ends the loop.
+    for cap in 0..64 {
+        if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) < 0 && errno() == libc::EINVAL {
+            break;
+        }
+    }
+    if libc::syscall(libc::SYS_setresuid, uid, uid, uid) < 0 {
+        return errno();
+    }
+    // setresuid away from root already cleared these; also for uid 0.
+    if capset(CapSets::default()) < 0 {
+        return errno();
+    }
+    libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong, 0, 0, 0);
+    if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
+        return errno();
+    }
+    0
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn names_match_capability_h() {
+        assert_eq!(super::name(21), "CAP_SYS_ADMIN");
+        assert_eq!(super::name(1), "CAP_DAC_OVERRIDE");
+        assert_eq!(super::name(super::CAP_BPF), "CAP_BPF");
+        assert_eq!(super::name(super::CAP_NET_ADMIN), "CAP_NET_ADMIN");
+        assert_eq!(super::name(super::CAP_SETPCAP), "CAP_SETPCAP");
+    }
+}
