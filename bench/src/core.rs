@@ -35,10 +35,12 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::host::{other_stickies, quote, warn_others};
 use crate::http::{exchange, Conn, Response};
+use crate::measure::{cpu_set, ratio, run_clients, Rng, Stats};
 
 mod ws_learn;
 
@@ -99,7 +101,7 @@ struct Opts {
 }
 
 fn parse_args(args: Vec<String>) -> Result<Opts, String> {
-    let exe_dir = crate::exe_dir();
+    let exe_dir = crate::host::exe_dir();
     let mut opts = Opts {
         sticky: exe_dir.join("sticky"),
         worker: exe_dir.join("sticky-demo-worker"),
@@ -233,57 +235,6 @@ fn workloads(opts: &Opts) -> Vec<Workload> {
             clients: ESTABLISHED_CLIENTS,
         },
     ]
-}
-
-/// Measurements of one workload in one mode, accumulated over rounds.
-#[derive(Default)]
-pub(crate) struct Stats {
-    /// Request times (see `Kind`), nanoseconds.
-    pub latencies: Vec<u64>,
-    /// Connections opened (in the timed loop and for its set-up).
-    pub connections: u64,
-    pub errors: u64,
-    pub wrong_worker: u64,
-    /// The `latencies` of answers from the right worker, where a workload
-    /// tells them apart (the peers' new-connection workloads): a wrong
-    /// worker's answer may be cheaper than a right one's.
-    pub right_latencies: Vec<u64>,
-    pub elapsed: Duration,
-    pub first_error: Option<String>,
-}
-
-impl Stats {
-    pub fn merge(&mut self, other: Stats) {
-        self.latencies.extend(other.latencies);
-        self.right_latencies.extend(other.right_latencies);
-        self.connections += other.connections;
-        self.errors += other.errors;
-        self.wrong_worker += other.wrong_worker;
-        self.elapsed += other.elapsed;
-        self.first_error = self.first_error.take().or(other.first_error);
-    }
-    pub fn fail(&mut self, why: String) {
-        self.errors += 1;
-        if self.first_error.is_none() {
-            self.first_error = Some(why);
-        }
-    }
-    pub fn rate(&self) -> f64 {
-        self.latencies.len() as f64 / self.elapsed.as_secs_f64().max(1e-9)
-    }
-    /// Percentile in microseconds; `latencies` must be sorted.
-    pub fn percentile_us(&self, q: f64) -> f64 {
-        percentile_us(&self.latencies, q)
-    }
-}
-
-/// Percentile of `sorted` (nanoseconds) in microseconds; NaN if empty.
-pub(crate) fn percentile_us(sorted: &[u64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1] as f64 / 1000.0
 }
 
 /// One workload's results in both modes.
@@ -460,7 +411,7 @@ impl Cluster {
     /// only there (sticky's sorter threads still pin themselves to their
     /// own CPU each).
     fn start(opts: &Opts, mode: Mode, cpus: Option<&[usize]>) -> Result<Cluster, String> {
-        let port = crate::servers::free_port()?;
+        let port = crate::host::free_port()?;
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let mut command = Command::new(&opts.sticky);
         if let Some(cpus) = cpus {
@@ -612,45 +563,6 @@ impl Drop for Cluster {
     }
 }
 
-/// Pids of `sticky run` processes other than this benchmark's own (which
-/// are its children). Their session learners, attached to their cgroup,
-/// may run on this benchmark's packets too, in both columns.
-pub(crate) fn other_stickies() -> Vec<u32> {
-    let me = std::process::id();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    let mut pids: Vec<u32> = dir
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-                return false;
-            };
-            let mut args = cmdline.split(|&b| b == 0);
-            let is_sticky = args
-                .next()
-                .is_some_and(|a| a == b"sticky" || a.ends_with(b"/sticky"));
-            let parent = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|stat| {
-                    // pid (comm) state ppid ...: comm may hold spaces.
-                    let rest = &stat[stat.rfind(')')? + 1..];
-                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
-                });
-            is_sticky && args.next() == Some(b"run") && parent != Some(me)
-        })
-        .collect();
-    pids.sort_unstable();
-    pids
-}
-
-pub(crate) fn warn_others(pids: &[u32]) {
-    if !pids.is_empty() {
-        eprintln!("note: other `sticky run` processes are running (pids {pids:?}): their session learners (on their cgroup and below) may run on this benchmark's packets in both columns, and their load adds noise");
-    }
-}
-
 /// A registered session and the worker that owns it (None: unknown, in
 /// `--direct` mode against a worker without a supervisor).
 struct Session {
@@ -702,49 +614,6 @@ fn register(addr: SocketAddr, direct: bool) -> Result<Vec<Session>, String> {
         }
     }
     Err(format!("could not register {SIDS_PER_WORKER} sessions on each of {WORKERS} workers in 500 tries (owners seen: {owned:?})"))
-}
-
-/// Runs `clients` threads side by side (on `cpus` if given), each running
-/// `client(index, barrier)`, which sets up, waits at the barrier, then
-/// measures.
-pub(crate) fn run_clients(
-    clients: usize,
-    cpus: Option<&[usize]>,
-    client: impl Fn(usize, &Barrier) -> Stats + Sync,
-) -> Stats {
-    let barrier = Barrier::new(clients);
-    let per_thread: Vec<Stats> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..clients)
-            .map(|t| {
-                let (barrier, client) = (&barrier, &client);
-                scope.spawn(move || {
-                    if let Some(cpus) = cpus {
-                        if let Err(e) = pin(cpus) {
-                            let mut stats = Stats::default();
-                            stats.fail(format!("cannot pin a client to CPUs {cpus:?}: {e}"));
-                            // Still at the barrier, or the others wait forever.
-                            barrier.wait();
-                            return stats;
-                        }
-                    }
-                    client(t, barrier)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    // Threads ran side by side: the wall time is the longest one, not the sum.
-    let elapsed = per_thread
-        .iter()
-        .map(|s| s.elapsed)
-        .max()
-        .unwrap_or_default();
-    let mut total = Stats::default();
-    for s in per_thread {
-        total.merge(s);
-    }
-    total.elapsed = elapsed;
-    total
 }
 
 /// `clients` threads, each doing one request per new connection in a loop,
@@ -895,65 +764,6 @@ impl Pinning {
             "clients, sticky and its workers all pinned to CPU {}",
             self.cpu
         )
-    }
-}
-
-fn cpu_set(cpus: &[usize]) -> libc::cpu_set_t {
-    // SAFETY: a zeroed cpu_set_t is empty; CPU_SET stays within it for
-    // CPUs below CPU_SETSIZE (those come from sched_getaffinity).
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    for &c in cpus {
-        unsafe { libc::CPU_SET(c, &mut set) };
-    }
-    set
-}
-
-/// Pins the calling thread to `cpus`.
-fn pin(cpus: &[usize]) -> io::Result<()> {
-    let set = cpu_set(cpus);
-    // SAFETY: plain syscall on the calling thread with a valid set.
-    if unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// xorshift64*: enough to make sids unique, no dependency needed.
-pub(crate) struct Rng(pub u64);
-
-impl Rng {
-    /// Seeded from the clock and pid; `stream` separates threads started
-    /// in the same nanosecond.
-    pub fn seeded(stream: u64) -> Rng {
-        let t = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos() as u64;
-        let pid = u64::from(std::process::id()) << 32;
-        let mut rng = Rng((t ^ pid ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1);
-        rng.next();
-        rng
-    }
-    pub fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    /// 20 characters of the base64url alphabet, like Engine.IO's ids.
-    pub fn sid(&mut self) -> String {
-        const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-        (0..20)
-            .map(|_| ALPHABET[(self.next() >> 58) as usize] as char)
-            .collect()
-    }
-}
-
-pub(crate) fn ratio(a: f64, b: f64) -> f64 {
-    if b > 0.0 {
-        a / b
-    } else {
-        f64::NAN
     }
 }
 
@@ -1132,17 +942,4 @@ fn json(opts: &Opts, r: &Results) -> String {
         opts.clients,
         workloads.join(",\n")
     )
-}
-
-pub(crate) fn quote(s: &str) -> String {
-    let mut out = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => out += "\\\"",
-            '\\' => out += "\\\\",
-            c if (c as u32) < 0x20 => out += &format!("\\u{:04x}", c as u32),
-            c => out.push(c),
-        }
-    }
-    out + "\""
 }

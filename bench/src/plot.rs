@@ -6,7 +6,7 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use crate::peers::{Opts, Results};
+use crate::results::{Opts, Results};
 use crate::servers::Variant;
 use crate::workloads::Workload;
 

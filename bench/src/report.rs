@@ -5,8 +5,8 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 
-use crate::core::{percentile_us, ratio};
-use crate::peers::{Cell, Opts, Results};
+use crate::measure::{percentile_us, ratio};
+use crate::results::{Cell, Opts, Results};
 use crate::servers::Variant;
 use crate::workloads::Workload;
 

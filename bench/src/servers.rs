@@ -179,7 +179,7 @@ pub struct Server {
 
 impl Server {
     pub fn start(variant: Variant, workers: usize, programs: &Programs) -> Result<Server, String> {
-        let port = free_port()?;
+        let port = crate::host::free_port()?;
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let node_worker = || {
             let mut cmd = Command::new("node");
@@ -298,7 +298,7 @@ impl Server {
         );
         loop {
             self.check_alive()?;
-            if crate::peers::interrupted() {
+            if crate::host::interrupted() {
                 return Err("interrupted".into());
             }
             match http::exchange(self.addr, None, &handshake) {
@@ -474,12 +474,6 @@ fn descendants(pid: u32) -> Vec<u32> {
     }
     found.remove(0);
     found
-}
-
-pub fn free_port() -> Result<u16, String> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")
-        .map_err(|e| format!("cannot find a free port: {e}"))?;
-    Ok(l.local_addr().map_err(|e| e.to_string())?.port())
 }
 
 /// nginx: on PATH or in /usr/sbin; else Debian's package, unpacked (not

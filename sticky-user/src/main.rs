@@ -6,6 +6,7 @@
 //! ARCHITECTURE.md for the code map.
 
 mod adoption;
+mod cli;
 mod control;
 mod flood;
 mod identity;
@@ -17,11 +18,10 @@ mod sorter;
 mod spawn;
 mod steering;
 mod supervisor;
+mod takeover;
 
 use std::{
-    ffi::OsString,
     io::{BufRead, BufReader, Write},
-    net::SocketAddr,
     os::unix::net::UnixStream,
     path::PathBuf,
     sync::{Arc, Mutex},
@@ -29,10 +29,11 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand, ValueEnum};
-use sticky_common::{
-    Balance, Config, Mode, MAX_CPUS, MAX_WORKERS, PARAM_MAX, REJECT_SLOT, SESSIONS_MAX, SINK_SLOT,
-};
+use aya::maps::{MapData, ReusePortSockArray};
+use clap::Parser;
+use sticky_common::{Mode, MAX_CPUS, REJECT_SLOT, SINK_SLOT};
+
+use cli::{Cli, Command, RunArgs, Settings};
 
 /// Logs one line to stderr, prefixed so it stands out among worker output.
 #[macro_export]
@@ -45,107 +46,12 @@ macro_rules! log {
     }};
 }
 
-#[derive(Parser)]
-#[command(
-    name = "sticky",
-    version,
-    about = "Sticky sessions for multi-process servers, placed by the Linux kernel"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Start N workers behind one address, each connection placed on the worker owning its session.
-    Run(RunArgs),
-    /// Print the placement counters and sessions of a running `sticky run`.
-    Stats {
-        /// Control socket of the running sticky (default: the one for --listen's port).
-        #[arg(long)]
-        control: Option<PathBuf>,
-        /// Address the running sticky listens on, to find its control socket.
-        #[arg(long, default_value = "0.0.0.0:3000")]
-        listen: SocketAddr,
-    },
-}
-
-#[derive(clap::Args)]
-struct RunArgs {
-    /// Address and port to listen on (IPv4 or IPv6; [::] takes IPv4 too; port 0 picks one).
-    #[arg(long, default_value = "0.0.0.0:3000")]
-    listen: SocketAddr,
-    /// Number of worker processes [default: one per CPU].
-    #[arg(long)]
-    workers: Option<usize>,
-    /// How connections without a known session are spread.
-    #[arg(long, value_enum, default_value_t = BalanceArg::LeastConnection)]
-    balance: BalanceArg,
-    /// Query parameter that carries the session id in the request line.
-    #[arg(long, default_value = "sid")]
-    sid_param: String,
-    /// Period of the sorting listener's rotation while connections arrive (e.g. 1ms, 500us).
-    #[arg(long, default_value = "1ms", value_parser = parse_duration)]
-    rotate: Duration,
-    /// How long workers get to exit after SIGTERM before SIGKILL.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
-    grace: Duration,
-    /// Path of the control socket [default: $XDG_RUNTIME_DIR or /tmp, sticky-<port>.sock].
-    #[arg(long)]
-    control: Option<PathBuf>,
-    /// `syn` balances at SYN time with no stickiness: the benchmark floor.
-    #[arg(long, value_enum, default_value_t = PlacementArg::Sticky)]
-    placement: PlacementArg,
-    /// Learn sessions from the workers' own Engine.IO handshake answers, so
-    /// workers need no sticky code.
-    #[arg(long, value_enum, default_value_t = LearnArg::On)]
-    learn: LearnArg,
-    /// Forget a learned session after this long without a request carrying its sid.
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
-    learn_idle: Duration,
-    /// Capacity of the session table, registered and learned sessions
-    /// together (1..=1048576): bounds the kernel memory it can take.
-    #[arg(long, default_value_t = SESSIONS_MAX,
-          value_parser = clap::value_parser!(u32).range(1..=SESSIONS_MAX as i64))]
-    max_sessions: u32,
-    /// Run every worker as this user (name or uid): its groups as
-    /// initgroups sets them, no capabilities, no_new_privs.
-    #[arg(long)]
-    user: Option<String>,
-    /// The workers' group (name or gid) [default: the user's primary group].
-    #[arg(long, requires = "user")]
-    group: Option<String>,
-    /// The worker command and its arguments.
-    #[arg(last = true, required = true, value_name = "COMMAND")]
-    command: Vec<OsString>,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum BalanceArg {
-    Random,
-    RoundRobin,
-    LeastConnection,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum PlacementArg {
-    Sticky,
-    Syn,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum LearnArg {
-    On,
-    Off,
-}
-
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Stats { control, listen } => {
-            stats(control.unwrap_or_else(|| default_control(listen.port())))
+            stats(control.unwrap_or_else(|| cli::default_control(listen.port())))
         }
     };
     if let Err(e) = result {
@@ -154,169 +60,101 @@ fn main() {
     }
 }
 
+/// `sticky run`, top-down: configuration, steering, listeners, the side
+/// services, sorters, supervisor. Only the sorters and the supervisor keep
+/// working after start-up; nothing here is on the data path.
 fn run(args: RunArgs) -> Result<()> {
-    let workers = args
-        .workers
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    if workers == 0 || workers > MAX_WORKERS as usize {
-        bail!("--workers must be between 1 and {MAX_WORKERS}");
-    }
-    let param = &args.sid_param;
-    if param.is_empty()
-        || param.len() >= PARAM_MAX
-        || !param
-            .bytes()
-            .all(|c| c.is_ascii_alphanumeric() || b"_-.".contains(&c))
-    {
-        bail!(
-            "--sid-param must be 1..{} bytes of [A-Za-z0-9_.-]",
-            PARAM_MAX - 1
-        );
-    }
-    let run_as = match &args.user {
-        Some(user) => Some(identity::RunAs::resolve(user, args.group.as_deref())?),
-        None => None,
-    };
-    if let Some(who) = &run_as {
-        privileges::check_can_become(who.uid)?;
-    }
-    let command = spawn::WorkerCommand::resolve(&args.command)?.run_as(run_as.clone());
-
-    let mut steering = steering::Steering::load(args.max_sessions)?;
+    let settings = Settings::from_args(args)?;
+    let mut steering = steering::Steering::load(settings.max_sessions)?;
     let mut maps = steering.take_maps()?;
     let cpus = sorting_cpus();
+
     // Workers left running by a supervisor that died are taken over.
-    let orphans = adoption::find_orphans(args.listen, workers)?;
-    let mut old_steering = if orphans.is_empty() {
-        None
-    } else {
-        let pids: Vec<u32> = orphans.iter().map(|o| o.pid).collect();
-        Some(adoption::OldSteering::find(args.listen.port(), &pids)?)
-    };
-    let mut adopted = Vec::new();
-    let group = if orphans.is_empty() {
-        listeners::ListenerGroup::bind(args.listen, workers)?
-    } else {
-        let mut taken: Vec<Option<std::os::fd::OwnedFd>> = (0..workers).map(|_| None).collect();
-        for o in orphans {
-            taken[o.index] = Some(o.listener);
-            adopted.push(supervisor::Adopted {
-                index: o.index,
-                pid: o.pid,
-                pidfd: o.pidfd,
-            });
-        }
-        listeners::ListenerGroup::with_adopted(args.listen, taken)?
-    };
-    let balance = match args.balance {
-        BalanceArg::Random => Balance::Random,
-        BalanceArg::RoundRobin => Balance::RoundRobin,
-        BalanceArg::LeastConnection => Balance::LeastConnection,
-    };
-    let mode = match args.placement {
-        PlacementArg::Sticky => Mode::Sticky,
-        PlacementArg::Syn => Mode::SynBalance,
-    };
-    // Learning needs placements (sticky mode) and the learner attached.
-    let learning =
-        args.learn == LearnArg::On && mode == Mode::Sticky && attach_learner(&mut steering);
-    let mut config = Config::new(workers as u32, cpus as u32, balance, mode, param);
-    if learning {
-        config = config.learning(group.addr.port());
-    }
-    // The port names this group's selector, for a successor's adoption.
-    config.port = u32::from(group.addr.port());
+    let mut takeover = takeover::Takeover::find(settings.listen, settings.workers)?;
+    let group = takeover.listener_group(settings.listen)?;
+
+    let learning = settings.learn && attach_learner(&mut steering);
+    let config = settings.kernel_config(cpus, group.addr.port(), learning);
     maps.config.set(0, config, 0)?;
     let mut table = sessions::SessionTable::new(
         maps.sessions,
         maps.workers,
         maps.learned,
-        workers,
-        args.max_sessions as usize,
+        settings.workers,
+        settings.max_sessions as usize,
     );
-    // Adopted workers are live and keep their sessions before the new
-    // selector replaces the old one: no connection sees them down.
-    for a in &adopted {
-        table.worker_started(a.index, a.pid)?;
-    }
-    if let Some(old) = old_steering.as_mut() {
-        let indices: Vec<usize> = adopted.iter().map(|a| a.index).collect();
-        let carried = old.sessions(&indices);
-        let (registered, learned) = (carried.registered.len(), carried.learned.len());
-        table.carry_over(carried)?;
-        for a in &adopted {
-            old.release_slot(a.index)?;
-            log!(
-                "adopted worker {} (pid {}) and its listener from an earlier sticky",
-                a.index,
-                a.pid
-            );
-        }
-        log!("kept {registered} registered and {learned} learned sessions of the adopted workers");
-    }
-    for (i, fd) in group.workers.iter().enumerate() {
-        maps.listeners
-            .set(i as u32, fd, 0)
-            .context("placing a worker listener in its slot")?;
-    }
-    maps.listeners
-        .set(REJECT_SLOT, &group.reject, 0)
-        .context("placing the 503 listener in its slot")?;
-    maps.listeners
-        .set(SINK_SLOT, &group.sink, 0)
-        .context("placing the sink in its slot")?;
+    takeover.carry_sessions(&mut table)?;
+    fill_slots(&mut maps.listeners, &group)?;
     steering.attach_selector(&group.workers[0])?;
-    // The old selector is detached now; dropping our handles frees its maps.
-    drop(old_steering);
-    let slots: sorter::SockArray = Arc::new(Mutex::new(maps.listeners));
+    let adopted = takeover.finish();
 
+    let slots: sorter::SockArray = Arc::new(Mutex::new(maps.listeners));
     let counters = Arc::new(maps.counters);
     let sessions = Arc::new(Mutex::new(table));
-    let control_path = args
+    let control_path = settings
         .control
-        .unwrap_or_else(|| default_control(group.addr.port()));
+        .clone()
+        .unwrap_or_else(|| cli::default_control(group.addr.port()));
     let control = control::ControlSocket::bind(&control_path)?;
-    if let Some(who) = &run_as {
+    if let Some(who) = &settings.run_as {
         control.only_for(who)?;
     }
-    // Start-up is over: keep only what serving needs (before any thread
-    // exists, so that every thread has the same sets).
+
+    // Shared by the sorters (wake-ups) and the supervisor (restarts).
+    let worker_listeners: sorter::WorkerListeners = Arc::new(Mutex::new(group.workers));
+    let sorting = match settings.mode {
+        Mode::Sticky => Some(sorter::prepare(sorter::Sorting {
+                slots: slots.clone(),
+                workers: worker_listeners.clone(),
+                addr: group.addr,
+                filter: steering.sort_program()?,
+                cpus,
+                period: settings.rotate,
+                counters: counters.clone(),
+                handoff: maps.handoff,
+                doorbells: maps.doorbells,
+        })?),
+        Mode::SynBalance => None,
+    };
+
+    // Start-up is over: keep only what serving needs, before any thread
+    // exists (capabilities are per thread; new threads inherit them).
     let serving = privileges::Serving {
         port: group.addr.port(),
-        with_user: run_as.is_some(),
+        with_user: settings.run_as.is_some(),
     };
     let kept = privileges::drop_for_serving(&serving, || maps.config.get(&0, 0).is_ok())?;
     log!("{}", privileges::describe(&kept));
+
     let _remove_control = control.serve(control::ControlState {
         sessions: sessions.clone(),
         counters: counters.clone(),
     });
     reject::serve(group.reject);
     if learning {
-        expire_learned_sessions(sessions.clone(), args.learn_idle);
+        expire_learned_sessions(sessions.clone(), settings.learn_idle);
     }
-    // Shared by the sorters (wake-ups) and the supervisor (restarts).
-    let worker_listeners: sorter::WorkerListeners = Arc::new(Mutex::new(group.workers));
-    let mut sorter = match mode {
-        Mode::Sticky => Some(sorter::start(
-            slots.clone(),
-            worker_listeners.clone(),
-            group.addr,
-            steering.sort_program()?,
-            cpus,
-            args.rotate,
-            counters.clone(),
-            maps.handoff,
-            maps.doorbells,
+    let mut sorter = match sorting {
+        Some(prepared) => Some(start_sorters(
+            prepared,
+            FloodGuard {
+                config: maps.config,
+                settings: config,
+                counters: counters.clone(),
+            },
         )?),
-        Mode::SynBalance => None,
+        None => None,
     };
-    if let Some(s) = sorter.as_mut() {
-        s.guard_floods(maps.config, config, counters)?;
-    }
 
+    let ready = format!(
+        "listening on {} with {} workers ({}), control socket {}",
+        group.addr,
+        settings.workers,
+        settings.describe_placement(),
+        control_path.display()
+    );
     let supervisor = supervisor::Supervisor::start(
-        command,
+        settings.command,
         supervisor::Listeners {
             addr: group.addr,
             slots,
@@ -324,26 +162,53 @@ fn run(args: RunArgs) -> Result<()> {
         },
         control_path.clone(),
         sessions,
-        args.grace,
+        settings.grace,
         adopted,
     )?;
-    log!(
-        "listening on {} with {workers} workers ({}), control socket {}",
-        group.addr,
-        match (mode, balance) {
-            (Mode::SynBalance, _) => "placement: syn, no stickiness",
-            (_, Balance::Random) => "balance: random",
-            (_, Balance::RoundRobin) => "balance: round-robin",
-            (_, Balance::LeastConnection) => "balance: least-connection",
-        },
-        control_path.display()
-    );
+    log!("{ready}");
     let result = supervisor.run();
     if let Some(s) = sorter.as_mut() {
         s.stop();
     }
     log!("stopped");
     result
+}
+
+/// The kernel config the SYN flood guard switches (`flood`).
+struct FloodGuard {
+    config: aya::maps::Array<MapData, sticky_common::Config>,
+    settings: sticky_common::Config,
+    counters: Arc<steering::Counters>,
+}
+
+/// The sorting loops, one per CPU, and the SYN flood guard beside them.
+fn start_sorters(
+    sorting: sorter::Prepared,
+    flood: FloodGuard,
+) -> Result<sorter::SortingHandle> {
+    let mut sorter = sorting.start()?;
+    sorter.guard_floods(flood.config, flood.settings, flood.counters)?;
+    Ok(sorter)
+}
+
+/// Puts every listener the selector may pick in its slot: the workers',
+/// the 503 listener and the sink (the sorting slots are the sorters').
+fn fill_slots(
+    slots: &mut ReusePortSockArray<MapData>,
+    group: &listeners::ListenerGroup,
+) -> Result<()> {
+    for (i, fd) in group.workers.iter().enumerate() {
+        slots
+            .set(i as u32, fd, 0)
+            .context("placing a worker listener in its slot")?;
+    }
+    slots
+        .set(REJECT_SLOT, &group.reject, 0)
+        .context("placing the 503 listener in its slot")?;
+    slots
+        .set(SINK_SLOT, &group.sink, 0)
+        .context("placing the sink in its slot")?;
+    Ok(())
 }
 
 /// Attaches the session learner to our own cgroup; on failure, says why and
@@ -378,13 +243,6 @@ fn sorting_cpus() -> usize {
     (configured.max(1) as usize).min(MAX_CPUS as usize)
 }
 
-fn default_control(port: u16) -> PathBuf {
-    let dir = std::env::var_os("XDG_RUNTIME_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/tmp"));
-    dir.join(format!("sticky-{port}.sock"))
-}
-
 fn stats(path: PathBuf) -> Result<()> {
     let mut stream = UnixStream::connect(&path).with_context(|| {
         format!(
@@ -402,27 +260,4 @@ fn stats(path: PathBuf) -> Result<()> {
         println!("{}", field.replacen('=', " ", 1));
     }
     Ok(())
-}
-
-/// "1ms", "500us", "2s", "1.5s", "100ns".
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (number, unit) = s.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration like 1ms, 500us or 2s"))?;
-    let secs = match unit {
-        "ns" => value / 1e9,
-        "us" | "µs" => value / 1e6,
-        "ms" => value / 1e3,
-        "s" | "" => value,
-        "m" => value * 60.0,
-        _ => return Err(format!("unknown unit in `{s}` (use ns, us, ms, s or m)")),
-    };
-    if secs <= 0.0 || !secs.is_finite() {
-        return Err(format!("`{s}` must be a positive duration"));
-    }
-    Ok(Duration::from_secs_f64(secs))
 }

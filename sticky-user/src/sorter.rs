@@ -77,23 +77,52 @@ struct SortingLoop {
     stop: Arc<AtomicBool>,
 }
 
-/// Starts one loop per CPU, each with its sorting listeners on `addr`
-/// carrying the socket filter `filter`.
-pub fn start(
-    listeners: SockArray,
-    workers: WorkerListeners,
+/// What the sorting loops are given: the slots they rotate in, the
+/// listeners they wake, and the kernel objects they read.
+pub struct Sorting {
+    pub slots: SockArray,
+    pub workers: WorkerListeners,
+    pub addr: SocketAddr,
+    /// `sticky_sort`, attached to every sorting listener.
+    pub filter: OwnedFd,
+    /// One sorting loop (and slot) per CPU.
+    pub cpus: usize,
+    /// Fallback rotation period while SYNs arrive.
+    pub period: Duration,
+    pub counters: Arc<Counters>,
+    pub handoff: HandoffMap,
+    pub doorbells: ArrayOfMaps<MapData, MapData>,
+}
+
+/// The loops, their listeners and doorbells made, no thread started yet:
+/// making a doorbell creates a map, which needs CAP_BPF, and the
+/// supervisor drops its privileges before it starts any thread.
+pub struct Prepared {
+    loops: Vec<SortingLoop>,
+    stop: Arc<AtomicBool>,
     addr: SocketAddr,
-    filter: OwnedFd,
-    cpus: usize,
-    period: Duration,
-    counters: Arc<Counters>,
-    handoff: HandoffMap,
-    mut doorbells: ArrayOfMaps<MapData, MapData>,
-) -> Result<SortingHandle> {
+    filter: Arc<OwnedFd>,
+    listeners: SockArray,
+}
+
+/// Makes one loop per CPU, each with its sorting listeners on `addr`
+/// carrying the socket filter `filter`; `Prepared::start` runs them.
+pub fn prepare(sorting: Sorting) -> Result<Prepared> {
+    let Sorting {
+        slots: listeners,
+        workers,
+        addr,
+        filter,
+        cpus,
+        period,
+        counters,
+        handoff,
+        mut doorbells,
+    } = sorting;
     let handoff = Arc::new(handoff);
     let filter = Arc::new(filter);
     let stop = Arc::new(AtomicBool::new(false));
-    let mut threads = Vec::new();
+    let mut loops = Vec::new();
     for cpu in 0..cpus {
         let current = sorting_listener(addr, &*filter)?;
         let spare = sorting_listener(addr, &*filter)?;
@@ -103,7 +132,7 @@ pub fn start(
             .unwrap()
             .set(SORTING_SLOT + cpu as u32, &current, 0)
             .context("placing a sorting listener in its slot")?;
-        let mut sorting = SortingLoop {
+        loops.push(SortingLoop {
             cpu,
             addr,
             filter: filter.clone(),
@@ -116,21 +145,37 @@ pub fn start(
             counters: counters.clone(),
             handoff: handoff.clone(),
             stop: stop.clone(),
-        };
-        threads.push(
-            std::thread::Builder::new()
-                .name(format!("sorter-{cpu}"))
-                .spawn(move || sorting.run())
-                .context("spawning a sorting thread")?,
-        );
+        });
     }
-    Ok(SortingHandle {
+    Ok(Prepared {
+        loops,
         stop,
-        threads,
         addr,
         filter,
         listeners,
     })
+}
+
+impl Prepared {
+    /// Starts a thread per loop.
+    pub fn start(self) -> Result<SortingHandle> {
+        let mut threads = Vec::new();
+        for mut sorting in self.loops {
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("sorter-{}", sorting.cpu))
+                    .spawn(move || sorting.run())
+                    .context("spawning a sorting thread")?,
+            );
+        }
+        Ok(SortingHandle {
+            stop: self.stop,
+            threads,
+            addr: self.addr,
+            filter: self.filter,
+            listeners: self.listeners,
+        })
+    }
 }
 
 impl SortingLoop {
