@@ -80,6 +80,9 @@ pub struct RunArgs {
     /// The workers' group (name or gid) [default: the user's primary group].
     #[arg(long, requires = "user")]
     pub group: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics (port 0 picks one).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<SocketAddr>,
     /// The worker command and its arguments.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
@@ -120,6 +123,7 @@ pub struct Settings {
     pub max_sessions: u32,
     /// `--user`/`--group`, resolved (also given to `command`).
     pub run_as: Option<RunAs>,
+    pub metrics: Option<SocketAddr>,
     pub command: WorkerCommand,
 }
 
@@ -162,6 +166,7 @@ impl Settings {
             max_sessions: args.max_sessions,
             command: WorkerCommand::resolve(&args.command)?.run_as(run_as.clone()),
             run_as,
+            metrics: args.metrics,
         })
     }
 

@@ -85,9 +85,14 @@ impl ControlSocket {
     /// other users cannot; checks that the workers can reach its directory.
     pub fn only_for(&self, run_as: &RunAs) -> Result<()> {
         use std::os::unix::fs::{MetadataExt, PermissionsExt};
-        for dir in self.path.ancestors().skip(1).filter(|d| !d.as_os_str().is_empty()) {
-            let meta = std::fs::metadata(dir)
-                .with_context(|| format!("checking {}", dir.display()))?;
+        for dir in self
+            .path
+            .ancestors()
+            .skip(1)
+            .filter(|d| !d.as_os_str().is_empty())
+        {
+            let meta =
+                std::fs::metadata(dir).with_context(|| format!("checking {}", dir.display()))?;
             let mode = meta.mode();
             let searchable = run_as.uid == 0
                 || (meta.uid() == run_as.uid && mode & 0o100 != 0)
@@ -254,15 +259,7 @@ fn answer(state: &ControlState, worker: Option<WorkerId>, uid: u32, line: &str) 
     let (command, arg) = line.split_once(' ').unwrap_or((line, ""));
     let result = match (command, worker) {
         ("stats", _) if worker.is_some() || uid == 0 || uid == unsafe { libc::geteuid() } => {
-            let table = state.sessions.lock().unwrap();
-            return format!(
-                "ok {} live_workers={} sessions={} learned_sessions={} {}\n",
-                state.counters.report(),
-                table.live_workers(),
-                table.session_count(),
-                table.learned_count(),
-                table.summary()
-            );
+            return format!("ok {}\n", crate::stats::snapshot(state).line());
         }
         ("open" | "close", None) | ("stats", None) => {
             Err("unknown peer: not a sticky worker".to_owned())

@@ -88,7 +88,13 @@ fn resolve_group(group: &str) -> Result<libc::gid_t> {
 fn passwd_by_name(name: &str) -> Option<Passwd> {
     let cname = CString::new(name).ok()?;
     lookup_passwd(|pw, buf, found| unsafe {
-        libc::getpwnam_r(cname.as_ptr(), pw, buf.as_mut_ptr().cast(), buf.len(), found)
+        libc::getpwnam_r(
+            cname.as_ptr(),
+            pw,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            found,
+        )
     })
 }
 
@@ -147,7 +153,10 @@ mod tests {
         assert_eq!((numeric.uid, numeric.gid), (0, 0));
         // A uid with no passwd entry works with an explicit group.
         let bare = RunAs::resolve("4000000", Some("4000000")).unwrap();
-        assert_eq!((bare.uid, bare.gid, bare.groups), (4000000, 4000000, vec![4000000]));
+        assert_eq!(
+            (bare.uid, bare.gid, bare.groups),
+            (4000000, 4000000, vec![4000000])
+        );
         assert!(RunAs::resolve("4000000", None).is_err());
         let unknown = RunAs::resolve("no-such-user-here", None).unwrap_err();
         assert!(unknown.to_string().contains("no such user"), "{unknown}");

@@ -11,11 +11,13 @@ mod control;
 mod flood;
 mod identity;
 mod listeners;
+mod metrics;
 mod privileges;
 mod reject;
 mod sessions;
 mod sorter;
 mod spawn;
+mod stats;
 mod steering;
 mod supervisor;
 mod takeover;
@@ -99,20 +101,24 @@ fn run(args: RunArgs) -> Result<()> {
     if let Some(who) = &settings.run_as {
         control.only_for(who)?;
     }
+    let metrics = settings
+        .metrics
+        .map(metrics::MetricsServer::bind)
+        .transpose()?;
 
     // Shared by the sorters (wake-ups) and the supervisor (restarts).
     let worker_listeners: sorter::WorkerListeners = Arc::new(Mutex::new(group.workers));
     let sorting = match settings.mode {
         Mode::Sticky => Some(sorter::prepare(sorter::Sorting {
-                slots: slots.clone(),
-                workers: worker_listeners.clone(),
-                addr: group.addr,
-                filter: steering.sort_program()?,
-                cpus,
-                period: settings.rotate,
-                counters: counters.clone(),
-                handoff: maps.handoff,
-                doorbells: maps.doorbells,
+            slots: slots.clone(),
+            workers: worker_listeners.clone(),
+            addr: group.addr,
+            filter: steering.sort_program()?,
+            cpus,
+            period: settings.rotate,
+            counters: counters.clone(),
+            handoff: maps.handoff,
+            doorbells: maps.doorbells,
         })?),
         Mode::SynBalance => None,
     };
@@ -126,10 +132,17 @@ fn run(args: RunArgs) -> Result<()> {
     let kept = privileges::drop_for_serving(&serving, || maps.config.get(&0, 0).is_ok())?;
     log!("{}", privileges::describe(&kept));
 
-    let _remove_control = control.serve(control::ControlState {
+    let state = control::ControlState {
         sessions: sessions.clone(),
         counters: counters.clone(),
-    });
+    };
+    if let Some(server) = metrics {
+        if let Some(addr) = server.local_addr() {
+            log!("metrics on http://{addr}/metrics");
+        }
+        server.serve(state.clone());
+    }
+    let _remove_control = control.serve(state);
     reject::serve(group.reject);
     if learning {
         expire_learned_sessions(sessions.clone(), settings.learn_idle);
@@ -182,10 +195,7 @@ struct FloodGuard {
 }
 
 /// The sorting loops, one per CPU, and the SYN flood guard beside them.
-fn start_sorters(
-    sorting: sorter::Prepared,
-    flood: FloodGuard,
-) -> Result<sorter::SortingHandle> {
+fn start_sorters(sorting: sorter::Prepared, flood: FloodGuard) -> Result<sorter::SortingHandle> {
     let mut sorter = sorting.start()?;
     sorter.guard_floods(flood.config, flood.settings, flood.counters)?;
     Ok(sorter)

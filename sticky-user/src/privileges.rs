@@ -43,15 +43,47 @@ pub const CAP_BPF: u32 = 39;
 
 /// Capability names by number (capability.h), for messages.
 const NAMES: &[&str] = &[
-    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID",
-    "CAP_KILL", "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE",
-    "CAP_NET_BIND_SERVICE", "CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW",
-    "CAP_IPC_LOCK", "CAP_IPC_OWNER", "CAP_SYS_MODULE", "CAP_SYS_RAWIO", "CAP_SYS_CHROOT",
-    "CAP_SYS_PTRACE", "CAP_SYS_PACCT", "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_NICE",
-    "CAP_SYS_RESOURCE", "CAP_SYS_TIME", "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE",
-    "CAP_AUDIT_WRITE", "CAP_AUDIT_CONTROL", "CAP_SETFCAP", "CAP_MAC_OVERRIDE",
-    "CAP_MAC_ADMIN", "CAP_SYSLOG", "CAP_WAKE_ALARM", "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ",
-    "CAP_PERFMON", "CAP_BPF", "CAP_CHECKPOINT_RESTORE",
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_MKNOD",
+    "CAP_LEASE",
+    "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN",
+    "CAP_SYSLOG",
+    "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_AUDIT_READ",
+    "CAP_PERFMON",
+    "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
 ];
 
 pub fn name(cap: u32) -> String {
@@ -78,13 +110,41 @@ struct Keep {
 /// The serving set. A feature that needs another capability at run time
 /// adds one line here (and to README's list).
 const SERVING: &[Keep] = &[
-    Keep { cap: CAP_BPF, when: When::MapsNeedIt, why: "map reads and updates (this kernel checks bpf() itself)" },
-    Keep { cap: CAP_NET_ADMIN, when: When::Always, why: "sock_diag SOCK_DESTROY of connections" },
-    Keep { cap: CAP_NET_BIND_SERVICE, when: When::PrivilegedPort, why: "fresh sorting listeners on a port below 1024" },
-    Keep { cap: CAP_SETUID, when: When::WithUser, why: "starting workers as --user" },
-    Keep { cap: CAP_SETGID, when: When::WithUser, why: "setting the workers' groups" },
-    Keep { cap: CAP_SETPCAP, when: When::WithUser, why: "emptying each worker's bounding set" },
-    Keep { cap: CAP_KILL, when: When::WithUser, why: "signalling workers that run as another user" },
+    Keep {
+        cap: CAP_BPF,
+        when: When::MapsNeedIt,
+        why: "map reads and updates (this kernel checks bpf() itself)",
+    },
+    Keep {
+        cap: CAP_NET_ADMIN,
+        when: When::Always,
+        why: "sock_diag SOCK_DESTROY of connections",
+    },
+    Keep {
+        cap: CAP_NET_BIND_SERVICE,
+        when: When::PrivilegedPort,
+        why: "fresh sorting listeners on a port below 1024",
+    },
+    Keep {
+        cap: CAP_SETUID,
+        when: When::WithUser,
+        why: "starting workers as --user",
+    },
+    Keep {
+        cap: CAP_SETGID,
+        when: When::WithUser,
+        why: "setting the workers' groups",
+    },
+    Keep {
+        cap: CAP_SETPCAP,
+        when: When::WithUser,
+        why: "emptying each worker's bounding set",
+    },
+    Keep {
+        cap: CAP_KILL,
+        when: When::WithUser,
+        why: "signalling workers that run as another user",
+    },
 ];
 
 /// What the serving set depends on.
@@ -118,7 +178,10 @@ struct CapData {
 const CAP_VERSION_3: u32 = 0x2008_0522;
 
 pub fn capget() -> std::io::Result<CapSets> {
-    let mut header = CapHeader { version: CAP_VERSION_3, pid: 0 };
+    let mut header = CapHeader {
+        version: CAP_VERSION_3,
+        pid: 0,
+    };
     let mut data = [CapData::default(); 2];
     // SAFETY: header and two data structs, as _LINUX_CAPABILITY_VERSION_3 wants.
     let rc = unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) };
@@ -135,12 +198,27 @@ pub fn capget() -> std::io::Result<CapSets> {
 
 /// `capset(2)` on the calling thread; a raw syscall, async-signal-safe.
 pub fn capset(sets: CapSets) -> libc::c_long {
-    let header = CapHeader { version: CAP_VERSION_3, pid: 0 };
+    let header = CapHeader {
+        version: CAP_VERSION_3,
+        pid: 0,
+    };
     let split = |v: u64| (v as u32, (v >> 32) as u32);
-    let (e, p, i) = (split(sets.effective), split(sets.permitted), split(sets.inheritable));
+    let (e, p, i) = (
+        split(sets.effective),
+        split(sets.permitted),
+        split(sets.inheritable),
+    );
     let data = [
-        CapData { effective: e.0, permitted: p.0, inheritable: i.0 },
-        CapData { effective: e.1, permitted: p.1, inheritable: i.1 },
+        CapData {
+            effective: e.0,
+            permitted: p.0,
+            inheritable: i.0,
+        },
+        CapData {
+            effective: e.1,
+            permitted: p.1,
+            inheritable: i.1,
+        },
     ];
     // SAFETY: as in capget; the kernel only reads them.
     unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) }
@@ -168,7 +246,10 @@ pub fn original_rtprio() -> Option<libc::rlimit> {
 /// Lets the sorting threads ask for SCHED_FIFO priority 1 without
 /// CAP_SYS_NICE (the kernel allows up to `RLIMIT_RTPRIO`).
 fn allow_rt_priority() {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: plain syscalls on a local struct.
     if unsafe { libc::getrlimit(libc::RLIMIT_RTPRIO, &mut limit) } < 0 {
         return;
@@ -177,7 +258,10 @@ fn allow_rt_priority() {
     if limit.rlim_cur >= 1 {
         return;
     }
-    let raised = libc::rlimit { rlim_cur: 1, rlim_max: limit.rlim_max.max(1) };
+    let raised = libc::rlimit {
+        rlim_cur: 1,
+        rlim_max: limit.rlim_max.max(1),
+    };
     unsafe { libc::setrlimit(libc::RLIMIT_RTPRIO, &raised) };
 }
 
@@ -211,10 +295,16 @@ pub fn drop_for_serving(
             .iter()
             .filter(|k| !matches!(k.when, When::MapsNeedIt))
             .fold(0, |m, k| m | bit(k.cap));
-        let trial = CapSets { effective: without & now.permitted, ..now };
+        let trial = CapSets {
+            effective: without & now.permitted,
+            ..now
+        };
         let works = capset(trial) == 0 && maps_work();
         if capset(now) != 0 {
-            bail!("cannot restore capabilities after the map probe: {}", std::io::Error::last_os_error());
+            bail!(
+                "cannot restore capabilities after the map probe: {}",
+                std::io::Error::last_os_error()
+            );
         }
         if works {
             kept.retain(|k| !matches!(k.when, When::MapsNeedIt));
@@ -234,11 +324,24 @@ pub fn drop_for_serving(
     // Ambient capabilities (a non-root sticky given them by systemd) would
     // pass to every worker's exec.
     unsafe {
-        libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong, 0, 0, 0)
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
     };
-    let sets = CapSets { effective: keep, permitted: keep, inheritable: 0 };
+    let sets = CapSets {
+        effective: keep,
+        permitted: keep,
+        inheritable: 0,
+    };
     if capset(sets) != 0 {
-        bail!("cannot drop capabilities: {}", std::io::Error::last_os_error());
+        bail!(
+            "cannot drop capabilities: {}",
+            std::io::Error::last_os_error()
+        );
     }
     // Not dumpable: processes of the same uid (workers without --user, or
     // a non-root sticky's workers) cannot ptrace it or open its /proc fds.
@@ -251,7 +354,10 @@ pub fn describe(kept: &[(u32, &str)]) -> String {
     if kept.is_empty() {
         return "serving with no capabilities".to_owned();
     }
-    let list: Vec<String> = kept.iter().map(|(cap, why)| format!("{} ({why})", name(*cap))).collect();
+    let list: Vec<String> = kept
+        .iter()
+        .map(|(cap, why)| format!("{} ({why})", name(*cap)))
+        .collect();
     format!("serving with {} only", list.join(", "))
 }
 
@@ -311,7 +417,13 @@ pub unsafe fn drop_in_child(uid: libc::uid_t, gid: libc::gid_t, groups: &[libc::
     if capset(CapSets::default()) < 0 {
         return errno();
     }
-    libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong, 0, 0, 0);
+    libc::prctl(
+        libc::PR_CAP_AMBIENT,
+        libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+        0,
+        0,
+        0,
+    );
     if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
         return errno();
     }

@@ -33,6 +33,8 @@ pub struct WorkerId {
 struct Slot {
     pid: Option<u32>,
     generation: u64,
+    /// Processes started (or adopted) in this slot.
+    starts: u64,
     sessions: u32,
     learned: u32,
 }
@@ -72,6 +74,7 @@ impl SessionTable {
         let slot = &mut self.slots[index];
         slot.pid = Some(pid);
         slot.generation += 1;
+        slot.starts += 1;
         self.publish(index)
     }
 
@@ -285,20 +288,18 @@ impl SessionTable {
         self.owners.len()
     }
 
-    /// Per worker: `pid` (or `-`) and sessions owned.
-    pub fn summary(&self) -> String {
+    /// Per worker slot: its process, sessions and restarts (`stats`).
+    pub fn worker_stats(&self) -> Vec<crate::stats::WorkerStat> {
         self.slots
             .iter()
-            .enumerate()
-            .map(|(i, s)| match s.pid {
-                Some(pid) => format!(
-                    "worker{i}=pid:{pid},sessions:{},learned:{}",
-                    s.sessions, s.learned
-                ),
-                None => format!("worker{i}=down"),
+            .map(|s| crate::stats::WorkerStat {
+                pid: s.pid,
+                sessions: s.sessions,
+                learned: s.learned,
+                // Every process of the slot after its first is a restart.
+                restarts: s.starts.saturating_sub(1),
             })
-            .collect::<Vec<_>>()
-            .join(" ")
+            .collect()
     }
 
     fn publish(&mut self, index: usize) -> Result<()> {

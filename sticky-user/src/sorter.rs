@@ -248,6 +248,7 @@ impl SortingLoop {
         let next = sorting_listener(self.addr, &*self.filter)?;
         // Closes the old listener (dropped here); its request sockets live on.
         self.current = std::mem::replace(&mut self.spare, next);
+        self.counters.rotations.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 }

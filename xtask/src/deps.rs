@@ -41,8 +41,14 @@ const fn dep(check: Check, packages: &'static [&'static str]) -> Dep {
 /// Needed to build sticky (both commands build it).
 const BUILD: &[Dep] = &[
     // The kernel programs are C (sticky-ebpf/build.rs); any clang >= 18.
-    dep(Check::AnyCommand(&["clang-19", "clang-18", "clang"]), &["clang-19"]),
-    dep(Check::File("/usr/include/bpf/bpf_helpers.h"), &["libbpf-dev"]),
+    dep(
+        Check::AnyCommand(&["clang-19", "clang-18", "clang"]),
+        &["clang-19"],
+    ),
+    dep(
+        Check::File("/usr/include/bpf/bpf_helpers.h"),
+        &["libbpf-dev"],
+    ),
     dep(Check::File("/usr/include/linux/bpf.h"), &["linux-libc-dev"]),
     // Socket.IO demo workers (`cargo xtask run`) and the e2e suite.
     dep(Check::Command("npm"), &["nodejs", "npm"]),
@@ -66,7 +72,10 @@ const TEST: &[Dep] = &[
     dep(Check::Command("capsh"), &["libcap2-bin"]),
     // Scripted Python workers and the Python Socket.IO workers (venv).
     dep(Check::File("/usr/bin/python3"), &["python3"]),
-    dep(Check::Glob("/usr/lib/python3.*/ensurepip"), &["python3-venv"]),
+    dep(
+        Check::Glob("/usr/lib/python3.*/ensurepip"),
+        &["python3-venv"],
+    ),
     // Browsers, front proxies and the Redis adapter in the e2e suite.
     dep(Check::Command("chromium"), &["chromium"]),
     dep(Check::Command("haproxy"), &["haproxy"]),
@@ -133,7 +142,8 @@ fn present(check: &Check) -> bool {
 /// run of characters within one component).
 fn glob_exists(dir: &Path, pattern: &str) -> bool {
     let (first, rest) = pattern.split_once('/').unwrap_or((pattern, ""));
-    let next = |p: PathBuf| rest.is_empty() && p.exists() || !rest.is_empty() && glob_exists(&p, rest);
+    let next =
+        |p: PathBuf| rest.is_empty() && p.exists() || !rest.is_empty() && glob_exists(&p, rest);
     let Some((head, tail)) = first.split_once('*') else {
         return next(dir.join(first));
     };
@@ -182,7 +192,9 @@ fn ensure_packages(lists: &[&[Dep]]) -> Result<(), String> {
     }
     let line = format!("apt-get install -y {}", missing.join(" "));
     if !is_root() || find_in_path("apt-get").is_none() {
-        return Err(format!("missing system packages: run `sudo {line}` (Debian/Ubuntu names), then again"));
+        return Err(format!(
+            "missing system packages: run `sudo {line}` (Debian/Ubuntu names), then again"
+        ));
     }
     eprintln!("xtask: installing {}", missing.join(" "));
     let mut update = Command::new("apt-get");
@@ -220,7 +232,13 @@ fn ensure_node() -> Result<(), String> {
 fn node_major() -> Option<u32> {
     let out = Command::new("node").arg("--version").output().ok()?;
     let version = String::from_utf8_lossy(&out.stdout);
-    version.trim().strip_prefix('v')?.split('.').next()?.parse().ok()
+    version
+        .trim()
+        .strip_prefix('v')?
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
 }
 
 fn fetch_node(dir: &Path) -> Result<(), String> {
@@ -242,13 +260,20 @@ fn fetch_node(dir: &Path) -> Result<(), String> {
     let expected = base64_to_hex(NODE_SHA512);
     if hex.split_whitespace().next() != Some(expected.as_str()) {
         let _ = fs::remove_file(&tgz);
-        return Err(format!("{} does not match the registry's sha512: not used", tgz.display()));
+        return Err(format!(
+            "{} does not match the registry's sha512: not used",
+            tgz.display()
+        ));
     }
     let partial = tools.join("node.partial");
     let _ = fs::remove_dir_all(&partial);
     fs::create_dir_all(&partial).map_err(|e| format!("{e}"))?;
     let mut tar = Command::new("tar");
-    tar.arg("-xzf").arg(&tgz).arg("--strip-components=1").arg("-C").arg(&partial);
+    tar.arg("-xzf")
+        .arg(&tgz)
+        .arg("--strip-components=1")
+        .arg("-C")
+        .arg(&partial);
     status(tar, "tar (Node.js)")?;
     fs::rename(&partial, dir).map_err(|e| format!("{e}"))?;
     let _ = fs::remove_file(&tgz);
@@ -267,7 +292,8 @@ fn npm_ci(projects: &[&str]) -> Result<(), String> {
             continue;
         }
         let mut npm = Command::new("npm");
-        npm.current_dir(&dir).args(["ci", "--no-audit", "--no-fund"]);
+        npm.current_dir(&dir)
+            .args(["ci", "--no-audit", "--no-fund"]);
         status(npm, &format!("npm ci in {project}/"))?;
     }
     Ok(())
@@ -292,15 +318,28 @@ fn ensure_venv() -> Result<PathBuf, String> {
         .find(|p| p.exists())
         .unwrap_or_else(|| PathBuf::from("python3"));
     if !python.exists() {
-        eprintln!("xtask: creating the Python virtual environment {}", venv.display());
+        eprintln!(
+            "xtask: creating the Python virtual environment {}",
+            venv.display()
+        );
         let mut cmd = Command::new(&base);
         cmd.arg("-m").arg("venv").arg(&venv);
         status(cmd, "python3 -m venv")?;
     }
     let mut pip = Command::new(&python);
-    pip.args(["-m", "pip", "install", "-q", "--disable-pip-version-check", "-r"])
-        .arg(root.join(PY_REQUIREMENTS));
-    status(pip, &format!("pip install -r {PY_REQUIREMENTS} (into target/venv)"))?;
+    pip.args([
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--disable-pip-version-check",
+        "-r",
+    ])
+    .arg(root.join(PY_REQUIREMENTS));
+    status(
+        pip,
+        &format!("pip install -r {PY_REQUIREMENTS} (into target/venv)"),
+    )?;
     fs::write(&stamp, requirements).map_err(|e| format!("{e}"))?;
     Ok(python)
 }
@@ -335,8 +374,19 @@ mod tests {
     #[test]
     fn wildcards() {
         assert!(super::wildcard("llvm-19", "llvm-", ""));
-        assert!(super::wildcard("libclang_rt.fuzzer_no_main-x86_64.a", "libclang_rt.fuzzer_no_main", ".a"));
-        assert!(!super::wildcard("libclang_rt.fuzzer-x86_64.a", "libclang_rt.fuzzer_no_main", ".a"));
-        assert!(super::glob_exists(std::path::Path::new("/"), "proc/self/st*"));
+        assert!(super::wildcard(
+            "libclang_rt.fuzzer_no_main-x86_64.a",
+            "libclang_rt.fuzzer_no_main",
+            ".a"
+        ));
+        assert!(!super::wildcard(
+            "libclang_rt.fuzzer-x86_64.a",
+            "libclang_rt.fuzzer_no_main",
+            ".a"
+        ));
+        assert!(super::glob_exists(
+            std::path::Path::new("/"),
+            "proc/self/st*"
+        ));
     }
 }

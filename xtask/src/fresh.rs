@@ -45,7 +45,9 @@ const RUN_TIMEOUT: Duration = Duration::from_secs(3600);
 
 pub fn run(_args: &[String]) -> Result<(), String> {
     if !is_root() {
-        return Err("cargo xtask fresh needs root (debootstrap, chroot, mounts): run it with sudo".into());
+        return Err(
+            "cargo xtask fresh needs root (debootstrap, chroot, mounts): run it with sudo".into(),
+        );
     }
     let started = Instant::now();
     kernels::install_missing(&[("debootstrap", "debootstrap")])?;
@@ -59,7 +61,10 @@ pub fn run(_args: &[String]) -> Result<(), String> {
         unmount_below(&root);
         // Never delete through a bind mount of the host's /dev or toolchain.
         if !mount_points_below(&root).is_empty() {
-            return Err(format!("{} still has mounts; unmount them first", root.display()));
+            return Err(format!(
+                "{} still has mounts; unmount them first",
+                root.display()
+            ));
         }
         fs::remove_dir_all(&root).map_err(|e| format!("removing {}: {e}", root.display()))?;
     }
@@ -68,7 +73,11 @@ pub fn run(_args: &[String]) -> Result<(), String> {
     status(cp, "cp -a (fresh root)")?;
     let mounts = Mounts::set_up(&root)?;
     let commit = copy_sources(&root.join("src"))?;
-    eprintln!("fresh: clean bookworm root {} ready in {:.0?}; sources at {commit}", root.display(), started.elapsed());
+    eprintln!(
+        "fresh: clean bookworm root {} ready in {:.0?}; sources at {commit}",
+        root.display(),
+        started.elapsed()
+    );
 
     let toolchain = Instant::now();
     in_root(
@@ -117,7 +126,10 @@ fn copy_sources(dest: &Path) -> Result<String, String> {
     };
     let head = git(&["rev-parse", "--short", "HEAD"])?;
     let commit = String::from_utf8_lossy(&head.stdout).trim().to_owned();
-    if !git(&["status", "--porcelain", "--untracked-files=no"])?.stdout.is_empty() {
+    if !git(&["status", "--porcelain", "--untracked-files=no"])?
+        .stdout
+        .is_empty()
+    {
         eprintln!("fresh: note: uncommitted changes are not part of the run (HEAD {commit} is)");
     }
     let archive = git(&["archive", "--format=tar", "HEAD"])?;
@@ -146,7 +158,10 @@ fn chroot(root: &Path, script: &str) -> Command {
     cmd.arg(root)
         .args(["/bin/bash", "-c", script])
         .env_clear()
-        .env("PATH", "/opt/rust/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        .env(
+            "PATH",
+            "/opt/rust/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
         .env("HOME", "/root")
         .env("CARGO_HOME", "/root/.cargo")
         .env("LANG", "C.UTF-8")
@@ -176,7 +191,10 @@ fn in_root(root: &Path, script: &str, what: &str) -> Result<(), String> {
 /// 200, then SIGINT.
 fn run_demo(root: &Path) -> Result<(), String> {
     eprintln!("fresh: cargo xtask run");
-    let mut cmd = chroot(root, "cd /src && exec cargo xtask run -- --listen 127.0.0.1:0 --workers 2");
+    let mut cmd = chroot(
+        root,
+        "cd /src && exec cargo xtask run -- --listen 127.0.0.1:0 --workers 2",
+    );
     cmd.stderr(Stdio::piped()).process_group(0);
     let mut child = cmd.spawn().map_err(|e| format!("chroot: {e}"))?;
     let stderr = child.stderr.take().expect("piped");
@@ -223,7 +241,9 @@ fn answers_ok(port: u16) -> Result<(), String> {
             return Ok(());
         }
     }
-    Err(format!("the demo on port {port} never answered GET / with 200"))
+    Err(format!(
+        "the demo on port {port} never answered GET / with 200"
+    ))
 }
 
 /// `cargo xtask test`; its summary line.

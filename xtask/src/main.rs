@@ -101,7 +101,10 @@ fn run(extra: &[String]) -> Result<(), String> {
     let mut args: Vec<OsString> = vec!["run".into()];
     // Defaults the caller's own flags replace.
     for (flag, value) in [("--listen", "127.0.0.1:3000"), ("--workers", "3")] {
-        if !extra.iter().any(|a| a == flag || a.starts_with(&format!("{flag}="))) {
+        if !extra
+            .iter()
+            .any(|a| a == flag || a.starts_with(&format!("{flag}=")))
+        {
             args.extend([flag.into(), value.into()]);
         }
     }
