@@ -327,8 +327,8 @@ fn non_root_with_just_bpf_net_admin_and_perfmon_works() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let _stop = KillOnDrop(sticky.id());
     let stderr = sticky.stderr.take().unwrap();
+    let sticky = StopOnDrop(sticky);
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         use std::io::BufRead;
@@ -347,7 +347,7 @@ fn non_root_with_just_bpf_net_admin_and_perfmon_works() {
         .expect("non-root sticky did not start")
         .parse()
         .unwrap();
-    let s = status(&format!("/proc/{}/status", sticky.id()));
+    let s = status(&format!("/proc/{}/status", sticky.0.id()));
     println!(
         "sticky as uid {} given ambient {caps}: serving with CapEff {}",
         s["Uid"], s["CapEff"]
@@ -374,12 +374,12 @@ fn non_root_with_just_bpf_net_admin_and_perfmon_works() {
     assert_eq!(on_owner, owners.len());
 }
 
-/// SIGTERM to a process on drop (then the test's end reaps nothing more).
-struct KillOnDrop(u32);
+/// Stops sticky on drop: SIGTERM (it stops its workers), then reaps it.
+struct StopOnDrop(std::process::Child);
 
-impl Drop for KillOnDrop {
+impl Drop for StopOnDrop {
     fn drop(&mut self) {
-        unsafe { libc::kill(self.0 as i32, libc::SIGTERM) };
-        std::thread::sleep(Duration::from_millis(500));
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let _ = self.0.wait();
     }
 }
