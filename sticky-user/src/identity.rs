@@ -53,6 +53,24 @@ impl RunAs {
     }
 }
 
+/// An adopted worker keeps running as whatever it runs as (a process's
+/// identity cannot be changed from outside); its replacements take
+/// `--user`. Says so when they differ.
+pub fn note_adopted(index: usize, pid: u32, who: &RunAs) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1)?.parse::<libc::uid_t>().ok());
+    if let Some(uid) = uid.filter(|&uid| uid != who.uid) {
+        crate::log!(
+            "adopted worker {index} (pid {pid}) runs as uid {uid}, not --user {}: it keeps running as it is; its replacement will run as {}",
+            who.user,
+            who.user
+        );
+    }
+}
+
 struct Passwd {
     name: Option<CString>,
     uid: libc::uid_t,

@@ -89,6 +89,11 @@ fn run(args: RunArgs) -> Result<()> {
     fill_slots(&mut maps.listeners, &group)?;
     steering.attach_selector(&group.workers[0])?;
     let adopted = takeover.finish();
+    if let Some(who) = &settings.run_as {
+        for a in &adopted {
+            identity::note_adopted(a.index, a.pid, who);
+        }
+    }
 
     let slots: sorter::SockArray = Arc::new(Mutex::new(maps.listeners));
     let counters = Arc::new(maps.counters);
