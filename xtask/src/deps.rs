@@ -69,7 +69,6 @@ const TEST: &[Dep] = &[
     dep(Check::Command("ps"), &["procps"]),
     // setpriv: workers and the supervisor under other users / capabilities.
     dep(Check::Command("setpriv"), &["util-linux"]),
-    dep(Check::Command("capsh"), &["libcap2-bin"]),
     // Scripted Python workers and the Python Socket.IO workers (venv).
     dep(Check::File("/usr/bin/python3"), &["python3"]),
     dep(
@@ -84,6 +83,15 @@ const TEST: &[Dep] = &[
     // `systemd-analyze verify` of deploy/sticky.service.
     dep(Check::Command("systemd-analyze"), &["systemd"]),
 ];
+
+/// `cargo xtask kernels`: qemu, and debootstrap for the guest's root.
+const KERNELS: &[Dep] = &[
+    dep(Check::Command("qemu-system-x86_64"), &["qemu-system-x86"]),
+    dep(Check::Command("debootstrap"), &["debootstrap"]),
+];
+
+/// `cargo xtask fresh`: the clean root.
+const FRESH: &[Dep] = &[dep(Check::Command("debootstrap"), &["debootstrap"])];
 
 /// The oldest Node.js whose test runner has what the e2e suite uses.
 const NODE_MAJOR: u32 = 20;
@@ -121,6 +129,16 @@ pub fn for_test() -> Result<Tools, String> {
     Ok(Tools {
         python: ensure_venv()?,
     })
+}
+
+/// `cargo xtask kernels`' set-up.
+pub fn for_kernels() -> Result<(), String> {
+    ensure_packages(&[KERNELS])
+}
+
+/// `cargo xtask fresh`'s set-up.
+pub fn for_fresh() -> Result<(), String> {
+    ensure_packages(&[FRESH])
 }
 
 fn present(check: &Check) -> bool {

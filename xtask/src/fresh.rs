@@ -24,7 +24,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use super::{is_root, kernels, root_dir, status};
+use super::{deps, is_root, kernels, root_dir, status};
 
 /// What the toolchain needs beyond rustc and cargo (see the module doc).
 const TOOLCHAIN_PACKAGES: &[&str] = &["gcc", "libc6-dev", "ca-certificates"];
@@ -50,7 +50,7 @@ pub fn run(_args: &[String]) -> Result<(), String> {
         );
     }
     let started = Instant::now();
-    kernels::install_missing(&[("debootstrap", "debootstrap")])?;
+    deps::for_fresh()?;
     let cache = root_dir().join("target/fresh");
     let pristine = cache.join("pristine");
     if !pristine.join("usr/bin/apt-get").exists() {
@@ -99,8 +99,8 @@ pub fn run(_args: &[String]) -> Result<(), String> {
     let summary = run_tests(&root);
     let test = test.elapsed();
     drop(mounts);
-    println!(
-        "fresh: Debian 12 minbase + Rust {}: toolchain packages {:.0?}; `cargo xtask run` built and served in {:.0?}; `cargo xtask test` {} in {:.0?}; total {:.0?}",
+    let result = format!(
+        "Debian 12 minbase + {}, sources at {commit}: toolchain packages {:.0?}; `cargo xtask run` built and served in {:.0?}; `cargo xtask test` {} in {:.0?}; total {:.0?} (on {}).",
         rust_version(),
         toolchain,
         run,
@@ -109,9 +109,32 @@ pub fn run(_args: &[String]) -> Result<(), String> {
             Err(e) => format!("FAILED ({e})"),
         },
         test,
-        started.elapsed()
+        started.elapsed(),
+        super::today()
     );
+    println!("fresh: {result}");
+    record_in_readme(&result)?;
     summary.map(drop)
+}
+
+const README_BEGIN: &str = "<!-- fresh:begin -->";
+const README_END: &str = "<!-- fresh:end -->";
+
+/// Replaces the result between README's fresh markers.
+fn record_in_readme(result: &str) -> Result<(), String> {
+    let readme = root_dir().join("README.md");
+    let text = fs::read_to_string(&readme).map_err(|e| format!("{}: {e}", readme.display()))?;
+    let (Some(begin), Some(end)) = (text.find(README_BEGIN), text.find(README_END)) else {
+        return Err(format!(
+            "README.md has no {README_BEGIN} ... {README_END} markers"
+        ));
+    };
+    let new = format!(
+        "{}\nLast run: {result}\n{}",
+        &text[..begin + README_BEGIN.len()],
+        &text[end..]
+    );
+    fs::write(&readme, new).map_err(|e| format!("{}: {e}", readme.display()))
 }
 
 /// The committed tree, unpacked at `dest`; returns the commit.

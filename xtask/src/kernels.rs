@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{cargo, find_in_path, is_root, root_dir, status};
+use super::{cargo, is_root, root_dir, status};
 
 /// The kernels of the matrix: Debian suite and the version it ships.
 const KERNELS: &[Kernel] = &[
@@ -92,10 +92,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let started = Instant::now();
     let cache = root_dir().join("target/kernels");
     fs::create_dir_all(&cache).map_err(|e| format!("cannot create {}: {e}", cache.display()))?;
-    install_missing(&[
-        ("qemu-system-x86_64", "qemu-system-x86"),
-        ("debootstrap", "debootstrap"),
-    ])?;
+    super::deps::for_kernels()?;
     let kernels = fetch_kernels(&cache, &options.kernels)?;
     let base = base_initramfs(&cache)?;
     let payload = build_payload(&cache, &options.tests)?;
@@ -164,31 +161,6 @@ fn kernel(series: &str) -> Result<&'static Kernel, String> {
             known.join(", ")
         )
     })
-}
-
-/// Installs the Debian packages of the commands that are missing.
-pub fn install_missing(commands: &[(&str, &str)]) -> Result<(), String> {
-    let missing: Vec<&str> = commands
-        .iter()
-        .filter(|(cmd, _)| {
-            find_in_path(cmd).is_none() && !Path::new("/usr/sbin").join(cmd).exists()
-        })
-        .map(|(_, package)| *package)
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    eprintln!("kernels: installing {}", missing.join(" "));
-    let mut update = Command::new("apt-get");
-    update.arg("update").arg("-qq");
-    status(update, "apt-get update")?;
-    let mut install = Command::new("apt-get");
-    install
-        .args(["install", "-y", "-qq", "--no-install-recommends"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .stdout(Stdio::null());
-    status(install, "apt-get install")
 }
 
 /// apt with its own sources, lists and cache under `dir`, so the host's
