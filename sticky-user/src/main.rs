@@ -128,41 +128,28 @@ fn run(args: RunArgs) -> Result<()> {
         Mode::SynBalance => None,
     };
 
-    // Start-up is over: keep only what serving needs, before any thread
-    // exists (capabilities are per thread; new threads inherit them).
+    // Start-up is over.
     let serving = privileges::Serving {
         port: group.addr.port(),
         with_user: settings.run_as.is_some(),
     };
-    let kept = privileges::drop_for_serving(&serving, || maps.config.get(&0, 0).is_ok())?;
-    log!("{}", privileges::describe(&kept));
-
-    let state = control::ControlState {
-        sessions: sessions.clone(),
-        counters: counters.clone(),
-    };
-    if let Some(server) = metrics {
-        if let Some(addr) = server.local_addr() {
-            log!("metrics on http://{addr}/metrics");
-        }
-        server.serve(state.clone());
-    }
-    let _remove_control = control.serve(state);
+    let mut sorter =
+        drop_privileges_then_sort(sorting, &serving, || maps.config.get(&0, 0).is_ok())?;
+    let _remove_control = side_services(
+        control,
+        metrics,
+        control::ControlState {
+            sessions: sessions.clone(),
+            counters: counters.clone(),
+        },
+    );
     reject::serve(group.reject);
     if learning {
         expire_learned_sessions(sessions.clone(), settings.learn_idle);
     }
-    let mut sorter = match sorting {
-        Some(prepared) => Some(start_sorters(
-            prepared,
-            FloodGuard {
-                config: maps.config,
-                settings: config,
-                counters: counters.clone(),
-            },
-        )?),
-        None => None,
-    };
+    if let Some(s) = sorter.as_mut() {
+        s.guard_floods(maps.config, config, counters.clone())?;
+    }
 
     let ready = format!(
         "listening on {} with {} workers ({}), control socket {}",
@@ -192,18 +179,39 @@ fn run(args: RunArgs) -> Result<()> {
     result
 }
 
-/// The kernel config the SYN flood guard switches (`flood`).
-struct FloodGuard {
-    config: aya::maps::Array<MapData, sticky_common::Config>,
-    settings: sticky_common::Config,
-    counters: Arc<steering::Counters>,
+/// Keeps only the capabilities serving needs (`privileges`), before any
+/// thread exists: capabilities are per thread and new threads inherit
+/// them. Then starts the sorting threads, which inherit the real-time
+/// policy the main thread holds meanwhile (it needs CAP_SYS_NICE to take).
+fn drop_privileges_then_sort(
+    sorting: Option<sorter::Prepared>,
+    serving: &privileges::Serving,
+    maps_work: impl Fn() -> bool,
+) -> Result<Option<sorter::SortingHandle>> {
+    let realtime = privileges::InheritedRealtime::begin();
+    let kept = privileges::drop_for_serving(serving, maps_work);
+    let sorter = kept.and_then(|kept| {
+        log!("{}", privileges::describe(&kept));
+        sorting.map(sorter::Prepared::start).transpose()
+    });
+    realtime.end();
+    sorter
 }
 
-/// The sorting loops, one per CPU, and the SYN flood guard beside them.
-fn start_sorters(sorting: sorter::Prepared, flood: FloodGuard) -> Result<sorter::SortingHandle> {
-    let mut sorter = sorting.start()?;
-    sorter.guard_floods(flood.config, flood.settings, flood.counters)?;
-    Ok(sorter)
+/// The control socket and the metrics endpoint, each on its thread; the
+/// guard removes the control socket's file when sticky exits.
+fn side_services(
+    control: control::ControlSocket,
+    metrics: Option<metrics::MetricsServer>,
+    state: control::ControlState,
+) -> control::RemoveOnDrop {
+    if let Some(server) = metrics {
+        if let Some(addr) = server.local_addr() {
+            log!("metrics on http://{addr}/metrics");
+        }
+        server.serve(state.clone());
+    }
+    control.serve(state)
 }
 
 /// Puts every listener the selector may pick in its slot: the workers',

@@ -26,10 +26,8 @@
 //! Not needed once serving, so dropped: `CAP_SYS_ADMIN` (finding the old
 //! selector by id at adoption), `CAP_SYS_PTRACE` (`pidfd_getfd` of adopted
 //! listeners), `CAP_DAC_OVERRIDE`, `CAP_CHOWN` (the control socket),
-//! `CAP_SYS_RESOURCE`, `CAP_SYS_NICE` (the sorters' SCHED_FIFO comes from
-//! `RLIMIT_RTPRIO`, raised here first and restored in each worker).
-
-use std::sync::OnceLock;
+//! `CAP_SYS_RESOURCE`, `CAP_SYS_NICE` (the sorters inherit SCHED_FIFO from
+//! the main thread, `InheritedRealtime`).
 
 use anyhow::{bail, Result};
 
@@ -236,33 +234,29 @@ fn last_cap() -> u32 {
         .unwrap_or(40)
 }
 
-/// `RLIMIT_RTPRIO` as sticky found it, restored in every worker.
-static ORIGINAL_RTPRIO: OnceLock<libc::rlimit> = OnceLock::new();
-
-pub fn original_rtprio() -> Option<libc::rlimit> {
-    ORIGINAL_RTPRIO.get().copied()
+/// The sorting threads run SCHED_FIFO priority 1; asking for that needs
+/// CAP_SYS_NICE, which serving does not keep. So the main thread takes the
+/// policy before the drop (`begin`), the sorting threads inherit it when
+/// they are created, and the main thread goes back to SCHED_OTHER (`end`,
+/// allowed without privilege) before it starts any other thread.
+pub struct InheritedRealtime {
+    active: bool,
 }
 
-/// Lets the sorting threads ask for SCHED_FIFO priority 1 without
-/// CAP_SYS_NICE (the kernel allows up to `RLIMIT_RTPRIO`).
-fn allow_rt_priority() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain syscalls on a local struct.
-    if unsafe { libc::getrlimit(libc::RLIMIT_RTPRIO, &mut limit) } < 0 {
-        return;
+impl InheritedRealtime {
+    pub fn begin() -> InheritedRealtime {
+        let param = libc::sched_param { sched_priority: 1 };
+        // SAFETY: plain syscall on the calling thread.
+        let active = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } == 0;
+        InheritedRealtime { active }
     }
-    let _ = ORIGINAL_RTPRIO.set(limit);
-    if limit.rlim_cur >= 1 {
-        return;
+
+    pub fn end(self) {
+        if self.active {
+            let param = libc::sched_param { sched_priority: 0 };
+            unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &param) };
+        }
     }
-    let raised = libc::rlimit {
-        rlim_cur: 1,
-        rlim_max: limit.rlim_max.max(1),
-    };
-    unsafe { libc::setrlimit(libc::RLIMIT_RTPRIO, &raised) };
 }
 
 /// Drops every capability but the serving set (above) from all sets,
@@ -278,7 +272,6 @@ pub fn drop_for_serving(
         bail!("internal: {threads} threads started before privileges were dropped");
     }
     let now = capget()?;
-    allow_rt_priority();
     let wanted = |k: &Keep| match k.when {
         When::Always | When::MapsNeedIt => true,
         When::PrivilegedPort => serving.port != 0 && serving.port < unprivileged_port_start(),

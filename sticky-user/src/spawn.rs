@@ -130,7 +130,6 @@ impl WorkerCommand {
                 argv: &argv,
                 envp: &envp,
                 run_as: self.run_as.as_ref(),
-                rtprio: privileges::original_rtprio(),
             };
             // SAFETY: the child, single-threaded until exec.
             unsafe { child(&plan) }
@@ -171,8 +170,6 @@ struct ChildPlan<'a> {
     argv: &'a [*const libc::c_char],
     envp: &'a [*const libc::c_char],
     run_as: Option<&'a RunAs>,
-    /// `RLIMIT_RTPRIO` as sticky found it (it raises it for its sorters).
-    rtprio: Option<libc::rlimit>,
 }
 
 /// Runs in the forked child. Never returns.
@@ -227,9 +224,6 @@ unsafe fn child(plan: &ChildPlan) -> ! {
     // open until exec succeeds).
     libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, CLOSE_RANGE_CLOEXEC);
 
-    if let Some(limit) = plan.rtprio {
-        libc::setrlimit(libc::RLIMIT_RTPRIO, &limit);
-    }
     if let Some(who) = plan.run_as {
         let errno = privileges::drop_in_child(who.uid, who.gid, &who.groups);
         if errno != 0 {

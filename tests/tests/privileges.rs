@@ -28,6 +28,7 @@ const CAP_SETPCAP: u32 = 8;
 const CAP_NET_ADMIN: u32 = 12;
 const CAP_SYS_PTRACE: u32 = 19;
 const CAP_SYS_ADMIN: u32 = 21;
+const CAP_SYS_NICE: u32 = 23;
 const CAP_BPF: u32 = 39;
 
 fn status(path: &str) -> HashMap<String, String> {
