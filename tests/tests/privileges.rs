@@ -183,6 +183,24 @@ fn the_supervisor_keeps_only_what_the_readme_lists() {
         tasks.len() > 3,
         "the sorters, control and signal threads too"
     );
+    // The sorting threads still run SCHED_FIFO (inherited), the others not.
+    let own = status("/proc/self/status");
+    if caps(&own, "CapEff") & (1 << CAP_SYS_NICE) != 0 {
+        for task in &tasks {
+            let name = status(&format!("{}/status", task.display()))["Name"].clone();
+            let stat = std::fs::read_to_string(format!("{}/stat", task.display())).unwrap();
+            // Field 41 (policy), counted after the parenthesised name.
+            let policy: u32 = stat[stat.rfind(')').unwrap() + 2..]
+                .split(' ')
+                .nth(41 - 3)
+                .unwrap()
+                .parse()
+                .unwrap();
+            println!("thread {name}: scheduling policy {policy}");
+            let fifo = u32::from(name.starts_with("sorter-"));
+            assert_eq!(policy, fifo, "scheduling policy of {name}");
+        }
+    }
 
     // Without --user: only what serving itself needs.
     let plain = Cluster::start(1, &[]);
