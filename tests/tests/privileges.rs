@@ -40,6 +40,16 @@ fn status(path: &str) -> HashMap<String, String> {
         .collect()
 }
 
+/// A thread's status fields; empty if it has ended.
+fn status_of_task(task: &std::path::Path) -> HashMap<String, String> {
+    std::fs::read_to_string(task.join("status"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.to_owned(), v.trim().to_owned()))
+        .collect()
+}
+
 fn caps(status: &HashMap<String, String>, set: &str) -> u64 {
     u64::from_str_radix(&status[set], 16).unwrap()
 }
@@ -154,12 +164,18 @@ fn the_supervisor_keeps_only_what_the_readme_lists() {
     if bpf_kept {
         expected.insert(CAP_BPF);
     }
+    // Short-lived threads (one per control connection) may end meanwhile:
+    // only those still there are read.
     let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{}/task", cluster.pid()))
         .unwrap()
         .map(|t| t.unwrap().path())
+        .filter(|t| !status_of_task(t).is_empty())
         .collect();
     for task in &tasks {
-        let s = status(&format!("{}/status", task.display()));
+        let s = status_of_task(task);
+        if s.is_empty() {
+            continue;
+        }
         let (eff, prm, bnd) = (caps(&s, "CapEff"), caps(&s, "CapPrm"), caps(&s, "CapBnd"));
         println!(
             "supervisor thread {} ({}): CapEff {eff:016x} CapPrm {prm:016x} CapBnd {bnd:016x} CapAmb {}",
@@ -187,8 +203,12 @@ fn the_supervisor_keeps_only_what_the_readme_lists() {
     let own = status("/proc/self/status");
     if caps(&own, "CapEff") & (1 << CAP_SYS_NICE) != 0 {
         for task in &tasks {
-            let name = status(&format!("{}/status", task.display()))["Name"].clone();
-            let stat = std::fs::read_to_string(format!("{}/stat", task.display())).unwrap();
+            let Some(name) = status_of_task(task).get("Name").cloned() else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("{}/stat", task.display())) else {
+                continue;
+            };
             // Field 41 (policy), counted after the parenthesised name.
             let policy: u32 = stat[stat.rfind(')').unwrap() + 2..]
                 .split(' ')
