@@ -184,6 +184,9 @@ fn test(extra: &[String]) -> Result<(), String> {
     if result.is_ok() {
         result = fuzz::in_test_run(&mut tally);
     }
+    if result.is_ok() {
+        result = fresh::in_test_run(&mut tally);
+    }
     tally.print();
     result
 }
