@@ -47,7 +47,7 @@ pub fn snapshot(state: &ControlState) -> Snapshot {
         .map(|(i, name)| Stat {
             name,
             kind: Kind::Counter,
-            help: "placement counter of the kernel programs (README: counters)",
+            help: kernel_help(name),
             value: state.counters.get(i as u32),
         })
         .collect();
@@ -91,6 +91,35 @@ pub fn snapshot(state: &ControlState) -> Snapshot {
         ),
     ]);
     Snapshot { values, workers }
+}
+
+/// What a kernel counter counts (README "Counters"); counters added later
+/// get the generic line until they get theirs.
+fn kernel_help(name: &str) -> &'static str {
+    match name {
+        "syn" => "SYNs sent to a sorting listener",
+        "placed_softirq" => "connections placed in softirq (first segment migrated)",
+        "placed_queue" => "connections placed from a sorting queue",
+        "placed_cookie" => "SYN-cookie connections placed on their first data segment",
+        "absorbed" => "pure ACKs and timers of requests whose listener rotated away",
+        "by_sid" => "connections placed on their sid's owner",
+        "balanced" => "connections placed by the balancing method",
+        "rejected" => "connections sent to the 503 listener (no live worker)",
+        "sid_unknown" => "sids no live worker owns (balanced)",
+        "sid_invalid" => "malformed sids (balanced)",
+        "no_sid" => "requests without a sid (balanced)",
+        "not_http" => "first segments that are not an HTTP request line (balanced)",
+        "select_failed" => "slots the kernel refused",
+        "filter_decisions" => "owners recorded by the socket filter for the queue path",
+        "syn_balanced" => "placements in --placement syn mode",
+        "cross_cpu" => "first segments processed on another CPU than their SYN",
+        "handoff_drops" => "cross-CPU first segments dropped for retransmission",
+        "learned" => "sessions learned from Engine.IO open packets",
+        "learn_known" => "open packets whose sid was already registered",
+        "learn_full" => "open packets not learned: session table full",
+        "learn_closed" => "learned sessions closed by their client",
+        _ => "counter of sticky's kernel programs (README: Counters)",
+    }
 }
 
 fn stat(name: &'static str, kind: Kind, help: &'static str, value: u64) -> Stat {
