@@ -173,6 +173,15 @@ fn test(extra: &[String]) -> Result<(), String> {
         );
     }
     if result.is_ok() {
+        // The Python integration's unit tests, in the project's venv
+        // (unittest reports on stderr: joined to stdout for the tally).
+        let mut cmd = Command::new("/bin/sh");
+        cmd.current_dir(root.join("integrations/python"))
+            .args(["-c", "exec \"$0\" -m unittest -v 2>&1"])
+            .arg(&tools.python);
+        result = tally.run(cmd, "python integration tests");
+    }
+    if result.is_ok() {
         let args = [
             "--test",
             "--test-concurrency=1",
@@ -198,6 +207,8 @@ struct Tally {
     passed: u64,
     failed: u64,
     skipped: u64,
+    /// unittest's "Ran N tests", until its verdict line.
+    unittest_ran: u64,
 }
 
 impl Tally {
@@ -240,6 +251,24 @@ impl Tally {
             self.failed += n.trim().parse().unwrap_or(0);
         } else if let Some(n) = line.strip_prefix("# skipped ") {
             self.skipped += n.trim().parse().unwrap_or(0);
+        } else if let Some(rest) = line.strip_prefix("Ran ") {
+            // Python unittest: "Ran 19 tests in 3.0s", then "OK",
+            // "OK (skipped=1)" or "FAILED (failures=1, errors=2)".
+            self.unittest_ran = rest
+                .split(' ')
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+        } else if line == "OK" || line.starts_with("OK (") || line.starts_with("FAILED (") {
+            let inner = line
+                .split_once('(')
+                .map_or("", |(_, r)| r.trim_end_matches(')'));
+            let skipped = count_of(inner, "skipped");
+            let failed = count_of(inner, "failures") + count_of(inner, "errors");
+            self.skipped += skipped;
+            self.failed += failed;
+            self.passed += self.unittest_ran.saturating_sub(skipped + failed);
+            self.unittest_ran = 0;
         }
     }
 
@@ -249,6 +278,13 @@ impl Tally {
             self.passed, self.failed, self.skipped
         );
     }
+}
+
+/// `key=N` in unittest's verdict, e.g. `failures=1, errors=2`.
+fn count_of(text: &str, key: &str) -> u64 {
+    text.split(", ")
+        .find_map(|part| part.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Replaces this process with `program args` (so its exit code and Ctrl-C
@@ -314,6 +350,21 @@ fn date(secs: u64) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn unittest_verdicts_are_counted() {
+        let mut tally = super::Tally::default();
+        for line in ["Ran 19 tests in 3.029s", "", "OK"] {
+            tally.count(line);
+        }
+        for line in [
+            "Ran 5 tests in 1s",
+            "FAILED (failures=1, errors=1, skipped=1)",
+        ] {
+            tally.count(line);
+        }
+        assert_eq!((tally.passed, tally.failed, tally.skipped), (21, 2, 1));
+    }
+
     #[test]
     fn dates() {
         assert_eq!(super::date(0), "1970-01-01");
