@@ -593,3 +593,21 @@ pub fn raise_nofile(want: u64) -> u64 {
     }
     limit.rlim_cur
 }
+
+/// `path` itself if every directory above it lets others search it (so a
+/// worker run as `nobody` can exec or read it), else a copy in `dir`
+/// (made searchable): repositories under a private home directory.
+pub fn reachable_by_others(path: &std::path::Path, dir: &TempDir) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let searchable = path.ancestors().skip(1).all(|d| {
+        d.as_os_str().is_empty()
+            || std::fs::metadata(d).is_ok_and(|m| m.permissions().mode() & 0o001 != 0)
+    });
+    if searchable {
+        return path.to_owned();
+    }
+    std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let copy = dir.0.join(path.file_name().unwrap());
+    std::fs::copy(path, &copy).unwrap();
+    copy
+}

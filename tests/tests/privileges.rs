@@ -14,7 +14,9 @@ use std::{
     time::Duration,
 };
 
-use sticky_tests::{demo_worker_bin, python3_bin, random_sid, sticky_bin, Cluster, TempDir};
+use sticky_tests::{
+    demo_worker_bin, python3_bin, random_sid, reachable_by_others, sticky_bin, Cluster, TempDir,
+};
 
 const NOBODY: u32 = 65534;
 const USER: &[&str] = &["--user", "nobody", "--group", "nogroup"];
@@ -30,6 +32,52 @@ const CAP_SYS_PTRACE: u32 = 19;
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_SYS_NICE: u32 = 23;
 const CAP_BPF: u32 = 39;
+
+/// What workers running as nobody exec: this build's, or copies it can
+/// reach (a repository under a private home directory).
+struct ForNobody {
+    dir: TempDir,
+}
+
+impl ForNobody {
+    fn new() -> ForNobody {
+        ForNobody {
+            dir: TempDir::new(),
+        }
+    }
+
+    fn demo_worker(&self) -> String {
+        let path = reachable_by_others(&demo_worker_bin(), &self.dir);
+        path.to_str().unwrap().to_owned()
+    }
+
+    fn script(&self, name: &str) -> String {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("workers")
+            .join(name);
+        reachable_by_others(&path, &self.dir)
+            .to_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    /// The scripts use only the standard library: the system interpreter
+    /// does when the project's is out of nobody's reach.
+    fn python(&self) -> String {
+        let python = python3_bin();
+        let copy = reachable_by_others(&python, &self.dir);
+        if copy == python {
+            python.to_str().unwrap().to_owned()
+        } else {
+            "/usr/bin/python3".to_owned()
+        }
+    }
+
+    fn cluster(&self, workers: usize, extra: &[&str]) -> Cluster {
+        let args = [USER, extra].concat();
+        Cluster::start_with("127.0.0.1:0", workers, &args, &[&self.demo_worker()])
+    }
+}
 
 fn status(path: &str) -> HashMap<String, String> {
     std::fs::read_to_string(path)
@@ -103,7 +151,8 @@ fn worker_pids(cluster: &Cluster, workers: usize) -> Vec<u32> {
 
 #[test]
 fn workers_run_as_nobody_with_nothing_even_after_a_crash() {
-    let cluster = Cluster::start(2, USER);
+    let nobody = ForNobody::new();
+    let cluster = nobody.cluster(2, &[]);
     let pids = worker_pids(&cluster, 2);
     for &pid in &pids {
         assert_unprivileged(pid);
@@ -153,7 +202,8 @@ fn workers_run_as_nobody_with_nothing_even_after_a_crash() {
 
 #[test]
 fn the_supervisor_keeps_only_what_the_readme_lists() {
-    let cluster = Cluster::start(1, USER);
+    let nobody = ForNobody::new();
+    let cluster = nobody.cluster(1, &[]);
     worker_pids(&cluster, 1);
     let log = cluster.log.lock().unwrap().clone();
     // CAP_BPF stays only where the kernel checks bpf() itself (before 6.5):
@@ -235,10 +285,10 @@ fn the_supervisor_keeps_only_what_the_readme_lists() {
 
 #[test]
 fn a_worker_cannot_reach_the_supervisor_or_another_workers_sessions() {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/workers/probe_worker.py");
-    let python = python3_bin();
+    let nobody = ForNobody::new();
+    let (python, script) = (nobody.python(), nobody.script("probe_worker.py"));
     let args = [USER, &["--balance", "round-robin"]].concat();
-    let cluster = Cluster::start_with("127.0.0.1:0", 2, &args, &[python.to_str().unwrap(), script]);
+    let cluster = Cluster::start_with("127.0.0.1:0", 2, &args, &[&python, &script]);
     cluster.wait_for("both probe workers answer", Duration::from_secs(20), |c| {
         let seen: BTreeSet<Option<usize>> = (0..4).map(|_| c.get("/").worker).collect();
         seen.contains(&Some(0)) && seen.contains(&Some(1))
@@ -282,10 +332,10 @@ fn a_worker_cannot_reach_the_supervisor_or_another_workers_sessions() {
 
 #[test]
 fn learning_works_for_workers_run_as_nobody() {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/workers/engine_io_polling.py");
-    let python = python3_bin();
+    let nobody = ForNobody::new();
+    let (python, script) = (nobody.python(), nobody.script("engine_io_polling.py"));
     let args = [USER, &["--balance", "round-robin"]].concat();
-    let cluster = Cluster::start_with("127.0.0.1:0", 3, &args, &[python.to_str().unwrap(), script]);
+    let cluster = Cluster::start_with("127.0.0.1:0", 3, &args, &[&python, &script]);
     worker_pids(&cluster, 3)
         .into_iter()
         .for_each(assert_unprivileged);
@@ -343,12 +393,14 @@ fn non_root_with_just_bpf_net_admin_and_perfmon_works() {
     std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o777)).unwrap();
     let control = dir.0.join("control.sock");
     let caps = "+bpf,+net_admin,+perfmon";
+    let nobody = ForNobody::new();
+    let sticky_copy = reachable_by_others(&sticky_bin(), &nobody.dir);
     let mut sticky = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
         .arg(format!("--inh-caps={caps}"))
         .arg(format!("--ambient-caps={caps}"))
         .arg("--")
-        .arg(sticky_bin())
+        .arg(&sticky_copy)
         .args([
             "run",
             "--listen",
@@ -359,7 +411,7 @@ fn non_root_with_just_bpf_net_admin_and_perfmon_works() {
         ])
         .arg(&control)
         .arg("--")
-        .arg(demo_worker_bin())
+        .arg(nobody.demo_worker())
         .env_remove("XDG_RUNTIME_DIR")
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -5,7 +5,7 @@
 
 use std::{collections::BTreeSet, process::Command, time::Duration};
 
-use sticky_tests::{demo_worker_bin, sticky_bin, Cluster, TempDir};
+use sticky_tests::{demo_worker_bin, reachable_by_others, sticky_bin, Cluster, TempDir};
 
 const UNIT: &str = include_str!("../../deploy/sticky.service");
 
@@ -73,7 +73,9 @@ fn sticky_serves_within_the_units_bounding_set() {
             .collect::<Vec<_>>()
             .join(",")
     );
-    let worker = demo_worker_bin();
+    // Workers run as nobody: the demo worker must be within its reach.
+    let dir = TempDir::new();
+    let worker = reachable_by_others(&demo_worker_bin(), &dir);
     let cluster = Cluster::start_custom(
         "127.0.0.1:0",
         2,
