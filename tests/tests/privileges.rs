@@ -170,6 +170,20 @@ fn workers_run_as_nobody_with_nothing_even_after_a_crash() {
         (0o660, 0, NOBODY)
     );
 
+    // Another unprivileged user cannot even connect.
+    if Command::new("setpriv").arg("--version").output().is_ok() {
+        let out = Command::new("setpriv")
+            .args(["--reuid=12345", "--regid=12345", "--clear-groups", "--"])
+            .args(["/usr/bin/python3", "-c"])
+            .arg("import socket,sys\ntry:\n socket.socket(socket.AF_UNIX).connect(sys.argv[1]); print('connected')\nexcept OSError as e: print(type(e).__name__)")
+            .arg(&cluster.control)
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        println!("uid 12345 connecting to the control socket: {said}");
+        assert_eq!(said, "PermissionError");
+    }
+
     // Registration over the control socket, from workers running as nobody.
     let sessions = cluster.sessions_on_every_worker(2, 2);
     let placed = |c: &Cluster| {
