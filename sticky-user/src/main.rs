@@ -6,6 +6,7 @@
 //! ARCHITECTURE.md for the code map.
 
 mod adoption;
+mod caps;
 mod cli;
 mod control;
 mod flood;
