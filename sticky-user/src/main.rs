@@ -63,9 +63,11 @@ fn main() {
     }
 }
 
-/// `sticky run`, top-down: configuration, steering, listeners, the side
-/// services, sorters, supervisor. Only the sorters and the supervisor keep
-/// working after start-up; nothing here is on the data path.
+/// `sticky run`, top-down: configuration, steering, listeners, the sorting
+/// listeners made; then the privilege drop (nothing after it needs more
+/// than `privileges::SERVING`), the sorters, the side services, the
+/// supervisor. Only the sorters and the supervisor keep working after
+/// start-up; nothing here is on the data path.
 fn run(args: RunArgs) -> Result<()> {
     let settings = Settings::from_args(args)?;
     let mut steering = steering::Steering::load(settings.max_sessions)?;
