@@ -302,9 +302,18 @@ fn a_worker_cannot_reach_the_supervisor_or_another_workers_sessions() {
     let nobody = ForNobody::new();
     let (python, script) = (nobody.python(), nobody.script("probe_worker.py"));
     // Numeric ids this time.
-    let args = ["--user", "65534", "--group", "65534", "--balance", "round-robin"];
+    let args = [
+        "--user",
+        "65534",
+        "--group",
+        "65534",
+        "--balance",
+        "round-robin",
+    ];
     let cluster = Cluster::start_with("127.0.0.1:0", 2, &args, &[&python, &script]);
-    worker_pids(&cluster, 2).into_iter().for_each(assert_unprivileged);
+    worker_pids(&cluster, 2)
+        .into_iter()
+        .for_each(assert_unprivileged);
     cluster.wait_for("both probe workers answer", Duration::from_secs(20), |c| {
         let seen: BTreeSet<Option<usize>> = (0..4).map(|_| c.get("/").worker).collect();
         seen.contains(&Some(0)) && seen.contains(&Some(1))

@@ -121,7 +121,7 @@ fn sticky_serves_within_the_units_bounding_set() {
         ("net_bind_service", 10),
         ("sys_admin", 21),
         ("sys_ptrace", 19),
-        ("sys_resource", 24),
+        ("sys_nice", 23),
         ("chown", 0),
         ("setuid", 7),
         ("setgid", 6),
@@ -146,4 +146,24 @@ fn sticky_serves_within_the_units_bounding_set() {
         outside.is_empty(),
         "sticky holds capabilities outside the unit's set: {outside:?}"
     );
+
+    // The sorting threads got their real-time policy within the unit's set.
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", cluster.pid())).unwrap();
+    let mut sorters = 0;
+    for task in tasks.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if !comm.starts_with("sorter-") {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap();
+        let policy = stat[stat.rfind(')').unwrap() + 2..]
+            .split(' ')
+            .nth(41 - 3)
+            .unwrap()
+            .to_owned();
+        println!("{}: scheduling policy {policy}", comm.trim());
+        assert_eq!(policy, "1", "{} runs SCHED_FIFO", comm.trim());
+        sorters += 1;
+    }
+    assert!(sorters > 0);
 }
