@@ -26,8 +26,8 @@
 //! Not needed once serving, so dropped: `CAP_SYS_ADMIN` (finding the old
 //! selector by id at adoption), `CAP_SYS_PTRACE` (`pidfd_getfd` of adopted
 //! listeners), `CAP_DAC_OVERRIDE`, `CAP_CHOWN` (the control socket),
-//! `CAP_PERFMON` (the verifier), `CAP_SYS_NICE` (the sorters inherit SCHED_FIFO from
-//! the main thread, `InheritedRealtime`).
+//! `CAP_PERFMON` (the verifier), `CAP_SYS_NICE` (the sorters inherit
+//! SCHED_FIFO from the main thread, `InheritedRealtime`).
 
 use anyhow::{bail, Result};
 
