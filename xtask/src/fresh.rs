@@ -59,6 +59,8 @@ pub fn in_test_run(tally: &mut Tally) -> Result<(), String> {
         Some(format!("{SKIP}=1"))
     } else if !is_root() {
         Some("needs root (debootstrap, chroot)".to_owned())
+    } else if !is_git_checkout() {
+        Some("not a git checkout (the root gets `git archive HEAD`)".to_owned())
     } else {
         None
     };
@@ -174,6 +176,15 @@ fn record_in_readme(result: &str) -> Result<(), String> {
         &text[end..]
     );
     fs::write(&readme, new).map_err(|e| format!("{}: {e}", readme.display()))
+}
+
+fn is_git_checkout() -> bool {
+    Command::new("git")
+        .current_dir(root_dir())
+        .args(["rev-parse", "--verify", "-q", "HEAD"])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// The committed tree, unpacked at `dest`; returns the commit.
