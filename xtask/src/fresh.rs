@@ -52,8 +52,10 @@ const INSIDE: &str = "STICKY_FRESH_ROOT";
 const SKIP: &str = "STICKY_SKIP_FRESH";
 
 /// `cargo xtask test`'s last step: one test, or one skipped with a reason.
-pub fn in_test_run(tally: &mut Tally) -> Result<(), String> {
-    let skip = if std::env::var_os(INSIDE).is_some() {
+pub fn in_test_run(tally: &mut Tally, subset: bool) -> Result<(), String> {
+    let skip = if subset {
+        Some("cargo test arguments given: a subset of the tests".to_owned())
+    } else if std::env::var_os(INSIDE).is_some() {
         Some("inside the fresh root itself".to_owned())
     } else if std::env::var_os(SKIP).is_some_and(|v| v == "1") {
         Some(format!("{SKIP}=1"))

@@ -194,7 +194,7 @@ fn test(extra: &[String]) -> Result<(), String> {
         result = fuzz::in_test_run(&mut tally);
     }
     if result.is_ok() {
-        result = fresh::in_test_run(&mut tally);
+        result = fresh::in_test_run(&mut tally, !extra.is_empty());
     }
     tally.print();
     result
