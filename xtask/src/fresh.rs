@@ -12,7 +12,7 @@
 //! with the host's /proc, /sys, /dev and network (apt, npm and pip reach
 //! their registries). Everything lives under `target/fresh/`.
 //!
-//! It is the last step of `cargo xtask test` (about 18 minutes here, which
+//! It is the last step of `cargo xtask test` (18 to 33 minutes here, which
 //! fits CI's budget; README "A fresh machine"), skipped inside the fresh
 //! root itself, when not root, or with `STICKY_SKIP_FRESH=1`. `cargo
 //! xtask fresh` runs it alone and records the result in README.
