@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use sticky_common::{Balance, Config, Foreign, Mode, MAX_WORKERS, PARAM_MAX, SESSIONS_MAX};
 
-use crate::{log, spawn::WorkerCommand};
+use crate::{identity::RunAs, log, spawn::WorkerCommand};
 
 #[derive(Parser)]
 #[command(
@@ -23,7 +23,7 @@ pub struct Cli {
 #[derive(Subcommand)]
 pub enum Command {
     /// Start N workers behind one address, each connection placed on the worker owning its session.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the placement counters and sessions of a running `sticky run`.
     Stats {
         /// Control socket of the running sticky (default: the one for --listen's port).
@@ -100,6 +100,16 @@ pub struct RunArgs {
     /// command is `node`.
     #[arg(long, value_enum, default_value_t = IpcArg::Auto)]
     pub ipc: IpcArg,
+    /// Run every worker as this user (name or uid): its groups as
+    /// initgroups sets them, no capabilities, no_new_privs.
+    #[arg(long)]
+    pub user: Option<String>,
+    /// The workers' group (name or gid) [default: the user's primary group].
+    #[arg(long, requires = "user")]
+    pub group: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics (port 0 picks one).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<SocketAddr>,
     /// The worker command and its arguments.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
@@ -156,6 +166,9 @@ pub struct Settings {
     /// Asked for; `main::foreign_requests` says what the kernel can do.
     pub foreign_requests: Foreign,
     pub max_sessions: u32,
+    /// `--user`/`--group`, resolved (also given to `command`).
+    pub run_as: Option<RunAs>,
+    pub metrics: Option<SocketAddr>,
     pub command: WorkerCommand,
     /// Workers get a Node IPC channel to the relay (`--ipc`).
     pub node_ipc: bool,
@@ -170,6 +183,13 @@ impl Settings {
             bail!("--workers must be between 1 and {MAX_WORKERS}");
         }
         check_sid_param(&args.sid_param)?;
+        let run_as = match &args.user {
+            Some(user) => Some(RunAs::resolve(user, args.group.as_deref())?),
+            None => None,
+        };
+        if let Some(who) = &run_as {
+            crate::privileges::check_can_become(who.uid)?;
+        }
         let mode = match args.placement {
             PlacementArg::Sticky => Mode::Sticky,
             PlacementArg::Cookie if syncookies_enabled() => Mode::Cookie,
@@ -208,12 +228,20 @@ impl Settings {
                 IpcArg::On => true,
                 IpcArg::Off => false,
             },
-            command,
+            command: command.run_as(run_as.clone()),
+            run_as,
+            metrics: args.metrics,
         })
     }
 
     /// The selector's configuration for a group on `port`.
-    pub fn kernel_config(&self, cpus: usize, port: u16, learning: bool, foreign: Foreign) -> Config {
+    pub fn kernel_config(
+        &self,
+        cpus: usize,
+        port: u16,
+        learning: bool,
+        foreign: Foreign,
+    ) -> Config {
         let mut config = Config::new(
             // Room for a reload's second generation (`supervisor::slot_of`).
             crate::supervisor::slot_count(self.workers) as u32,

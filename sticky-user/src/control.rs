@@ -32,6 +32,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 
 use crate::{
+    identity::RunAs,
     resets::ResetStats,
     sessions::{SessionTable, WorkerId},
     steering::Counters,
@@ -89,6 +90,39 @@ impl ControlSocket {
             path: path.to_owned(),
             listener,
         })
+    }
+
+    /// With `--user`: the socket belongs to the workers' group, mode 0660,
+    /// so those workers (and root, and sticky's own uid) can connect and
+    /// other users cannot; checks that the workers can reach its directory.
+    pub fn only_for(&self, run_as: &RunAs) -> Result<()> {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        for dir in self
+            .path
+            .ancestors()
+            .skip(1)
+            .filter(|d| !d.as_os_str().is_empty())
+        {
+            let meta =
+                std::fs::metadata(dir).with_context(|| format!("checking {}", dir.display()))?;
+            let mode = meta.mode();
+            let searchable = run_as.uid == 0
+                || (meta.uid() == run_as.uid && mode & 0o100 != 0)
+                || (run_as.groups.contains(&meta.gid()) && mode & 0o010 != 0)
+                || mode & 0o001 != 0;
+            if !searchable {
+                bail!(
+                    "control socket {} is out of reach of --user {}: it cannot enter {}; pass --control with a path it can reach (e.g. /run/sticky/control.sock)",
+                    self.path.display(),
+                    run_as.user,
+                    dir.display()
+                );
+            }
+        }
+        std::os::unix::fs::chown(&self.path, None, Some(run_as.gid))
+            .with_context(|| format!("giving {} to the workers' group", self.path.display()))?;
+        std::fs::set_permissions(&self.path, std::fs::Permissions::from_mode(0o660))?;
+        Ok(())
     }
 
     /// Serves connections on background threads for as long as the
@@ -237,17 +271,7 @@ fn answer(state: &ControlState, worker: Option<WorkerId>, uid: u32, line: &str) 
     let (command, arg) = line.split_once(' ').unwrap_or((line, ""));
     let result = match (command, worker) {
         ("stats", _) if worker.is_some() || uid == 0 || uid == unsafe { libc::geteuid() } => {
-            let table = state.sessions.lock().unwrap();
-            let relay = state.relay.as_ref().map(|r| r.report()).unwrap_or_default();
-            return format!(
-                "ok {} {} {relay} live_workers={} sessions={} learned_sessions={} {}\n",
-                state.counters.report(),
-                state.resets.report(),
-                table.live_workers(),
-                table.session_count(),
-                table.learned_count(),
-                table.summary()
-            );
+            return format!("ok {}\n", crate::stats::snapshot(state).line());
         }
         ("reload", None) if uid == 0 || uid == unsafe { libc::geteuid() } => {
             return ask_reload(state);

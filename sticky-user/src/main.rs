@@ -6,17 +6,22 @@
 //! ARCHITECTURE.md for the code map.
 
 mod adoption;
+mod caps;
 mod cli;
 mod control;
 mod flood;
+mod identity;
 mod listeners;
+mod metrics;
 mod plug;
+mod privileges;
 mod reject;
 mod relay;
 mod resets;
 mod sessions;
 mod sorter;
 mod spawn;
+mod stats;
 mod steering;
 mod supervisor;
 mod takeover;
@@ -50,7 +55,7 @@ macro_rules! log {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Stats { control, listen } => {
             stats(control.unwrap_or_else(|| cli::default_control(listen.port())))
         }
@@ -64,9 +69,11 @@ fn main() {
     }
 }
 
-/// `sticky run`, top-down: configuration, steering, listeners, the side
-/// services, sorters, supervisor. Only the sorters and the supervisor keep
-/// working after start-up; nothing here is on the data path.
+/// `sticky run`, top-down: configuration, steering, listeners, the sorting
+/// listeners made; then the privilege drop (nothing after it needs more
+/// than `privileges::SERVING`), the sorters, the side services, the
+/// supervisor. Only the sorters and the supervisor keep working after
+/// start-up; nothing here is on the data path.
 fn run(args: RunArgs) -> Result<()> {
     let mut settings = Settings::from_args(args)?;
     let mut steering = steering::Steering::load(settings.max_sessions)?;
@@ -92,6 +99,11 @@ fn run(args: RunArgs) -> Result<()> {
     fill_slots(&mut maps.listeners, &group)?;
     steering.attach_selector(&group.workers[0])?;
     let adopted = takeover.finish();
+    if let Some(who) = &settings.run_as {
+        for a in &adopted {
+            identity::note_adopted(a.index, a.pid, who);
+        }
+    }
 
     let slots: sorter::SockArray = Arc::new(Mutex::new(maps.listeners));
     let counters = Arc::new(maps.counters);
@@ -112,43 +124,59 @@ fn run(args: RunArgs) -> Result<()> {
         .unwrap_or_else(|| cli::default_control(group.addr.port()));
     let control = control::ControlSocket::bind(&control_path)?;
     let (relay, _remove_relay) = relay::Relay::start(&control_path, sessions.clone())?;
+    if let Some(who) = &settings.run_as {
+        control.only_for(who)?;
+    }
     let events = supervisor::events();
-    let _remove_control = control.serve(control::ControlState {
-        sessions: sessions.clone(),
-        counters: counters.clone(),
-        relay: Some(relay.clone()),
-        resets: reset_stats,
-        reload: events.0.clone(),
-    });
+    let metrics = settings
+        .metrics
+        .map(metrics::MetricsServer::bind)
+        .transpose()?;
+
+    // Shared by the sorters (wake-ups) and the supervisor (restarts).
+    let worker_listeners: sorter::WorkerListeners = Arc::new(Mutex::new(group.workers));
+    let sorting = match settings.mode {
+        Mode::Sticky | Mode::Cookie => Some(sorter::prepare(sorter::Sorting {
+            slots: slots.clone(),
+            workers: worker_listeners.clone(),
+            addr: group.addr,
+            filter: steering.sort_program()?,
+            cpus,
+            period: settings.rotate,
+            // Cookie mode sends no SYN to a sorting listener.
+            rotate_on_clock: settings.mode == Mode::Sticky,
+            counters: counters.clone(),
+            handoff: maps.handoff,
+            doorbells: maps.doorbells,
+        })?),
+        Mode::SynBalance => None,
+    };
+
+    // Start-up is over.
+    let serving = privileges::Serving {
+        port: group.addr.port(),
+        with_user: settings.run_as.is_some(),
+    };
+    let mut sorter =
+        drop_privileges_then_sort(sorting, &serving, || maps.config.get(&0, 0).is_ok())?;
+    let _remove_control = side_services(
+        control,
+        metrics,
+        control::ControlState {
+            sessions: sessions.clone(),
+            counters: counters.clone(),
+            relay: Some(relay.clone()),
+            resets: reset_stats,
+            reload: events.0.clone(),
+        },
+    );
     reject::serve(group.reject);
     if learning {
         expire_learned_sessions(sessions.clone(), settings.learn_idle);
     }
-
-    // Shared by the sorters (wake-ups) and the supervisor (restarts).
-    let worker_listeners: sorter::WorkerListeners = Arc::new(Mutex::new(group.workers));
-    let mut sorter = match settings.mode {
-        Mode::Sticky | Mode::Cookie => Some(start_sorters(
-            sorter::Sorting {
-                slots: slots.clone(),
-                workers: worker_listeners.clone(),
-                addr: group.addr,
-                filter: steering.sort_program()?,
-                cpus,
-                period: settings.rotate,
-                // Cookie mode sends no SYN to a sorting listener.
-                rotate_on_clock: settings.mode == Mode::Sticky,
-                counters: counters.clone(),
-                handoff: maps.handoff,
-                doorbells: maps.doorbells,
-            },
-            FloodGuard {
-                config: maps.config,
-                settings: config,
-            },
-        )?),
-        Mode::SynBalance => None,
-    };
+    if let Some(s) = sorter.as_mut() {
+        s.guard_floods(maps.config, config, counters.clone())?;
+    }
 
     let ready = format!(
         "listening on {} with {} workers ({}), control socket {}",
@@ -183,18 +211,39 @@ fn run(args: RunArgs) -> Result<()> {
     result
 }
 
-/// The kernel config the SYN flood guard switches (`flood`).
-struct FloodGuard {
-    config: aya::maps::Array<MapData, sticky_common::Config>,
-    settings: sticky_common::Config,
+/// Keeps only the capabilities serving needs (`privileges`), before any
+/// thread exists: capabilities are per thread and new threads inherit
+/// them. Then starts the sorting threads, which inherit the real-time
+/// policy the main thread holds meanwhile (it needs CAP_SYS_NICE to take).
+fn drop_privileges_then_sort(
+    sorting: Option<sorter::Prepared>,
+    serving: &privileges::Serving,
+    maps_work: impl Fn() -> bool,
+) -> Result<Option<sorter::SortingHandle>> {
+    let realtime = privileges::InheritedRealtime::begin();
+    let kept = privileges::drop_for_serving(serving, maps_work);
+    let sorter = kept.and_then(|kept| {
+        log!("{}", privileges::describe(&kept));
+        sorting.map(sorter::Prepared::start).transpose()
+    });
+    realtime.end();
+    sorter
 }
 
-/// The sorting loops, one per CPU, and the SYN flood guard beside them.
-fn start_sorters(sorting: sorter::Sorting, flood: FloodGuard) -> Result<sorter::SortingHandle> {
-    let counters = sorting.counters.clone();
-    let mut sorter = sorter::start(sorting)?;
-    sorter.guard_floods(flood.config, flood.settings, counters)?;
-    Ok(sorter)
+/// The control socket and the metrics endpoint, each on its thread; the
+/// guard removes the control socket's file when sticky exits.
+fn side_services(
+    control: control::ControlSocket,
+    metrics: Option<metrics::MetricsServer>,
+    state: control::ControlState,
+) -> control::RemoveOnDrop {
+    if let Some(server) = metrics {
+        if let Some(addr) = server.local_addr() {
+            log!("metrics on http://{addr}/metrics");
+        }
+        server.serve(state.clone());
+    }
+    control.serve(state)
 }
 
 /// Puts every listener the selector may pick in its slot: the workers',

@@ -49,6 +49,8 @@ struct Slot {
     pid: Option<u32>,
     /// Incarnation counter: control connections of an earlier process are stale.
     generation: u64,
+    /// Processes started (or adopted) in this slot.
+    starts: u64,
     sessions: u32,
     learned: u32,
     role: Role,
@@ -103,7 +105,12 @@ impl SessionTable {
         slot.pid = Some(pid);
         slot.generation += 1;
         slot.role = Role::Accepting;
+        // A reload's new generation in a slot is a start, not a restart.
+        if slot.reload_generation != Some(generation) {
+            slot.starts = 0;
+        }
         slot.reload_generation = Some(generation);
+        slot.starts += 1;
         self.publish(index)
     }
 
@@ -387,6 +394,26 @@ impl SessionTable {
             ));
         }
         fields.join(" ")
+    }
+
+    /// Per worker slot in use: its process, sessions and restarts (the
+    /// metrics' per-worker families).
+    pub fn worker_stats(&self) -> Vec<crate::stats::WorkerStat> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, s)| {
+                Some(crate::stats::WorkerStat {
+                    index: crate::supervisor::index_of(slot, self.per_generation),
+                    generation: s.reload_generation?,
+                    pid: s.pid,
+                    sessions: s.sessions,
+                    learned: s.learned,
+                    // Every process of the slot after its first is a restart.
+                    restarts: s.starts.saturating_sub(1),
+                })
+            })
+            .collect()
     }
 
     fn publish(&mut self, index: usize) -> Result<()> {

@@ -99,9 +99,20 @@ pub struct Sorting {
     pub doorbells: ArrayOfMaps<MapData, MapData>,
 }
 
-/// Starts one loop per CPU, each with its sorting listeners on `addr`
-/// carrying the socket filter `filter`.
-pub fn start(sorting: Sorting) -> Result<SortingHandle> {
+/// The loops, their listeners and doorbells made, no thread started yet:
+/// making a doorbell creates a map, which needs CAP_BPF, and the
+/// supervisor drops its privileges before it starts any thread.
+pub struct Prepared {
+    loops: Vec<SortingLoop>,
+    stop: Arc<AtomicBool>,
+    addr: SocketAddr,
+    filter: Arc<OwnedFd>,
+    listeners: SockArray,
+}
+
+/// Makes one loop per CPU, each with its sorting listeners on `addr`
+/// carrying the socket filter `filter`; `Prepared::start` runs them.
+pub fn prepare(sorting: Sorting) -> Result<Prepared> {
     let Sorting {
         slots: listeners,
         workers,
@@ -117,7 +128,7 @@ pub fn start(sorting: Sorting) -> Result<SortingHandle> {
     let handoff = Arc::new(handoff);
     let filter = Arc::new(filter);
     let stop = Arc::new(AtomicBool::new(false));
-    let mut threads = Vec::new();
+    let mut loops = Vec::new();
     for cpu in 0..cpus {
         let current = sorting_listener(addr, &*filter)?;
         let spare = sorting_listener(addr, &*filter)?;
@@ -127,7 +138,7 @@ pub fn start(sorting: Sorting) -> Result<SortingHandle> {
             .unwrap()
             .set(SORTING_SLOT + cpu as u32, &current, 0)
             .context("placing a sorting listener in its slot")?;
-        let mut sorting = SortingLoop {
+        loops.push(SortingLoop {
             cpu,
             addr,
             filter: filter.clone(),
@@ -141,21 +152,37 @@ pub fn start(sorting: Sorting) -> Result<SortingHandle> {
             counters: counters.clone(),
             handoff: handoff.clone(),
             stop: stop.clone(),
-        };
-        threads.push(
-            std::thread::Builder::new()
-                .name(format!("sorter-{cpu}"))
-                .spawn(move || sorting.run())
-                .context("spawning a sorting thread")?,
-        );
+        });
     }
-    Ok(SortingHandle {
+    Ok(Prepared {
+        loops,
         stop,
-        threads,
         addr,
         filter,
         listeners,
     })
+}
+
+impl Prepared {
+    /// Starts a thread per loop.
+    pub fn start(self) -> Result<SortingHandle> {
+        let mut threads = Vec::new();
+        for mut sorting in self.loops {
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("sorter-{}", sorting.cpu))
+                    .spawn(move || sorting.run())
+                    .context("spawning a sorting thread")?,
+            );
+        }
+        Ok(SortingHandle {
+            stop: self.stop,
+            threads,
+            addr: self.addr,
+            filter: self.filter,
+            listeners: self.listeners,
+        })
+    }
 }
 
 impl SortingLoop {
@@ -228,6 +255,7 @@ impl SortingLoop {
         let next = sorting_listener(self.addr, &*self.filter)?;
         // Closes the old listener (dropped here); its request sockets live on.
         self.current = std::mem::replace(&mut self.spare, next);
+        self.counters.rotations.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 }
