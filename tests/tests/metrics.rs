@@ -168,11 +168,10 @@ fn metrics_match_stats_while_traffic_flows() {
             .unwrap()
             .parse()
             .unwrap();
-        assert_eq!(metrics[&format!("sticky_worker_up{{worker=\"{w}\"}}")], 1);
-        assert_eq!(
-            metrics[&format!("sticky_worker_sessions{{worker=\"{w}\"}}")],
-            sessions
-        );
+        // Labelled by index and reload generation (0: no reload here).
+        let series = |name: &str| format!("sticky_{name}{{worker=\"{w}\",generation=\"0\"}}");
+        assert_eq!(metrics[&series("worker_up")], 1, "{metrics:?}");
+        assert_eq!(metrics[&series("worker_sessions")], sessions);
     }
     println!(
         "{checked} values checked under traffic; quiet: {} values equal to stats (syn {}, by_sid {}, rotations {}, sessions {}, live_workers {})",
@@ -196,10 +195,13 @@ fn metrics_match_stats_while_traffic_flows() {
         "after a worker kill: restarts {} (stats {}), worker 1 restarts {}",
         metrics["sticky_restarts_total"],
         cluster.counter("restarts"),
-        metrics["sticky_worker_restarts_total{worker=\"1\"}"]
+        metrics["sticky_worker_restarts_total{worker=\"1\",generation=\"0\"}"]
     );
     assert_eq!(metrics["sticky_restarts_total"], 1);
-    assert_eq!(metrics["sticky_worker_restarts_total{worker=\"1\"}"], 1);
+    assert_eq!(
+        metrics["sticky_worker_restarts_total{worker=\"1\",generation=\"0\"}"],
+        1
+    );
     assert_eq!(cluster.counter("restarts"), 1);
 }
 

@@ -80,6 +80,9 @@ const TEST: &[Dep] = &[
     dep(Check::Command("haproxy"), &["haproxy"]),
     dep(Check::Command("nginx"), &["nginx"]),
     dep(Check::Command("redis-server"), &["redis-server"]),
+    // The HTTPS and multi-host e2e tests: certificates, nsenter.
+    dep(Check::Command("openssl"), &["openssl"]),
+    dep(Check::Command("nsenter"), &["util-linux"]),
     // `systemd-analyze verify` of deploy/sticky.service.
     dep(Check::Command("systemd-analyze"), &["systemd"]),
 ];
