@@ -836,7 +836,7 @@ static __always_inline int cgroup_tcp_payload(struct __sk_buff *skb, int egress,
  * handshake on a reused keep-alive connection is learned like one on a new
  * connection. Otherwise one socket-storage lookup.
  */
-static __noinline int learn_later(struct __sk_buff *skb)
+static __noinline int learn_later(struct __sk_buff *skb, const struct sticky_config *cfg)
 {
 	__u32 two = 2, off, len;
 	int ends;
@@ -845,7 +845,7 @@ static __noinline int learn_later(struct __sk_buff *skb)
 	struct bpf_sock *sk;
 	struct scratch *s;
 
-	sk = accepted_sock(skb);
+	sk = accepted_sock(skb, cfg);
 	if (!sk)
 		return 1;
 	conn = bpf_sk_storage_get(&conns, sk, 0, 0);
@@ -889,7 +889,7 @@ int sticky_learn(struct __sk_buff *skb)
 		struct bpf_tcp_sock *tp = bpf_tcp_sock(sk);
 
 		if (tp && tp->data_segs_out > STICKY_LEARN_SEGMENTS)
-			return cfg->foreign == STICKY_FOREIGN_OFF ? 1 : learn_later(skb);
+			return learn_later(skb, cfg);
 	}
 	if (!cgroup_tcp_payload(skb, 1, &key, &off, &len, &ends))
 		return 1;
@@ -900,7 +900,7 @@ int sticky_learn(struct __sk_buff *skb)
 	 * placement; a pure ACK may come from a child still queued, with a
 	 * stale `placed` of an earlier connection on the same 4-tuple.
 	 */
-	sk = cfg->foreign == STICKY_FOREIGN_OFF ? NULL : accepted_sock(skb);
+	sk = accepted_sock(skb, cfg);
 	if (sk) {
 		conn = conn_of(sk, len ? placed : NULL);
 		if (conn && len >= 12)
@@ -1000,7 +1000,7 @@ int sticky_watch(struct __sk_buff *skb)
 	if (!cgroup_tcp_payload(skb, 0, &key, &off, &len, &ends) || len == 0)
 		return 1;
 	/* A doomed connection loses every segment; an upgraded one is not ours. */
-	sk = cfg->foreign == STICKY_FOREIGN_OFF ? NULL : accepted_sock(skb);
+	sk = accepted_sock(skb, cfg);
 	if (sk) {
 		conn = conn_of(sk, NULL);
 		gate = conn_gate(conn);
