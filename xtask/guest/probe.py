@@ -113,6 +113,14 @@ def main():
             if time.monotonic() > deadline:
                 report("loads", "no")
                 report("error", "nothing listens after 120 s")
+                # Where it waits, thread by thread (kernel stacks).
+                for task in sorted(os.listdir(f"/proc/{sticky.pid}/task")):
+                    base = f"/proc/{sticky.pid}/task/{task}"
+                    try:
+                        stack = open(f"{base}/stack").read().split()
+                        report("stack", f"{open(base + '/comm').read().strip()}: {' '.join(stack[:12])}")
+                    except OSError:
+                        pass
                 sticky.kill()
                 for line in sticky.stderr.read().splitlines():
                     report("log", line)
