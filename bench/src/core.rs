@@ -525,7 +525,12 @@ impl Cluster {
                 (Mode::Sticky, false) => &["--learn", "off"][..],
                 _ => &[],
             })
-            .args(opts.foreign.map(|f| ["--foreign-requests", f]).iter().flatten())
+            .args(
+                opts.foreign
+                    .map(|f| ["--foreign-requests", f])
+                    .iter()
+                    .flatten(),
+            )
             .arg("--")
             .arg(&opts.worker)
             .stdin(Stdio::null())

@@ -30,7 +30,8 @@ use std::{
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use sticky_common::{
-    Balance, Config, Foreign, Mode, MAX_CPUS, MAX_WORKERS, PARAM_MAX, REJECT_SLOT, SESSIONS_MAX, SINK_SLOT,
+    Balance, Config, Foreign, Mode, MAX_CPUS, MAX_WORKERS, PARAM_MAX, REJECT_SLOT, SESSIONS_MAX,
+    SINK_SLOT,
 };
 
 /// Logs one line to stderr, prefixed so it stands out among worker output.

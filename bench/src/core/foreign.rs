@@ -155,7 +155,12 @@ fn owned_sids(addr: SocketAddr) -> Result<[String; 2], String> {
 }
 
 fn poll_request(sid: &str, close: bool) -> Vec<u8> {
-    crate::http::request("GET", &format!("/socket.io/?EIO=4&transport=polling&sid={sid}"), b"", close)
+    crate::http::request(
+        "GET",
+        &format!("/socket.io/?EIO=4&transport=polling&sid={sid}"),
+        b"",
+        close,
+    )
 }
 
 /// One client: on each cluster (`reset`, `off`), a kept-alive request and
@@ -186,9 +191,9 @@ fn run_polling(
             for i in [turn % 2, (turn + 1) % 2] {
                 let begin = Instant::now();
                 match conns[i].request(&keep[i]) {
-                    Ok(r) if r.status == 200 => {
-                        stats[i].latencies.push((r.complete - begin).as_nanos() as u64)
-                    }
+                    Ok(r) if r.status == 200 => stats[i]
+                        .latencies
+                        .push((r.complete - begin).as_nanos() as u64),
                     Ok(r) => stats[i].fail(format!("status {}", r.status)),
                     Err(e) => stats[i].fail(e.to_string()),
                 }
@@ -250,9 +255,9 @@ fn run_resends(
             let mut fresh = Conn::new(addr, None);
             stats[1].connections += 1;
             match fresh.request(&foreign) {
-                Ok(r) if r.status == 200 && worker(&r).as_deref() == Some("1") => {
-                    stats[1].latencies.push((r.complete - begin).as_nanos() as u64)
-                }
+                Ok(r) if r.status == 200 && worker(&r).as_deref() == Some("1") => stats[1]
+                    .latencies
+                    .push((r.complete - begin).as_nanos() as u64),
                 Ok(r) => stats[1].fail(format!("resend answered {} by {:?}", r.status, worker(&r))),
                 Err(e) => stats[1].fail(format!("resend: {e}")),
             }
