@@ -18,7 +18,11 @@ pub const REJECT_SLOT: u32 = MAX_WORKERS + MAX_CPUS;
 pub const SINK_SLOT: u32 = REJECT_SLOT + 1;
 /// Slot of the overflow listener, taking the SYNs during a SYN flood.
 pub const OVERFLOW_SLOT: u32 = SINK_SLOT + 1;
-pub const SLOTS: u32 = OVERFLOW_SLOT + 1;
+/// Slot of cookie mode's next overflow listener while it is plugged.
+pub const PLUG_SLOT: u32 = OVERFLOW_SLOT + 1;
+/// Plugs per cookie-mode overflow listener (its backlog: one less).
+pub const PLUGS: u32 = 17;
+pub const SLOTS: u32 = PLUG_SLOT + 1;
 /// Longest session id, in bytes.
 pub const SID_MAX: usize = 64;
 /// Longest `name=` of the sid query parameter, in bytes.
@@ -46,6 +50,9 @@ pub enum Mode {
     Sticky = 0,
     /// Balance at SYN time with no stickiness: the benchmark floor.
     SynBalance = 1,
+    /// Every SYN answered with a SYN cookie, placement by sid on the first
+    /// data segment in softirq: no user-space step per connection.
+    Cookie = 2,
 }
 
 /// `struct sticky_config`, the one entry of the `config` map.
@@ -65,9 +72,10 @@ pub struct Config {
     pub port: u32,
     /// 1: learn sessions from the workers' Engine.IO open packets.
     pub learn: u32,
+    /// Cookie mode: SYNs from this client port go to the plug slot (0: none).
+    pub plug_port: u32,
     /// What `sticky_watch` does with a foreign request (`Foreign`).
     pub foreign: u32,
-    pub pad: u32,
 }
 
 /// `enum sticky_foreign`: what happens to a request whose sid another live
@@ -81,6 +89,17 @@ pub enum Foreign {
     Reset = 1,
     /// Not looked for (no socket storage at all): the benchmark's control.
     Off = 2,
+}
+
+impl Foreign {
+    /// As `--foreign-requests` and `STICKY_FOREIGN_REQUESTS` spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Foreign::Pass => "pass",
+            Foreign::Reset => "reset",
+            Foreign::Off => "off",
+        }
+    }
 }
 
 impl Config {
@@ -114,8 +133,8 @@ impl Config {
             param_mask: [word(&mask, 0), word(&mask, 1)],
             port: 0,
             learn: 0,
+            plug_port: 0,
             foreign: Foreign::Pass as u32,
-            pad: 0,
         }
     }
 
@@ -127,10 +146,19 @@ impl Config {
     }
 }
 
+/// `sticky_worker.live`: no process in the slot.
+pub const WORKER_DOWN: u32 = 0;
+/// `sticky_worker.live`: takes its own sessions and balanced new ones.
+pub const WORKER_ACCEPTING: u32 = 1;
+/// `sticky_worker.live`: an old generation's worker after a reload: takes
+/// its own sessions only.
+pub const WORKER_DRAINING: u32 = 2;
+
 /// `struct sticky_worker`: one entry per worker slot of the `workers` map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct WorkerState {
+    /// `WORKER_DOWN`, `WORKER_ACCEPTING` or `WORKER_DRAINING`.
     pub live: u32,
     pub sessions: u32,
 }

@@ -15,7 +15,7 @@ const PROBE: &str = r#"
 int main(void) {
     S(sticky_config) O(sticky_config, worker_count) O(sticky_config, balance)
     O(sticky_config, mode) O(sticky_config, param_len) O(sticky_config, sorting_count) O(sticky_config, flood) O(sticky_config, param_word)
-    O(sticky_config, param_mask) O(sticky_config, port) O(sticky_config, learn)
+    O(sticky_config, param_mask) O(sticky_config, port) O(sticky_config, learn) O(sticky_config, plug_port)
     O(sticky_config, foreign) C(STICKY_FOREIGN_PASS) C(STICKY_FOREIGN_RESET) C(STICKY_FOREIGN_OFF)
     S(sticky_placed) O(sticky_placed, worker) O(sticky_placed, segments) O(sticky_placed, idle)
     S(sticky_conn) O(sticky_conn, worker) O(sticky_conn, flags) O(sticky_conn, segments)
@@ -32,11 +32,12 @@ int main(void) {
     C(STICKY_HANDOFF_GRACE_NS) C(STICKY_DOORBELL_BYTES)
     S(sticky_flow) O(sticky_flow, local) O(sticky_flow, remote)
     O(sticky_flow, remote_port) O(sticky_flow, family)
-    C(STICKY_MAX_WORKERS) C(STICKY_MAX_CPUS) C(STICKY_SORTING_SLOT) C(STICKY_REJECT_SLOT) C(STICKY_SINK_SLOT) C(STICKY_OVERFLOW_SLOT) C(STICKY_SLOTS)
+    C(STICKY_MAX_WORKERS) C(STICKY_MAX_CPUS) C(STICKY_SORTING_SLOT) C(STICKY_REJECT_SLOT) C(STICKY_SINK_SLOT) C(STICKY_OVERFLOW_SLOT) C(STICKY_PLUG_SLOT) C(STICKY_PLUGS) C(STICKY_SLOTS)
     C(STICKY_SID_MAX) C(STICKY_PARAM_MAX) C(STICKY_SCAN_MAX) C(STICKY_NO_WORKER)
+    C(STICKY_WORKER_DOWN) C(STICKY_WORKER_ACCEPTING) C(STICKY_WORKER_DRAINING)
     C(STICKY_SESSIONS_MAX) C(STICKY_FLOWS_MAX) C(STICKY_COUNTERS)
     C(STICKY_BALANCE_RANDOM) C(STICKY_BALANCE_ROUND_ROBIN) C(STICKY_BALANCE_LEAST_CONNECTION)
-    C(STICKY_MODE_STICKY) C(STICKY_MODE_SYN_BALANCE)
+    C(STICKY_MODE_STICKY) C(STICKY_MODE_SYN_BALANCE) C(STICKY_MODE_COOKIE)
     C(STICKY_CNT_SYN) C(STICKY_CNT_PLACED_SOFTIRQ) C(STICKY_CNT_PLACED_QUEUE)
     C(STICKY_CNT_BY_SID) C(STICKY_CNT_BALANCED) C(STICKY_CNT_REJECTED) C(STICKY_CNT_PLACED_COOKIE)
     C(STICKY_CNT_FOREIGN_DROPPED) C(STICKY_CNT_FOREIGN_PASSED) C(STICKY_CNT_DOOMED_SEGMENTS)
@@ -100,6 +101,7 @@ fn rust_mirror_matches_sticky_h() {
     expect("sticky_config.param_mask", offset_of!(Config, param_mask));
     expect("sticky_config.port", offset_of!(Config, port));
     expect("sticky_config.learn", offset_of!(Config, learn));
+    expect("sticky_config.plug_port", offset_of!(Config, plug_port));
     expect("sticky_placed", size_of::<Placed>());
     expect("sticky_placed.worker", offset_of!(Placed, worker));
     expect("sticky_placed.segments", offset_of!(Placed, segments));
@@ -156,11 +158,16 @@ fn rust_mirror_matches_sticky_h() {
     expect("STICKY_REJECT_SLOT", REJECT_SLOT as usize);
     expect("STICKY_SINK_SLOT", SINK_SLOT as usize);
     expect("STICKY_OVERFLOW_SLOT", OVERFLOW_SLOT as usize);
+    expect("STICKY_PLUG_SLOT", PLUG_SLOT as usize);
+    expect("STICKY_PLUGS", PLUGS as usize);
     expect("STICKY_SLOTS", SLOTS as usize);
     expect("STICKY_SID_MAX", SID_MAX);
     expect("STICKY_PARAM_MAX", PARAM_MAX);
     expect("STICKY_SCAN_MAX", SCAN_MAX);
     expect("STICKY_NO_WORKER", NO_WORKER as usize);
+    expect("STICKY_WORKER_DOWN", WORKER_DOWN as usize);
+    expect("STICKY_WORKER_ACCEPTING", WORKER_ACCEPTING as usize);
+    expect("STICKY_WORKER_DRAINING", WORKER_DRAINING as usize);
     expect("STICKY_SESSIONS_MAX", SESSIONS_MAX as usize);
     expect("STICKY_FLOWS_MAX", FLOWS_MAX as usize);
     expect("STICKY_COUNTERS", COUNTERS.len());
@@ -172,6 +179,7 @@ fn rust_mirror_matches_sticky_h() {
     );
     expect("STICKY_MODE_STICKY", Mode::Sticky as usize);
     expect("STICKY_MODE_SYN_BALANCE", Mode::SynBalance as usize);
+    expect("STICKY_MODE_COOKIE", Mode::Cookie as usize);
     expect("STICKY_CNT_SYN", counter::SYN as usize);
     expect(
         "STICKY_CNT_PLACED_SOFTIRQ",

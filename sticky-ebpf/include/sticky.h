@@ -47,7 +47,23 @@ typedef uint64_t __u64;
  * cookie connection on its first data segment.
  */
 #define STICKY_OVERFLOW_SLOT (STICKY_SINK_SLOT + 1)
-#define STICKY_SLOTS (STICKY_OVERFLOW_SLOT + 1)
+/*
+ * Cookie mode's plug slot: where the next overflow listener waits while
+ * the supervisor's plug (a client socket that never answers, from client
+ * port config.plug_port) takes the one request socket a backlog of 0
+ * still allows, before it becomes the overflow listener: from then on
+ * every SYN reaching it is answered with a cookie (see plug.rs).
+ */
+#define STICKY_PLUG_SLOT (STICKY_OVERFLOW_SLOT + 1)
+/*
+ * Plugs per cookie-mode overflow listener, from client ports plug_port ..
+ * plug_port + STICKY_PLUGS - 1; its backlog is STICKY_PLUGS - 1, so that
+ * connections the kernel must still give a request socket (a SYN reusing a
+ * TIME_WAIT connection's ports skips the cookie check) can wait there for
+ * the supervisor without filling its accept queue.
+ */
+#define STICKY_PLUGS 17
+#define STICKY_SLOTS (STICKY_PLUG_SLOT + 1)
 
 /* Session ids: 1..64 bytes of [A-Za-z0-9_-], zero padded in the map key. */
 #define STICKY_SID_MAX 64
@@ -72,11 +88,17 @@ enum sticky_mode {
 	STICKY_MODE_STICKY = 0,
 	/* Benchmark floor: balance at SYN time, no stickiness, no sorting. */
 	STICKY_MODE_SYN_BALANCE = 1,
+	/*
+	 * Every SYN to the overflow listener, answered with a SYN cookie; the
+	 * first data segment is placed by sid in softirq (the cookie path):
+	 * no request socket, no rotation, no user-space step per connection.
+	 */
+	STICKY_MODE_COOKIE = 2,
 };
 
 /* The one entry of the `config` array map, written by user space. */
 struct sticky_config {
-	__u32 worker_count; /* slots 0..worker_count-1 are in use */
+	__u32 worker_count; /* slots 0..worker_count-1 may hold workers */
 	__u32 balance;      /* enum sticky_balance */
 	__u32 mode;         /* enum sticky_mode */
 	__u32 param_len;    /* length of "name=" in param_word, 2..16 */
@@ -87,8 +109,8 @@ struct sticky_config {
 	__u64 param_mask[2];
 	__u32 port;  /* the listening port, host byte order (sticky_learn) */
 	__u32 learn; /* 1: learn sessions from the workers' answers */
+	__u32 plug_port; /* cookie mode: SYNs from client ports plug_port.. (STICKY_PLUGS, host order) go to the plug slot; 0: none */
 	__u32 foreign; /* enum sticky_foreign: what sticky_watch does with one */
-	__u32 pad;
 };
 
 /*
@@ -107,9 +129,18 @@ enum sticky_foreign {
 	STICKY_FOREIGN_OFF = 2,
 };
 
+/*
+ * Values of sticky_worker.live. A reload (`sticky reload`) starts a new
+ * generation of workers in other slots and marks the old ones DRAINING:
+ * requests carrying their sids still reach them, balancing skips them.
+ */
+#define STICKY_WORKER_DOWN 0
+#define STICKY_WORKER_ACCEPTING 1 /* takes its sessions and new ones */
+#define STICKY_WORKER_DRAINING 2  /* takes its own sessions only */
+
 /* One entry per worker slot of the `workers` array map, written by user space. */
 struct sticky_worker {
-	__u32 live;     /* 1 while the worker process runs */
+	__u32 live;     /* STICKY_WORKER_*: nonzero while the process runs */
 	__u32 sessions; /* live sessions it owns, for least-connection */
 };
 

@@ -9,7 +9,8 @@
  *   a queued child migrating at rotation -> the socket filter's decision
  *   (queue path); a non-SYN segment with no socket at all (SYN cookies) ->
  *   the sink if it is a pure ACK, else parse and pick the owner (cookie
- *   path); during a SYN flood (config.flood) SYN -> the overflow listener.
+ *   path); during a SYN flood (config.flood), and always in cookie mode,
+ *   SYN -> the overflow listener.
  * - sticky_sort (SOCKET_FILTER on the sorting listeners, inherited by their
  *   children) records that decision from the first data segment.
  *
@@ -170,12 +171,22 @@ static __always_inline int worker_live(__u32 w)
 
 #include "foreign.h"
 
-/* Balancing for connections without a known sid. NO_WORKER if none is live. */
+/*
+ * Balancing for connections without a known sid, over the ACCEPTING workers
+ * only: a draining generation (after a reload) keeps its own sessions but
+ * gets no new ones. NO_WORKER if no worker accepts.
+ *
+ * Two generations interleave their slots (generation parity p uses slots
+ * 2i + p, see supervisor::slot_of), so "the first accepting slot from a
+ * uniform start" stays uniform: each accepting slot follows exactly one
+ * draining or empty slot. Contiguous halves would hand the whole draining
+ * half's share to the first accepting slot.
+ */
 static __always_inline __u32 pick_worker(const struct sticky_config *cfg)
 {
 	__u32 n = cfg->worker_count, zero = 0, start, j;
 	__u32 best = STICKY_NO_WORKER, best_sessions = 0xffffffffu;
-	__u32 *cur;
+	__u32 *cur = NULL;
 
 	if (n == 0 || n > STICKY_MAX_WORKERS)
 		return STICKY_NO_WORKER;
@@ -196,10 +207,19 @@ static __always_inline __u32 pick_worker(const struct sticky_config *cfg)
 		if (w >= n)
 			w -= n;
 		st = bpf_map_lookup_elem(&workers, &w);
-		if (!st || !st->live)
+		if (!st || st->live != STICKY_WORKER_ACCEPTING)
 			continue;
-		if (cfg->balance != STICKY_BALANCE_LEAST_CONNECTION)
+		if (cfg->balance != STICKY_BALANCE_LEAST_CONNECTION) {
+			/*
+			 * Round-robin: the cursor skips the empty or draining
+			 * slots passed over, so the next connection starts after
+			 * this pick (two generations' interleaved slots: 0, 2, 4,
+			 * 0, not 0, 2, 2, 4).
+			 */
+			if (cur && j)
+				__sync_fetch_and_add(cur, j);
 			return w;
+		}
 		/* Strictly fewer: ties go to the first from the rotating start. */
 		if (st->sessions < best_sessions) {
 			best = w;
@@ -233,8 +253,9 @@ static __always_inline void note_placement(const struct sticky_config *cfg,
 }
 
 /*
- * Places a connection on `owner` if it is a live worker, else balances,
- * else sends it to the 503 listener.
+ * Places a connection on `owner` if it is a live worker (accepting or
+ * draining: its own sessions), else balances, else sends it to the 503
+ * listener.
  */
 static __always_inline int place(struct sk_reuseport_md *md,
 				 const struct sticky_config *cfg, __u32 owner,
@@ -388,6 +409,7 @@ static __always_inline void flow_of_packet(struct sk_reuseport_md *md,
 #define SORT 0xfffffffeu
 #define SINK 0xfffffffdu
 #define OVERFLOW 0xfffffffcu
+#define PLUG 0xfffffffbu
 #define TCPHDR_ACK 0x10
 #define TCPHDR_SYN 0x02
 
@@ -428,6 +450,7 @@ static __always_inline __u32 decide(struct sk_reuseport_md *md,
 	struct bpf_sock *sk;
 	struct scratch *s;
 	struct sticky_decision *decision;
+	__u16 sport;
 	__u8 flags;
 
 	if (cfg->mode == STICKY_MODE_SYN_BALANCE) {
@@ -463,9 +486,17 @@ static __always_inline __u32 decide(struct sk_reuseport_md *md,
 	}
 	if (!sk) {
 		/* A SYN: no payload yet. Wait for it on the sorting listener. */
+		if (cfg->plug_port && cfg->mode == STICKY_MODE_COOKIE &&
+		    bpf_skb_load_bytes(md, 0, &sport, sizeof(sport)) == 0 &&
+		    (__u32)bpf_ntohs(sport) - cfg->plug_port < STICKY_PLUGS)
+			return PLUG; /* the supervisor's own plug: see STICKY_PLUG_SLOT */
 		count(STICKY_CNT_SYN);
-		if (cfg->flood) {
-			/* Cookies instead of request sockets: see STICKY_OVERFLOW_SLOT. */
+		if (cfg->flood || cfg->mode == STICKY_MODE_COOKIE) {
+			/*
+			 * Cookies instead of request sockets: see
+			 * STICKY_OVERFLOW_SLOT. In cookie mode always: the
+			 * first data is then placed above, with no rotation.
+			 */
 			note_syn_slot(md, STICKY_NO_WORKER);
 			return OVERFLOW;
 		}
@@ -529,7 +560,9 @@ int sticky_select(struct sk_reuseport_md *md)
 		return SK_PASS;
 	if (target == OVERFLOW && select_slot(md, STICKY_OVERFLOW_SLOT))
 		return SK_PASS;
-	if (target == SINK || target == OVERFLOW)
+	if (target == PLUG && select_slot(md, STICKY_PLUG_SLOT))
+		return SK_PASS;
+	if (target == SINK || target == OVERFLOW || target == PLUG)
 		target = SORT; /* no such listener (supervisor gone): as before */
 	if (target == SORT &&
 	    select_slot(md, STICKY_SORTING_SLOT + sorting_index(cfg)))

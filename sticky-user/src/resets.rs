@@ -47,15 +47,6 @@ impl ResetStats {
             ..ResetStats::default()
         }
     }
-
-    pub fn report(&self) -> String {
-        format!(
-            "foreign_requests={} connections_reset={} reset_failures={}",
-            self.mode,
-            self.reset.load(Ordering::Relaxed),
-            self.failed.load(Ordering::Relaxed)
-        )
-    }
 }
 
 /// One TCP socket as sock_diag names it: addresses as the kernel stores

@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{cargo, find_in_path, is_root, root_dir, status};
+use super::{cargo, is_root, root_dir, status};
 
 /// The kernels of the matrix: Debian suite and the version it ships.
 const KERNELS: &[Kernel] = &[
@@ -93,10 +93,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let started = Instant::now();
     let cache = root_dir().join("target/kernels");
     fs::create_dir_all(&cache).map_err(|e| format!("cannot create {}: {e}", cache.display()))?;
-    install_missing(&[
-        ("qemu-system-x86_64", "qemu-system-x86"),
-        ("debootstrap", "debootstrap"),
-    ])?;
+    super::deps::for_kernels()?;
     let kernels = fetch_kernels(&cache, &options.kernels)?;
     let base = base_initramfs(&cache)?;
     let payload = build_payload(&cache, &options.tests)?;
@@ -165,31 +162,6 @@ fn kernel(series: &str) -> Result<&'static Kernel, String> {
             known.join(", ")
         )
     })
-}
-
-/// Installs the Debian packages of the commands that are missing.
-fn install_missing(commands: &[(&str, &str)]) -> Result<(), String> {
-    let missing: Vec<&str> = commands
-        .iter()
-        .filter(|(cmd, _)| {
-            find_in_path(cmd).is_none() && !Path::new("/usr/sbin").join(cmd).exists()
-        })
-        .map(|(_, package)| *package)
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    eprintln!("kernels: installing {}", missing.join(" "));
-    let mut update = Command::new("apt-get");
-    update.arg("update").arg("-qq");
-    status(update, "apt-get update")?;
-    let mut install = Command::new("apt-get");
-    install
-        .args(["install", "-y", "-qq", "--no-install-recommends"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .stdout(Stdio::null());
-    status(install, "apt-get install")
 }
 
 /// apt with its own sources, lists and cache under `dir`, so the host's
@@ -387,18 +359,7 @@ fn base_initramfs(cache: &Path) -> Result<PathBuf, String> {
     }
     let rootfs = cache.join("rootfs");
     if !rootfs.join("usr/bin/python3").exists() {
-        eprintln!("kernels: debootstrap bookworm into {}", rootfs.display());
-        let _ = fs::remove_dir_all(&rootfs);
-        let mut cmd = Command::new("debootstrap");
-        cmd.args([
-            "--variant=minbase",
-            "--include=python3,busybox-static",
-            "bookworm",
-        ])
-        .arg(&rootfs)
-        .arg(MIRROR)
-        .stdout(Stdio::null());
-        status(cmd, "debootstrap")?;
+        debootstrap(&rootfs, &["python3", "busybox-static"])?;
     }
     // Documentation, locales and apt's caches are dead weight in RAM.
     for dir in [
@@ -416,6 +377,23 @@ fn base_initramfs(cache: &Path) -> Result<PathBuf, String> {
     archive.finish()?;
     fs::rename(&partial, &cpio).map_err(|e| format!("{e}"))?;
     Ok(cpio)
+}
+
+/// A `debootstrap --variant=minbase bookworm` root filesystem at `rootfs`
+/// (replaced), with `include` added.
+pub fn debootstrap(rootfs: &Path, include: &[&str]) -> Result<(), String> {
+    eprintln!("debootstrap bookworm into {}", rootfs.display());
+    let _ = fs::remove_dir_all(rootfs);
+    let mut cmd = Command::new("debootstrap");
+    cmd.arg("--variant=minbase");
+    if !include.is_empty() {
+        cmd.arg(format!("--include={}", include.join(",")));
+    }
+    cmd.arg("bookworm")
+        .arg(rootfs)
+        .arg(MIRROR)
+        .stdout(Stdio::null());
+    status(cmd, "debootstrap")
 }
 
 /// The per-run archive: init, the direct check, sticky and the tests.

@@ -113,7 +113,7 @@ pub fn run(opts: &Opts) -> Result<(), String> {
     let report = table(opts, &rows, &reset_only, pinning.as_ref());
     print!("{report}");
     if let Some(path) = &opts.readme {
-        super::replace_between_markers(
+        super::report::replace_between_markers(
             path,
             "<!-- bench-foreign:begin -->",
             "<!-- bench-foreign:end -->",
@@ -280,7 +280,7 @@ fn on_one_client<const N: usize>(
         scope
             .spawn(move || {
                 if let Some(cpus) = cpus {
-                    if let Err(e) = super::pin(cpus) {
+                    if let Err(e) = crate::measure::pin(cpus) {
                         let mut failed: [Stats; N] = std::array::from_fn(|_| Stats::default());
                         failed[0].fail(format!("cannot pin the client to CPUs {cpus:?}: {e}"));
                         return failed;
@@ -318,7 +318,7 @@ fn table(opts: &Opts, rows: &[Stats], reset_only: &Stats, pinning: Option<&Pinni
         out += &line(name, s);
     }
     out += &line(RESET_ONLY, reset_only);
-    let r = |a: &Stats, b: &Stats, q| super::ratio(a.percentile_us(q), b.percentile_us(q));
+    let r = |a: &Stats, b: &Stats, q| crate::measure::ratio(a.percentile_us(q), b.percentile_us(q));
     out += &format!(
         "\n| ratio | p50 | p99 |\n|---|---:|---:|\n\
          | websocket, check on / off | {:.3} | {:.3} |\n\
@@ -355,7 +355,7 @@ fn json(opts: &Opts, rows: &[Stats], reset_only: &Stats) -> String {
         .map(|(name, s)| {
             format!(
                 "    {{\"workload\": {}, \"requests\": {}, \"p50_us\": {}, \"p99_us\": {}, \"errors\": {}}}",
-                super::quote(name),
+                crate::host::quote(name),
                 s.latencies.len(),
                 num(s.percentile_us(0.50)),
                 num(s.percentile_us(0.99)),

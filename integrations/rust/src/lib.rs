@@ -88,6 +88,7 @@
 
 mod control;
 mod layer;
+mod relay;
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -98,6 +99,7 @@ pub use layer::{
     ends_session, handshake_sid, StickyBody, StickyHandle, StickyLayer, StickyLayerBuilder,
     StickyService,
 };
+pub use relay::RelayDriver;
 
 /// First inherited descriptor in the socket-activation convention.
 pub const LISTEN_FDS_START: RawFd = 3;
