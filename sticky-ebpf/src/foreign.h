@@ -47,12 +47,27 @@ struct {
 	__uint(max_entries, STICKY_RESETS_BYTES);
 } resets SEC(".maps");
 
-/* The accepted connection a cgroup_skb program runs for, or NULL (a listener, a request socket). */
-static __always_inline struct bpf_sock *accepted_sock(struct __sk_buff *skb)
+/*
+ * cfg->foreign, read afresh at each use. Verifier: a value the compiler
+ * kept in a register across the request parser would carry a different
+ * range on each path (OFF or not, RESET or not), so the parser's states
+ * would no longer prune and 6.1's verifier ran out of its 1M instructions.
+ */
+static __always_inline __u32 foreign_mode(const struct sticky_config *cfg)
+{
+	return *(volatile const __u32 *)&cfg->foreign;
+}
+
+/*
+ * The accepted connection a cgroup_skb program runs for, or NULL (a
+ * listener, a request socket, or the check is off).
+ */
+static __always_inline struct bpf_sock *accepted_sock(struct __sk_buff *skb,
+						      const struct sticky_config *cfg)
 {
 	struct bpf_sock *sk = skb->sk;
 
-	if (!sk)
+	if (!sk || foreign_mode(cfg) == STICKY_FOREIGN_OFF)
 		return NULL;
 	sk = bpf_sk_fullsock(sk);
 	if (!sk || sk->state == TCP_LISTEN)
@@ -145,7 +160,7 @@ static __always_inline int foreign_check(struct __sk_buff *skb,
 	}
 	if (owner == conn->worker || !worker_live(owner))
 		return 1;
-	if (cfg->foreign != STICKY_FOREIGN_RESET) {
+	if (foreign_mode(cfg) != STICKY_FOREIGN_RESET) {
 		count(STICKY_CNT_FOREIGN_PASSED);
 		return 1;
 	}

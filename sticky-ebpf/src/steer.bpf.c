@@ -869,7 +869,7 @@ static __always_inline int cgroup_tcp_payload(struct __sk_buff *skb, int egress,
  * handshake on a reused keep-alive connection is learned like one on a new
  * connection. Otherwise one socket-storage lookup.
  */
-static __noinline int learn_later(struct __sk_buff *skb)
+static __noinline int learn_later(struct __sk_buff *skb, const struct sticky_config *cfg)
 {
 	__u32 two = 2, off, len;
 	int ends;
@@ -878,7 +878,7 @@ static __noinline int learn_later(struct __sk_buff *skb)
 	struct bpf_sock *sk;
 	struct scratch *s;
 
-	sk = accepted_sock(skb);
+	sk = accepted_sock(skb, cfg);
 	if (!sk)
 		return 1;
 	conn = bpf_sk_storage_get(&conns, sk, 0, 0);
@@ -922,7 +922,7 @@ int sticky_learn(struct __sk_buff *skb)
 		struct bpf_tcp_sock *tp = bpf_tcp_sock(sk);
 
 		if (tp && tp->data_segs_out > STICKY_LEARN_SEGMENTS)
-			return cfg->foreign == STICKY_FOREIGN_OFF ? 1 : learn_later(skb);
+			return learn_later(skb, cfg);
 	}
 	if (!cgroup_tcp_payload(skb, 1, &key, &off, &len, &ends))
 		return 1;
@@ -933,7 +933,7 @@ int sticky_learn(struct __sk_buff *skb)
 	 * placement; a pure ACK may come from a child still queued, with a
 	 * stale `placed` of an earlier connection on the same 4-tuple.
 	 */
-	sk = cfg->foreign == STICKY_FOREIGN_OFF ? NULL : accepted_sock(skb);
+	sk = accepted_sock(skb, cfg);
 	if (sk) {
 		conn = conn_of(sk, len ? placed : NULL);
 		if (conn && len >= 12)
@@ -1016,11 +1016,19 @@ static __always_inline int is_close_request(struct scratch *s, __u32 seg_len)
 #define WORD_GET 0x20544547U  /* "GET " little-endian */
 #define WORD_POST 0x54534f50U /* "POST" little-endian */
 
+/* sticky_watch's first step: conn_gate() of the accepted connection, if any. */
+static __always_inline int watch_gate(struct __sk_buff *skb, const struct sticky_config *cfg)
+{
+	struct bpf_sock *sk = accepted_sock(skb, cfg);
+
+	return sk ? conn_gate(conn_of(sk, NULL)) : CONN_GO_ON;
+}
+
 SEC("cgroup_skb/ingress")
 int sticky_watch(struct __sk_buff *skb)
 {
 	__u32 zero = 0, three = 3, off, len, word, copy, *owner;
-	int ends, gate;
+	int ends, result;
 	struct sticky_config *cfg = bpf_map_lookup_elem(&config, &zero);
 	struct sticky_flow key = {};
 	struct sticky_conn *conn = NULL;
@@ -1033,13 +1041,9 @@ int sticky_watch(struct __sk_buff *skb)
 	if (!cgroup_tcp_payload(skb, 0, &key, &off, &len, &ends) || len == 0)
 		return 1;
 	/* A doomed connection loses every segment; an upgraded one is not ours. */
-	sk = cfg->foreign == STICKY_FOREIGN_OFF ? NULL : accepted_sock(skb);
-	if (sk) {
-		conn = conn_of(sk, NULL);
-		gate = conn_gate(conn);
-		if (gate != CONN_GO_ON)
-			return gate;
-	}
+	result = watch_gate(skb, cfg);
+	if (result != CONN_GO_ON)
+		return result;
 	if (len < 4)
 		return 1;
 	/* The first payload bytes: often in a page fragment, not linear. */
@@ -1056,7 +1060,17 @@ int sticky_watch(struct __sk_buff *skb)
 	if (copy == 0 || bpf_skb_load_bytes(skb, off, s->buf, copy))
 		return 1;
 	s->len = copy;
-	if (sticky_parse(s, cfg) != STICKY_PARSE_SID) {
+	result = sticky_parse(s, cfg);
+	/*
+	 * Verifier: the socket and its storage are looked up again only now,
+	 * so that every path enters the parser in the same state (pointers
+	 * live across it would split its states: 6.1's verifier ran out of
+	 * instructions).
+	 */
+	sk = accepted_sock(skb, cfg);
+	if (sk)
+		conn = conn_of(sk, NULL);
+	if (result != STICKY_PARSE_SID) {
 		/* Maybe a handshake on a reused connection: see learn_later. */
 		if (conn && conn->worker != STICKY_NO_WORKER) {
 			conn->flags |= STICKY_CONN_LEARN;

@@ -283,9 +283,10 @@ fn wait_readable(fd: RawFd) {
 }
 
 /// Rate-limited logging: one line per WINDOW at most for frequent resets,
-/// one for failures.
+/// one for failures. A window opens at the first event after the last one
+/// ended (not at start-up: a burst must not straddle two windows).
 struct Window {
-    start: Instant,
+    start: Option<Instant>,
     resets: u64,
     said_resets: bool,
     said_failure: bool,
@@ -294,7 +295,7 @@ struct Window {
 impl Window {
     fn new() -> Window {
         Window {
-            start: Instant::now(),
+            start: None,
             resets: 0,
             said_resets: false,
             said_failure: false,
@@ -302,8 +303,11 @@ impl Window {
     }
 
     fn roll(&mut self) {
-        if self.start.elapsed() >= WINDOW {
-            *self = Window::new();
+        if self.start.is_none_or(|s| s.elapsed() >= WINDOW) {
+            *self = Window {
+                start: Some(Instant::now()),
+                ..Window::new()
+            };
         }
     }
 

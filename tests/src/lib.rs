@@ -155,7 +155,9 @@ impl Cluster {
                 log.push('\n');
             }
         });
-        let addr = match rx.recv_timeout(Duration::from_secs(30)) {
+        // 90 s: under TCG (the kernel matrix) loading the programs alone can
+        // take half a minute.
+        let addr = match rx.recv_timeout(Duration::from_secs(90)) {
             Ok(a) => a.parse().expect("address in the listening line"),
             Err(_) => {
                 let _ = child.kill();

@@ -95,7 +95,8 @@ def main():
         [os.environ["STICKY_BIN"], "run", "--listen", f"127.0.0.1:{PORT}", "--workers", "2",
          "--", sys.executable, "-c", WORKER],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
+    # Under TCG on a loaded host the verifier alone can take a minute.
+    deadline = time.monotonic() + 120
     while True:
         if sticky.poll() is not None:
             lines = [l for l in sticky.stderr.read().splitlines() if l.strip()]
@@ -111,8 +112,18 @@ def main():
         except OSError:
             if time.monotonic() > deadline:
                 report("loads", "no")
-                report("error", "nothing listens after 60 s")
+                report("error", "nothing listens after 120 s")
+                # Where it waits, thread by thread (kernel stacks).
+                for task in sorted(os.listdir(f"/proc/{sticky.pid}/task")):
+                    base = f"/proc/{sticky.pid}/task/{task}"
+                    try:
+                        stack = open(f"{base}/stack").read().split()
+                        report("stack", f"{open(base + '/comm').read().strip()}: {' '.join(stack[:12])}")
+                    except OSError:
+                        pass
                 sticky.kill()
+                for line in sticky.stderr.read().splitlines():
+                    report("log", line)
                 return
             time.sleep(0.2)
     report("loads", "yes")
@@ -121,7 +132,7 @@ def main():
         # one listens sticky answers 503.
         while answer(send("/")) not in ("0", "1"):
             if time.monotonic() > deadline:
-                report("error", "no worker answered after 60 s")
+                report("error", "no worker answered within 120 s of the start")
                 return
             time.sleep(0.2)
         owner = answer(send(f"/register?sid={SID}"))

@@ -15,8 +15,8 @@
 //! - `keep-alive polling`: a long-polling-shaped request (`GET` with the
 //!   session's sid) on a kept-alive connection (demo workers);
 //! - `close per poll`: the same request on a new connection each time, as
-//!   with the integrations' `Connection: close` (on the `reset` cluster):
-//!   what keeping polling connections alive saves;
+//!   with the integrations' `Connection: close`, on both clusters: what
+//!   keeping polling connections alive saves;
 //! - `resend`: on the `reset` cluster, a kept-alive connection of worker
 //!   0's session carries a request of worker 1's: time from its write to
 //!   the reset, and to its answer when resent on a new connection (what a
@@ -31,12 +31,13 @@ use super::{get, worker, Cluster, Mode, Opts, Pinning, Stats};
 use crate::http::Conn;
 
 /// Rows of the table, in order.
-const ROWS: [&str; 6] = [
+const ROWS: [&str; 7] = [
     "websocket, check on (reset)",
     "websocket, check off",
     "keep-alive polling, check on (reset)",
     "keep-alive polling, check off",
     "close per poll, check on",
+    "close per poll, check off",
     "resend: request written to its answer on a new connection",
 ];
 const RESET_ONLY: &str = "resend: request written to the reset";
@@ -85,7 +86,7 @@ pub fn run(opts: &Opts) -> Result<(), String> {
         }
         let polling = start(&opts.worker)?;
         let sids = [owned_sids(polling[0].addr)?, owned_sids(polling[1].addr)?];
-        let [on, off, close] = run_polling(
+        let [on, off, close_on, close_off] = run_polling(
             [polling[0].addr, polling[1].addr],
             [&sids[0][0], &sids[1][0]],
             opts.duration,
@@ -93,10 +94,11 @@ pub fn run(opts: &Opts) -> Result<(), String> {
         );
         rows[2].merge(on);
         rows[3].merge(off);
-        rows[4].merge(close);
+        rows[4].merge(close_on);
+        rows[5].merge(close_off);
         let (to_reset, to_answer) = run_resends(polling[0].addr, &sids[0], opts.duration, cpus);
         reset_only.merge(to_reset);
-        rows[5].merge(to_answer);
+        rows[6].merge(to_answer);
         for c in polling {
             c.check_alive()?;
         }
@@ -161,18 +163,20 @@ fn poll_request(sid: &str, close: bool) -> Vec<u8> {
     )
 }
 
-/// One client: a kept-alive request on each cluster (`reset`, `off`), then
-/// one on a new connection with `Connection: close` (`reset`), in turns.
+/// One client: on each cluster (`reset`, `off`), a kept-alive request and
+/// one on a new connection with `Connection: close`; the clusters take
+/// turns at going first, so that each sees the other's wake of new
+/// connections equally.
 fn run_polling(
     addrs: [SocketAddr; 2],
     sids: [&str; 2],
     duration: Duration,
     cpus: Option<&[usize]>,
-) -> [Stats; 3] {
+) -> [Stats; 4] {
     on_one_client(cpus, || {
-        let mut stats: [Stats; 3] = Default::default();
+        let mut stats: [Stats; 4] = Default::default();
         let keep = [poll_request(sids[0], false), poll_request(sids[1], false)];
-        let close = poll_request(sids[0], true);
+        let close = [poll_request(sids[0], true), poll_request(sids[1], true)];
         let mut conns = addrs.map(|a| Conn::new(a, None));
         for (i, c) in conns.iter_mut().enumerate() {
             stats[i].connections = 1;
@@ -181,8 +185,10 @@ fn run_polling(
             }
         }
         let start = Instant::now();
+        let mut turn = 0;
         while start.elapsed() < duration {
-            for i in 0..2 {
+            turn += 1;
+            for i in [turn % 2, (turn + 1) % 2] {
                 let begin = Instant::now();
                 match conns[i].request(&keep[i]) {
                     Ok(r) if r.status == 200 => stats[i]
@@ -192,14 +198,17 @@ fn run_polling(
                     Err(e) => stats[i].fail(e.to_string()),
                 }
             }
-            let begin = Instant::now();
-            stats[2].connections += 1;
-            match crate::http::exchange(addrs[0], None, &close) {
-                Ok(r) if r.status == 200 => stats[2]
-                    .latencies
-                    .push((r.complete - begin).as_nanos() as u64),
-                Ok(r) => stats[2].fail(format!("status {}", r.status)),
-                Err(e) => stats[2].fail(e.to_string()),
+            for i in [turn % 2, (turn + 1) % 2] {
+                let row = &mut stats[2 + i];
+                let begin = Instant::now();
+                row.connections += 1;
+                match crate::http::exchange(addrs[i], None, &close[i]) {
+                    Ok(r) if r.status == 200 => {
+                        row.latencies.push((r.complete - begin).as_nanos() as u64)
+                    }
+                    Ok(r) => row.fail(format!("status {}", r.status)),
+                    Err(e) => row.fail(e.to_string()),
+                }
             }
         }
         for s in &mut stats {
@@ -314,16 +323,19 @@ fn table(opts: &Opts, rows: &[Stats], reset_only: &Stats, pinning: Option<&Pinni
         "\n| ratio | p50 | p99 |\n|---|---:|---:|\n\
          | websocket, check on / off | {:.3} | {:.3} |\n\
          | keep-alive polling, check on / off | {:.3} | {:.3} |\n\
+         | close per poll, check on / off | {:.3} | {:.3} |\n\
          | close per poll / keep-alive polling (both check on) | {:.3} | {:.3} |\n\
-         | resend (to the answer) / close per poll | {:.3} | {:.3} |\n",
+         | resend (to the answer) / close per poll (check on) | {:.3} | {:.3} |\n",
         r(&rows[0], &rows[1], 0.50),
         r(&rows[0], &rows[1], 0.99),
         r(&rows[2], &rows[3], 0.50),
         r(&rows[2], &rows[3], 0.99),
+        r(&rows[4], &rows[5], 0.50),
+        r(&rows[4], &rows[5], 0.99),
         r(&rows[4], &rows[2], 0.50),
         r(&rows[4], &rows[2], 0.99),
-        r(&rows[5], &rows[4], 0.50),
-        r(&rows[5], &rows[4], 0.99),
+        r(&rows[6], &rows[4], 0.50),
+        r(&rows[6], &rows[4], 0.99),
     );
     out
 }
