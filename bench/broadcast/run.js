@@ -14,8 +14,9 @@
 //
 //   fan-out      C clients (default 1,000), M messages: the issue's case;
 //                the workers' own writes to their clients dominate
-//   relay-bound  3 clients (one per worker), 25 x M messages: what crosses
-//                between workers dominates
+//   relay-bound  3 clients, one per worker (connected one at a time until
+//                each worker has one), 25 x M messages: what crosses between
+//                workers dominates
 //
 // A run: the clients connect over WebSocket (placed by each variant's
 // balancing), one client asks its worker to io.emit the messages back to
@@ -112,15 +113,28 @@ async function startVariant(name, redisUrl) {
   return { ...server, port, stop: () => stop().then(() => fs.rmSync(dir, { recursive: true, force: true })) };
 }
 
+/** One client on each worker: connected one at a time, duplicates closed. */
+async function onePerWorker(port) {
+  const kept = new Map();
+  for (let attempt = 0; kept.size < WORKERS && attempt < 60; attempt++) {
+    const [c] = await connectClients(port, 1);
+    if (kept.has(c.worker)) c.socket.disconnect();
+    else kept.set(c.worker, c);
+  }
+  if (kept.size < WORKERS) throw new Error(`clients reached only workers ${[...kept.keys()]}`);
+  return [...kept.values()];
+}
+
 async function connectClients(port, n) {
   const clients = [];
   for (let i = 0; i < n; i += 50) {
     const batch = [];
     for (let j = i; j < Math.min(n, i + 50); j++) {
       batch.push(new Promise((resolve, reject) => {
-        const socket = connect(`http://127.0.0.1:${port}`, { transports: ['websocket'], forceNew: true, reconnection: false });
-        socket.once('hello', (h) => resolve({ socket, worker: h.worker }));
-        socket.once('connect_error', reject);
+        const socket = connect(`http://127.0.0.1:${port}`, { transports: ['websocket'], forceNew: true, reconnection: false, timeout: 10000 });
+        const timer = setTimeout(() => reject(new Error(`client ${j}: no hello within 15 s`)), 15000);
+        socket.once('hello', (h) => (clearTimeout(timer), resolve({ socket, worker: h.worker })));
+        socket.once('connect_error', (err) => (clearTimeout(timer), reject(err)));
       }));
     }
     clients.push(...(await Promise.all(batch)));
@@ -175,7 +189,7 @@ async function main() {
         const server = await startVariant(name, redis.url);
         let clients = [];
         try {
-          clients = await connectClients(server.port, w.clients);
+          clients = w.workload === 'relay-bound' ? await onePerWorker(server.port) : await connectClients(server.port, w.clients);
           const spread = {};
           for (const c of clients) spread[c.worker] = (spread[c.worker] || 0) + 1;
           await blast(clients, 20, o.size); // warm-up
