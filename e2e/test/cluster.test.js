@@ -66,6 +66,19 @@ describe('Node.js: @socket.io/cluster-adapter over sticky\'s IPC channel', () =>
   });
 });
 
+describe('Node.js: @sticky/socket.io\'s createRelayAdapter over the relay socket', () => {
+  test('3 workers, 30 clients: emit, rooms, binary, fetchSockets, serverSideEmit, SIGKILL', async () => {
+    await withSticky(
+      { command: [process.execPath, 'e2e/workers/cluster-worker.js'], env: { ADAPTER: 'relay' } },
+      async (sticky) => {
+        const { stats } = await scenario(sticky, NODE_CAPS, 'node relay adapter');
+        assert.equal(stats.relay_dropped, 0);
+        assert.equal(stats.relay_node_channels, 0, 'no IPC channel needed');
+      },
+    );
+  });
+});
+
 describe('Python: python-socketio with sticky_relay.RelayManager', () => {
   const python = h.workerFor('python');
   test('3 workers, 30 clients: emit, rooms, binary, SIGKILL', { skip: python.skip }, async () => {
