@@ -5,6 +5,8 @@
 //
 //   sticky-relay   sticky run, @socket.io/cluster-adapter relayed by sticky
 //                  over Node IPC
+//   sticky-socket  sticky run, @sticky/socket.io's createRelayAdapter (the
+//                  same adapter messages over sticky's relay socket)
 //   seed           @socket.io/sticky 1.0.4 + @socket.io/cluster-adapter on
 //                  Node's cluster (its primary relays)
 //   sticky-redis   sticky run, @socket.io/redis-adapter on a local redis-server
@@ -25,7 +27,7 @@
 // deliveries / time from the blast to the last delivery) and the p50/p99
 // delivery latency (mostly queueing: the whole blast is emitted at once).
 //
-//   node run.js [--clients 1000] [--messages 400] [--size 64] [--rounds 2]
+//   node run.js [--clients 1000] [--messages 400] [--size 64] [--rounds 3]
 //               [--quick] [--json PATH]
 // Needs STICKY_BIN (default target/release/sticky), root (sticky loads BPF
 // programs), redis-server.
@@ -45,7 +47,7 @@ const now = () => performance.timeOrigin + performance.now();
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 function options() {
-  const o = { clients: 1000, messages: 400, size: 64, rounds: 2, json: null };
+  const o = { clients: 1000, messages: 400, size: 64, rounds: 3, json: null };
   const argv = process.argv.slice(2);
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
@@ -107,7 +109,7 @@ async function startVariant(name, redisUrl) {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'sticky-bcast-'));
   const args = ['run', '--listen', `127.0.0.1:${port}`, '--workers', String(WORKERS), '--balance', 'round-robin',
     '--control', path.join(dir, 'control.sock'), '--grace', '2s', '--', process.execPath, SERVER, 'worker'];
-  const env = name === 'sticky-redis' ? { ADAPTER: 'redis', REDIS_URL: redisUrl } : { ADAPTER: 'cluster' };
+  const env = { 'sticky-redis': { ADAPTER: 'redis', REDIS_URL: redisUrl }, 'sticky-socket': { ADAPTER: 'relay' } }[name] ?? { ADAPTER: 'cluster' };
   const server = await start(STICKY_BIN, args, env, /^ready /gm, WORKERS);
   const stop = server.stop;
   return { ...server, port, stop: () => stop().then(() => fs.rmSync(dir, { recursive: true, force: true })) };
@@ -177,7 +179,7 @@ async function startRedis() {
 async function main() {
   const o = options();
   const redis = await startRedis();
-  const variants = ['sticky-relay', 'seed', 'sticky-redis'];
+  const variants = ['sticky-relay', 'sticky-socket', 'seed', 'sticky-redis'];
   const workloads = [
     { workload: 'fan-out', clients: o.clients, messages: o.messages },
     { workload: 'relay-bound', clients: WORKERS, messages: o.messages * 25 },
