@@ -98,3 +98,22 @@ pub fn quote(s: &str) -> String {
     }
     out + "\""
 }
+
+/// CPU time of process `pid` so far, user + system of all its threads, in
+/// seconds (/proc/PID/stat, clock ticks); 0 if it is gone.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // pid (comm) state ppid ...: comm may hold spaces; utime, stime are
+    // fields 14 and 15, i.e. 12 and 13 after the state.
+    let rest = &stat[stat.rfind(')').map_or(0, |i| i + 1)..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
+        .sum();
+    // SAFETY: plain sysconf query.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
+    ticks as f64 / hz as f64
+}

@@ -33,9 +33,10 @@ const USAGE: &str =
   --warmup SECS    unmeasured run of each workload before it
   --clients N      concurrent clients (default 64)
   --workers N,N    worker counts (default 2,4)
-  --variants K,..  any of sticky, socketio_sticky, nginx, floor, sticky_rust
-                   (default: these five), sticky_syn (diagnostic: sticky's
-                   listeners balanced at SYN time, no stickiness)
+  --variants K,..  any of sticky, sticky_cookie (--placement cookie),
+                   socketio_sticky, nginx, floor, sticky_rust (default: these
+                   six), sticky_syn (diagnostic: sticky's listeners balanced
+                   at SYN time, no stickiness)
   --workloads K,.. any of new_connection_serial, new_connection_concurrent,
                    long_polling_keepalive, session_establishment,
                    websocket_round_trip (default: all)
@@ -145,9 +146,14 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
 fn check_programs(opts: &mut Opts) -> Result<(), String> {
     let p = &mut opts.programs;
     let uses = |v: Variant| opts.variants.contains(&v);
-    let uses_sticky = [Variant::Sticky, Variant::StickyRust, Variant::StickySyn]
-        .into_iter()
-        .any(uses);
+    let uses_sticky = [
+        Variant::Sticky,
+        Variant::StickyRust,
+        Variant::StickySyn,
+        Variant::StickyCookie,
+    ]
+    .into_iter()
+    .any(uses);
     if uses_sticky && !p.sticky.is_file() {
         return Err(format!(
             "sticky binary {} not found (cargo xtask build, or --sticky PATH)",

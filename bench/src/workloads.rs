@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::measure::{run_clients, Rng, Stats};
 use crate::http;
+use crate::measure::{run_clients, Rng, Stats};
 use crate::session::{Failure, Polling, Session};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]

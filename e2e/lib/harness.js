@@ -91,6 +91,7 @@ async function startSticky({
   // A fixed port and control path: taking over a killed sticky's workers.
   listen = '127.0.0.1:0',
   controlPath = null,
+  netns, // run inside this network namespace (a name of `ip netns`)
 }) {
   if (!fs.existsSync(STICKY_BIN)) {
     throw new Error(`${STICKY_BIN} is missing: run cargo build --workspace (or set STICKY_BIN)`);
@@ -112,7 +113,10 @@ async function startSticky({
     // keeps the worker's pid (LISTEN_PID).
     '--', '/bin/sh', '-c', 'exec "$0" "$@" 2>&1', ...command,
   ];
-  const proc = spawn(STICKY_BIN, args, {
+  // nsenter, not `ip netns exec`: that remounts /sys, hiding the cgroup2
+  // file system session learning needs.
+  const [program, argv] = netns ? ['nsenter', [`--net=/run/netns/${netns}`, STICKY_BIN, ...args]] : [STICKY_BIN, args];
+  const proc = spawn(program, argv, {
     cwd: REPO_ROOT,
     env: { ...process.env, ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
@@ -139,9 +143,10 @@ async function startSticky({
     const timer = setTimeout(() => reject(new Error(`sticky did not log its address within 15 s:\n${stderr}`)), 15000);
     proc.stderr.on('data', (d) => {
       stderr += d;
-      const m = /sticky: listening on (127\.0\.0\.1):(\d+) with/.exec(stderr);
+      const m = /sticky: listening on ([\d.]+):(\d+) with/.exec(stderr);
       if (m) {
         clearTimeout(timer);
+        handle.host = m[1];
         resolve(Number(m[2]));
       }
     });
@@ -160,7 +165,7 @@ async function startSticky({
     await stopSticky(handle);
     throw err;
   }
-  handle.url = `http://127.0.0.1:${handle.port}`;
+  handle.url = `http://${handle.host}:${handle.port}`;
   return handle;
 }
 
@@ -177,7 +182,7 @@ async function stopSticky(handle) {
     const workerPids = await stats(handle)
       .then((st) =>
         Object.entries(st)
-          .filter(([k, v]) => /^worker\d+$/.test(k) && typeof v === 'string')
+          .filter(([k, v]) => /^worker\d+(_generation\d+)?$/.test(k) && typeof v === 'string')
           .map(([, v]) => Number((/pid:(\d+)/.exec(v) || [])[1]))
           .filter(Boolean),
       )

@@ -105,7 +105,10 @@ function setupWorker(io, options = {}) {
   // every long-polling GET/POST answer; a 'request' listener ahead of
   // engine.io's also covers what never emits 'headers' (CORS preflights,
   // "Session ID unknown" and other error answers).
-  const closeConnections = options.closeConnections ?? true;
+  // Not needed where sticky resets a connection that carries another
+  // worker's session (it tells its workers STICKY_FOREIGN_REQUESTS=reset):
+  // the client resends on a new connection, so polls may keep theirs alive.
+  const closeConnections = options.closeConnections ?? process.env.STICKY_FOREIGN_REQUESTS !== 'reset';
   let onRequest = null;
   let onHeaders = null;
   if (closeConnections) {

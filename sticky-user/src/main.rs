@@ -6,15 +6,22 @@
 //! ARCHITECTURE.md for the code map.
 
 mod adoption;
+mod caps;
 mod cli;
 mod control;
 mod flood;
+mod identity;
 mod listeners;
+mod metrics;
+mod plug;
+mod privileges;
 mod reject;
 mod relay;
+mod resets;
 mod sessions;
 mod sorter;
 mod spawn;
+mod stats;
 mod steering;
 mod supervisor;
 mod takeover;
@@ -22,7 +29,7 @@ mod takeover;
 use std::{
     io::{BufRead, BufReader, Write},
     os::unix::net::UnixStream,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -30,7 +37,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use aya::maps::{MapData, ReusePortSockArray};
 use clap::Parser;
-use sticky_common::{Mode, MAX_CPUS, REJECT_SLOT, SINK_SLOT};
+use sticky_common::{Foreign, Mode, MAX_CPUS, REJECT_SLOT, SINK_SLOT};
 
 use cli::{Cli, Command, RunArgs, Settings};
 
@@ -48,9 +55,12 @@ macro_rules! log {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Stats { control, listen } => {
             stats(control.unwrap_or_else(|| cli::default_control(listen.port())))
+        }
+        Command::Reload { control, listen } => {
+            reload(control.unwrap_or_else(|| cli::default_control(listen.port())))
         }
     };
     if let Err(e) = result {
@@ -59,11 +69,13 @@ fn main() {
     }
 }
 
-/// `sticky run`, top-down: configuration, steering, listeners, the side
-/// services, sorters, supervisor. Only the sorters and the supervisor keep
-/// working after start-up; nothing here is on the data path.
+/// `sticky run`, top-down: configuration, steering, listeners, the sorting
+/// listeners made; then the privilege drop (nothing after it needs more
+/// than `privileges::SERVING`), the sorters, the side services, the
+/// supervisor. Only the sorters and the supervisor keep working after
+/// start-up; nothing here is on the data path.
 fn run(args: RunArgs) -> Result<()> {
-    let settings = Settings::from_args(args)?;
+    let mut settings = Settings::from_args(args)?;
     let mut steering = steering::Steering::load(settings.max_sessions)?;
     let mut maps = steering.take_maps()?;
     let cpus = sorting_cpus();
@@ -73,7 +85,8 @@ fn run(args: RunArgs) -> Result<()> {
     let group = takeover.listener_group(settings.listen)?;
 
     let learning = settings.learn && attach_learner(&mut steering);
-    let config = settings.kernel_config(cpus, group.addr.port(), learning);
+    let foreign = foreign_requests(&settings, learning);
+    let config = settings.kernel_config(cpus, group.addr.port(), learning, foreign);
     maps.config.set(0, config, 0)?;
     let mut table = sessions::SessionTable::new(
         maps.sessions,
@@ -86,9 +99,24 @@ fn run(args: RunArgs) -> Result<()> {
     fill_slots(&mut maps.listeners, &group)?;
     steering.attach_selector(&group.workers[0])?;
     let adopted = takeover.finish();
+    if let Some(who) = &settings.run_as {
+        for a in &adopted {
+            identity::note_adopted(a.index, a.pid, who);
+        }
+    }
 
     let slots: sorter::SockArray = Arc::new(Mutex::new(maps.listeners));
     let counters = Arc::new(maps.counters);
+    let reset_stats = Arc::new(resets::ResetStats::new(foreign.name()));
+    // The integrations keep polling connections alive when foreign requests
+    // are reset (README, "Requests on reused connections").
+    settings
+        .command
+        .set_env("STICKY_FOREIGN_REQUESTS", foreign.name());
+    if foreign == Foreign::Reset {
+        resets::serve(maps.resets, group.addr.port(), reset_stats.clone())
+            .context("starting the connection resetter")?;
+    }
     let sessions = Arc::new(Mutex::new(table));
     let control_path = settings
         .control
@@ -96,38 +124,59 @@ fn run(args: RunArgs) -> Result<()> {
         .unwrap_or_else(|| cli::default_control(group.addr.port()));
     let control = control::ControlSocket::bind(&control_path)?;
     let (relay, _remove_relay) = relay::Relay::start(&control_path, sessions.clone())?;
-    let _remove_control = control.serve(control::ControlState {
-        sessions: sessions.clone(),
-        counters: counters.clone(),
-        relay: Some(relay.clone()),
-    });
+    if let Some(who) = &settings.run_as {
+        control.only_for(who)?;
+    }
+    let events = supervisor::events();
+    let metrics = settings
+        .metrics
+        .map(metrics::MetricsServer::bind)
+        .transpose()?;
+
+    // Shared by the sorters (wake-ups) and the supervisor (restarts).
+    let worker_listeners: sorter::WorkerListeners = Arc::new(Mutex::new(group.workers));
+    let sorting = match settings.mode {
+        Mode::Sticky | Mode::Cookie => Some(sorter::prepare(sorter::Sorting {
+            slots: slots.clone(),
+            workers: worker_listeners.clone(),
+            addr: group.addr,
+            filter: steering.sort_program()?,
+            cpus,
+            period: settings.rotate,
+            // Cookie mode sends no SYN to a sorting listener.
+            rotate_on_clock: settings.mode == Mode::Sticky,
+            counters: counters.clone(),
+            handoff: maps.handoff,
+            doorbells: maps.doorbells,
+        })?),
+        Mode::SynBalance => None,
+    };
+
+    // Start-up is over.
+    let serving = privileges::Serving {
+        port: group.addr.port(),
+        with_user: settings.run_as.is_some(),
+    };
+    let mut sorter =
+        drop_privileges_then_sort(sorting, &serving, || maps.config.get(&0, 0).is_ok())?;
+    let _remove_control = side_services(
+        control,
+        metrics,
+        control::ControlState {
+            sessions: sessions.clone(),
+            counters: counters.clone(),
+            relay: Some(relay.clone()),
+            resets: reset_stats,
+            reload: events.0.clone(),
+        },
+    );
     reject::serve(group.reject);
     if learning {
         expire_learned_sessions(sessions.clone(), settings.learn_idle);
     }
-
-    // Shared by the sorters (wake-ups) and the supervisor (restarts).
-    let worker_listeners: sorter::WorkerListeners = Arc::new(Mutex::new(group.workers));
-    let mut sorter = match settings.mode {
-        Mode::Sticky => Some(start_sorters(
-            sorter::Sorting {
-                slots: slots.clone(),
-                workers: worker_listeners.clone(),
-                addr: group.addr,
-                filter: steering.sort_program()?,
-                cpus,
-                period: settings.rotate,
-                counters: counters.clone(),
-                handoff: maps.handoff,
-                doorbells: maps.doorbells,
-            },
-            FloodGuard {
-                config: maps.config,
-                settings: config,
-            },
-        )?),
-        Mode::SynBalance => None,
-    };
+    if let Some(s) = sorter.as_mut() {
+        s.guard_floods(maps.config, config, counters.clone())?;
+    }
 
     let ready = format!(
         "listening on {} with {} workers ({}), control socket {}",
@@ -137,16 +186,21 @@ fn run(args: RunArgs) -> Result<()> {
         control_path.display()
     );
     let supervisor = supervisor::Supervisor::start(
-        settings.command.with_relay(relay, settings.node_ipc),
+        supervisor::WorkerSettings {
+            command: settings.command.with_relay(relay, settings.node_ipc),
+            control: control_path.clone(),
+            workers: settings.workers,
+            grace: settings.grace,
+            drain: settings.drain,
+        },
         supervisor::Listeners {
             addr: group.addr,
             slots,
             workers: worker_listeners,
         },
-        control_path.clone(),
         sessions,
-        settings.grace,
         adopted,
+        events,
     )?;
     log!("{ready}");
     let result = supervisor.run();
@@ -157,18 +211,39 @@ fn run(args: RunArgs) -> Result<()> {
     result
 }
 
-/// The kernel config the SYN flood guard switches (`flood`).
-struct FloodGuard {
-    config: aya::maps::Array<MapData, sticky_common::Config>,
-    settings: sticky_common::Config,
+/// Keeps only the capabilities serving needs (`privileges`), before any
+/// thread exists: capabilities are per thread and new threads inherit
+/// them. Then starts the sorting threads, which inherit the real-time
+/// policy the main thread holds meanwhile (it needs CAP_SYS_NICE to take).
+fn drop_privileges_then_sort(
+    sorting: Option<sorter::Prepared>,
+    serving: &privileges::Serving,
+    maps_work: impl Fn() -> bool,
+) -> Result<Option<sorter::SortingHandle>> {
+    let realtime = privileges::InheritedRealtime::begin();
+    let kept = privileges::drop_for_serving(serving, maps_work);
+    let sorter = kept.and_then(|kept| {
+        log!("{}", privileges::describe(&kept));
+        sorting.map(sorter::Prepared::start).transpose()
+    });
+    realtime.end();
+    sorter
 }
 
-/// The sorting loops, one per CPU, and the SYN flood guard beside them.
-fn start_sorters(sorting: sorter::Sorting, flood: FloodGuard) -> Result<sorter::SortingHandle> {
-    let counters = sorting.counters.clone();
-    let mut sorter = sorter::start(sorting)?;
-    sorter.guard_floods(flood.config, flood.settings, counters)?;
-    Ok(sorter)
+/// The control socket and the metrics endpoint, each on its thread; the
+/// guard removes the control socket's file when sticky exits.
+fn side_services(
+    control: control::ControlSocket,
+    metrics: Option<metrics::MetricsServer>,
+    state: control::ControlState,
+) -> control::RemoveOnDrop {
+    if let Some(server) = metrics {
+        if let Some(addr) = server.local_addr() {
+            log!("metrics on http://{addr}/metrics");
+        }
+        server.serve(state.clone());
+    }
+    control.serve(state)
 }
 
 /// Puts every listener the selector may pick in its slot: the workers',
@@ -204,6 +279,29 @@ fn attach_learner(steering: &mut steering::Steering) -> bool {
     }
 }
 
+/// What `sticky_watch` does with a foreign request: it needs learning (the
+/// cgroup programs) and, to reset, a kernel that destroys sockets.
+fn foreign_requests(settings: &Settings, learning: bool) -> Foreign {
+    match settings.foreign_requests {
+        _ if !learning => Foreign::Pass,
+        Foreign::Reset if !can_reset() => Foreign::Pass,
+        asked => asked,
+    }
+}
+
+fn can_reset() -> bool {
+    match resets::probe() {
+        Ok(()) => true,
+        Err(why) => {
+            log!(
+                "{why}: a request carrying another worker's session on a reused connection \
+                 reaches the connection's worker (see README, \"Requests on reused connections\")"
+            );
+            false
+        }
+    }
+}
+
 /// Forgets idle learned sessions, on a background thread, forever.
 fn expire_learned_sessions(sessions: Arc<Mutex<sessions::SessionTable>>, idle: Duration) {
     let every = (idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
@@ -224,20 +322,32 @@ fn sorting_cpus() -> usize {
 }
 
 fn stats(path: PathBuf) -> Result<()> {
-    let mut stream = UnixStream::connect(&path).with_context(|| {
+    let body = ask(&path, "stats")?;
+    for field in body.split(' ') {
+        println!("{}", field.replacen('=', " ", 1));
+    }
+    Ok(())
+}
+
+/// `sticky reload`: prints what the running sticky started.
+fn reload(path: PathBuf) -> Result<()> {
+    println!("{}", ask(&path, "reload")?);
+    Ok(())
+}
+
+/// One request line to a running sticky's control socket; its `ok` answer.
+fn ask(path: &Path, request: &str) -> Result<String> {
+    let mut stream = UnixStream::connect(path).with_context(|| {
         format!(
             "cannot reach a running sticky at {} (pass --control or --listen)",
             path.display()
         )
     })?;
-    stream.write_all(b"stats\n")?;
+    stream.write_all(format!("{request}\n").as_bytes())?;
     let mut line = String::new();
     BufReader::new(stream).read_line(&mut line)?;
-    let Some(body) = line.trim_end().strip_prefix("ok ") else {
-        bail!("sticky answered: {}", line.trim_end())
-    };
-    for field in body.split(' ') {
-        println!("{}", field.replacen('=', " ", 1));
+    match line.trim_end().strip_prefix("ok") {
+        Some(body) => Ok(body.trim_start().to_owned()),
+        None => bail!("sticky answered: {}", line.trim_end()),
     }
-    Ok(())
 }

@@ -22,6 +22,8 @@ pub struct Takeover {
     adopted: Vec<Adopted>,
     /// The old selector and its maps, released once ours is attached.
     old: Option<OldSteering>,
+    /// `--workers` (see `supervisor::index_of`).
+    per_generation: usize,
 }
 
 impl Takeover {
@@ -35,12 +37,14 @@ impl Takeover {
             let pids: Vec<u32> = orphans.iter().map(|o| o.pid).collect();
             Some(OldSteering::find(addr.port(), &pids)?)
         };
-        let mut listeners: Vec<Option<OwnedFd>> = (0..workers).map(|_| None).collect();
+        let slots = crate::supervisor::slot_count(workers);
+        let mut listeners: Vec<Option<OwnedFd>> = (0..slots).map(|_| None).collect();
         let mut adopted = Vec::new();
         for o in orphans {
             listeners[o.index] = Some(o.listener);
             adopted.push(Adopted {
                 index: o.index,
+                generation: o.generation,
                 pid: o.pid,
                 pidfd: o.pidfd,
             });
@@ -49,6 +53,7 @@ impl Takeover {
             listeners,
             adopted,
             old,
+            per_generation: workers,
         })
     }
 
@@ -66,7 +71,7 @@ impl Takeover {
     /// connection sees them down.
     pub fn carry_sessions(&mut self, table: &mut SessionTable) -> Result<()> {
         for a in &self.adopted {
-            table.worker_started(a.index, a.pid)?;
+            table.worker_started(a.index, a.pid, a.generation)?;
         }
         let Some(old) = self.old.as_mut() else {
             return Ok(());
@@ -77,9 +82,13 @@ impl Takeover {
         table.carry_over(carried)?;
         for a in &self.adopted {
             old.release_slot(a.index)?;
+            let index = crate::supervisor::index_of(a.index, self.per_generation);
+            let generation = match a.generation {
+                0 => String::new(),
+                g => format!(" of generation {g}"),
+            };
             log!(
-                "adopted worker {} (pid {}) and its listener from an earlier sticky",
-                a.index,
+                "adopted worker {index}{generation} (pid {}) and its listener from an earlier sticky",
                 a.pid
             );
         }

@@ -4,10 +4,13 @@
 //!   (`sticky-bench peers`, after `npm ci` in bench/peers when needed):
 //!   `<date>.json`, `<date>.svg`, the README's peers section.
 //! - `cargo xtask bench --core [--quick] [--learn on|off] [ARGS]`: sticky
-//!   placement against SYN-time balancing with the std-only demo worker
-//!   (`sticky-bench core`): `<date>-core.json`, the README's bench section.
+//!   placement (rotation and cookie) against SYN-time balancing with the
+//!   fair-floor C worker, distance workloads and memory with 1,000,000
+//!   sessions (`sticky-bench core`): `<date>-core.json`, the README's bench
+//!   section.
 //!   `--learn` alone implies `--core` (it only means something there), and
-//!   so does `--ws-learn` (WebSocket round trips, learning on vs off).
+//!   so does `--ws-learn` (WebSocket round trips, learning on vs off) and
+//!   `--foreign` (the foreign-request check's cost, reset vs off).
 //! - `cargo xtask bench --broadcast [--quick] [ARGS]`: broadcast fan-out
 //!   between workers, sticky's relay vs `@socket.io/sticky` + the cluster
 //!   adapter vs the Redis adapter (`bench/broadcast/run.js`, after `npm ci`
@@ -22,7 +25,7 @@ pub fn run(extra: &[String]) -> Result<(), String> {
     }
     let core = extra
         .iter()
-        .any(|a| a == "--core" || a == "--learn" || a == "--ws-learn");
+        .any(|a| a == "--core" || a == "--learn" || a == "--ws-learn" || a == "--foreign");
     let args: Vec<&String> = extra.iter().filter(|a| *a != "--core").collect();
     super::build_release()?;
     let root = super::root_dir();

@@ -107,7 +107,7 @@ pub fn run(opts: &Opts) -> Result<(), String> {
     let report = table(opts, &workloads, &results, pinning.as_ref(), own_cgroups);
     print!("{report}");
     if let Some(path) = &opts.readme {
-        super::replace_between_markers(
+        super::report::replace_between_markers(
             path,
             "<!-- bench-ws-learn:begin -->",
             "<!-- bench-ws-learn:end -->",
@@ -133,7 +133,7 @@ pub fn run(opts: &Opts) -> Result<(), String> {
 /// echoes back to back for `duration`, alternating between the two
 /// sessions (and which goes first): both columns see the same machine at
 /// the same moments, so the load of the rest of the machine cancels out.
-fn run_paired(
+pub(super) fn run_paired(
     addrs: [SocketAddr; 2],
     clients: usize,
     duration: std::time::Duration,
@@ -329,10 +329,10 @@ impl SocketIoWebSocket {
 
 /// A cgroup v2 directory below this process's own, for sticky; removed on
 /// drop (once sticky and its workers are gone).
-struct BenchCgroup(PathBuf);
+pub(super) struct BenchCgroup(pub PathBuf);
 
 impl BenchCgroup {
-    fn create(name: &str) -> Result<BenchCgroup, String> {
+    pub(super) fn create(name: &str) -> Result<BenchCgroup, String> {
         let mounts = std::fs::read_to_string("/proc/mounts").map_err(|e| e.to_string())?;
         let root = mounts
             .lines()

@@ -92,18 +92,48 @@ impl Relay {
         self.node.open(index)
     }
 
-    /// `name=value` pairs for `sticky stats`.
-    pub fn report(&self) -> String {
+    /// Its values for `sticky stats` and the metrics: (name, is a counter,
+    /// help, value).
+    pub fn values(&self) -> [(&'static str, bool, &'static str, u64); 6] {
         let s = &self.stats;
-        format!(
-            "relay_received={} relay_delivered={} relay_dropped={} relay_malformed={} relay_node_channels={} relay_pubsub_connections={}",
-            s.received.get(),
-            s.delivered.get(),
-            s.dropped.get(),
-            s.malformed.get(),
-            self.node.open_count(),
-            self.pubsub.connection_count(),
-        )
+        [
+            (
+                "relay_received",
+                true,
+                "messages the relay got from workers",
+                s.received.get(),
+            ),
+            (
+                "relay_delivered",
+                true,
+                "copies queued for a worker",
+                s.delivered.get(),
+            ),
+            (
+                "relay_dropped",
+                true,
+                "copies dropped: the worker's queue was full",
+                s.dropped.get(),
+            ),
+            (
+                "relay_malformed",
+                true,
+                "Node IPC messages the relay could not read",
+                s.malformed.get(),
+            ),
+            (
+                "relay_node_channels",
+                false,
+                "open Node IPC channels",
+                self.node.open_count() as u64,
+            ),
+            (
+                "relay_pubsub_connections",
+                false,
+                "open relay socket connections",
+                self.pubsub.connection_count() as u64,
+            ),
+        ]
     }
 }
 
