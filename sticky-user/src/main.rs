@@ -159,6 +159,7 @@ fn run(args: RunArgs) -> Result<()> {
     };
     let mut sorter =
         drop_privileges_then_sort(sorting, &serving, || maps.config.get(&0, 0).is_ok())?;
+    relay.serve()?;
     let _remove_control = side_services(
         control,
         metrics,

@@ -47,15 +47,21 @@ class RelayConnection {
     this.connect();
   }
 
-  connect() {
+  // Writes made while a connection is being set up are buffered by Node
+  // and go out once it is: nothing published at start-up (the adapters'
+  // first heartbeat) is lost. A new connection after a lost one sends the
+  // subscriptions and wills again.
+  connect(again = false) {
     const socket = net.connect(this.path);
     this.socket = socket;
     socket.unref();
+    if (again) {
+      for (const channel of this.handlers.keys()) socket.write(frame(0x73, Buffer.from(channel)));
+      for (const [channel, payload] of this.wills) this.send(0x77, channel, payload);
+    }
     socket.on('connect', () => {
       if (this.announced) this.log.warn(`relay ${this.path} reached again`);
       this.announced = false;
-      for (const channel of this.handlers.keys()) socket.write(frame(0x73, Buffer.from(channel)));
-      for (const [channel, payload] of this.wills) this.send(0x77, channel, payload);
     });
     socket.on('data', (d) => this.onData(d));
     socket.on('error', (err) => {
@@ -65,7 +71,7 @@ class RelayConnection {
     socket.on('close', () => {
       this.socket = null;
       this.buffer = Buffer.alloc(0);
-      setTimeout(() => this.connect(), RETRY_MS).unref();
+      setTimeout(() => this.connect(true), RETRY_MS).unref();
     });
   }
 
@@ -89,12 +95,12 @@ class RelayConnection {
 
   subscribe(channel, handler) {
     this.handlers.set(channel, handler);
-    if (this.socket && !this.socket.connecting) this.socket.write(frame(0x73, Buffer.from(channel)));
+    if (this.socket) this.socket.write(frame(0x73, Buffer.from(channel)));
   }
 
   unsubscribe(channel) {
     this.handlers.delete(channel);
-    if (this.socket && !this.socket.connecting) this.socket.write(frame(0x75, Buffer.from(channel)));
+    if (this.socket) this.socket.write(frame(0x75, Buffer.from(channel)));
   }
 
   publish(channel, payload) {
@@ -108,7 +114,7 @@ class RelayConnection {
   }
 
   send(op, channel, payload) {
-    if (!this.socket || this.socket.connecting) return false;
+    if (!this.socket) return false;
     const c = Buffer.from(channel);
     const clen = Buffer.alloc(2);
     clen.writeUInt16BE(c.length);

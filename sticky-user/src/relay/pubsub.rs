@@ -57,6 +57,9 @@ struct Connection {
 const MAX_WILLS: usize = 64;
 
 pub struct Broker {
+    /// Bound at start-up, served (`serve`) once privileges are dropped:
+    /// no thread may start before that.
+    listener: Mutex<Option<UnixListener>>,
     connections: Mutex<HashMap<u64, Connection>>,
     next_id: AtomicU64,
     identifying: AtomicUsize,
@@ -65,9 +68,9 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// Binds `path` (replacing a stale socket file, never a live one) and
-    /// accepts on a background thread.
-    pub fn serve(
+    /// Binds `path` (replacing a stale socket file, never a live one);
+    /// `serve` accepts.
+    pub fn bind(
         path: &Path,
         sessions: Arc<Mutex<SessionTable>>,
         stats: Arc<Stats>,
@@ -86,14 +89,22 @@ impl Broker {
             .with_context(|| format!("binding relay socket {}", path.display()))?;
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
-        let broker = Arc::new(Broker {
+        Ok(Arc::new(Broker {
+            listener: Mutex::new(Some(listener)),
             connections: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             identifying: AtomicUsize::new(0),
             sessions,
             stats,
-        });
-        let accepting = broker.clone();
+        }))
+    }
+
+    /// Accepts on a background thread (once; later calls do nothing).
+    pub fn serve(self: &Arc<Broker>) -> Result<()> {
+        let Some(listener) = self.listener.lock().unwrap().take() else {
+            return Ok(());
+        };
+        let accepting = self.clone();
         std::thread::Builder::new()
             .name("relay".into())
             .spawn(move || {
@@ -108,7 +119,7 @@ impl Broker {
                         .spawn(move || broker.admit(stream));
                 }
             })?;
-        Ok(broker)
+        Ok(())
     }
 
     pub fn connection_count(&self) -> usize {
