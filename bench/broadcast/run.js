@@ -5,6 +5,8 @@
 //
 //   sticky-relay   sticky run, @socket.io/cluster-adapter relayed by sticky
 //                  over Node IPC
+//   sticky-socket  sticky run, @sticky/socket.io's createRelayAdapter (the
+//                  same adapter messages over sticky's relay socket)
 //   seed           @socket.io/sticky 1.0.4 + @socket.io/cluster-adapter on
 //                  Node's cluster (its primary relays)
 //   sticky-redis   sticky run, @socket.io/redis-adapter on a local redis-server
@@ -14,8 +16,9 @@
 //
 //   fan-out      C clients (default 1,000), M messages: the issue's case;
 //                the workers' own writes to their clients dominate
-//   relay-bound  3 clients (one per worker), 25 x M messages: what crosses
-//                between workers dominates
+//   relay-bound  3 clients, one per worker (connected one at a time until
+//                each worker has one), 25 x M messages: what crosses between
+//                workers dominates
 //
 // A run: the clients connect over WebSocket (placed by each variant's
 // balancing), one client asks its worker to io.emit the messages back to
@@ -24,7 +27,7 @@
 // deliveries / time from the blast to the last delivery) and the p50/p99
 // delivery latency (mostly queueing: the whole blast is emitted at once).
 //
-//   node run.js [--clients 1000] [--messages 400] [--size 64] [--rounds 2]
+//   node run.js [--clients 1000] [--messages 400] [--size 64] [--rounds 3]
 //               [--quick] [--json PATH]
 // Needs STICKY_BIN (default target/release/sticky), root (sticky loads BPF
 // programs), redis-server.
@@ -44,7 +47,7 @@ const now = () => performance.timeOrigin + performance.now();
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 function options() {
-  const o = { clients: 1000, messages: 400, size: 64, rounds: 2, json: null };
+  const o = { clients: 1000, messages: 400, size: 64, rounds: 3, json: null };
   const argv = process.argv.slice(2);
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
@@ -106,10 +109,22 @@ async function startVariant(name, redisUrl) {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'sticky-bcast-'));
   const args = ['run', '--listen', `127.0.0.1:${port}`, '--workers', String(WORKERS), '--balance', 'round-robin',
     '--control', path.join(dir, 'control.sock'), '--grace', '2s', '--', process.execPath, SERVER, 'worker'];
-  const env = name === 'sticky-redis' ? { ADAPTER: 'redis', REDIS_URL: redisUrl } : { ADAPTER: 'cluster' };
+  const env = { 'sticky-redis': { ADAPTER: 'redis', REDIS_URL: redisUrl }, 'sticky-socket': { ADAPTER: 'relay' } }[name] ?? { ADAPTER: 'cluster' };
   const server = await start(STICKY_BIN, args, env, /^ready /gm, WORKERS);
   const stop = server.stop;
   return { ...server, port, stop: () => stop().then(() => fs.rmSync(dir, { recursive: true, force: true })) };
+}
+
+/** One client on each worker: connected one at a time, duplicates closed. */
+async function onePerWorker(port) {
+  const kept = new Map();
+  for (let attempt = 0; kept.size < WORKERS && attempt < 60; attempt++) {
+    const [c] = await connectClients(port, 1);
+    if (kept.has(c.worker)) c.socket.disconnect();
+    else kept.set(c.worker, c);
+  }
+  if (kept.size < WORKERS) throw new Error(`clients reached only workers ${[...kept.keys()]}`);
+  return [...kept.values()];
 }
 
 async function connectClients(port, n) {
@@ -118,9 +133,10 @@ async function connectClients(port, n) {
     const batch = [];
     for (let j = i; j < Math.min(n, i + 50); j++) {
       batch.push(new Promise((resolve, reject) => {
-        const socket = connect(`http://127.0.0.1:${port}`, { transports: ['websocket'], forceNew: true, reconnection: false });
-        socket.once('hello', (h) => resolve({ socket, worker: h.worker }));
-        socket.once('connect_error', reject);
+        const socket = connect(`http://127.0.0.1:${port}`, { transports: ['websocket'], forceNew: true, reconnection: false, timeout: 10000 });
+        const timer = setTimeout(() => reject(new Error(`client ${j}: no hello within 15 s`)), 15000);
+        socket.once('hello', (h) => (clearTimeout(timer), resolve({ socket, worker: h.worker })));
+        socket.once('connect_error', (err) => (clearTimeout(timer), reject(err)));
       }));
     }
     clients.push(...(await Promise.all(batch)));
@@ -163,7 +179,7 @@ async function startRedis() {
 async function main() {
   const o = options();
   const redis = await startRedis();
-  const variants = ['sticky-relay', 'seed', 'sticky-redis'];
+  const variants = ['sticky-relay', 'sticky-socket', 'seed', 'sticky-redis'];
   const workloads = [
     { workload: 'fan-out', clients: o.clients, messages: o.messages },
     { workload: 'relay-bound', clients: WORKERS, messages: o.messages * 25 },
@@ -175,7 +191,7 @@ async function main() {
         const server = await startVariant(name, redis.url);
         let clients = [];
         try {
-          clients = await connectClients(server.port, w.clients);
+          clients = w.workload === 'relay-bound' ? await onePerWorker(server.port) : await connectClients(server.port, w.clients);
           const spread = {};
           for (const c of clients) spread[c.worker] = (spread[c.worker] || 0) + 1;
           await blast(clients, 20, o.size); // warm-up

@@ -3,7 +3,9 @@
 // The Socket.IO app of the broadcast benchmark (run.js), and how it runs:
 //
 //   node server.js worker            under `sticky run`: fd 3; ADAPTER=cluster
-//                                    (sticky's IPC relay) or ADAPTER=redis
+//                                    (sticky's IPC relay), ADAPTER=relay
+//                                    (createRelayAdapter: the relay socket) or
+//                                    ADAPTER=redis
 //   node server.js seed N PORT       @socket.io/sticky 1.0.4 on Node's cluster,
 //                                    setupPrimary() of @socket.io/cluster-adapter
 //                                    in the primary, as in their READMEs
@@ -52,6 +54,7 @@ async function adapterFromEnv() {
     await Promise.all([pub.connect(), sub.connect()]);
     return createAdapter(pub, sub);
   }
+  if (process.env.ADAPTER === 'relay') return require('@sticky/socket.io').createRelayAdapter();
   return require('@socket.io/cluster-adapter').createAdapter();
 }
 

@@ -26,7 +26,9 @@ async function connectAll(url, indices) {
   return Promise.all(
     indices.map(async (i) => {
       const t = TRANSPORTS[i % TRANSPORTS.length];
-      const c = await h.connectClient(url, t.options);
+      // 20 s: on a loaded 2-CPU machine, 30 handshakes to freshly started
+      // Python workers can take longer than the harness's default 10 s.
+      const c = await h.connectClient(url, t.options, 20000);
       return { index: i, transport: t.name, ...c, worker: c.hello.worker, pid: c.hello.pid };
     }),
   );

@@ -4,11 +4,12 @@
 // official adapters, through @sticky/socket.io's setupWorker.
 //
 //   ADAPTER=cluster  @socket.io/cluster-adapter (needs sticky's IPC channel)
+//   ADAPTER=relay    @sticky/socket.io's createRelayAdapter (the relay socket)
 //   ADAPTER=redis    @socket.io/redis-adapter on REDIS_URL
 
 const http = require('node:http');
 const { Server } = require('socket.io');
-const { setupWorker } = require('@sticky/socket.io');
+const { setupWorker, createRelayAdapter } = require('@sticky/socket.io');
 const { attach } = require('./cluster-app');
 
 async function adapter() {
@@ -21,6 +22,7 @@ async function adapter() {
     await Promise.all([pub.connect(), sub.connect()]);
     return createAdapter(pub, sub);
   }
+  if (process.env.ADAPTER === 'relay') return createRelayAdapter();
   return require('@socket.io/cluster-adapter').createAdapter();
 }
 

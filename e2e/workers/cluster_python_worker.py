@@ -18,6 +18,24 @@ import socketio  # noqa: E402
 import sticky_relay  # noqa: E402
 import sticky_socketio  # noqa: E402
 
+# python-engineio 4.15.1 caches a packet's encoding whatever the transport
+# asked for, and a broadcast shares its packets between clients: a binary
+# packet encoded first for a WebSocket client (bytes) then breaks the
+# long-polling payload of the next ("can only concatenate str (not
+# bytes)"), with any manager, Redis's too. Not sticky's doing; worked
+# around here by encoding each time.
+import engineio.packet  # noqa: E402
+
+_encode = engineio.packet.Packet.encode
+
+
+def _encode_per_transport(self, b64=False):
+    self.encode_cache = None
+    return _encode(self, b64=b64)
+
+
+engineio.packet.Packet.encode = _encode_per_transport
+
 ME = {"worker": int(os.environ.get("STICKY_WORKER", "0")), "pid": os.getpid()}
 
 if os.environ.get("MANAGER") == "redis":

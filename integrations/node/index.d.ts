@@ -118,3 +118,19 @@ export function activationFd(env?: NodeJS.ProcessEnv, pid?: number): number | nu
 
 /** STICKY_WORKER as a number, or null. */
 export function workerIndex(env?: NodeJS.ProcessEnv): number | null;
+
+export interface RelayAdapterOptions {
+  /** The relay socket. Default: process.env.STICKY_RELAY. */
+  path?: string;
+  /** ClusterAdapterWithHeartbeat's, as for @socket.io/cluster-adapter. */
+  heartbeatInterval?: number;
+  heartbeatTimeout?: number;
+  logger?: Logger;
+}
+
+/**
+ * A socket.io adapter over sticky's relay socket: what
+ * @socket.io/cluster-adapter does, without a Node IPC channel.
+ * `io.adapter(createRelayAdapter())`.
+ */
+export function createRelayAdapter(options?: RelayAdapterOptions): (nsp: any) => any;

@@ -23,6 +23,7 @@
 
 const { ControlClient, ControlError } = require('./lib/control');
 const { activationFd, workerIndex } = require('./lib/activation');
+const { createRelayAdapter } = require('./lib/relay-adapter');
 
 const kSetup = Symbol.for('@sticky/socket.io.setup');
 
@@ -197,4 +198,4 @@ function setupWorker(io, options = {}) {
   return worker;
 }
 
-module.exports = { setupWorker, ControlClient, ControlError, activationFd, workerIndex };
+module.exports = { setupWorker, createRelayAdapter, ControlClient, ControlError, activationFd, workerIndex };

@@ -119,6 +119,7 @@ fn run(args: RunArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| cli::default_control(group.addr.port()));
     let control = control::ControlSocket::bind(&control_path)?;
+    let (relay, _remove_relay) = relay::Relay::start(&control_path, sessions.clone())?;
     if let Some(who) = &settings.run_as {
         control.only_for(who)?;
     }
@@ -160,7 +161,7 @@ fn run(args: RunArgs) -> Result<()> {
         resets::serve(maps.resets, group.addr.port(), reset_stats.clone())
             .context("starting the connection resetter")?;
     }
-    let (relay, _remove_relay) = relay::Relay::start(&control_path, sessions.clone())?;
+    relay.serve()?;
     let _remove_control = side_services(
         control,
         metrics,

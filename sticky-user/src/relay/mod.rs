@@ -62,8 +62,9 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// Serves the pub/sub socket beside the control socket (`default_path`);
-    /// workers are identified through `sessions`, as on the control socket.
+    /// Binds the pub/sub socket beside the control socket (`default_path`);
+    /// `serve` accepts. Workers are identified through `sessions`, as on
+    /// the control socket.
     /// The socket file goes when the returned guard is dropped.
     pub fn start(
         control: &Path,
@@ -71,7 +72,7 @@ impl Relay {
     ) -> Result<(Arc<Relay>, RemoveOnDrop)> {
         let path = default_path(control);
         let stats = Arc::new(Stats::default());
-        let pubsub = pubsub::Broker::serve(&path, sessions, stats.clone())?;
+        let pubsub = pubsub::Broker::bind(&path, sessions, stats.clone())?;
         let relay = Arc::new(Relay {
             node: node::NodeChannels::new(stats.clone()),
             stats,
@@ -79,6 +80,12 @@ impl Relay {
             path: path.clone(),
         });
         Ok((relay, RemoveOnDrop(path)))
+    }
+
+    /// Starts accepting on the relay socket: after privileges are dropped
+    /// (no thread may exist before), before the first worker starts.
+    pub fn serve(&self) -> Result<()> {
+        self.pubsub.serve()
     }
 
     /// The pub/sub socket's path, given to workers as `STICKY_RELAY`.

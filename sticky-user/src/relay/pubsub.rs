@@ -11,6 +11,7 @@
 //! | worker | `u` | channel | unsubscribe |
 //! | worker | `p` | u16 channel length, channel, payload | publish to every subscribed connection, the sender's own included (Redis semantics) |
 //! | worker | `n` | u32 request id, channel | how many connections subscribe to the channel |
+//! | worker | `w` | u16 channel length, channel, payload | a will: published as by `p` when this connection ends (its process died, or closed it) |
 //! | sticky | `m` | u16 channel length, channel, payload | a published message |
 //! | sticky | `n` | u32 request id, u32 count | the answer to `n` |
 //! | sticky | `e` | text | refused (not a worker, too many connections), then closed; a bad frame closes the connection (logged) |
@@ -48,9 +49,17 @@ struct Connection {
     worker: usize,
     outbox: Arc<Outbox>,
     channels: HashSet<Vec<u8>>,
+    /// `m` frames to publish when the connection ends, by channel.
+    wills: Vec<(Vec<u8>, Arc<[u8]>)>,
 }
 
+/// At most this many wills per connection (one per namespace is usual).
+const MAX_WILLS: usize = 64;
+
 pub struct Broker {
+    /// Bound at start-up, served (`serve`) once privileges are dropped:
+    /// no thread may start before that.
+    listener: Mutex<Option<UnixListener>>,
     connections: Mutex<HashMap<u64, Connection>>,
     next_id: AtomicU64,
     identifying: AtomicUsize,
@@ -59,9 +68,9 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// Binds `path` (replacing a stale socket file, never a live one) and
-    /// accepts on a background thread.
-    pub fn serve(
+    /// Binds `path` (replacing a stale socket file, never a live one);
+    /// `serve` accepts.
+    pub fn bind(
         path: &Path,
         sessions: Arc<Mutex<SessionTable>>,
         stats: Arc<Stats>,
@@ -80,14 +89,22 @@ impl Broker {
             .with_context(|| format!("binding relay socket {}", path.display()))?;
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
-        let broker = Arc::new(Broker {
+        Ok(Arc::new(Broker {
+            listener: Mutex::new(Some(listener)),
             connections: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             identifying: AtomicUsize::new(0),
             sessions,
             stats,
-        });
-        let accepting = broker.clone();
+        }))
+    }
+
+    /// Accepts on a background thread (once; later calls do nothing).
+    pub fn serve(self: &Arc<Broker>) -> Result<()> {
+        let Some(listener) = self.listener.lock().unwrap().take() else {
+            return Ok(());
+        };
+        let accepting = self.clone();
         std::thread::Builder::new()
             .name("relay".into())
             .spawn(move || {
@@ -102,7 +119,7 @@ impl Broker {
                         .spawn(move || broker.admit(stream));
                 }
             })?;
-        Ok(broker)
+        Ok(())
     }
 
     pub fn connection_count(&self) -> usize {
@@ -142,13 +159,18 @@ impl Broker {
                 worker,
                 outbox: outbox.clone(),
                 channels: HashSet::new(),
+                wills: Vec::new(),
             },
         );
         if let Err(reason) = self.read_loop(id, &outbox, stream) {
             log!("relay: worker {worker} (relay connection {id}): {reason}; closing it");
         }
-        if let Some(c) = self.connections.lock().unwrap().remove(&id) {
+        let gone = self.connections.lock().unwrap().remove(&id);
+        if let Some(c) = gone {
             c.outbox.close();
+            for (chan, out) in c.wills {
+                self.publish(&chan, out);
+            }
         }
     }
 
@@ -195,18 +217,25 @@ impl Broker {
                         }
                     }
                 }
-                b'p' => {
+                b'p' | b'w' => {
                     let Some((head, tail)) = rest.split_first_chunk::<2>() else {
                         return Err("publish without channel length".into());
                     };
                     let clen = usize::from(u16::from_be_bytes(*head));
                     let chan = channel(tail.get(..clen).ok_or("publish: channel truncated")?)?;
-                    self.stats.received.inc();
-                    // The same bytes go out, with `m` for `p`.
+                    // The same bytes go out, with `m` for `p` (or `w`).
                     let out: Arc<[u8]> = [&len[..], b"m", rest].concat().into();
-                    let conns = self.connections.lock().unwrap();
-                    for c in conns.values().filter(|c| c.channels.contains(chan)) {
-                        c.outbox.push(out.clone());
+                    if op == b'p' {
+                        self.stats.received.inc();
+                        self.publish(chan, out);
+                    } else {
+                        let mut conns = self.connections.lock().unwrap();
+                        if let Some(c) = conns.get_mut(&id) {
+                            if c.wills.len() >= MAX_WILLS {
+                                return Err(format!("more than {MAX_WILLS} wills"));
+                            }
+                            c.wills.push((chan.to_vec(), out));
+                        }
                     }
                 }
                 b'n' => {
@@ -225,6 +254,16 @@ impl Broker {
                 }
                 other => return Err(format!("unknown op {:?}", char::from(other))),
             }
+        }
+    }
+}
+
+impl Broker {
+    /// Queues an `m` frame for every connection subscribed to `chan`.
+    fn publish(&self, chan: &[u8], out: Arc<[u8]>) {
+        let conns = self.connections.lock().unwrap();
+        for c in conns.values().filter(|c| c.channels.contains(chan)) {
+            c.outbox.push(out.clone());
         }
     }
 }
