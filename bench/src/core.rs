@@ -573,7 +573,12 @@ impl Cluster {
                 _ => &[],
             })
             .args(extra)
-            .args(opts.foreign.map(|f| ["--foreign-requests", f]).iter().flatten())
+            .args(
+                opts.foreign
+                    .map(|f| ["--foreign-requests", f])
+                    .iter()
+                    .flatten(),
+            )
             .arg("--")
             .arg(&opts.worker)
             .stdin(Stdio::null())

@@ -190,9 +190,18 @@ fn rust_mirror_matches_sticky_h() {
     expect("STICKY_CNT_BALANCED", counter::BALANCED as usize);
     expect("STICKY_CNT_REJECTED", counter::REJECTED as usize);
     expect("STICKY_CNT_PLACED_COOKIE", counter::PLACED_COOKIE as usize);
-    expect("STICKY_CNT_FOREIGN_DROPPED", counter::FOREIGN_DROPPED as usize);
-    expect("STICKY_CNT_FOREIGN_PASSED", counter::FOREIGN_PASSED as usize);
-    expect("STICKY_CNT_DOOMED_SEGMENTS", counter::DOOMED_SEGMENTS as usize);
+    expect(
+        "STICKY_CNT_FOREIGN_DROPPED",
+        counter::FOREIGN_DROPPED as usize,
+    );
+    expect(
+        "STICKY_CNT_FOREIGN_PASSED",
+        counter::FOREIGN_PASSED as usize,
+    );
+    expect(
+        "STICKY_CNT_DOOMED_SEGMENTS",
+        counter::DOOMED_SEGMENTS as usize,
+    );
     expect("STICKY_CNT_UNMAPPED", counter::UNMAPPED as usize);
 }
 

@@ -1011,7 +1011,7 @@ SEC("cgroup_skb/ingress")
 int sticky_watch(struct __sk_buff *skb)
 {
 	__u32 zero = 0, three = 3, off, len, word, copy, *owner;
-	int ends, gate;
+	int ends, gate, parsed;
 	struct sticky_config *cfg = bpf_map_lookup_elem(&config, &zero);
 	struct sticky_flow key = {};
 	struct sticky_conn *conn = NULL;
@@ -1047,7 +1047,10 @@ int sticky_watch(struct __sk_buff *skb)
 	if (copy == 0 || bpf_skb_load_bytes(skb, off, s->buf, copy))
 		return 1;
 	s->len = copy;
-	if (sticky_parse(s, cfg) != STICKY_PARSE_SID) {
+	parsed = sticky_parse(s, cfg);
+	if (parsed != STICKY_PARSE_SID) {
+		if (parsed == STICKY_PARSE_NO_SID && sk && !draining_check(skb, cfg, conn, &key))
+			return 0;
 		/* Maybe a handshake on a reused connection: see learn_later. */
 		if (conn && conn->worker != STICKY_NO_WORKER) {
 			conn->flags |= STICKY_CONN_LEARN;

@@ -59,7 +59,9 @@ impl Watch {
         let mut sessions: HashMap<MapData, SidKey, u32> =
             take(&mut w.ebpf, "sessions").try_into().unwrap();
         sessions.insert(SidKey::new(OWN).unwrap(), 0, 0).unwrap();
-        sessions.insert(SidKey::new(FOREIGN).unwrap(), 1, 0).unwrap();
+        sessions
+            .insert(SidKey::new(FOREIGN).unwrap(), 1, 0)
+            .unwrap();
         w.set_foreign(foreign);
         w.set_live(0, true);
         w.set_live(1, true);
@@ -170,7 +172,10 @@ fn everything_else_passes_untouched() {
     let client = clients()[0];
     let conn = w.connection(client, true);
     let cases: Vec<(&str, Vec<u8>)> = vec![
-        ("own sid", get(&format!("/?EIO=4&transport=polling&sid={OWN}"))),
+        (
+            "own sid",
+            get(&format!("/?EIO=4&transport=polling&sid={OWN}")),
+        ),
         ("no sid", get("/app.js")),
         ("unknown sid", get("/?sid=AAAAAAAAAAAAAAAAAAAA")),
         ("malformed sid", get(&format!("/?sid={FOREIGN}%00"))),
@@ -180,7 +185,10 @@ fn everything_else_passes_untouched() {
             let r = format!("GET / HTTP/1.1\r\nReferer: /?sid={FOREIGN}\r\n\r\n");
             r.into_bytes()
         }),
-        ("other method", format!("PUT /?sid={FOREIGN} HTTP/1.1\r\n\r\n").into_bytes()),
+        (
+            "other method",
+            format!("PUT /?sid={FOREIGN} HTTP/1.1\r\n\r\n").into_bytes(),
+        ),
         ("three bytes", b"GET".to_vec()),
     ];
     for (what, payload) in &cases {
@@ -189,10 +197,16 @@ fn everything_else_passes_untouched() {
     // A foreign sid whose owner is not live: the selector would balance
     // it anyway, so the connection's worker may as well answer it.
     w.set_live(1, false);
-    assert!(w.passes(conn, &get(&format!("/?sid={FOREIGN}"))), "dead owner");
+    assert!(
+        w.passes(conn, &get(&format!("/?sid={FOREIGN}"))),
+        "dead owner"
+    );
     assert!(w.events().is_empty());
     assert_eq!(w.counter("foreign_dropped"), 0);
-    println!("{} kinds of request passed, no reset queued", cases.len() + 1);
+    println!(
+        "{} kinds of request passed, no reset queued",
+        cases.len() + 1
+    );
 }
 
 #[test]

@@ -213,7 +213,13 @@ impl Settings {
     }
 
     /// The selector's configuration for a group on `port`.
-    pub fn kernel_config(&self, cpus: usize, port: u16, learning: bool, foreign: Foreign) -> Config {
+    pub fn kernel_config(
+        &self,
+        cpus: usize,
+        port: u16,
+        learning: bool,
+        foreign: Foreign,
+    ) -> Config {
         let mut config = Config::new(
             // Room for a reload's second generation (`supervisor::slot_of`).
             crate::supervisor::slot_count(self.workers) as u32,

@@ -172,7 +172,7 @@ impl SockDiag {
         req[0] = s.family;
         req[1] = libc::IPPROTO_TCP as u8;
         req[4..8].copy_from_slice(&u32::MAX.to_ne_bytes()); // every state
-        // struct inet_diag_sockid: sport, dport (big endian), src, dst, if, cookie.
+                                                            // struct inet_diag_sockid: sport, dport (big endian), src, dst, if, cookie.
         req[8..10].copy_from_slice(&s.local_port.to_be_bytes());
         req[10..12].copy_from_slice(&s.remote_port.to_be_bytes());
         for i in 0..4 {
@@ -268,7 +268,10 @@ pub fn serve(ring: RingBuf<MapData>, port: u16, stats: Arc<ResetStats>) -> io::R
                     match diag.destroy(&Socket::from_event(&ev, port)) {
                         Ok(()) => {
                             stats.reset.fetch_add(1, Ordering::Relaxed);
-                            window.reset();
+                            // A reload's drain resets by design: not a proxy's doing.
+                            if ev.owner != sticky_common::NO_WORKER {
+                                window.reset();
+                            }
                         }
                         Err(e) => {
                             stats.failed.fetch_add(1, Ordering::Relaxed);

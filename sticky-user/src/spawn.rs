@@ -108,7 +108,12 @@ impl WorkerCommand {
     /// Forks and execs worker `index` of reload generation `generation`, in
     /// `slot` (its relay channel's key: two generations' worker `index`
     /// live side by side); returns its pid once exec succeeded.
-    pub fn spawn(&self, listener: &OwnedFd, worker: SpawnedWorker, control: &Path) -> io::Result<u32> {
+    pub fn spawn(
+        &self,
+        listener: &OwnedFd,
+        worker: SpawnedWorker,
+        control: &Path,
+    ) -> io::Result<u32> {
         let SpawnedWorker {
             slot,
             index,

@@ -281,17 +281,15 @@ impl Supervisor {
         let listener = self.listeners.lock().unwrap()[slot].try_clone()?;
         let generation = self.workers[slot].generation;
         let index = index_of(slot, self.per_generation);
-        let pid = self
-            .command
-            .spawn(
-                &listener,
-                crate::spawn::SpawnedWorker {
-                    slot,
-                    index,
-                    generation,
-                },
-                &self.control,
-            )?;
+        let pid = self.command.spawn(
+            &listener,
+            crate::spawn::SpawnedWorker {
+                slot,
+                index,
+                generation,
+            },
+            &self.control,
+        )?;
         let w = &mut self.workers[slot];
         w.pid = Some(pid);
         w.started = Instant::now();

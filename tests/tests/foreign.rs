@@ -27,7 +27,10 @@ fn session_per_worker(cluster: &Cluster, workers: usize) -> Vec<String> {
             break;
         }
         let sid = cluster.engine_io_handshake();
-        let owner = cluster.get(&format!("/?sid={sid}")).worker.expect("worker header");
+        let owner = cluster
+            .get(&format!("/?sid={sid}"))
+            .worker
+            .expect("worker header");
         sids[owner].get_or_insert(sid);
     }
     sids.into_iter()
@@ -95,7 +98,14 @@ fn saw(cluster: &Cluster, marker: &str) -> Vec<usize> {
             .unwrap()
             .lines()
             .filter(|l| l.contains(marker))
-            .filter_map(|l| l.split("request-log worker=").nth(1)?.split(' ').next()?.parse().ok())
+            .filter_map(|l| {
+                l.split("request-log worker=")
+                    .nth(1)?
+                    .split(' ')
+                    .next()?
+                    .parse()
+                    .ok()
+            })
             .collect()
     };
     cluster.wait_for(marker, Duration::from_secs(10), |_| !workers().is_empty());
@@ -116,7 +126,11 @@ fn resets_here(cluster: &Cluster) -> bool {
         .lines()
         .filter(|l| l.contains("reaches the connection's worker"))
         .collect();
-    assert_eq!(why.len(), 1, "one line saying why foreign requests pass:\n{log}");
+    assert_eq!(
+        why.len(),
+        1,
+        "one line saying why foreign requests pass:\n{log}"
+    );
     report(&format!("not resetting on this kernel: {}", why[0]));
     false
 }
@@ -128,7 +142,10 @@ fn expect_reset(conn: &mut KeepAlive, target: &str) -> Duration {
     match conn.get(target) {
         Err((e, 0)) if e.kind() == io::ErrorKind::ConnectionReset => start.elapsed(),
         Err((e, n)) => panic!("{target}: {e} after {n} answer bytes, not a reset before any"),
-        Ok(r) => panic!("{target}: answered {} by worker {:?}, not reset", r.status, r.worker),
+        Ok(r) => panic!(
+            "{target}: answered {} by worker {:?}, not reset",
+            r.status, r.worker
+        ),
     }
 }
 
@@ -140,26 +157,40 @@ fn a_foreign_request_is_reset_and_its_resend_reaches_the_owner() {
         return;
     }
     let mut conn = KeepAlive::connect(cluster.addr);
-    let first = conn.get(&format!("/?sid={}", sids[0])).expect("first request");
+    let first = conn
+        .get(&format!("/?sid={}", sids[0]))
+        .expect("first request");
     assert_eq!(first.worker, Some(0), "placed by its sid");
     // Untouched: the connection's own sid, no sid, unknown, malformed.
     for (what, target) in [
         ("own sid", format!("/?sid={}&n=own", sids[0])),
         ("no sid", "/plain?n=nosid".to_owned()),
-        ("unknown sid", "/?sid=AAAAAAAAAAAAAAAAAAAA&n=unknown".to_owned()),
+        (
+            "unknown sid",
+            "/?sid=AAAAAAAAAAAAAAAAAAAA&n=unknown".to_owned(),
+        ),
         ("malformed sid", "/?sid=%25bad%25&n=malformed".to_owned()),
     ] {
-        let r = conn.get(&target).unwrap_or_else(|e| panic!("{what}: {e:?}"));
+        let r = conn
+            .get(&target)
+            .unwrap_or_else(|e| panic!("{what}: {e:?}"));
         assert_eq!((r.status, r.worker), (200, Some(0)), "{what}");
     }
     let before = cluster.stats();
-    let target = format!("/socket.io/?EIO=4&transport=polling&sid={}&n=MARK-foreign", sids[1]);
+    let target = format!(
+        "/socket.io/?EIO=4&transport=polling&sid={}&n=MARK-foreign",
+        sids[1]
+    );
     let took = expect_reset(&mut conn, &target);
     // What a browser does: the same request on a new connection.
     let mut fresh = KeepAlive::connect(cluster.addr);
     let resent = fresh.get(&target).expect("resend");
     assert_eq!(resent.worker, Some(1), "the resend is placed by its sid");
-    assert_eq!(saw(&cluster, "MARK-foreign"), vec![1], "only the owner saw it");
+    assert_eq!(
+        saw(&cluster, "MARK-foreign"),
+        vec![1],
+        "only the owner saw it"
+    );
     cluster.wait_for("the reset counted", Duration::from_secs(5), |c| {
         c.counter("connections_reset") > before["connections_reset"].parse().unwrap()
     });
@@ -175,7 +206,10 @@ fn a_foreign_request_is_reset_and_its_resend_reaches_the_owner() {
         delta("reset_failures"),
         delta("unmapped"),
     ));
-    assert_eq!((delta("foreign_dropped"), delta("connections_reset")), (1, 1));
+    assert_eq!(
+        (delta("foreign_dropped"), delta("connections_reset")),
+        (1, 1)
+    );
     assert_eq!(delta("reset_failures"), 0);
 }
 
@@ -195,13 +229,19 @@ fn ipv6_and_ipv4_mapped_connections_are_reset() {
             std::net::IpAddr::V6(ip) => (ip, port).into(),
         };
         let mut conn = KeepAlive::connect(addr);
-        assert_eq!(conn.get(&format!("/?sid={}", sids[0])).unwrap().worker, Some(0));
+        assert_eq!(
+            conn.get(&format!("/?sid={}", sids[0])).unwrap().worker,
+            Some(0)
+        );
         let marker = format!("MARK-{host}");
         let took = expect_reset(&mut conn, &format!("/?sid={}&n={marker}", sids[1]));
         let resent = KeepAlive::connect(addr).get(&format!("/?sid={}&n={marker}", sids[1]));
         assert_eq!(resent.unwrap().worker, Some(1));
         assert_eq!(saw(&cluster, &marker), vec![1], "{host}");
-        report(&format!("{host}: reset after {:.2} ms", took.as_secs_f64() * 1e3));
+        report(&format!(
+            "{host}: reset after {:.2} ms",
+            took.as_secs_f64() * 1e3
+        ));
     }
     assert_eq!(cluster.counter("reset_failures"), 0);
 }
@@ -219,10 +259,14 @@ fn a_preconnected_socket_is_checked_on_its_first_request() {
     let before = cluster.stats();
     let idle: Vec<KeepAlive> = (0..3).map(|_| KeepAlive::connect(cluster.addr)).collect();
     let start = Instant::now();
-    cluster.wait_for("the idle connections balanced", Duration::from_secs(60), |c| {
-        let placed = c.counter("placed_queue") - before["placed_queue"].parse::<u64>().unwrap();
-        placed >= idle.len() as u64
-    });
+    cluster.wait_for(
+        "the idle connections balanced",
+        Duration::from_secs(60),
+        |c| {
+            let placed = c.counter("placed_queue") - before["placed_queue"].parse::<u64>().unwrap();
+            placed >= idle.len() as u64
+        },
+    );
     let waited = start.elapsed();
     let (mut answered, mut reset) = (0, 0);
     for (i, mut conn) in idle.into_iter().enumerate() {
@@ -261,7 +305,10 @@ fn an_old_connection_is_checked_after_placed_flows_turned_over() {
         return;
     }
     let mut old = KeepAlive::connect(cluster.addr);
-    assert_eq!(old.get(&format!("/?sid={}", sids[0])).unwrap().worker, Some(0));
+    assert_eq!(
+        old.get(&format!("/?sid={}", sids[0])).unwrap().worker,
+        Some(0)
+    );
     // Many real connections in between.
     let others = 1000;
     for i in 0..others {
@@ -280,7 +327,11 @@ fn an_old_connection_is_checked_after_placed_flows_turned_over() {
         "old connection after {others} connections and {} placed_flows entries written (its own \
          entry {}): reset after {:.2} ms",
         sticky_common::PLACED_MAX + 1024,
-        if survived { "survived the LRU, deleted" } else { "evicted" },
+        if survived {
+            "survived the LRU, deleted"
+        } else {
+            "evicted"
+        },
         took.as_secs_f64() * 1e3
     ));
 }
@@ -294,7 +345,13 @@ fn flood_placed_flows(pid: u32, client: SocketAddr) -> bool {
     let id = std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
         .unwrap()
         .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
-        .filter_map(|i| i.lines().find_map(|l| l.strip_prefix("map_id:"))?.trim().parse().ok())
+        .filter_map(|i| {
+            i.lines()
+                .find_map(|l| l.strip_prefix("map_id:"))?
+                .trim()
+                .parse()
+                .ok()
+        })
         .find(|&id| MapInfo::from_id(id).is_ok_and(|i| i.name_as_str() == Some("placed_flows")))
         .expect("sticky's placed_flows map");
     let map = Map::LruHashMap(MapData::from_id(id).unwrap());
@@ -339,11 +396,17 @@ fn an_upgraded_connection_is_never_parsed() {
         conn.s.read_exact(&mut byte).expect("101 head");
         head.push(byte[0]);
     }
-    assert!(head.starts_with(b"HTTP/1.1 101 "), "{}", String::from_utf8_lossy(&head));
+    assert!(
+        head.starts_with(b"HTTP/1.1 101 "),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
     let line = format!("GET /?sid={}&n=MARK-ws HTTP/1.1\r\n", sids[1]);
     conn.s.write_all(line.as_bytes()).unwrap();
     let mut echo = vec![0u8; 5 + line.len()];
-    conn.s.read_exact(&mut echo).expect("echo after the upgrade");
+    conn.s
+        .read_exact(&mut echo)
+        .expect("echo after the upgrade");
     assert_eq!(echo, [b"echo ", line.as_bytes()].concat());
     assert_eq!(saw(&cluster, "MARK-ws"), vec![0]);
     assert_eq!(cluster.counter("foreign_dropped"), 0);
@@ -355,8 +418,13 @@ fn pass_lets_the_connection_worker_answer() {
     let cluster = request_log_cluster("127.0.0.1:0", 2, &["--foreign-requests", "pass"]);
     let sids = session_per_worker(&cluster, 2);
     let mut conn = KeepAlive::connect(cluster.addr);
-    assert_eq!(conn.get(&format!("/?sid={}", sids[0])).unwrap().worker, Some(0));
-    let r = conn.get(&format!("/?sid={}&n=MARK-pass", sids[1])).expect("passed");
+    assert_eq!(
+        conn.get(&format!("/?sid={}", sids[0])).unwrap().worker,
+        Some(0)
+    );
+    let r = conn
+        .get(&format!("/?sid={}&n=MARK-pass", sids[1]))
+        .expect("passed");
     assert_eq!(r.worker, Some(0));
     assert_eq!(cluster.counter("foreign_passed"), 1);
     assert_eq!(cluster.counter("foreign_dropped"), 0);
@@ -374,7 +442,10 @@ fn frequent_resets_are_logged_once_with_the_fix() {
     let start = Instant::now();
     for i in 0..n {
         let mut conn = KeepAlive::connect(cluster.addr);
-        assert_eq!(conn.get(&format!("/?sid={}", sids[0])).unwrap().worker, Some(0));
+        assert_eq!(
+            conn.get(&format!("/?sid={}", sids[0])).unwrap().worker,
+            Some(0)
+        );
         expect_reset(&mut conn, &format!("/?sid={}&n={i}", sids[1]));
     }
     let took = start.elapsed();
@@ -382,7 +453,10 @@ fn frequent_resets_are_logged_once_with_the_fix() {
         c.counter("connections_reset") == n
     });
     let log = cluster.log.lock().unwrap().clone();
-    let lines: Vec<&str> = log.lines().filter(|l| l.contains("connections reset in")).collect();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("connections reset in"))
+        .collect();
     report(&format!(
         "{n} foreign requests in {:.0} ms: log says {lines:?}",
         took.as_secs_f64() * 1e3
@@ -411,7 +485,9 @@ fn a_handshake_on_a_reused_connection_is_learned() {
         let start = text.find(r#""sid":""#).expect("open packet") + 7;
         let sid = &text[start..start + text[start..].find('"').unwrap()];
         for _ in 0..3 {
-            let r = KeepAlive::connect(cluster.addr).get(&format!("/?sid={sid}")).unwrap();
+            let r = KeepAlive::connect(cluster.addr)
+                .get(&format!("/?sid={sid}"))
+                .unwrap();
             owners.push(r.worker);
         }
     }

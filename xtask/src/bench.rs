@@ -68,7 +68,8 @@ fn broadcast(extra: &[String]) -> Result<(), String> {
     let dir = root.join("bench/broadcast");
     if !dir.join("node_modules").exists() {
         let mut npm = Command::new("npm");
-        npm.current_dir(&dir).args(["ci", "--no-audit", "--no-fund"]);
+        npm.current_dir(&dir)
+            .args(["ci", "--no-audit", "--no-fund"]);
         super::status(npm, "npm ci in bench/broadcast")?;
     }
     let results = root.join("bench/results");
@@ -76,8 +77,17 @@ fn broadcast(extra: &[String]) -> Result<(), String> {
         .map_err(|e| format!("cannot create {}: {e}", results.display()))?;
     let node = super::find_in_path("node").ok_or("node not found in PATH")?;
     let mut argv: Vec<OsString> = vec![dir.join("run.js").into()];
-    argv.extend(extra.iter().filter(|a| *a != "--broadcast").map(OsString::from));
+    argv.extend(
+        extra
+            .iter()
+            .filter(|a| *a != "--broadcast")
+            .map(OsString::from),
+    );
     argv.push("--json".into());
-    argv.push(results.join(format!("{}-broadcast.json", super::today())).into());
+    argv.push(
+        results
+            .join(format!("{}-broadcast.json", super::today()))
+            .into(),
+    );
     super::exec_as_root(&node, &argv)
 }

@@ -280,7 +280,11 @@ fn fetch_kernels(cache: &Path, kernels: &[&Kernel]) -> Result<Vec<PathBuf>, Stri
             .arg("-C")
             .arg(&target)
             .args(["--wildcards", "./boot/vmlinuz-*"])
-            .args(DIAG_MODULES.iter().map(|m| format!("./lib/modules/*/kernel/net/ipv4/{m}.ko*")))
+            .args(
+                DIAG_MODULES
+                    .iter()
+                    .map(|m| format!("./lib/modules/*/kernel/net/ipv4/{m}.ko*")),
+            )
             .stdin(tarball.stdout.take().expect("piped"));
         let extracted = status(tar, "extracting vmlinuz and the sock_diag modules");
         let _ = tarball.wait();
@@ -331,7 +335,10 @@ fn modules_cpio(cache: &Path, k: &Kernel) -> Result<PathBuf, String> {
     let mut cpio = Cpio::create(&path)?;
     cpio.dir("modules")?;
     for m in DIAG_MODULES {
-        cpio.copy(&modules_dir(cache, k).join(format!("{m}.ko")), &format!("modules/{m}.ko"))?;
+        cpio.copy(
+            &modules_dir(cache, k).join(format!("{m}.ko")),
+            &format!("modules/{m}.ko"),
+        )?;
     }
     cpio.finish()?;
     Ok(path)

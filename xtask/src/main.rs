@@ -105,7 +105,10 @@ fn run(extra: &[String]) -> Result<(), String> {
     let demo = root_dir().join("demo");
     let node_demo = find_in_path("node").is_some() && {
         // The newest dependency: an older checkout's node_modules lacks it.
-        if !demo.join("node_modules/@socket.io/cluster-adapter").exists() {
+        if !demo
+            .join("node_modules/@socket.io/cluster-adapter")
+            .exists()
+        {
             let mut npm = Command::new("npm");
             npm.current_dir(&demo)
                 .args(["ci", "--no-audit", "--no-fund"]);
@@ -167,7 +170,11 @@ fn test(extra: &[String]) -> Result<(), String> {
             "node integration tests",
         );
     }
-    if result.is_ok() && !root.join("e2e/node_modules/@socket.io/redis-adapter").exists() {
+    if result.is_ok()
+        && !root
+            .join("e2e/node_modules/@socket.io/redis-adapter")
+            .exists()
+    {
         let mut npm = Command::new("npm");
         npm.current_dir(root.join("e2e"))
             .args(["ci", "--no-audit", "--no-fund"]);

@@ -153,7 +153,12 @@ fn owned_sids(addr: SocketAddr) -> Result<[String; 2], String> {
 }
 
 fn poll_request(sid: &str, close: bool) -> Vec<u8> {
-    crate::http::request("GET", &format!("/socket.io/?EIO=4&transport=polling&sid={sid}"), b"", close)
+    crate::http::request(
+        "GET",
+        &format!("/socket.io/?EIO=4&transport=polling&sid={sid}"),
+        b"",
+        close,
+    )
 }
 
 /// One client: a kept-alive request on each cluster (`reset`, `off`), then
@@ -180,9 +185,9 @@ fn run_polling(
             for i in 0..2 {
                 let begin = Instant::now();
                 match conns[i].request(&keep[i]) {
-                    Ok(r) if r.status == 200 => {
-                        stats[i].latencies.push((r.complete - begin).as_nanos() as u64)
-                    }
+                    Ok(r) if r.status == 200 => stats[i]
+                        .latencies
+                        .push((r.complete - begin).as_nanos() as u64),
                     Ok(r) => stats[i].fail(format!("status {}", r.status)),
                     Err(e) => stats[i].fail(e.to_string()),
                 }
@@ -190,9 +195,9 @@ fn run_polling(
             let begin = Instant::now();
             stats[2].connections += 1;
             match crate::http::exchange(addrs[0], None, &close) {
-                Ok(r) if r.status == 200 => {
-                    stats[2].latencies.push((r.complete - begin).as_nanos() as u64)
-                }
+                Ok(r) if r.status == 200 => stats[2]
+                    .latencies
+                    .push((r.complete - begin).as_nanos() as u64),
                 Ok(r) => stats[2].fail(format!("status {}", r.status)),
                 Err(e) => stats[2].fail(e.to_string()),
             }
@@ -241,9 +246,9 @@ fn run_resends(
             let mut fresh = Conn::new(addr, None);
             stats[1].connections += 1;
             match fresh.request(&foreign) {
-                Ok(r) if r.status == 200 && worker(&r).as_deref() == Some("1") => {
-                    stats[1].latencies.push((r.complete - begin).as_nanos() as u64)
-                }
+                Ok(r) if r.status == 200 && worker(&r).as_deref() == Some("1") => stats[1]
+                    .latencies
+                    .push((r.complete - begin).as_nanos() as u64),
                 Ok(r) => stats[1].fail(format!("resend answered {} by {:?}", r.status, worker(&r))),
                 Err(e) => stats[1].fail(format!("resend: {e}")),
             }
