@@ -228,7 +228,7 @@ describe('sticky reload: a new version that exits at once', () => {
     const answer = await h.controlRequest(sticky.control, 'reload');
     assert.match(answer, /^ok generation 1 started/, answer);
     const reloadedAt = Date.now();
-    await h.waitFor('the rollback', () => /reload rolled back/.test(sticky.stderr()), { timeout: 10000 });
+    await h.waitFor('the rollback', () => /reload rolled back/.test(sticky.stderr()), { timeout: 30000 });
     const rolledBackMs = Date.now() - reloadedAt;
     const lines = sticky.stderr().split('\n').filter((l) => /rolled back/.test(l));
     assert.equal(lines.length, 1, 'one log line');

@@ -333,6 +333,7 @@ pub const COUNTERS: &[&str] = &[
     "foreign_passed",
     "doomed_segments",
     "unmapped",
+    "drain_dropped",
 ];
 
 /// `enum sticky_counter` indices used by user space.

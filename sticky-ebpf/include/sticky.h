@@ -264,7 +264,8 @@ struct sticky_reset {
 	__u64 cookie;            /* SO_COOKIE of the connection */
 	struct sticky_flow flow; /* local = the server; IPv4-mapped as IPv4 */
 	__u32 worker;            /* the connection's worker */
-	__u32 owner;             /* the worker owning the request's sid */
+	__u32 owner;             /* the worker owning the request's sid; STICKY_NO_WORKER:
+				  * a request without a sid to a draining worker */
 };
 #define STICKY_RESETS_BYTES (64 * 1024)
 
@@ -302,6 +303,7 @@ enum sticky_counter {
 	STICKY_CNT_FOREIGN_PASSED,   /* foreign requests passed (PASS, ring full) */
 	STICKY_CNT_DOOMED_SEGMENTS,  /* later segments of doomed connections dropped */
 	STICKY_CNT_UNMAPPED,         /* sid requests on a connection of unknown worker */
+	STICKY_CNT_DRAIN_DROPPED,    /* no-sid requests to a draining worker dropped, reset asked */
 	STICKY_COUNTERS,
 };
 

@@ -24,7 +24,9 @@
  * the client's second request.
  *
  * Invariants: no sid, an unknown sid, a malformed request line, the
- * connection's own worker's sid, a dead owner: passed untouched. A
+ * connection's own worker's sid, a dead owner: passed untouched; except
+ * a request without a sid to a draining worker (draining_check): an old
+ * generation gets no new session, on a kept-alive connection either. A
  * connection whose worker is unknown (adopted from an earlier sticky, or
  * its placement evicted before it was used) is never checked (counted).
  * A segment is dropped only if its reset was queued (ring full: passed and
@@ -176,6 +178,43 @@ static __always_inline int foreign_check(struct __sk_buff *skb,
 	conn->flags |= STICKY_CONN_DOOMED;
 	bpf_ringbuf_submit(ev, 0);
 	count(STICKY_CNT_FOREIGN_DROPPED);
+	return 0;
+}
+
+/*
+ * Ingress, a request line without a sid on accepted connection `conn`
+ * (maybe NULL yet): a new session's first request, or a page's. If the
+ * connection's worker is draining (an old generation after `sticky
+ * reload`), it must not get it: dropped and reset like a foreign request,
+ * the client resends it on a new connection, which the selector balances
+ * over the new generation. 0 to drop it, 1 to pass.
+ */
+static __always_inline int draining_check(struct __sk_buff *skb,
+					  const struct sticky_config *cfg,
+					  struct sticky_conn *conn,
+					  const struct sticky_flow *key)
+{
+	struct sticky_worker *st;
+	struct sticky_reset *ev;
+	__u32 w;
+
+	if (!conn || conn->worker >= STICKY_MAX_WORKERS ||
+	    foreign_mode(cfg) != STICKY_FOREIGN_RESET)
+		return 1;
+	w = conn->worker;
+	st = bpf_map_lookup_elem(&workers, &w);
+	if (!st || st->live != STICKY_WORKER_DRAINING)
+		return 1;
+	ev = bpf_ringbuf_reserve(&resets, sizeof(*ev), 0);
+	if (!ev)
+		return 1; /* user space behind: never hang */
+	ev->cookie = bpf_get_socket_cookie(skb);
+	ev->flow = *key;
+	ev->worker = w;
+	ev->owner = STICKY_NO_WORKER;
+	conn->flags |= STICKY_CONN_DOOMED;
+	bpf_ringbuf_submit(ev, 0);
+	count(STICKY_CNT_DRAIN_DROPPED);
 	return 0;
 }
 

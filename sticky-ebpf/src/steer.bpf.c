@@ -1071,6 +1071,8 @@ int sticky_watch(struct __sk_buff *skb)
 	if (sk)
 		conn = conn_of(sk, NULL);
 	if (result != STICKY_PARSE_SID) {
+		if (result == STICKY_PARSE_NO_SID && sk && !draining_check(skb, cfg, conn, &key))
+			return 0;
 		/* Maybe a handshake on a reused connection: see learn_later. */
 		if (conn && conn->worker != STICKY_NO_WORKER) {
 			conn->flags |= STICKY_CONN_LEARN;

@@ -259,7 +259,10 @@ pub fn serve(ring: RingBuf<MapData>, port: u16, stats: Arc<ResetStats>) -> io::R
                     match diag.destroy(&Socket::from_event(&ev, port)) {
                         Ok(()) => {
                             stats.reset.fetch_add(1, Ordering::Relaxed);
-                            window.reset();
+                            // A reload's drain resets by design: not a proxy's doing.
+                            if ev.owner != sticky_common::NO_WORKER {
+                                window.reset();
+                            }
                         }
                         Err(e) => {
                             stats.failed.fetch_add(1, Ordering::Relaxed);

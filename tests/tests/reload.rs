@@ -183,3 +183,78 @@ fn reload_without_a_running_sticky_is_one_clear_line() {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("cannot reach a running sticky"), "{stderr}");
 }
+
+/// One request on a kept-alive connection: the answer's pid, or None if
+/// the connection was closed or reset before any answer byte.
+fn keep_alive_request(s: &mut std::net::TcpStream, target: &str) -> Option<u32> {
+    use std::io::{Read, Write};
+    s.write_all(format!("GET {target} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = s.read(&mut buf).ok()?;
+        if n == 0 {
+            return None;
+        }
+        raw.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let Some(head_end) = text.find("\r\n\r\n") else {
+            continue;
+        };
+        let length: usize = text[..head_end]
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().parse().unwrap())
+            })
+            .unwrap_or(0);
+        if raw.len() >= head_end + 4 + length {
+            return sticky_tests::parse_response(&raw).pid;
+        }
+    }
+}
+
+#[test]
+fn a_request_without_a_sid_on_a_kept_alive_connection_to_a_draining_worker_is_reset() {
+    let cluster = Cluster::start(2, &["--drain", "60s"]);
+    let (sid, owner) = cluster.sessions_on_every_worker(2, 1).remove(0);
+    let old = cluster.worker_pid(owner).unwrap();
+    let mut kept = std::net::TcpStream::connect(cluster.addr).unwrap();
+    kept.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(
+        keep_alive_request(&mut kept, &format!("/?sid={sid}")),
+        Some(old)
+    );
+    // Before the reload a request without a sid there is the owner's to answer.
+    assert_eq!(keep_alive_request(&mut kept, "/"), Some(old));
+    let before = cluster.counter("drain_dropped");
+
+    unsafe { libc::kill(cluster.pid() as i32, libc::SIGHUP) };
+    cluster.wait_for("the new generation", Duration::from_secs(10), |c| {
+        pids_of(c, 1).len() == 2
+    });
+    let new = pids_of(&cluster, 1);
+    // Its own session still reaches the old worker on the same connection.
+    assert_eq!(
+        keep_alive_request(&mut kept, &format!("/?sid={sid}")),
+        Some(old)
+    );
+    // A request without a sid does not: reset before any answer byte.
+    assert_eq!(
+        keep_alive_request(&mut kept, "/"),
+        None,
+        "answered by the draining worker"
+    );
+    assert_eq!(cluster.counter("drain_dropped"), before + 1);
+    // Resent on a new connection, as a client does, it reaches the new generation.
+    let r = cluster.get("/");
+    assert!(new.contains(&r.pid.unwrap()), "{}", r.text());
+    sticky_tests::report(&format!(
+        "kept-alive connection to draining worker {old}: its sid still answered there, a request \
+         without a sid reset (drain_dropped +1) and answered by {} of the new generation on a new \
+         connection",
+        r.pid.unwrap()
+    ));
+}

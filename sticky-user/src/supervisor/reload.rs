@@ -31,8 +31,9 @@ use crate::{log, sessions::Role};
 /// How often the drain looks at the old workers' session counts.
 pub(super) const TICK: Duration = Duration::from_millis(100);
 /// A new process that lives this long has started; until then the old
-/// generation is kept, ready to take new sessions back.
-const SETTLE: Duration = Duration::from_secs(2);
+/// generation is kept, ready to take new sessions back. 5 s: Node.js with
+/// socket.io took over 2 s to start (and to throw) on a loaded 2-CPU machine.
+const SETTLE: Duration = Duration::from_secs(5);
 /// How often a drain recounts learned sessions (one pass over the kernel
 /// map; the expiry scan's own count may be seconds old).
 const RECOUNT: Duration = Duration::from_millis(500);
