@@ -49,10 +49,11 @@ typedef uint64_t __u64;
 #define STICKY_OVERFLOW_SLOT (STICKY_SINK_SLOT + 1)
 /*
  * Cookie mode's plug slot: where the next overflow listener waits while
- * the supervisor's plug (a client socket that never answers, from client
- * port config.plug_port) takes the one request socket a backlog of 0
- * still allows, before it becomes the overflow listener: from then on
- * every SYN reaching it is answered with a cookie (see plug.rs).
+ * the supervisor's plugs (client sockets that never answer, from client
+ * ports config.plug_port ..) fill its request queue, before it becomes the
+ * overflow listener: from then on every SYN reaching it is answered with a
+ * cookie (see plug.rs). A plug's SYN that finds the slot empty goes to the
+ * overflow listener, which is then the one it was meant for.
  */
 #define STICKY_PLUG_SLOT (STICKY_OVERFLOW_SLOT + 1)
 /*

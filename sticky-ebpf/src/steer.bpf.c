@@ -536,7 +536,13 @@ int sticky_select(struct sk_reuseport_md *md)
 		return SK_PASS;
 	if (target == OVERFLOW && select_slot(md, STICKY_OVERFLOW_SLOT))
 		return SK_PASS;
-	if (target == PLUG && select_slot(md, STICKY_PLUG_SLOT))
+	/*
+	 * A plug's SYN processed late (softirq deferred to ksoftirqd) finds
+	 * its listener already moved to the overflow slot: plug it there.
+	 */
+	if (target == PLUG &&
+	    (bpf_sk_select_reuseport(md, &listeners, &(__u32){STICKY_PLUG_SLOT}, 0) == 0 ||
+	     select_slot(md, STICKY_OVERFLOW_SLOT)))
 		return SK_PASS;
 	if (target == SINK || target == OVERFLOW || target == PLUG)
 		target = SORT; /* no such listener (supervisor gone): as before */

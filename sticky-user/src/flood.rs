@@ -92,7 +92,6 @@ impl SynFloodGuard {
         };
         if let Some(plugs) = plugs.as_mut() {
             plug_or_say_why(plugs.plug(&overflow, &listeners, &mut config, &mut settings));
-            plugs.unplug_slot(&listeners)?;
         }
         listeners
             .lock()
@@ -185,7 +184,6 @@ impl SynFloodGuard {
                 &mut self.config,
                 &mut self.settings,
             ));
-            plugs.unplug_slot(&self.listeners)?;
         }
         self.listeners
             .lock()
