@@ -72,9 +72,12 @@ pub struct Config {
     pub port: u32,
     /// 1: learn sessions from the workers' Engine.IO open packets.
     pub learn: u32,
-    /// Cookie mode: SYNs from this client port go to the plug slot (0: none).
+    /// Cookie mode: SYNs from client ports `plug_port..+PLUGS` are plugs (0: none).
     pub plug_port: u32,
-    pub pad: u32,
+    /// Cookie mode: 1 when the overflow listener is in `PLUG_SLOT`.
+    pub overflow_alt: u16,
+    /// Cookie mode: 1 when plugs go to `OVERFLOW_SLOT`.
+    pub plug_alt: u16,
 }
 
 impl Config {
@@ -109,7 +112,8 @@ impl Config {
             port: 0,
             learn: 0,
             plug_port: 0,
-            pad: 0,
+            overflow_alt: 0,
+            plug_alt: 0,
         }
     }
 

@@ -534,15 +534,12 @@ int sticky_select(struct sk_reuseport_md *md)
 	target = decide(md, cfg, &key);
 	if (target == SINK && select_slot(md, STICKY_SINK_SLOT))
 		return SK_PASS;
-	if (target == OVERFLOW && select_slot(md, STICKY_OVERFLOW_SLOT))
+	if (target == OVERFLOW &&
+	    select_slot(md, cfg->overflow_alt ? STICKY_PLUG_SLOT : STICKY_OVERFLOW_SLOT))
 		return SK_PASS;
-	/*
-	 * A plug's SYN processed late (softirq deferred to ksoftirqd) finds
-	 * its listener already moved to the overflow slot: plug it there.
-	 */
+	/* Plugs go to the newest listener, even a SYN processed late. */
 	if (target == PLUG &&
-	    (bpf_sk_select_reuseport(md, &listeners, &(__u32){STICKY_PLUG_SLOT}, 0) == 0 ||
-	     select_slot(md, STICKY_OVERFLOW_SLOT)))
+	    select_slot(md, cfg->plug_alt ? STICKY_OVERFLOW_SLOT : STICKY_PLUG_SLOT))
 		return SK_PASS;
 	if (target == SINK || target == OVERFLOW || target == PLUG)
 		target = SORT; /* no such listener (supervisor gone): as before */

@@ -40,7 +40,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use aya::maps::{Array, MapData};
-use sticky_common::{Config, PLUGS, PLUG_SLOT};
+use sticky_common::{Config, OVERFLOW_SLOT, PLUGS, PLUG_SLOT};
 
 use crate::{
     listeners::{drop_everything, sockaddr, socket},
@@ -73,9 +73,12 @@ impl Plugs {
         self.open.back().is_none_or(|(t, _)| t.elapsed() >= EVERY)
     }
 
-    /// Plugs `listener`, not yet the overflow listener: puts it in the plug
-    /// slot, points the selector at the new plugs' ports (in `settings`,
-    /// the config in the kernel) and sends their SYNs.
+    /// Makes `listener` the overflow listener, plugged: puts it in the slot
+    /// that is not taking SYNs (the overflow and plug slots alternate,
+    /// `config.overflow_alt`), points the plugs there (`plug_alt`,
+    /// `plug_port`, in `settings`, the config in the kernel), sends their
+    /// SYNs, waits `SETTLE`, then lets that slot take every SYN. Even on an
+    /// error the listener ends up taking SYNs (unplugged, it still works).
     pub fn plug(
         &mut self,
         listener: &OwnedFd,
@@ -89,41 +92,47 @@ impl Plugs {
         while self.open.len() > 1 {
             self.open.pop_front();
         }
-        let (base, plugs) = self.bind_plugs()?;
-        settings.plug_port = u32::from(base);
-        config
-            .set(0, *settings, 0)
-            .context("telling the selector the plugs' ports")?;
+        let spare_alt = settings.overflow_alt ^ 1;
+        let spare = if spare_alt == 1 {
+            PLUG_SLOT
+        } else {
+            OVERFLOW_SLOT
+        };
         slots
             .lock()
             .unwrap()
-            .set(PLUG_SLOT, listener, 0)
-            .context("placing the next overflow listener in the plug slot")?;
-        let (addr, len) = sockaddr(self.target);
-        let sent = plugs.iter().try_for_each(|fd| {
-            // SAFETY: addr/len describe a valid sockaddr for the socket's family.
-            let rc = unsafe { libc::connect(fd.as_raw_fd(), (&raw const addr).cast(), len) };
-            let err = io::Error::last_os_error();
-            if rc < 0 && err.raw_os_error() != Some(libc::EINPROGRESS) {
-                return Err(err).with_context(|| format!("connecting a plug to {}", self.target));
-            }
-            Ok(())
+            .set(spare, listener, 0)
+            .context("placing the next overflow listener in the spare slot")?;
+        let sent = self.bind_plugs().and_then(|(base, plugs)| {
+            settings.plug_port = u32::from(base);
+            settings.plug_alt = u16::from(spare == OVERFLOW_SLOT);
+            config
+                .set(0, *settings, 0)
+                .context("pointing the selector at the plugs")?;
+            let (addr, len) = sockaddr(self.target);
+            let sent = plugs.iter().try_for_each(|fd| {
+                // SAFETY: addr/len describe a valid sockaddr for the socket's family.
+                let rc = unsafe { libc::connect(fd.as_raw_fd(), (&raw const addr).cast(), len) };
+                let err = io::Error::last_os_error();
+                if rc < 0 && err.raw_os_error() != Some(libc::EINPROGRESS) {
+                    return Err(err)
+                        .with_context(|| format!("connecting a plug to {}", self.target));
+                }
+                Ok(())
+            });
+            self.open.push_back((Instant::now(), plugs));
+            sent
         });
-        self.open.push_back((Instant::now(), plugs));
         // The SYNs are usually processed within connect(); under load the
-        // softirq may run later, on ksoftirqd: give it a moment before the
-        // listener leaves the plug slot (a later one still finds it in the
-        // overflow slot, see STICKY_PLUG_SLOT).
+        // softirq may run later, on ksoftirqd: give them a moment before
+        // clients' SYNs arrive (a later plug still goes to this listener:
+        // `plug_alt` stays).
         std::thread::sleep(SETTLE);
-        // A socket sits in one slot at a time: empty this one (whatever
-        // happened), so that the caller can move the listener on to the
-        // overflow slot.
-        let cleared = slots
-            .lock()
-            .unwrap()
-            .clear_index(&PLUG_SLOT)
-            .context("emptying the plug slot");
-        sent.and(cleared)
+        settings.overflow_alt = spare_alt;
+        let flipped = config
+            .set(0, *settings, 0)
+            .context("sending SYNs to the new overflow listener");
+        sent.and(flipped)
     }
 
     /// PLUGS deaf, non-blocking sockets bound to consecutive client ports
@@ -180,7 +189,7 @@ const EVERY: Duration = Duration::from_secs(1);
 const PLUG_SOURCE: Ipv4Addr = Ipv4Addr::new(127, 83, 84, 75);
 /// How long the plugs' SYNs get to be processed before the listener moves
 /// from the plug slot to the overflow slot.
-const SETTLE: Duration = Duration::from_micros(200);
+const SETTLE: Duration = Duration::from_millis(2);
 
 fn local_port(fd: &OwnedFd) -> Result<u16> {
     // SAFETY: all-zero is a valid sockaddr_storage; the kernel fills it.
