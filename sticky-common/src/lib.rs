@@ -72,10 +72,15 @@ pub struct Config {
     pub port: u32,
     /// 1: learn sessions from the workers' Engine.IO open packets.
     pub learn: u32,
-    /// Cookie mode: SYNs from this client port go to the plug slot (0: none).
+    /// Cookie mode: SYNs from client ports `plug_port..+PLUGS` are plugs (0: none).
     pub plug_port: u32,
     /// What `sticky_watch` does with a foreign request (`Foreign`).
     pub foreign: u32,
+    /// Cookie mode: 1 when the overflow listener is in `PLUG_SLOT`.
+    pub overflow_alt: u16,
+    /// Cookie mode: 1 when plugs go to `OVERFLOW_SLOT`.
+    pub plug_alt: u16,
+    pub pad: u32,
 }
 
 /// `enum sticky_foreign`: what happens to a request whose sid another live
@@ -135,6 +140,9 @@ impl Config {
             learn: 0,
             plug_port: 0,
             foreign: Foreign::Pass as u32,
+            overflow_alt: 0,
+            plug_alt: 0,
+            pad: 0,
         }
     }
 

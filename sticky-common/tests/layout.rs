@@ -15,7 +15,7 @@ const PROBE: &str = r#"
 int main(void) {
     S(sticky_config) O(sticky_config, worker_count) O(sticky_config, balance)
     O(sticky_config, mode) O(sticky_config, param_len) O(sticky_config, sorting_count) O(sticky_config, flood) O(sticky_config, param_word)
-    O(sticky_config, param_mask) O(sticky_config, port) O(sticky_config, learn) O(sticky_config, plug_port)
+    O(sticky_config, param_mask) O(sticky_config, port) O(sticky_config, learn) O(sticky_config, plug_port) O(sticky_config, overflow_alt) O(sticky_config, plug_alt)
     O(sticky_config, foreign) C(STICKY_FOREIGN_PASS) C(STICKY_FOREIGN_RESET) C(STICKY_FOREIGN_OFF)
     S(sticky_placed) O(sticky_placed, worker) O(sticky_placed, segments) O(sticky_placed, idle)
     S(sticky_conn) O(sticky_conn, worker) O(sticky_conn, flags) O(sticky_conn, segments)
@@ -102,6 +102,8 @@ fn rust_mirror_matches_sticky_h() {
     expect("sticky_config.port", offset_of!(Config, port));
     expect("sticky_config.learn", offset_of!(Config, learn));
     expect("sticky_config.plug_port", offset_of!(Config, plug_port));
+    expect("sticky_config.overflow_alt", offset_of!(Config, overflow_alt));
+    expect("sticky_config.plug_alt", offset_of!(Config, plug_alt));
     expect("sticky_placed", size_of::<Placed>());
     expect("sticky_placed.worker", offset_of!(Placed, worker));
     expect("sticky_placed.segments", offset_of!(Placed, segments));

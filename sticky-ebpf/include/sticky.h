@@ -49,10 +49,11 @@ typedef uint64_t __u64;
 #define STICKY_OVERFLOW_SLOT (STICKY_SINK_SLOT + 1)
 /*
  * Cookie mode's plug slot: where the next overflow listener waits while
- * the supervisor's plug (a client socket that never answers, from client
- * port config.plug_port) takes the one request socket a backlog of 0
- * still allows, before it becomes the overflow listener: from then on
- * every SYN reaching it is answered with a cookie (see plug.rs).
+ * the supervisor's plugs (client sockets that never answer, from client
+ * ports config.plug_port ..) fill its request queue, before it becomes the
+ * overflow listener: from then on every SYN reaching it is answered with a
+ * cookie (see plug.rs). In cookie mode the two slots alternate
+ * (config.overflow_alt, config.plug_alt).
  */
 #define STICKY_PLUG_SLOT (STICKY_OVERFLOW_SLOT + 1)
 /*
@@ -109,8 +110,17 @@ struct sticky_config {
 	__u64 param_mask[2];
 	__u32 port;  /* the listening port, host byte order (sticky_learn) */
 	__u32 learn; /* 1: learn sessions from the workers' answers */
-	__u32 plug_port; /* cookie mode: SYNs from client ports plug_port.. (STICKY_PLUGS, host order) go to the plug slot; 0: none */
+	__u32 plug_port; /* cookie mode: SYNs from client ports plug_port.. (STICKY_PLUGS, host order) are plugs; 0: none */
 	__u32 foreign; /* enum sticky_foreign: what sticky_watch does with one */
+	/*
+	 * Cookie mode: the overflow and plug slots alternate. overflow_alt 1:
+	 * the overflow listener is in STICKY_PLUG_SLOT; plug_alt 1: plugs go
+	 * to STICKY_OVERFLOW_SLOT. A fresh listener is plugged in the slot not
+	 * taking SYNs, then overflow_alt flips to it; plugs keep going there.
+	 */
+	__u16 overflow_alt;
+	__u16 plug_alt;
+	__u32 pad;
 };
 
 /*

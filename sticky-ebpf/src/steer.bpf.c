@@ -558,9 +558,12 @@ int sticky_select(struct sk_reuseport_md *md)
 	target = decide(md, cfg, &key, &idle);
 	if (target == SINK && select_slot(md, STICKY_SINK_SLOT))
 		return SK_PASS;
-	if (target == OVERFLOW && select_slot(md, STICKY_OVERFLOW_SLOT))
+	if (target == OVERFLOW &&
+	    select_slot(md, cfg->overflow_alt ? STICKY_PLUG_SLOT : STICKY_OVERFLOW_SLOT))
 		return SK_PASS;
-	if (target == PLUG && select_slot(md, STICKY_PLUG_SLOT))
+	/* Plugs go to the newest listener, even a SYN processed late. */
+	if (target == PLUG &&
+	    select_slot(md, cfg->plug_alt ? STICKY_OVERFLOW_SLOT : STICKY_PLUG_SLOT))
 		return SK_PASS;
 	if (target == SINK || target == OVERFLOW || target == PLUG)
 		target = SORT; /* no such listener (supervisor gone): as before */

@@ -55,6 +55,9 @@ const LEAVE: u64 = 1024;
 /// Cookie mode: the longest a connection queued on the overflow listener
 /// waits for its migration, so that one replacement takes several.
 const COOKIE_BATCH: Duration = Duration::from_millis(1);
+/// Cookie mode: how long a replaced overflow listener stays open for SYNs
+/// already sent its way.
+const SHUT_DELAY: Duration = Duration::from_millis(2);
 
 pub struct SynFloodGuard {
     addr: SocketAddr,
@@ -90,15 +93,16 @@ impl SynFloodGuard {
             Some(_) => plugged_overflow_listener(addr, &*filter)?,
             None => overflow_listener(addr, &*filter)?,
         };
-        if let Some(plugs) = plugs.as_mut() {
-            plug_or_say_why(plugs.plug(&overflow, &listeners, &mut config, &mut settings));
-            plugs.unplug_slot(&listeners)?;
+        match plugs.as_mut() {
+            Some(plugs) => {
+                plug_or_say_why(plugs.plug(&overflow, &listeners, &mut config, &mut settings))
+            }
+            None => listeners
+                .lock()
+                .unwrap()
+                .set(OVERFLOW_SLOT, &overflow, 0)
+                .context("placing the overflow listener in its slot")?,
         }
-        listeners
-            .lock()
-            .unwrap()
-            .set(OVERFLOW_SLOT, &overflow, 0)
-            .context("placing the overflow listener in its slot")?;
         Ok(SynFloodGuard {
             plugs,
             addr,
@@ -178,21 +182,30 @@ impl SynFloodGuard {
             Some(_) => plugged_overflow_listener(self.addr, &*self.filter)?,
             None => overflow_listener(self.addr, &*self.filter)?,
         };
-        if let Some(plugs) = self.plugs.as_mut() {
-            plug_or_say_why(plugs.plug(
+        match self.plugs.as_mut() {
+            Some(plugs) => plug_or_say_why(plugs.plug(
                 &next,
                 &self.listeners,
                 &mut self.config,
                 &mut self.settings,
-            ));
-            plugs.unplug_slot(&self.listeners)?;
+            )),
+            None => self
+                .listeners
+                .lock()
+                .unwrap()
+                .set(OVERFLOW_SLOT, &next, 0)
+                .context("updating the overflow slot")?,
         }
-        self.listeners
-            .lock()
-            .unwrap()
-            .set(OVERFLOW_SLOT, &next, 0)
-            .context("updating the overflow slot")?;
         let old = std::mem::replace(&mut self.overflow, next);
+        if self.plugs.is_some() {
+            // A SYN the selector sent to the old listener just before the
+            // slot changed may still be on its way into it (another CPU's
+            // softirq): shut at once, the listener would drop it and the
+            // client retry a second later. Measured: a stall of 1 s at most
+            // renewals, serially. Shutting is only needed for connections
+            // queued there, which can wait that long.
+            std::thread::sleep(SHUT_DELAY);
+        }
         stop_listening(&old).context("shutting the previous overflow listener")?;
         Ok(())
     }

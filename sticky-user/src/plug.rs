@@ -15,8 +15,8 @@
 //! own client socket whose socket filter drops every segment reaching it:
 //! its SYN takes a place (on loopback the SYN is processed within
 //! `connect()`), the SYN-ACK never reaches it, so it never ACKs, and the
-//! request socket stays until its SYN-ACK retries run out (63 s with
-//! `tcp_synack_retries` 5). `PLUGS` of them fill a backlog of `PLUGS - 1`;
+//! request socket stays until its SYN-ACK retries run out (3 to 7 s: a
+//! full queue is pruned, see `EVERY`). `PLUGS` of them fill a backlog of `PLUGS - 1`;
 //! only then does the listener move to the overflow slot. The backlog is
 //! not 0 because a SYN that reuses the ports of a TIME_WAIT connection
 //! skips the cookie check and always gets a request socket: those
@@ -33,24 +33,22 @@
 use std::{
     collections::VecDeque,
     io,
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     os::fd::{AsRawFd, OwnedFd},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
 use aya::maps::{Array, MapData};
-use sticky_common::{Config, PLUGS, PLUG_SLOT};
+use sticky_common::{Config, OVERFLOW_SLOT, PLUGS, PLUG_SLOT};
 
 use crate::{
-    listeners::{drop_everything, setsockopt_int, sockaddr, socket},
+    listeners::{drop_everything, sockaddr, socket},
     sorter::SockArray,
 };
 
 pub struct Plugs {
     target: SocketAddr,
-    /// How often the overflow listener gets a fresh plug.
-    every: Duration,
     /// Open plugs, oldest first, with their creation time.
     open: VecDeque<(Instant, Vec<OwnedFd>)>,
 }
@@ -65,7 +63,6 @@ impl Plugs {
         }
         Plugs {
             target,
-            every: renewal_period(),
             open: VecDeque::new(),
         }
     }
@@ -73,14 +70,15 @@ impl Plugs {
     /// Whether the last plug is old enough that its request socket may
     /// soon expire: time for a freshly plugged overflow listener.
     pub fn due(&self) -> bool {
-        self.open
-            .back()
-            .is_none_or(|(t, _)| t.elapsed() >= self.every)
+        self.open.back().is_none_or(|(t, _)| t.elapsed() >= EVERY)
     }
 
-    /// Plugs `listener`, not yet the overflow listener: puts it in the plug
-    /// slot, points the selector at the new plugs' ports (in `settings`,
-    /// the config in the kernel) and sends their SYNs.
+    /// Makes `listener` the overflow listener, plugged: puts it in the slot
+    /// that is not taking SYNs (the overflow and plug slots alternate,
+    /// `config.overflow_alt`), points the plugs there (`plug_alt`,
+    /// `plug_port`, in `settings`, the config in the kernel), sends their
+    /// SYNs, waits `SETTLE`, then lets that slot take every SYN. Even on an
+    /// error the listener ends up taking SYNs (unplugged, it still works).
     pub fn plug(
         &mut self,
         listener: &OwnedFd,
@@ -94,43 +92,67 @@ impl Plugs {
         while self.open.len() > 1 {
             self.open.pop_front();
         }
-        let (base, plugs) = self.bind_plugs()?;
-        settings.plug_port = u32::from(base);
-        config
-            .set(0, *settings, 0)
-            .context("telling the selector the plugs' ports")?;
+        let spare_alt = settings.overflow_alt ^ 1;
+        let spare = if spare_alt == 1 {
+            PLUG_SLOT
+        } else {
+            OVERFLOW_SLOT
+        };
         slots
             .lock()
             .unwrap()
-            .set(PLUG_SLOT, listener, 0)
-            .context("placing the next overflow listener in the plug slot")?;
-        let (addr, len) = sockaddr(self.target);
-        for fd in &plugs {
-            // SAFETY: addr/len describe a valid sockaddr for the socket's family.
-            let rc = unsafe { libc::connect(fd.as_raw_fd(), (&raw const addr).cast(), len) };
-            let err = io::Error::last_os_error();
-            if rc < 0 && err.raw_os_error() != Some(libc::EINPROGRESS) {
-                return Err(err).with_context(|| format!("connecting a plug to {}", self.target));
-            }
-        }
-        self.open.push_back((Instant::now(), plugs));
-        Ok(())
+            .set(spare, listener, 0)
+            .context("placing the next overflow listener in the spare slot")?;
+        let sent = self.bind_plugs().and_then(|(base, plugs)| {
+            settings.plug_port = u32::from(base);
+            settings.plug_alt = u16::from(spare == OVERFLOW_SLOT);
+            config
+                .set(0, *settings, 0)
+                .context("pointing the selector at the plugs")?;
+            let (addr, len) = sockaddr(self.target);
+            let sent = plugs.iter().try_for_each(|fd| {
+                // SAFETY: addr/len describe a valid sockaddr for the socket's family.
+                let rc = unsafe { libc::connect(fd.as_raw_fd(), (&raw const addr).cast(), len) };
+                let err = io::Error::last_os_error();
+                if rc < 0 && err.raw_os_error() != Some(libc::EINPROGRESS) {
+                    return Err(err)
+                        .with_context(|| format!("connecting a plug to {}", self.target));
+                }
+                Ok(())
+            });
+            self.open.push_back((Instant::now(), plugs));
+            sent
+        });
+        // The SYNs are usually processed within connect(); under load the
+        // softirq may run later, on ksoftirqd: give them a moment before
+        // clients' SYNs arrive (a later plug still goes to this listener:
+        // `plug_alt` stays).
+        std::thread::sleep(SETTLE);
+        settings.overflow_alt = spare_alt;
+        let flipped = config
+            .set(0, *settings, 0)
+            .context("sending SYNs to the new overflow listener");
+        sent.and(flipped)
     }
 
     /// PLUGS deaf, non-blocking sockets bound to consecutive client ports
     /// from the returned one (an ephemeral port the kernel picks, and the
     /// next ones if free; else another try).
     fn bind_plugs(&self) -> Result<(u16, Vec<OwnedFd>)> {
-        // From the target's own address: a port is then taken only if a
-        // socket is bound to that address (or the wildcard) there, not by
-        // every client connection of the host; SO_REUSEADDR lets a port
-        // whose only users are in TIME_WAIT be used.
-        let from = |port: u16| SocketAddr::new(self.target.ip(), port);
+        // From an address of their own where the target is on loopback
+        // (nothing else binds there, so consecutive ports are free), else
+        // from the target's own address. No SO_REUSEADDR: a port of the
+        // previous plugs, still open, must not be bound again (the same
+        // 4-tuple could not connect).
+        let source = match self.target.ip() {
+            IpAddr::V4(ip) if ip.is_loopback() => IpAddr::V4(PLUG_SOURCE),
+            ip => ip,
+        };
+        let from = |port: u16| SocketAddr::new(source, port);
         let deaf_socket = |port: u16| -> Result<OwnedFd> {
             let fd = socket(self.target)?;
             drop_everything(&fd).context("making a SYN cookie plug deaf")?;
             set_nonblocking(&fd)?;
-            setsockopt_int(&fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
             let (addr, len) = sockaddr(from(port));
             // SAFETY: addr/len describe a valid sockaddr for the socket's family.
             if unsafe { libc::bind(fd.as_raw_fd(), (&raw const addr).cast(), len) } < 0 {
@@ -155,30 +177,19 @@ impl Plugs {
     }
 }
 
-impl Plugs {
-    /// Empties the plug slot, once the plug's SYN has been processed: a
-    /// socket sits in one slot at a time, and the plugged listener goes on
-    /// to the overflow slot.
-    pub fn unplug_slot(&self, slots: &SockArray) -> Result<()> {
-        slots
-            .lock()
-            .unwrap()
-            .clear_index(&PLUG_SLOT)
-            .context("emptying the plug slot")
-    }
-}
-
-/// Half the life of a request socket that is never answered: its SYN-ACK
-/// is retransmitted `tcp_synack_retries` times (1, 2, 4 ... s apart) and
-/// it expires one more doubling later; at most 30 s, at least 1 s.
-fn renewal_period() -> Duration {
-    let retries: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_synack_retries")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(5);
-    let life_s = (1u64 << (retries.min(10) + 1)) - 1;
-    Duration::from_secs((life_s / 2).clamp(1, 30))
-}
+/// How often the overflow listener gets fresh plugs. A full request queue
+/// makes the kernel prune it (`reqsk_timer_handler`: once at least half of
+/// a backlog's worth is waiting, old request sockets get fewer SYN-ACK
+/// retries, down to 2): a plug's request socket then lives about 3 to 7 s
+/// after its SYN, not a minute. Measured: renewing every 30 s let the queue
+/// empty, and real clients' SYNs took the queue path.
+const EVERY: Duration = Duration::from_secs(1);
+/// The plugs' source address when the target is IPv4 loopback: any
+/// 127.0.0.0/8 address is the host's own; this one is used by nothing else.
+const PLUG_SOURCE: Ipv4Addr = Ipv4Addr::new(127, 83, 84, 75);
+/// How long the plugs' SYNs get to be processed before the listener moves
+/// from the plug slot to the overflow slot.
+const SETTLE: Duration = Duration::from_millis(2);
 
 fn local_port(fd: &OwnedFd) -> Result<u16> {
     // SAFETY: all-zero is a valid sockaddr_storage; the kernel fills it.
