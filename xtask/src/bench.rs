@@ -8,11 +8,17 @@
 //!   (`sticky-bench core`): `<date>-core.json`, the README's bench section.
 //!   `--learn` alone implies `--core` (it only means something there), and
 //!   so does `--ws-learn` (WebSocket round trips, learning on vs off).
+//! - `cargo xtask bench --fronts [--quick]`: Socket.IO round trips through
+//!   HAProxy and nginx terminating TLS, to sticky and to one plain process
+//!   (`e2e/bench/fronts.js`): `<date>-fronts.json`, the README's section.
 
 use std::ffi::OsString;
 use std::process::Command;
 
 pub fn run(extra: &[String]) -> Result<(), String> {
+    if extra.iter().any(|a| a == "--fronts") {
+        return fronts(extra);
+    }
     let core = extra
         .iter()
         .any(|a| a == "--core" || a == "--learn" || a == "--ws-learn");
@@ -49,4 +55,24 @@ pub fn run(extra: &[String]) -> Result<(), String> {
     argv.push("--readme".into());
     argv.push(root.join("README.md").into());
     super::exec_as_root(&root.join("target/release/sticky-bench"), &argv)
+}
+
+/// `--fronts`: a Node.js script, since its clients are socket.io-client
+/// over TLS (e2e's lockfile).
+fn fronts(extra: &[String]) -> Result<(), String> {
+    super::build_release()?;
+    let root = super::root_dir();
+    let results = root.join("bench/results");
+    std::fs::create_dir_all(&results)
+        .map_err(|e| format!("cannot create {}: {e}", results.display()))?;
+    let node = super::find_in_path("node").ok_or("node is not installed (apt-get install nodejs)")?;
+    let mut argv: Vec<OsString> = vec![root.join("e2e/bench/fronts.js").into()];
+    argv.extend(extra.iter().filter(|a| *a != "--fronts").map(OsString::from));
+    argv.push("--sticky".into());
+    argv.push(root.join("target/release/sticky").into());
+    argv.push("--json".into());
+    argv.push(results.join(format!("{}-fronts.json", super::today())).into());
+    argv.push("--readme".into());
+    argv.push(root.join("README.md").into());
+    super::exec_as_root(&node, &argv)
 }

@@ -4,7 +4,7 @@
 //! - `cargo xtask build`               release build of every binary
 //! - `cargo xtask run [-- ARGS]`       demo cluster on 127.0.0.1:3000
 //! - `cargo xtask test [-- ARGS]`      debug build, then `cargo test --workspace`
-//! - `cargo xtask bench [--core] [--quick] [ARGS]`  benchmarks (bench.rs), results in bench/results/
+//! - `cargo xtask bench [--core | --fronts] [--quick] [ARGS]`  benchmarks (bench.rs), results in bench/results/
 //! - `cargo xtask fuzz [--seconds N]`  libFuzzer on the request parser (fuzz.rs)
 //! - `cargo xtask soak [--minutes N] [--sessions N]`  long Socket.IO run with worker restarts (soak.rs)
 //! - `cargo xtask kernels [--quick]`   sticky under qemu on Debian's kernels (kernels.rs)
@@ -23,7 +23,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const USAGE: &str = "usage: cargo xtask <build | run [-- STICKY_ARGS] | test [-- CARGO_TEST_ARGS] | bench [--core] [--quick] [BENCH_ARGS] | fuzz [--seconds N] | soak [--minutes N] [--sessions N] | kernels [--quick | --kernel VERSION]>";
+const USAGE: &str = "usage: cargo xtask <build | run [-- STICKY_ARGS] | test [-- CARGO_TEST_ARGS] | bench [--core | --fronts] [--quick] [BENCH_ARGS] | fuzz [--seconds N] | soak [--minutes N] [--sessions N] | kernels [--quick | --kernel VERSION]>";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
