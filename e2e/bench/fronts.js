@@ -43,6 +43,10 @@ async function startDirect(app) {
     cwd: path.resolve(__dirname, '..', '..'),
     env: { ...process.env, ...app.env, PORT: String(port) },
     stdio: 'ignore',
+    // Its own session, as sticky's workers have (own process group): the
+    // scheduler's autogroups then treat both targets alike, instead of
+    // sharing this client's CPU share with the direct one only.
+    detached: true,
   });
   for (let i = 0; i < 200; i++) {
     const up = await new Promise((resolve) => {
