@@ -5,7 +5,10 @@
 //   sticky run --listen 127.0.0.1:3000 --workers 3 -- node demo/worker.js
 //
 // - GET / in a browser: a page whose Socket.IO session shows which worker
-//   holds it, its transport, and an echo button. Open several tabs.
+//   holds it, its transport, an echo button, and a chat across workers: a
+//   message typed in one tab appears in every tab, whatever worker holds
+//   it (@socket.io/cluster-adapter, relayed by sticky over Node IPC).
+//   Open several tabs.
 // - GET / with curl: `worker=N pid=P`.
 // - GET /register?sid=X, /unregister?sid=X: report a session to sticky, so
 //   `curl '.../?sid=X'` always reaches this worker.
@@ -56,9 +59,32 @@ const io = new Server(httpServer, {
   cors: { origin: '*', methods: ['GET', 'POST'] },
   maxHttpBufferSize: 4e6,
 });
+// Broadcasts reach every worker's clients under sticky (which gives a
+// `node` worker its IPC channel); alone, process.send is missing and the
+// default in-process adapter is enough.
+if (process.send) io.adapter(require('@socket.io/cluster-adapter').createAdapter());
+
+/** Tells every tab how many sessions the cluster holds, over how many workers. */
+async function announceOnline() {
+  try {
+    const sockets = await io.fetchSockets();
+    const workers = new Set(sockets.map((s) => s.data.worker)).size;
+    io.emit('online', { sessions: sockets.length, workers });
+  } catch (err) {
+    console.error(`demo worker ${worker}: fetchSockets: ${err.message}`);
+  }
+}
 
 io.on('connection', (socket) => {
+  socket.data.worker = worker;
   socket.emit('hello', me);
+  announceOnline();
+  socket.on('disconnect', () => setTimeout(announceOnline, 50));
+  socket.on('chat', (text, ack) => {
+    if (typeof text !== 'string' || text.length === 0 || text.length > 500) return;
+    io.emit('chat', { text, worker, from: socket.id.slice(0, 6), at: Date.now() });
+    if (typeof ack === 'function') ack(me);
+  });
   socket.on('echo', (payload, ack) => {
     if (typeof ack === 'function') ack(payload);
   });

@@ -1,46 +1,64 @@
-//! Load generator for `cargo xtask bench`.
+//! `sticky-bench core`: what placement itself costs, against the floor.
 //!
-//! It answers two questions, each against the floor, the same listeners
-//! balanced at SYN time with no stickiness at all (`sticky run --placement
-//! syn`, which also attaches no session learner):
+//! The same two workers behind three placements, in one run, alternating
+//! round by round (sticky, cookie, floor, sticky, ...) so that drift of a
+//! shared machine cancels out of the ratios:
 //!
-//! - what does sticky placement cost per connection? Short
-//!   Engine.IO-polling-like requests, one new connection each
-//!   (`Connection: close`), timed from connect to the last byte of the
-//!   response; from one client, then from `--clients` concurrent ones. A
-//!   response from a worker other than the sid's owner counts as "wrong
-//!   worker": ~0 expected for sticky, ~1/2 for the floor with two workers.
-//! - what does sticky cost once a connection is established? Each client
-//!   opens one keep-alive connection and sends requests on it back to back,
-//!   each timed from its write to the last byte of its response; one client,
-//!   then `ESTABLISHED_CLIENTS`, all pinned with sticky and its workers to
-//!   one CPU (`Pinning` says why). Nothing of sticky should be on this path
-//!   but the session learner (`sticky_learn`, on every egress packet of
-//!   sticky's cgroup), so sticky should equal the floor; `--learn off` is
-//!   the control.
+//! - `sticky`: sticky's default placement, by sid, with sorting-listener
+//!   rotation (the softirq and queue paths);
+//! - `cookie`: `--placement cookie`, every SYN answered with a SYN cookie
+//!   and every connection placed by sid on its first data in softirq, no
+//!   rotation;
+//! - `floor`: the same listeners balanced at SYN time with no stickiness at
+//!   all (`--placement syn`, which also attaches no session learner).
 //!
-//! Both modes run in the same process run, alternating round by round
-//! (sticky, floor, sticky, floor, ...) so that drift of the machine
-//! (thermal, other load) cancels out of the ratios. In each round, each
-//! mode starts one `sticky run` with two demo workers for the established
-//! workloads, then a fresh one for the new-connection workloads, after
-//! registering sessions through it (`/register?sid=`). The sticky column
-//! uses sticky's default options (learning on).
+//! The workers are the fair-floor worker (`bench/workers/fair_worker.c`,
+//! one thread, epoll, a few microseconds per request) unless `--worker`
+//! names another: equally cheap in every column, so what differs is
+//! placement.
+//!
+//! Workloads:
+//! - new connections: sid-carrying requests, one new connection each
+//!   (`Connection: close`), timed from connect to the response's last byte;
+//!   serially, then from `--clients` concurrent clients; and "distance"
+//!   rows whose clients wait 1 ms or 20 ms between `connect` and their first
+//!   byte, as a client one round trip away does (netem is not available
+//!   here). A response from another worker than the sid's owner counts as
+//!   "wrong worker": 0 expected for sticky and cookie, ~1/2 for the floor.
+//!   The supervisor's CPU time (user + system, /proc) over each workload
+//!   is reported per 1,000 connections.
+//! - established connections: each client opens one keep-alive connection
+//!   and sends requests on it back to back, each timed from its write to
+//!   the last byte of its response; one client, then `ESTABLISHED_CLIENTS`,
+//!   all pinned with sticky and its workers to one CPU (`Pinning` says why).
+//!   Nothing of sticky should be on this path but the session learner;
+//!   `--learn off` is the control.
+//! - memory (`memory.rs`, once, after the rounds): `--sessions` sessions
+//!   registered over the control socket, then in a fresh cluster
+//!   `--learned` sessions learned from Engine.IO handshakes; kernel map
+//!   memory and the supervisor's RSS with them held.
 //!
 //! Plain threads and blocking sockets keep the client simple and its own
-//! overhead constant between the two modes; only libc is needed (signals).
+//! overhead constant between the modes; only libc is needed (signals).
 
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Barrier, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use crate::http::{exchange, Conn, Response};
+use crate::host::{other_stickies, warn_others};
+use crate::http::{exchange_after, Conn, Response};
+use crate::measure::{cpu_set, run_clients, Rng, Stats};
 
+mod foreign;
+mod memory;
+mod report;
 mod ws_learn;
+
+use report::update_readme;
 
 const WORKERS: usize = 2;
 /// Sessions registered per worker, so requests spread over several sids.
@@ -50,27 +68,41 @@ const SIDS_PER_WORKER: usize = 3;
 const ESTABLISHED_CLIENTS: usize = 8;
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 
-const USAGE: &str = "usage: sticky-bench [--quick] [--rounds N] [--duration SECS] [--clients N]
-                    [--learn on|off] [--json PATH] [--readme PATH] [--sticky PATH]
-                    [--worker PATH] [--direct ADDR] [--ws-learn]
+const USAGE: &str =
+    "usage: sticky-bench core [--quick] [--rounds N] [--duration SECS] [--clients N]
+                    [--modes sticky,cookie,floor] [--sessions N] [--learned N]
+                    [--no-memory] [--learn on|off] [--json PATH] [--readme PATH]
+                    [--sticky PATH] [--worker PATH] [--direct ADDR] [--ws-learn]
+                    [--foreign]
 
-  --quick          1 round of 1 s per workload (default: 3 rounds of 3 s)
-  --rounds N       rounds per mode; modes alternate sticky, floor, sticky, ...
+  --quick          1 round of 1 s per workload, 100,000 learned sessions
+                   (default: 3 rounds of 3 s, 1,000,000)
+  --rounds N       rounds per mode; modes alternate
   --duration SECS  length of each workload in each round
   --clients N      concurrent clients, one new connection per request
                    (default 64; the established workload uses 8)
-  --learn on|off   session learning in the sticky column (default on, sticky's
+  --modes K,..     placements to compare: sticky, cookie, floor (default all)
+  --sessions N     sessions registered for the memory measurement
+                   (default 1,000,000)
+  --learned N      sessions learned for the memory measurement
+  --no-memory      skip the memory measurement
+  --learn on|off   session learning in the sticky columns (default on, sticky's
                    default); off is a control: nothing of sticky is left on
                    established connections, so those rows should read 1.00
   --json PATH      also write the results as JSON
   --readme PATH    also write the tables between the bench markers of PATH
   --sticky PATH    sticky binary (default: `sticky` next to this executable)
-  --worker PATH    worker binary (default: `sticky-demo-worker` next to it)
+  --worker PATH    worker binary (default: the fair-floor C worker built with
+                   this bench; `sticky-demo-worker` is the thread-per-connection one)
   --direct ADDR    debug: start nothing, measure a server already listening
-                   at ADDR in both columns (checks the harness itself)
+                   at ADDR in every column (checks the harness itself)
   --ws-learn       instead: Socket.IO messages over established WebSockets,
                    sticky --learn on vs off (plain socketioxide workers;
-                   JSON in <json stem>-ws-learn.json)";
+                   JSON in <json stem>-ws-learn.json)
+  --foreign        instead: the foreign-request check's cost (WebSocket echo,
+                   keep-alive long-polling; --foreign-requests reset vs off),
+                   Connection: close per poll, and a reset request's resend
+                   (JSON in <json stem>-foreign.json)";
 
 /// `sticky-bench core ARGS`.
 pub fn main(args: Vec<String>) {
@@ -88,6 +120,9 @@ struct Opts {
     rounds: usize,
     duration: Duration,
     clients: usize,
+    modes: Vec<Mode>,
+    /// Registered and learned sessions of the memory measurement (None: skip it).
+    memory: Option<(usize, usize)>,
     json: Option<PathBuf>,
     readme: Option<PathBuf>,
     direct: Option<SocketAddr>,
@@ -96,24 +131,33 @@ struct Opts {
     ws_learn: bool,
     /// A cgroup v2 directory to start sticky in (`ws_learn`).
     cgroup: Option<PathBuf>,
+    /// Run only the foreign-request comparison (`foreign`).
+    foreign_bench: bool,
+    /// `--foreign-requests` for sticky (None: its default).
+    foreign: Option<&'static str>,
 }
 
 fn parse_args(args: Vec<String>) -> Result<Opts, String> {
-    let exe_dir = crate::exe_dir();
+    let exe_dir = crate::host::exe_dir();
     let mut opts = Opts {
         sticky: exe_dir.join("sticky"),
-        worker: exe_dir.join("sticky-demo-worker"),
+        worker: PathBuf::from(env!("STICKY_FAIR_WORKER")),
         rounds: 3,
         duration: Duration::from_secs(3),
         clients: 64,
+        modes: Mode::ALL.to_vec(),
+        memory: None,
         json: None,
         readme: None,
         direct: None,
         learn: true,
         ws_learn: false,
         cgroup: None,
+        foreign_bench: false,
+        foreign: None,
     };
     let (mut rounds, mut duration) = (None, None);
+    let (mut sessions, mut learned, mut memory) = (None, None, true);
     let mut quick = false;
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
@@ -121,11 +165,21 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
         match arg.as_str() {
             "--quick" => quick = true,
             "--ws-learn" => opts.ws_learn = true,
+            "--no-memory" => memory = false,
+            "--foreign" => opts.foreign_bench = true,
             "--rounds" => rounds = Some(number(&value("--rounds")?)? as usize),
             "--duration" => {
                 duration = Some(Duration::from_secs_f64(number(&value("--duration")?)?))
             }
             "--clients" => opts.clients = number(&value("--clients")?)? as usize,
+            "--sessions" => sessions = Some(number(&value("--sessions")?)? as usize),
+            "--learned" => learned = Some(number(&value("--learned")?)? as usize),
+            "--modes" => {
+                opts.modes = value("--modes")?
+                    .split(',')
+                    .map(|k| Mode::parse(k.trim()))
+                    .collect::<Result<_, _>>()?
+            }
             "--json" => opts.json = Some(value("--json")?.into()),
             "--readme" => opts.readme = Some(value("--readme")?.into()),
             "--sticky" => opts.sticky = value("--sticky")?.into(),
@@ -149,10 +203,23 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
         }
     }
-    let (default_rounds, default_secs) = if quick { (1, 1.0) } else { (3, 3.0) };
+    let (default_rounds, default_secs, default_learned) = if quick {
+        (1, 1.0, 100_000)
+    } else {
+        (3, 3.0, 1_000_000)
+    };
     opts.rounds = rounds.unwrap_or(default_rounds).max(1);
     opts.duration = duration.unwrap_or(Duration::from_secs_f64(default_secs));
     opts.clients = opts.clients.max(1);
+    if opts.modes.is_empty() {
+        return Err("--modes needs at least one of sticky, cookie, floor".into());
+    }
+    opts.memory = (memory && opts.direct.is_none()).then(|| {
+        (
+            sessions.unwrap_or(1_000_000),
+            learned.unwrap_or(default_learned),
+        )
+    });
     Ok(opts)
 }
 
@@ -163,16 +230,26 @@ fn number(s: &str) -> Result<f64, String> {
         .ok_or(format!("{s:?} is not a positive number"))
 }
 
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy, PartialEq, Debug)]
 enum Mode {
     Sticky,
+    Cookie,
     Floor,
 }
 
 impl Mode {
+    const ALL: [Mode; 3] = [Mode::Sticky, Mode::Cookie, Mode::Floor];
+
+    fn parse(key: &str) -> Result<Mode, String> {
+        Mode::ALL
+            .into_iter()
+            .find(|m| m.label() == key)
+            .ok_or(format!("unknown mode {key:?} (sticky, cookie, floor)"))
+    }
     fn label(self) -> &'static str {
         match self {
             Mode::Sticky => "sticky",
+            Mode::Cookie => "cookie",
             Mode::Floor => "floor",
         }
     }
@@ -180,6 +257,7 @@ impl Mode {
     fn placement(self) -> &'static str {
         match self {
             Mode::Sticky => "sticky",
+            Mode::Cookie => "cookie",
             Mode::Floor => "syn",
         }
     }
@@ -203,103 +281,64 @@ struct Workload {
     key: &'static str,
     kind: Kind,
     clients: usize,
+    /// New connections: how long a client waits between `connect` and its
+    /// first byte (the distance it emulates).
+    delay: Duration,
 }
 
 /// Every workload, in table order.
 fn workloads(opts: &Opts) -> Vec<Workload> {
+    let new = |name: String, key, clients, delay_ms| Workload {
+        name,
+        key,
+        kind: Kind::NewConnection,
+        clients,
+        delay: Duration::from_millis(delay_ms),
+    };
+    let established = |name: String, key, clients| Workload {
+        name,
+        key,
+        kind: Kind::Established,
+        clients,
+        delay: Duration::ZERO,
+    };
+    let n = opts.clients;
     vec![
-        Workload {
-            name: "serial".into(),
-            key: "serial",
-            kind: Kind::NewConnection,
-            clients: 1,
-        },
-        Workload {
-            name: format!("{} clients", opts.clients),
-            key: "concurrent",
-            kind: Kind::NewConnection,
-            clients: opts.clients,
-        },
-        Workload {
-            name: "established, serial".into(),
-            key: "established_serial",
-            kind: Kind::Established,
-            clients: 1,
-        },
-        Workload {
-            name: format!("established, {ESTABLISHED_CLIENTS} clients"),
-            key: "established_concurrent",
-            kind: Kind::Established,
-            clients: ESTABLISHED_CLIENTS,
-        },
+        new("serial".into(), "serial", 1, 0),
+        new(format!("{n} clients"), "concurrent", n, 0),
+        new(format!("1 ms away, {n} clients"), "distance_1ms", n, 1),
+        new(format!("20 ms away, {n} clients"), "distance_20ms", n, 20),
+        established("established, serial".into(), "established_serial", 1),
+        established(
+            format!("established, {ESTABLISHED_CLIENTS} clients"),
+            "established_concurrent",
+            ESTABLISHED_CLIENTS,
+        ),
     ]
 }
 
-/// Measurements of one workload in one mode, accumulated over rounds.
+/// One workload in one mode, accumulated over rounds.
 #[derive(Default)]
-pub(crate) struct Stats {
-    /// Request times (see `Kind`), nanoseconds.
-    pub latencies: Vec<u64>,
-    /// Connections opened (in the timed loop and for its set-up).
-    pub connections: u64,
-    pub errors: u64,
-    pub wrong_worker: u64,
-    /// The `latencies` of answers from the right worker, where a workload
-    /// tells them apart (the peers' new-connection workloads): a wrong
-    /// worker's answer may be cheaper than a right one's.
-    pub right_latencies: Vec<u64>,
-    pub elapsed: Duration,
-    pub first_error: Option<String>,
+struct Cell {
+    stats: Stats,
+    /// The supervisor's CPU seconds while the workload ran.
+    supervisor_cpu_s: f64,
 }
 
-impl Stats {
-    pub fn merge(&mut self, other: Stats) {
-        self.latencies.extend(other.latencies);
-        self.right_latencies.extend(other.right_latencies);
-        self.connections += other.connections;
-        self.errors += other.errors;
-        self.wrong_worker += other.wrong_worker;
-        self.elapsed += other.elapsed;
-        self.first_error = self.first_error.take().or(other.first_error);
-    }
-    pub fn fail(&mut self, why: String) {
-        self.errors += 1;
-        if self.first_error.is_none() {
-            self.first_error = Some(why);
+impl Cell {
+    /// The supervisor's CPU milliseconds per 1,000 connections.
+    fn supervisor_ms_per_1k(&self) -> f64 {
+        match self.stats.connections {
+            0 => f64::NAN,
+            n => self.supervisor_cpu_s * 1e6 / n as f64,
         }
     }
-    pub fn rate(&self) -> f64 {
-        self.latencies.len() as f64 / self.elapsed.as_secs_f64().max(1e-9)
-    }
-    /// Percentile in microseconds; `latencies` must be sorted.
-    pub fn percentile_us(&self, q: f64) -> f64 {
-        percentile_us(&self.latencies, q)
-    }
 }
 
-/// Percentile of `sorted` (nanoseconds) in microseconds; NaN if empty.
-pub(crate) fn percentile_us(sorted: &[u64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1] as f64 / 1000.0
-}
-
-/// One workload's results in both modes.
+/// One workload's results in every mode (`cells[i]` is `Opts::modes[i]`).
 struct Measured {
     workload: Workload,
-    sticky: Stats,
-    floor: Stats,
-}
-
-impl Measured {
-    fn mode_mut(&mut self, mode: Mode) -> &mut Stats {
-        match mode {
-            Mode::Sticky => &mut self.sticky,
-            Mode::Floor => &mut self.floor,
-        }
-    }
+    cells: Vec<Cell>,
 }
 
 struct Results {
@@ -311,9 +350,13 @@ struct Results {
     pinning: Option<String>,
     /// Other `sticky run` processes seen at the start or the end.
     others: Vec<u32>,
+    memory: Option<memory::Memory>,
 }
 
 fn run(opts: &Opts) -> Result<(), String> {
+    if opts.foreign_bench {
+        return foreign::run(opts);
+    }
     if opts.ws_learn {
         return ws_learn::run(opts);
     }
@@ -329,13 +372,13 @@ fn run(opts: &Opts) -> Result<(), String> {
             .into_iter()
             .map(|workload| Measured {
                 workload,
-                sticky: Stats::default(),
-                floor: Stats::default(),
+                cells: opts.modes.iter().map(|_| Cell::default()).collect(),
             })
             .collect(),
         sticky_learning: (!opts.learn).then_some(false),
         pinning: None,
         others: other_stickies(),
+        memory: None,
     };
     warn_others(&results.others);
     let pinning = match opts.direct {
@@ -343,8 +386,9 @@ fn run(opts: &Opts) -> Result<(), String> {
         None => Pinning::pick(),
     };
     results.pinning = pinning.as_ref().map(Pinning::describe);
+    let mut learning_seen = false;
     for round in 1..=opts.rounds {
-        for mode in [Mode::Sticky, Mode::Floor] {
+        for (m, &mode) in opts.modes.iter().enumerate() {
             let mut line = format!("round {round}/{} {:6}:", opts.rounds, mode.label());
             // Each kind gets its own cluster: established connections are
             // measured with clients and server pinned to one CPU (`Pinning`),
@@ -360,7 +404,7 @@ fn run(opts: &Opts) -> Result<(), String> {
                     Some(_) => None,
                     None => Some(Cluster::start(opts, mode, pins.map(Pinning::cpus))?),
                 };
-                if let (Some(c), Mode::Sticky, true) = (&cluster, mode, opts.learn) {
+                if let (Some(c), true, true) = (&cluster, mode != Mode::Floor, opts.learn) {
                     let learning = c.learning();
                     if learning == Some(false) {
                         eprintln!(
@@ -368,12 +412,13 @@ fn run(opts: &Opts) -> Result<(), String> {
                             c.log_tail()
                         );
                     }
-                    results.sticky_learning = match (round, kind, results.sticky_learning, learning)
-                    {
-                        (1, Kind::Established, _, l) => l,
-                        (_, _, Some(a), Some(b)) => Some(a && b),
-                        _ => None,
-                    };
+                    results.sticky_learning =
+                        match (learning_seen, results.sticky_learning, learning) {
+                            (false, _, l) => l,
+                            (true, Some(a), Some(b)) => Some(a && b),
+                            _ => None,
+                        };
+                    learning_seen = true;
                 }
                 let addr = cluster
                     .as_ref()
@@ -387,14 +432,16 @@ fn run(opts: &Opts) -> Result<(), String> {
                     if w.kind != kind {
                         continue;
                     }
+                    let cpu_before = cluster.as_ref().map_or(0.0, Cluster::cpu_seconds);
                     let mut stats = match kind {
                         Kind::NewConnection => {
-                            run_new_connections(addr, &sessions, w.clients, opts.duration)
+                            run_new_connections(addr, &sessions, w.clients, opts.duration, w.delay)
                         }
                         Kind::Established => {
                             run_established(addr, w.clients, opts.duration, pins.map(Pinning::cpus))
                         }
                     };
+                    let cpu = cluster.as_ref().map_or(0.0, Cluster::cpu_seconds) - cpu_before;
                     stats.latencies.sort_unstable();
                     line += &format!(
                         " {} {} req p50 {:.1} µs ({} errors);",
@@ -403,7 +450,9 @@ fn run(opts: &Opts) -> Result<(), String> {
                         stats.percentile_us(0.50),
                         stats.errors
                     );
-                    measured.mode_mut(mode).merge(stats);
+                    let cell = &mut measured.cells[m];
+                    cell.stats.merge(stats);
+                    cell.supervisor_cpu_s += cpu;
                 }
                 if let Some(cluster) = cluster {
                     cluster.check_alive()?;
@@ -413,12 +462,15 @@ fn run(opts: &Opts) -> Result<(), String> {
         }
     }
     for m in &mut results.workloads {
-        for (mode, s) in [("sticky", &mut m.sticky), ("floor", &mut m.floor)] {
-            s.latencies.sort_unstable();
-            if let Some(e) = &s.first_error {
-                eprintln!("first error ({}, {mode}): {e}", m.workload.name);
+        for (mode, cell) in opts.modes.iter().zip(&mut m.cells) {
+            cell.stats.latencies.sort_unstable();
+            if let Some(e) = &cell.stats.first_error {
+                eprintln!("first error ({}, {}): {e}", m.workload.name, mode.label());
             }
         }
+    }
+    if let Some((registered, learned)) = opts.memory {
+        results.memory = Some(memory::measure(opts, registered, learned)?);
     }
     let seen = results.others.len();
     for pid in other_stickies() {
@@ -429,7 +481,7 @@ fn run(opts: &Opts) -> Result<(), String> {
     if results.others.len() > seen {
         warn_others(&results.others[seen..]);
     }
-    let report = table(opts, &results);
+    let report = report::table(opts, &results);
     print!("{report}");
     if let Some(path) = &opts.readme {
         update_readme(path, &report)?;
@@ -440,7 +492,7 @@ fn run(opts: &Opts) -> Result<(), String> {
             std::fs::create_dir_all(dir)
                 .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         }
-        std::fs::write(path, json(opts, &results))
+        std::fs::write(path, report::json(opts, &results))
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
         eprintln!("wrote {}", path.display());
     }
@@ -460,7 +512,17 @@ impl Cluster {
     /// only there (sticky's sorter threads still pin themselves to their
     /// own CPU each).
     fn start(opts: &Opts, mode: Mode, cpus: Option<&[usize]>) -> Result<Cluster, String> {
-        let port = crate::servers::free_port()?;
+        Cluster::start_with(opts, mode, cpus, &[])
+    }
+
+    /// Like `start`, with `extra` arguments to `sticky run`.
+    fn start_with(
+        opts: &Opts,
+        mode: Mode,
+        cpus: Option<&[usize]>,
+        extra: &[&str],
+    ) -> Result<Cluster, String> {
+        let port = crate::host::free_port()?;
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let mut command = Command::new(&opts.sticky);
         if let Some(cpus) = cpus {
@@ -507,9 +569,16 @@ impl Cluster {
             ])
             .args(["--placement", mode.placement()])
             .args(match (mode, opts.learn) {
-                (Mode::Sticky, false) => &["--learn", "off"][..],
+                (Mode::Sticky | Mode::Cookie, false) => &["--learn", "off"][..],
                 _ => &[],
             })
+            .args(extra)
+            .args(
+                opts.foreign
+                    .map(|f| ["--foreign-requests", f])
+                    .iter()
+                    .flatten(),
+            )
             .arg("--")
             .arg(&opts.worker)
             .stdin(Stdio::null())
@@ -552,6 +621,15 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The supervisor's CPU time so far (user + system, all its threads).
+    fn cpu_seconds(&self) -> f64 {
+        crate::host::cpu_seconds(self.child.id())
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Results are meaningless if sticky died during the round.
@@ -612,45 +690,6 @@ impl Drop for Cluster {
     }
 }
 
-/// Pids of `sticky run` processes other than this benchmark's own (which
-/// are its children). Their session learners, attached to their cgroup,
-/// may run on this benchmark's packets too, in both columns.
-pub(crate) fn other_stickies() -> Vec<u32> {
-    let me = std::process::id();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    let mut pids: Vec<u32> = dir
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-                return false;
-            };
-            let mut args = cmdline.split(|&b| b == 0);
-            let is_sticky = args
-                .next()
-                .is_some_and(|a| a == b"sticky" || a.ends_with(b"/sticky"));
-            let parent = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|stat| {
-                    // pid (comm) state ppid ...: comm may hold spaces.
-                    let rest = &stat[stat.rfind(')')? + 1..];
-                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
-                });
-            is_sticky && args.next() == Some(b"run") && parent != Some(me)
-        })
-        .collect();
-    pids.sort_unstable();
-    pids
-}
-
-pub(crate) fn warn_others(pids: &[u32]) {
-    if !pids.is_empty() {
-        eprintln!("note: other `sticky run` processes are running (pids {pids:?}): their session learners (on their cgroup and below) may run on this benchmark's packets in both columns, and their load adds noise");
-    }
-}
-
 /// A registered session and the worker that owns it (None: unknown, in
 /// `--direct` mode against a worker without a supervisor).
 struct Session {
@@ -704,56 +743,15 @@ fn register(addr: SocketAddr, direct: bool) -> Result<Vec<Session>, String> {
     Err(format!("could not register {SIDS_PER_WORKER} sessions on each of {WORKERS} workers in 500 tries (owners seen: {owned:?})"))
 }
 
-/// Runs `clients` threads side by side (on `cpus` if given), each running
-/// `client(index, barrier)`, which sets up, waits at the barrier, then
-/// measures.
-pub(crate) fn run_clients(
-    clients: usize,
-    cpus: Option<&[usize]>,
-    client: impl Fn(usize, &Barrier) -> Stats + Sync,
-) -> Stats {
-    let barrier = Barrier::new(clients);
-    let per_thread: Vec<Stats> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..clients)
-            .map(|t| {
-                let (barrier, client) = (&barrier, &client);
-                scope.spawn(move || {
-                    if let Some(cpus) = cpus {
-                        if let Err(e) = pin(cpus) {
-                            let mut stats = Stats::default();
-                            stats.fail(format!("cannot pin a client to CPUs {cpus:?}: {e}"));
-                            // Still at the barrier, or the others wait forever.
-                            barrier.wait();
-                            return stats;
-                        }
-                    }
-                    client(t, barrier)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    // Threads ran side by side: the wall time is the longest one, not the sum.
-    let elapsed = per_thread
-        .iter()
-        .map(|s| s.elapsed)
-        .max()
-        .unwrap_or_default();
-    let mut total = Stats::default();
-    for s in per_thread {
-        total.merge(s);
-    }
-    total.elapsed = elapsed;
-    total
-}
-
 /// `clients` threads, each doing one request per new connection in a loop,
-/// for `duration`; a request is timed from connect to its last byte.
+/// for `duration`, waiting `delay` between connect and the request; a
+/// request is timed from connect to its last byte.
 fn run_new_connections(
     addr: SocketAddr,
     sessions: &[Session],
     clients: usize,
     duration: Duration,
+    delay: Duration,
 ) -> Stats {
     run_clients(clients, None, |t, barrier| {
         let requests: Vec<Vec<u8>> = sessions
@@ -774,7 +772,7 @@ fn run_new_connections(
             let session = &sessions[i];
             let begin = Instant::now();
             stats.connections += 1;
-            match exchange(addr, None, &requests[i]) {
+            match exchange_after(addr, Some(client_address(t)), &requests[i], delay) {
                 Ok(r) if r.status == 200 => {
                     stats.latencies.push((r.complete - begin).as_nanos() as u64);
                     if session.owner.is_some() && worker(&r) != session.owner {
@@ -846,11 +844,22 @@ fn run_established(
     })
 }
 
+/// Client `t`'s own source address, as distinct users have: from one
+/// address, 64 clients at 10,000+ connections per second reuse every client
+/// port within seconds, while the server still holds those connections in
+/// TIME_WAIT (it closes first): the kernel then makes a request socket for
+/// such a SYN whatever the placement, which is not what clients spread over
+/// the Internet do.
+fn client_address(t: usize) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::new(127, 1, (t % 256) as u8, 1 + (t / 256) as u8)
+}
+
 fn get(addr: SocketAddr, path: &str) -> io::Result<Response> {
-    exchange(
+    exchange_after(
         addr,
         None,
         format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        Duration::ZERO,
     )
 }
 
@@ -896,253 +905,4 @@ impl Pinning {
             self.cpu
         )
     }
-}
-
-fn cpu_set(cpus: &[usize]) -> libc::cpu_set_t {
-    // SAFETY: a zeroed cpu_set_t is empty; CPU_SET stays within it for
-    // CPUs below CPU_SETSIZE (those come from sched_getaffinity).
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    for &c in cpus {
-        unsafe { libc::CPU_SET(c, &mut set) };
-    }
-    set
-}
-
-/// Pins the calling thread to `cpus`.
-fn pin(cpus: &[usize]) -> io::Result<()> {
-    let set = cpu_set(cpus);
-    // SAFETY: plain syscall on the calling thread with a valid set.
-    if unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// xorshift64*: enough to make sids unique, no dependency needed.
-pub(crate) struct Rng(pub u64);
-
-impl Rng {
-    /// Seeded from the clock and pid; `stream` separates threads started
-    /// in the same nanosecond.
-    pub fn seeded(stream: u64) -> Rng {
-        let t = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos() as u64;
-        let pid = u64::from(std::process::id()) << 32;
-        let mut rng = Rng((t ^ pid ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1);
-        rng.next();
-        rng
-    }
-    pub fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    /// 20 characters of the base64url alphabet, like Engine.IO's ids.
-    pub fn sid(&mut self) -> String {
-        const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-        (0..20)
-            .map(|_| ALPHABET[(self.next() >> 58) as usize] as char)
-            .collect()
-    }
-}
-
-pub(crate) fn ratio(a: f64, b: f64) -> f64 {
-    if b > 0.0 {
-        a / b
-    } else {
-        f64::NAN
-    }
-}
-
-/// sticky/floor ratios of p50, p99 and rate.
-fn ratios(m: &Measured) -> [f64; 3] {
-    let (s, f) = (&m.sticky, &m.floor);
-    [
-        ratio(s.percentile_us(0.50), f.percentile_us(0.50)),
-        ratio(s.percentile_us(0.99), f.percentile_us(0.99)),
-        ratio(s.rate(), f.rate()),
-    ]
-}
-
-fn table(opts: &Opts, r: &Results) -> String {
-    let mut out = String::new();
-    let target = match opts.direct {
-        Some(addr) => format!("direct to {addr} in both columns (harness check)"),
-        None => format!(
-            "{WORKERS} demo workers, sticky with {}",
-            match r.sticky_learning {
-                Some(true) => "its defaults (session learning on)",
-                Some(false) if !opts.learn => "--learn off (control run)",
-                Some(false) => "session learning OFF (the learner could not be attached)",
-                None => "its defaults (session learning: not confirmed by its log)",
-            }
-        ),
-    };
-    let names = |kind: Kind| {
-        let names: Vec<&str> = r
-            .workloads
-            .iter()
-            .filter(|m| m.workload.kind == kind)
-            .map(|m| m.workload.name.as_str())
-            .collect();
-        names.join(" and ")
-    };
-    out += &format!(
-        "\n## sticky placement vs SYN-time balancing (floor)\n\n{target}; {} round(s) of {:.1} s per workload and mode, alternating.\n\n- {}: one new connection per request, timed from connect to the response's last byte.\n- {}: one keep-alive connection per client, opened before the clock starts; requests back to back, each timed from its write to the response's last byte; {}.\n\n",
-        opts.rounds,
-        opts.duration.as_secs_f64(),
-        names(Kind::NewConnection),
-        names(Kind::Established),
-        r.pinning.as_deref().unwrap_or("unpinned"),
-    );
-    out += "| workload | mode | requests | rate (req/s) | p50 (µs) | p99 (µs) | max (µs) | errors | wrong worker |\n";
-    out += "|---|---|---:|---:|---:|---:|---:|---:|---:|\n";
-    for m in &r.workloads {
-        for (mode, s) in [("sticky", &m.sticky), ("floor", &m.floor)] {
-            // Established requests carry no sid: no owner to check.
-            let wrong = match m.workload.kind {
-                Kind::NewConnection => s.wrong_worker.to_string(),
-                Kind::Established => "-".into(),
-            };
-            out += &format!(
-                "| {} | {mode} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {} | {wrong} |\n",
-                m.workload.name,
-                s.latencies.len(),
-                s.rate(),
-                s.percentile_us(0.50),
-                s.percentile_us(0.99),
-                s.percentile_us(1.0),
-                s.errors,
-            );
-        }
-    }
-    out += "\n| workload | p50 sticky/floor | p99 sticky/floor | rate sticky/floor |\n|---|---:|---:|---:|\n";
-    for m in &r.workloads {
-        let [p50, p99, rate] = ratios(m);
-        out += &format!(
-            "| {} | {p50:.3} | {p99:.3} | {rate:.3} |\n",
-            m.workload.name
-        );
-    }
-    out
-}
-
-/// Replaces what sits between the README's bench markers with `report`.
-fn update_readme(path: &Path, report: &str) -> Result<(), String> {
-    replace_between_markers(path, "<!-- bench:begin -->", "<!-- bench:end -->", report)
-}
-
-/// Replaces what sits between `begin` and `end` in `path` with a stamp
-/// (machine, CPUs) and `report`, its first heading one level down.
-fn replace_between_markers(
-    path: &Path,
-    begin: &str,
-    end: &str,
-    report: &str,
-) -> Result<(), String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let (Some(a), Some(b)) = (text.find(begin), text.find(end)) else {
-        return Err(format!("{} has no {begin} / {end} markers", path.display()));
-    };
-    let machine = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let stamp = format!(
-        "\nMeasured by `cargo xtask bench` on {cpus} CPUs, Linux {}; ratios are what to compare (absolute times drift on shared machines).\n\n",
-        machine.trim()
-    );
-    let new = format!(
-        "{}{begin}\n{stamp}{}\n{}",
-        &text[..a],
-        report.trim_start_matches('\n').replacen("## ", "### ", 1),
-        &text[b..]
-    );
-    std::fs::write(path, new).map_err(|e| format!("cannot write {}: {e}", path.display()))
-}
-
-/// JSON by hand: a handful of numbers does not justify serde. One key per
-/// workload (`Workload::key`); `conns` counts connections opened, equal to
-/// `requests` for the new-connection workloads.
-fn json(opts: &Opts, r: &Results) -> String {
-    let num = |x: f64| {
-        if x.is_finite() {
-            format!("{x:.3}")
-        } else {
-            "null".into()
-        }
-    };
-    let stats = |s: &Stats, kind: Kind| {
-        let wrong = match kind {
-            Kind::NewConnection => s.wrong_worker.to_string(),
-            Kind::Established => "null".into(),
-        };
-        format!(
-            "{{\"requests\": {}, \"conns\": {}, \"seconds\": {}, \"rate\": {}, \"p50_us\": {}, \"p99_us\": {}, \"max_us\": {}, \"errors\": {}, \"wrong_worker\": {wrong}}}",
-            s.latencies.len(),
-            s.connections,
-            num(s.elapsed.as_secs_f64()),
-            num(s.rate()),
-            num(s.percentile_us(0.50)),
-            num(s.percentile_us(0.99)),
-            num(s.percentile_us(1.0)),
-            s.errors,
-        )
-    };
-    let workloads: Vec<String> = r
-        .workloads
-        .iter()
-        .map(|m| {
-            let w = &m.workload;
-            let [p50, p99, rate] = ratios(m);
-            format!(
-                "  \"{}\": {{\n      \"name\": {},\n      \"kind\": \"{}\",\n      \"clients\": {},\n      \"sticky\": {},\n      \"floor\": {},\n      \"ratio\": {{\"p50\": {}, \"p99\": {}, \"rate\": {}}}\n    }}",
-                w.key,
-                quote(&w.name),
-                match w.kind {
-                    Kind::NewConnection => "new_connection",
-                    Kind::Established => "established",
-                },
-                w.clients,
-                stats(&m.sticky, w.kind),
-                stats(&m.floor, w.kind),
-                num(p50),
-                num(p99),
-                num(rate)
-            )
-        })
-        .collect();
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let unix_time = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs();
-    format!(
-        "{{\n  \"unix_time\": {unix_time},\n  \"kernel\": {},\n  \"cpus\": {cpus},\n  \"direct\": {},\n  \"workers\": {WORKERS},\n  \"sticky_learning\": {},\n  \"established_pinning\": {},\n  \"other_sticky_pids\": {:?},\n  \"rounds\": {},\n  \"seconds_per_round\": {},\n  \"clients\": {},\n{}\n}}\n",
-        quote(kernel.trim()),
-        opts.direct.map_or("null".into(), |a| quote(&a.to_string())),
-        r.sticky_learning.map_or("null".into(), |l| l.to_string()),
-        r.pinning.as_deref().map_or("null".into(), quote),
-        r.others,
-        opts.rounds,
-        num(opts.duration.as_secs_f64()),
-        opts.clients,
-        workloads.join(",\n")
-    )
-}
-
-pub(crate) fn quote(s: &str) -> String {
-    let mut out = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => out += "\\\"",
-            '\\' => out += "\\\\",
-            c if (c as u32) < 0x20 => out += &format!("\\u{:04x}", c as u32),
-            c => out.push(c),
-        }
-    }
-    out + "\""
 }

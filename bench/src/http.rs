@@ -307,7 +307,22 @@ pub fn exchange(
     source: Option<Ipv4Addr>,
     request: &[u8],
 ) -> io::Result<Response> {
+    exchange_after(addr, source, request, Duration::ZERO)
+}
+
+/// `exchange`, waiting `delay` between connect and the request, as a
+/// client that far away would (its first byte arrives a round trip after
+/// the handshake).
+pub fn exchange_after(
+    addr: SocketAddr,
+    source: Option<Ipv4Addr>,
+    request: &[u8],
+    delay: Duration,
+) -> io::Result<Response> {
     let mut stream = connect(addr, source)?;
+    if !delay.is_zero() {
+        std::thread::sleep(delay);
+    }
     stream.write_all(request)?;
     let mut buf = Vec::with_capacity(512);
     let response = read_response(&mut stream, &mut buf)?;

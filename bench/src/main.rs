@@ -7,23 +7,17 @@
 
 mod core;
 mod eio;
+mod host;
 mod http;
+mod measure;
 mod peers;
 mod plot;
 mod report;
+mod results;
 mod servers;
 mod session;
 mod workloads;
 mod ws;
-
-/// The directory of this executable, where the other binaries of the build
-/// (`sticky`, the workers) are found by default.
-fn exe_dir() -> std::path::PathBuf {
-    std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(std::path::Path::to_path_buf))
-        .unwrap_or_default()
-}
 
 fn main() {
     let mut args: Vec<String> = std::env::args().skip(1).collect();

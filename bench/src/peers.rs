@@ -11,11 +11,11 @@
 //! all of them.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::core::{other_stickies, warn_others, Stats};
+use crate::host::{self, interrupted, other_stickies, warn_others};
+use crate::results::{key, Opts, Results};
 use crate::servers::{self, Programs, Server, Variant};
 use crate::workloads::Workload;
 
@@ -33,9 +33,10 @@ const USAGE: &str =
   --warmup SECS    unmeasured run of each workload before it
   --clients N      concurrent clients (default 64)
   --workers N,N    worker counts (default 2,4)
-  --variants K,..  any of sticky, socketio_sticky, nginx, floor, sticky_rust
-                   (default: these five), sticky_syn (diagnostic: sticky's
-                   listeners balanced at SYN time, no stickiness)
+  --variants K,..  any of sticky, sticky_cookie (--placement cookie),
+                   socketio_sticky, nginx, floor, sticky_rust (default: these
+                   six), sticky_syn (diagnostic: sticky's listeners balanced
+                   at SYN time, no stickiness)
   --workloads K,.. any of new_connection_serial, new_connection_concurrent,
                    long_polling_keepalive, session_establishment,
                    websocket_round_trip (default: all)
@@ -49,32 +50,6 @@ const USAGE: &str =
   --nginx PATH     nginx binary (default: on PATH or /usr/sbin; else Debian's
                    package is fetched with apt-get download)";
 
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-/// Set by SIGINT/SIGTERM: workloads stop, servers are stopped, the run ends.
-pub fn interrupted() -> bool {
-    INTERRUPTED.load(Ordering::Relaxed)
-}
-
-extern "C" fn on_signal(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::Relaxed);
-}
-
-pub struct Opts {
-    pub rounds: usize,
-    pub duration: Duration,
-    pub warmup: Duration,
-    pub clients: usize,
-    pub workers: Vec<usize>,
-    pub variants: Vec<Variant>,
-    pub workloads: Vec<Workload>,
-    json: Option<PathBuf>,
-    readme: Option<PathBuf>,
-    plot: Option<PathBuf>,
-    programs: Programs,
-    nginx: Option<PathBuf>,
-}
-
 pub fn main(args: Vec<String>) {
     let result = parse_args(args).and_then(|mut opts| run(&mut opts));
     if let Err(e) = result {
@@ -84,7 +59,7 @@ pub fn main(args: Vec<String>) {
 }
 
 fn parse_args(args: Vec<String>) -> Result<Opts, String> {
-    let exe_dir = crate::exe_dir();
+    let exe_dir = host::exe_dir();
     let mut opts = Opts {
         rounds: 4,
         duration: Duration::from_millis(1250),
@@ -168,58 +143,17 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
     Ok(opts)
 }
 
-/// One (variant, workers, workload), accumulated over rounds.
-#[derive(Default)]
-pub struct Cell {
-    pub stats: Stats,
-    /// CPU seconds the front used while the workload was measured.
-    pub front_cpu_s: f64,
-}
-
-impl Cell {
-    /// The front's CPU milliseconds per 1,000 connections opened.
-    pub fn front_ms_per_1k_connections(&self) -> Option<f64> {
-        per_1k(self.front_cpu_s, self.stats.connections)
-    }
-
-    /// The front's CPU milliseconds per 1,000 timed operations.
-    pub fn front_ms_per_1k_ops(&self) -> Option<f64> {
-        per_1k(self.front_cpu_s, self.stats.latencies.len() as u64)
-    }
-}
-
-/// `cpu_s` in milliseconds per 1,000 of `n` (None when `n` is too small
-/// for 10 ms clock ticks to mean anything).
-fn per_1k(cpu_s: f64, n: u64) -> Option<f64> {
-    (n >= 100).then(|| cpu_s * 1e3 / n as f64 * 1e3)
-}
-
-pub struct Results {
-    pub cells: BTreeMap<(usize, usize, usize), Cell>,
-    /// Servers that failed to start or died, and why.
-    pub failures: Vec<String>,
-    pub others: Vec<u32>,
-    pub seconds_total: f64,
-}
-
-impl Results {
-    pub fn get(&self, v: Variant, workers: usize, w: Workload) -> Option<&Cell> {
-        self.cells.get(&key(v, workers, w))
-    }
-}
-
-fn key(v: Variant, workers: usize, w: Workload) -> (usize, usize, usize) {
-    let vi = Variant::ALL.iter().position(|x| *x == v).expect("known");
-    let wi = Workload::ALL.iter().position(|x| *x == w).expect("known");
-    (workers, vi, wi)
-}
-
 fn check_programs(opts: &mut Opts) -> Result<(), String> {
     let p = &mut opts.programs;
     let uses = |v: Variant| opts.variants.contains(&v);
-    let uses_sticky = [Variant::Sticky, Variant::StickyRust, Variant::StickySyn]
-        .into_iter()
-        .any(uses);
+    let uses_sticky = [
+        Variant::Sticky,
+        Variant::StickyRust,
+        Variant::StickySyn,
+        Variant::StickyCookie,
+    ]
+    .into_iter()
+    .any(uses);
     if uses_sticky && !p.sticky.is_file() {
         return Err(format!(
             "sticky binary {} not found (cargo xtask build, or --sticky PATH)",
@@ -252,17 +186,7 @@ fn check_programs(opts: &mut Opts) -> Result<(), String> {
 
 fn run(opts: &mut Opts) -> Result<(), String> {
     check_programs(opts)?;
-    // SAFETY: the handler only stores to an atomic.
-    unsafe {
-        libc::signal(
-            libc::SIGINT,
-            on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
-        );
-        libc::signal(
-            libc::SIGTERM,
-            on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
-        );
-    }
+    host::catch_signals();
     let started = Instant::now();
     let mut results = Results {
         cells: BTreeMap::new(),

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use crate::peers::{Opts, Results};
+use crate::results::{Opts, Results};
 use crate::servers::Variant;
 use crate::workloads::Workload;
 
@@ -18,6 +18,7 @@ fn color(v: Variant) -> RGBColor {
         Variant::Floor => RGBColor(0x7f, 0x7f, 0x7f),
         Variant::StickyRust => RGBColor(0xff, 0x7f, 0x0e),
         Variant::StickySyn => RGBColor(0x94, 0x67, 0xbd),
+        Variant::StickyCookie => RGBColor(0x17, 0xbe, 0xcf),
     }
 }
 

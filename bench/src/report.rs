@@ -5,8 +5,8 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 
-use crate::core::{percentile_us, ratio};
-use crate::peers::{Cell, Opts, Results};
+use crate::measure::{percentile_us, ratio};
+use crate::results::{Cell, Opts, Results};
 use crate::servers::Variant;
 use crate::workloads::Workload;
 
@@ -135,6 +135,11 @@ fn targets(opts: &Opts, r: &Results) -> String {
                     .iter()
                     .filter_map(|&wl| get(Variant::StickyRust, wl)),
             )
+            .chain(
+                Workload::ALL
+                    .iter()
+                    .filter_map(|&wl| get(Variant::StickyCookie, wl)),
+            )
             .map(|c| c.stats.wrong_worker)
             .sum();
         row(
@@ -192,6 +197,31 @@ fn targets(opts: &Opts, r: &Results) -> String {
             "≥ 0.9",
             cmp(x, x >= 0.9),
         );
+        if get(Variant::StickyCookie, Workload::NewConnSerial).is_some() {
+            let cookie = |wl| get(Variant::StickyCookie, wl);
+            let x = ratio(
+                p50(cookie(Workload::NewConnSerial)),
+                p50(get(Variant::SocketIoSticky, Workload::NewConnSerial)),
+            );
+            row(
+                "p50 sticky --placement cookie / @socket.io/sticky, new connection, serial",
+                w,
+                x,
+                "≤ 0.5",
+                cmp(x, x <= 0.5),
+            );
+            let x = ratio(
+                rate(cookie(Workload::NewConnConcurrent)),
+                rate(get(Variant::Floor, Workload::NewConnConcurrent)),
+            );
+            row(
+                "rate sticky --placement cookie / floor, new connection, 64 clients",
+                w,
+                x,
+                "≥ 0.9",
+                cmp(x, x >= 0.9),
+            );
+        }
         let ws = Workload::WsRoundTrip;
         let x = ratio(p50(get(Variant::Sticky, ws)), p50(get(Variant::Floor, ws)));
         row(

@@ -31,24 +31,29 @@ pub enum Variant {
     /// with no stickiness. Against `Floor` it isolates the shared accept
     /// queue; against `Sticky`, the cost of placement by sid.
     StickySyn,
+    /// `sticky run --placement cookie` with the Node.js workers: every
+    /// connection placed by sid in softirq, no user-space step.
+    StickyCookie,
 }
 
 impl Variant {
     /// What `cargo xtask bench` runs.
-    pub const DEFAULT: [Variant; 5] = [
+    pub const DEFAULT: [Variant; 6] = [
         Variant::Sticky,
+        Variant::StickyCookie,
         Variant::SocketIoSticky,
         Variant::Nginx,
         Variant::Floor,
         Variant::StickyRust,
     ];
-    pub const ALL: [Variant; 6] = [
+    pub const ALL: [Variant; 7] = [
         Variant::Sticky,
         Variant::SocketIoSticky,
         Variant::Nginx,
         Variant::Floor,
         Variant::StickyRust,
         Variant::StickySyn,
+        Variant::StickyCookie,
     ];
 
     pub fn label(self) -> &'static str {
@@ -59,6 +64,7 @@ impl Variant {
             Variant::Floor => "cluster, no stickiness (floor)",
             Variant::StickyRust => "sticky, Rust workers",
             Variant::StickySyn => "sticky --placement syn (no stickiness)",
+            Variant::StickyCookie => "sticky --placement cookie",
         }
     }
 
@@ -70,6 +76,7 @@ impl Variant {
             Variant::Floor => "floor",
             Variant::StickyRust => "sticky_rust",
             Variant::StickySyn => "sticky_syn",
+            Variant::StickyCookie => "sticky_cookie",
         }
     }
 
@@ -77,7 +84,9 @@ impl Variant {
     /// supervisor, the cluster master, nginx).
     pub fn front(self) -> &'static str {
         match self {
-            Variant::Sticky | Variant::StickyRust | Variant::StickySyn => "sticky supervisor",
+            Variant::Sticky | Variant::StickyRust | Variant::StickySyn | Variant::StickyCookie => {
+                "sticky supervisor"
+            }
             Variant::SocketIoSticky => "cluster master",
             Variant::Nginx => "nginx (all processes)",
             Variant::Floor => "cluster master",
@@ -179,7 +188,7 @@ pub struct Server {
 
 impl Server {
     pub fn start(variant: Variant, workers: usize, programs: &Programs) -> Result<Server, String> {
-        let port = free_port()?;
+        let port = crate::host::free_port()?;
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let node_worker = || {
             let mut cmd = Command::new("node");
@@ -195,12 +204,17 @@ impl Server {
             dir: None,
         };
         match variant {
-            Variant::Sticky | Variant::StickyRust | Variant::StickySyn => {
+            Variant::Sticky | Variant::StickyRust | Variant::StickySyn | Variant::StickyCookie => {
                 let mut cmd = Command::new(&programs.sticky);
                 cmd.args(["run", "--listen", &addr.to_string(), "--workers"])
                     .arg(workers.to_string());
-                if variant == Variant::StickySyn {
-                    cmd.args(["--placement", "syn"]);
+                let placement = match variant {
+                    Variant::StickySyn => Some("syn"),
+                    Variant::StickyCookie => Some("cookie"),
+                    _ => None,
+                };
+                if let Some(p) = placement {
+                    cmd.args(["--placement", p]);
                 }
                 cmd.arg("--");
                 if variant != Variant::StickyRust {
@@ -298,7 +312,7 @@ impl Server {
         );
         loop {
             self.check_alive()?;
-            if crate::peers::interrupted() {
+            if crate::host::interrupted() {
                 return Err("interrupted".into());
             }
             match http::exchange(self.addr, None, &handshake) {
@@ -474,12 +488,6 @@ fn descendants(pid: u32) -> Vec<u32> {
     }
     found.remove(0);
     found
-}
-
-pub fn free_port() -> Result<u16, String> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")
-        .map_err(|e| format!("cannot find a free port: {e}"))?;
-    Ok(l.local_addr().map_err(|e| e.to_string())?.port())
 }
 
 /// nginx: on PATH or in /usr/sbin; else Debian's package, unpacked (not

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::core::{run_clients, Rng, Stats};
 use crate::http;
+use crate::measure::{run_clients, Rng, Stats};
 use crate::session::{Failure, Polling, Session};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -116,7 +116,7 @@ fn source(t: usize) -> Ipv4Addr {
 }
 
 fn running(start: Instant, duration: Duration) -> bool {
-    start.elapsed() < duration && !crate::peers::interrupted()
+    start.elapsed() < duration && !crate::host::interrupted()
 }
 
 fn count(stats: &mut Stats, failure: Failure) {
@@ -135,7 +135,7 @@ fn open_session(conn: &mut Polling, stats: &mut Stats) -> Option<Session> {
             Err(f) => count(stats, f),
         }
         conn.close();
-        if crate::peers::interrupted() {
+        if crate::host::interrupted() {
             break;
         }
     }

@@ -88,14 +88,16 @@ async function startSticky({
   command,
   env = {},
   extraArgs = [],
+  // A fixed port and control path: taking over a killed sticky's workers.
   listen = '127.0.0.1:0',
+  controlPath = null,
   netns, // run inside this network namespace (a name of `ip netns`)
 }) {
   if (!fs.existsSync(STICKY_BIN)) {
     throw new Error(`${STICKY_BIN} is missing: run cargo build --workspace (or set STICKY_BIN)`);
   }
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'sticky-e2e-'));
-  const control = path.join(dir, 'control.sock');
+  const control = controlPath ?? path.join(dir, 'control.sock');
   const args = [
     'run',
     '--listen', listen,
@@ -180,7 +182,7 @@ async function stopSticky(handle) {
     const workerPids = await stats(handle)
       .then((st) =>
         Object.entries(st)
-          .filter(([k, v]) => /^worker\d+$/.test(k) && typeof v === 'string')
+          .filter(([k, v]) => /^worker\d+(_generation\d+)?$/.test(k) && typeof v === 'string')
           .map(([, v]) => Number((/pid:(\d+)/.exec(v) || [])[1]))
           .filter(Boolean),
       )

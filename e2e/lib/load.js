@@ -15,7 +15,10 @@ const pct = (arr, p) => {
  * @returns {Promise<{tally: object, delta: (k: string) => number, after: object, sockets: object[], seconds: number}>}
  * The sockets stay connected; the caller disconnects them.
  */
-async function pollingLoad(sticky, { label, lang, clients, messages, transports = ['polling'], timeout = 30000 }) {
+async function pollingLoad(
+  sticky,
+  { label, lang, clients, messages, transports = ['polling'], timeout = 30000, agent = undefined },
+) {
   const tally = {
     connected: 0,
     connectErrors: 0,
@@ -48,7 +51,7 @@ async function pollingLoad(sticky, { label, lang, clients, messages, transports 
 
   async function client(i) {
     const c0 = performance.now();
-    const socket = h.ioClient(sticky.url, { transports, reconnection: false, forceNew: true, timeout });
+    const socket = h.ioClient(sticky.url, { transports, reconnection: false, forceNew: true, timeout, agent });
     sockets.push(socket);
     socket.io.on('error', (err) => {
       tally.transportErrors++;

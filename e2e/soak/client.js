@@ -7,13 +7,19 @@
 // itself when its worker goes away. Prints `SOAK_PROGRESS {json}` every
 // 10 s and `SOAK_RESULT {json}` at the end.
 //
+// With --lifetime-ms MIN-MAX (`cargo xtask deploy`) each session ends by
+// itself after a random lifetime in that range and a new one takes its
+// place, like page views: N sessions stay open, and `cut` counts the
+// sessions that ended any other way (their server went away).
+//
 // usage: node e2e/soak/client.js --url http://127.0.0.1:PORT --sessions N
 //          --seconds S [--interval-ms 2000] [--ack-timeout-ms 10000]
+//          [--lifetime-ms MIN-MAX]
 
 const { io } = require('socket.io-client');
 
 function options(argv) {
-  const o = { sessions: 2000, seconds: 600, intervalMs: 2000, ackTimeoutMs: 10000, url: null };
+  const o = { sessions: 2000, seconds: 600, intervalMs: 2000, ackTimeoutMs: 10000, url: null, lifetimeMs: null };
   for (let i = 2; i < argv.length; i += 2) {
     const [k, v] = [argv[i], argv[i + 1]];
     if (k === '--url') o.url = v;
@@ -21,6 +27,7 @@ function options(argv) {
     else if (k === '--seconds') o.seconds = Number(v);
     else if (k === '--interval-ms') o.intervalMs = Number(v);
     else if (k === '--ack-timeout-ms') o.ackTimeoutMs = Number(v);
+    else if (k === '--lifetime-ms') o.lifetimeMs = v.split('-').map(Number);
     else throw new Error(`unknown argument ${k}`);
   }
   if (!o.url) throw new Error('--url is required');
@@ -46,6 +53,11 @@ function main() {
     sessionIdUnknown: 0,
     connectedNow: 0,
     disconnects: {},
+    // sessions ended by their own lifetime (--lifetime-ms), and the others
+    ended: 0,
+    cut: 0,
+    // second of the run -> sessions cut then
+    cutAt: {},
     // second of the run -> messages lost (ack timed out) that were sent then
     lostAt: {},
   };
@@ -54,6 +66,8 @@ function main() {
   const sockets = [];
 
   function session(i) {
+    let ending = false;
+    let mine = 0; // this session's echoes awaiting their ack
     const transports = TRANSPORTS[i % TRANSPORTS.length];
     const socket = io(o.url, {
       transports,
@@ -79,6 +93,11 @@ function main() {
       tally.connectedNow--;
       hello = null;
       tally.disconnects[reason] = (tally.disconnects[reason] || 0) + 1;
+      if (!ending && sending) {
+        tally.cut++;
+        const t = Math.floor(now());
+        tally.cutAt[t] = (tally.cutAt[t] || 0) + 1;
+      }
     });
     socket.on('connect_error', (err) => {
       tally.connectErrors++;
@@ -97,8 +116,10 @@ function main() {
       const helloThen = hello;
       tally.sent++;
       outstanding++;
+      mine++;
       socket.timeout(o.ackTimeoutMs).emit('echo', payload, (err, back) => {
         outstanding--;
+        mine--;
         if (err) {
           tally.lost++;
           tally.lostAt[sentAt] = (tally.lostAt[sentAt] || 0) + 1;
@@ -118,10 +139,29 @@ function main() {
       }
     };
     // Spread the sends of all sessions over the interval.
-    setTimeout(() => {
+    let sender = null;
+    const first = setTimeout(() => {
       send();
-      setInterval(send, o.intervalMs);
+      sender = setInterval(send, o.intervalMs);
     }, Math.random() * o.intervalMs);
+    if (o.lifetimeMs) {
+      const [min, max] = o.lifetimeMs;
+      setTimeout(() => {
+        if (!sending) return;
+        ending = true;
+        clearTimeout(first);
+        clearInterval(sender);
+        tally.ended++;
+        // Its last acks arrive, then it closes; a new session takes its place.
+        const since = Date.now();
+        const close = setInterval(() => {
+          if (mine > 0 && Date.now() - since < o.ackTimeoutMs) return;
+          clearInterval(close);
+          socket.disconnect();
+        }, 50);
+        session(i);
+      }, min + Math.random() * (max - min));
+    }
   }
 
   // Open the sessions over the first 10 s rather than all at once.

@@ -34,8 +34,10 @@ io.on('connection', (socket) => {
   });
 });
 
+// NODE_WORKER_KEEPALIVE=1: never Connection: close; otherwise the
+// integration's default (close, unless sticky resets foreign requests).
 const sticky = setupWorker(io, {
-  closeConnections: process.env.NODE_WORKER_KEEPALIVE !== '1',
+  closeConnections: process.env.NODE_WORKER_KEEPALIVE === '1' ? false : undefined,
 });
 sticky.listen(Number(process.env.PORT ?? 3000), '127.0.0.1').then((address) => {
   if (!sticky.activated) console.log(`node worker listening on ${address.address}:${address.port}`);

@@ -78,6 +78,12 @@ export interface SetupWorkerOptions {
   closeConnections?: boolean;
   /** Where warnings go. Default: stderr. false: nowhere. */
   logger?: Logger | false;
+  /**
+   * Under sticky, listen on the inherited socket on the next turn of the
+   * event loop unless the program has listened by then (what the worker
+   * half of a @socket.io/sticky program expects). Default true.
+   */
+  listen?: boolean;
   /** Environment to read LISTEN_FDS, LISTEN_PID, STICKY_WORKER, PORT from. Default process.env. */
   env?: NodeJS.ProcessEnv;
 }
@@ -93,6 +99,7 @@ export interface StickyWorker {
    * Makes io.httpServer listen: on the inherited socket under sticky (port
    * and host are then ignored), else on port (default $PORT or 3000) and
    * host (default: Node's, all interfaces). Resolves with the address.
+   * A second call (e.g. after the automatic listen) is the same listen.
    */
   listen(port?: number, host?: string, callback?: (address: AddressInfo | string | null) => void): Promise<AddressInfo | string | null>;
   listen(callback: (address: AddressInfo | string | null) => void): Promise<AddressInfo | string | null>;

@@ -7,6 +7,10 @@
 //
 // - listen(): on the inherited socket (fd 3) under sticky, on the given
 //   port otherwise, so the same program runs with and without sticky;
+// - under sticky, setupWorker(io) alone listens (on the next turn of the
+//   event loop, unless the program listened itself by then), as
+//   @socket.io/sticky's setupWorker does: the worker half of a
+//   @socket.io/sticky program runs unchanged;
 // - every Engine.IO session is registered with sticky (`open <sid>` on
 //   $STICKY_CONTROL, answered `ok` once the kernel routes that sid) inside
 //   engine.io's async generateId, i.e. before its handshake answer leaves,
@@ -100,7 +104,10 @@ function setupWorker(io, options = {}) {
   // every long-polling GET/POST answer; a 'request' listener ahead of
   // engine.io's also covers what never emits 'headers' (CORS preflights,
   // "Session ID unknown" and other error answers).
-  const closeConnections = options.closeConnections ?? true;
+  // Not needed where sticky resets a connection that carries another
+  // worker's session (it tells its workers STICKY_FOREIGN_REQUESTS=reset):
+  // the client resends on a new connection, so polls may keep theirs alive.
+  const closeConnections = options.closeConnections ?? process.env.STICKY_FOREIGN_REQUESTS !== 'reset';
   let onRequest = null;
   let onHeaders = null;
   if (closeConnections) {
@@ -121,6 +128,7 @@ function setupWorker(io, options = {}) {
     }
   }
 
+  let listening = null; // the promise of the first listen()
   const worker = {
     /** True when this process got its listening socket from sticky. */
     activated: fd !== null,
@@ -138,11 +146,16 @@ function setupWorker(io, options = {}) {
       if (!httpServer) {
         throw new Error('setupWorker(io).listen(): io has no httpServer (create it with new Server(httpServer))');
       }
+      // Listening twice (an explicit listen() after the automatic one) is
+      // the same listen.
+      if (listening) {
+        return callback ? listening.then((address) => (callback(address), address)) : listening;
+      }
       const target =
         fd !== null
           ? { fd }
           : { port: port ?? Number(env.PORT ?? 3000), ...(host !== undefined ? { host } : {}) };
-      return new Promise((resolve, reject) => {
+      listening = new Promise((resolve, reject) => {
         const onError = (err) => {
           httpServer.off('listening', onListening);
           reject(err);
@@ -157,6 +170,7 @@ function setupWorker(io, options = {}) {
         httpServer.once('listening', onListening);
         httpServer.listen(target);
       });
+      return listening;
     },
     /** Undoes setupWorker's hooks and closes the control connection. */
     close() {
@@ -169,6 +183,17 @@ function setupWorker(io, options = {}) {
     },
   };
   io[kSetup] = worker;
+  const autoListen = options.listen ?? true;
+  if (fd !== null && httpServer && autoListen) {
+    setImmediate(() => {
+      if (listening || httpServer.listening || !io[kSetup]) return;
+      worker.listen().catch((err) => {
+        log.warn(`cannot listen on the inherited socket (fd ${fd}): ${err.message}`);
+        process.exitCode = 1;
+        process.exit();
+      });
+    });
+  }
   return worker;
 }
 

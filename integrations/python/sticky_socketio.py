@@ -282,11 +282,15 @@ class StickyHook:
     """Installed on one ``engineio.AsyncServer`` by ``attach``."""
 
     def __init__(self, eio: Any, client: Optional[ControlClient], *,
-                 strict: bool = True, connection_close: bool = True,
+                 strict: bool = True, connection_close: Optional[bool] = None,
                  sweep_interval: float = 30.0):
         self.eio = eio
         self.client = client
         self.strict = strict
+        if connection_close is None:
+            # Not needed where sticky resets a connection that carries
+            # another worker's session: the client resends on a new one.
+            connection_close = os.environ.get("STICKY_FOREIGN_REQUESTS") != "reset"
         self.connection_close = connection_close
         self.sweep_interval = sweep_interval
         self.sessions: set[str] = set()  # sids registered with sticky
@@ -426,7 +430,7 @@ def _engineio_server(server: Any) -> Any:
 
 
 def attach(server: Any, *, control_path: Optional[str] = None,
-           strict: bool = True, connection_close: bool = True,
+           strict: bool = True, connection_close: Optional[bool] = None,
            client: Optional[ControlClient] = None) -> StickyHook:
     """Make ``server`` (a ``socketio.AsyncServer`` or ``engineio.AsyncServer``)
     register its sessions with sticky.

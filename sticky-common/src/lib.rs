@@ -18,7 +18,11 @@ pub const REJECT_SLOT: u32 = MAX_WORKERS + MAX_CPUS;
 pub const SINK_SLOT: u32 = REJECT_SLOT + 1;
 /// Slot of the overflow listener, taking the SYNs during a SYN flood.
 pub const OVERFLOW_SLOT: u32 = SINK_SLOT + 1;
-pub const SLOTS: u32 = OVERFLOW_SLOT + 1;
+/// Slot of cookie mode's next overflow listener while it is plugged.
+pub const PLUG_SLOT: u32 = OVERFLOW_SLOT + 1;
+/// Plugs per cookie-mode overflow listener (its backlog: one less).
+pub const PLUGS: u32 = 17;
+pub const SLOTS: u32 = PLUG_SLOT + 1;
 /// Longest session id, in bytes.
 pub const SID_MAX: usize = 64;
 /// Longest `name=` of the sid query parameter, in bytes.
@@ -46,6 +50,9 @@ pub enum Mode {
     Sticky = 0,
     /// Balance at SYN time with no stickiness: the benchmark floor.
     SynBalance = 1,
+    /// Every SYN answered with a SYN cookie, placement by sid on the first
+    /// data segment in softirq: no user-space step per connection.
+    Cookie = 2,
 }
 
 /// `struct sticky_config`, the one entry of the `config` map.
@@ -65,6 +72,34 @@ pub struct Config {
     pub port: u32,
     /// 1: learn sessions from the workers' Engine.IO open packets.
     pub learn: u32,
+    /// Cookie mode: SYNs from this client port go to the plug slot (0: none).
+    pub plug_port: u32,
+    /// What `sticky_watch` does with a foreign request (`Foreign`).
+    pub foreign: u32,
+}
+
+/// `enum sticky_foreign`: what happens to a request whose sid another live
+/// worker owns, on a connection placed on this one.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Foreign {
+    /// Counted, passed to the connection's worker.
+    Pass = 0,
+    /// Dropped, and the connection reset (user space destroys it).
+    Reset = 1,
+    /// Not looked for (no socket storage at all): the benchmark's control.
+    Off = 2,
+}
+
+impl Foreign {
+    /// As `--foreign-requests` and `STICKY_FOREIGN_REQUESTS` spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Foreign::Pass => "pass",
+            Foreign::Reset => "reset",
+            Foreign::Off => "off",
+        }
+    }
 }
 
 impl Config {
@@ -98,6 +133,8 @@ impl Config {
             param_mask: [word(&mask, 0), word(&mask, 1)],
             port: 0,
             learn: 0,
+            plug_port: 0,
+            foreign: Foreign::Pass as u32,
         }
     }
 
@@ -109,10 +146,19 @@ impl Config {
     }
 }
 
+/// `sticky_worker.live`: no process in the slot.
+pub const WORKER_DOWN: u32 = 0;
+/// `sticky_worker.live`: takes its own sessions and balanced new ones.
+pub const WORKER_ACCEPTING: u32 = 1;
+/// `sticky_worker.live`: an old generation's worker after a reload: takes
+/// its own sessions only.
+pub const WORKER_DRAINING: u32 = 2;
+
 /// `struct sticky_worker`: one entry per worker slot of the `workers` map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct WorkerState {
+    /// `WORKER_DOWN`, `WORKER_ACCEPTING` or `WORKER_DRAINING`.
     pub live: u32,
     pub sessions: u32,
 }
@@ -199,7 +245,37 @@ pub struct Decision {
 pub struct Placed {
     pub worker: u32,
     pub segments: u32,
+    /// 1: placed without data (TCP_DEFER_ACCEPT gave up on it).
+    pub idle: u32,
 }
+
+/// `struct sticky_conn`: value of the `conns` socket storage.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Conn {
+    pub worker: u32,
+    pub flags: u32,
+    /// Answer segments searched since `CONN_LEARN` was set.
+    pub segments: u32,
+    pub pad: u32,
+}
+pub const CONN_DOOMED: u32 = 1;
+pub const CONN_UPGRADED: u32 = 2;
+pub const CONN_LEARN: u32 = 4;
+
+/// `struct sticky_reset`: an entry of the `resets` ring buffer, a
+/// connection that user space must destroy.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ResetEvent {
+    /// SO_COOKIE of the connection.
+    pub cookie: u64,
+    /// local = the server; IPv4-mapped addresses as IPv4 (family AF_INET).
+    pub flow: FlowKey,
+    pub worker: u32,
+    pub owner: u32,
+}
+pub const RESETS_BYTES: u32 = 64 * 1024;
 
 /// `struct sticky_learned`: value of the `learned` map.
 #[repr(C)]
@@ -253,6 +329,10 @@ pub const COUNTERS: &[&str] = &[
     "learn_full",
     "placed_cookie",
     "learn_closed",
+    "foreign_dropped",
+    "foreign_passed",
+    "doomed_segments",
+    "unmapped",
 ];
 
 /// `enum sticky_counter` indices used by user space.
@@ -264,6 +344,10 @@ pub mod counter {
     pub const BALANCED: u32 = 5;
     pub const REJECTED: u32 = 6;
     pub const PLACED_COOKIE: u32 = 19;
+    pub const FOREIGN_DROPPED: u32 = 21;
+    pub const FOREIGN_PASSED: u32 = 22;
+    pub const DOOMED_SEGMENTS: u32 = 23;
+    pub const UNMAPPED: u32 = 24;
 }
 
 #[cfg(feature = "user")]
@@ -277,4 +361,5 @@ mod pod {
     unsafe impl aya::Pod for super::Placed {}
     unsafe impl aya::Pod for super::Decision {}
     unsafe impl aya::Pod for super::Learned {}
+    unsafe impl aya::Pod for super::Conn {}
 }

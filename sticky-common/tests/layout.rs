@@ -15,8 +15,13 @@ const PROBE: &str = r#"
 int main(void) {
     S(sticky_config) O(sticky_config, worker_count) O(sticky_config, balance)
     O(sticky_config, mode) O(sticky_config, param_len) O(sticky_config, sorting_count) O(sticky_config, flood) O(sticky_config, param_word)
-    O(sticky_config, param_mask) O(sticky_config, port) O(sticky_config, learn)
-    S(sticky_placed) O(sticky_placed, worker) O(sticky_placed, segments)
+    O(sticky_config, param_mask) O(sticky_config, port) O(sticky_config, learn) O(sticky_config, plug_port)
+    O(sticky_config, foreign) C(STICKY_FOREIGN_PASS) C(STICKY_FOREIGN_RESET) C(STICKY_FOREIGN_OFF)
+    S(sticky_placed) O(sticky_placed, worker) O(sticky_placed, segments) O(sticky_placed, idle)
+    S(sticky_conn) O(sticky_conn, worker) O(sticky_conn, flags) O(sticky_conn, segments)
+    C(STICKY_CONN_DOOMED) C(STICKY_CONN_UPGRADED) C(STICKY_CONN_LEARN)
+    S(sticky_reset) O(sticky_reset, cookie) O(sticky_reset, flow) O(sticky_reset, worker)
+    O(sticky_reset, owner) C(STICKY_RESETS_BYTES)
     S(sticky_decision) O(sticky_decision, owner) O(sticky_decision, placed)
     O(sticky_decision, ack) O(sticky_decision, seq)
     S(sticky_learned) O(sticky_learned, worker) O(sticky_learned, last_seen_ns)
@@ -27,13 +32,16 @@ int main(void) {
     C(STICKY_HANDOFF_GRACE_NS) C(STICKY_DOORBELL_BYTES)
     S(sticky_flow) O(sticky_flow, local) O(sticky_flow, remote)
     O(sticky_flow, remote_port) O(sticky_flow, family)
-    C(STICKY_MAX_WORKERS) C(STICKY_MAX_CPUS) C(STICKY_SORTING_SLOT) C(STICKY_REJECT_SLOT) C(STICKY_SINK_SLOT) C(STICKY_OVERFLOW_SLOT) C(STICKY_SLOTS)
+    C(STICKY_MAX_WORKERS) C(STICKY_MAX_CPUS) C(STICKY_SORTING_SLOT) C(STICKY_REJECT_SLOT) C(STICKY_SINK_SLOT) C(STICKY_OVERFLOW_SLOT) C(STICKY_PLUG_SLOT) C(STICKY_PLUGS) C(STICKY_SLOTS)
     C(STICKY_SID_MAX) C(STICKY_PARAM_MAX) C(STICKY_SCAN_MAX) C(STICKY_NO_WORKER)
+    C(STICKY_WORKER_DOWN) C(STICKY_WORKER_ACCEPTING) C(STICKY_WORKER_DRAINING)
     C(STICKY_SESSIONS_MAX) C(STICKY_FLOWS_MAX) C(STICKY_COUNTERS)
     C(STICKY_BALANCE_RANDOM) C(STICKY_BALANCE_ROUND_ROBIN) C(STICKY_BALANCE_LEAST_CONNECTION)
-    C(STICKY_MODE_STICKY) C(STICKY_MODE_SYN_BALANCE)
+    C(STICKY_MODE_STICKY) C(STICKY_MODE_SYN_BALANCE) C(STICKY_MODE_COOKIE)
     C(STICKY_CNT_SYN) C(STICKY_CNT_PLACED_SOFTIRQ) C(STICKY_CNT_PLACED_QUEUE)
     C(STICKY_CNT_BY_SID) C(STICKY_CNT_BALANCED) C(STICKY_CNT_REJECTED) C(STICKY_CNT_PLACED_COOKIE)
+    C(STICKY_CNT_FOREIGN_DROPPED) C(STICKY_CNT_FOREIGN_PASSED) C(STICKY_CNT_DOOMED_SEGMENTS)
+    C(STICKY_CNT_UNMAPPED)
     return 0;
 }
 "#;
@@ -93,9 +101,28 @@ fn rust_mirror_matches_sticky_h() {
     expect("sticky_config.param_mask", offset_of!(Config, param_mask));
     expect("sticky_config.port", offset_of!(Config, port));
     expect("sticky_config.learn", offset_of!(Config, learn));
+    expect("sticky_config.plug_port", offset_of!(Config, plug_port));
     expect("sticky_placed", size_of::<Placed>());
     expect("sticky_placed.worker", offset_of!(Placed, worker));
     expect("sticky_placed.segments", offset_of!(Placed, segments));
+    expect("sticky_placed.idle", offset_of!(Placed, idle));
+    expect("sticky_config.foreign", offset_of!(Config, foreign));
+    expect("STICKY_FOREIGN_PASS", Foreign::Pass as usize);
+    expect("STICKY_FOREIGN_RESET", Foreign::Reset as usize);
+    expect("STICKY_FOREIGN_OFF", Foreign::Off as usize);
+    expect("sticky_conn", size_of::<Conn>());
+    expect("sticky_conn.worker", offset_of!(Conn, worker));
+    expect("sticky_conn.flags", offset_of!(Conn, flags));
+    expect("sticky_conn.segments", offset_of!(Conn, segments));
+    expect("STICKY_CONN_LEARN", CONN_LEARN as usize);
+    expect("STICKY_CONN_DOOMED", CONN_DOOMED as usize);
+    expect("STICKY_CONN_UPGRADED", CONN_UPGRADED as usize);
+    expect("sticky_reset", size_of::<ResetEvent>());
+    expect("sticky_reset.cookie", offset_of!(ResetEvent, cookie));
+    expect("sticky_reset.flow", offset_of!(ResetEvent, flow));
+    expect("sticky_reset.worker", offset_of!(ResetEvent, worker));
+    expect("sticky_reset.owner", offset_of!(ResetEvent, owner));
+    expect("STICKY_RESETS_BYTES", RESETS_BYTES as usize);
     expect("sticky_decision", size_of::<Decision>());
     expect("sticky_decision.owner", offset_of!(Decision, owner));
     expect("sticky_decision.placed", offset_of!(Decision, placed));
@@ -131,11 +158,16 @@ fn rust_mirror_matches_sticky_h() {
     expect("STICKY_REJECT_SLOT", REJECT_SLOT as usize);
     expect("STICKY_SINK_SLOT", SINK_SLOT as usize);
     expect("STICKY_OVERFLOW_SLOT", OVERFLOW_SLOT as usize);
+    expect("STICKY_PLUG_SLOT", PLUG_SLOT as usize);
+    expect("STICKY_PLUGS", PLUGS as usize);
     expect("STICKY_SLOTS", SLOTS as usize);
     expect("STICKY_SID_MAX", SID_MAX);
     expect("STICKY_PARAM_MAX", PARAM_MAX);
     expect("STICKY_SCAN_MAX", SCAN_MAX);
     expect("STICKY_NO_WORKER", NO_WORKER as usize);
+    expect("STICKY_WORKER_DOWN", WORKER_DOWN as usize);
+    expect("STICKY_WORKER_ACCEPTING", WORKER_ACCEPTING as usize);
+    expect("STICKY_WORKER_DRAINING", WORKER_DRAINING as usize);
     expect("STICKY_SESSIONS_MAX", SESSIONS_MAX as usize);
     expect("STICKY_FLOWS_MAX", FLOWS_MAX as usize);
     expect("STICKY_COUNTERS", COUNTERS.len());
@@ -147,6 +179,7 @@ fn rust_mirror_matches_sticky_h() {
     );
     expect("STICKY_MODE_STICKY", Mode::Sticky as usize);
     expect("STICKY_MODE_SYN_BALANCE", Mode::SynBalance as usize);
+    expect("STICKY_MODE_COOKIE", Mode::Cookie as usize);
     expect("STICKY_CNT_SYN", counter::SYN as usize);
     expect(
         "STICKY_CNT_PLACED_SOFTIRQ",
@@ -157,6 +190,19 @@ fn rust_mirror_matches_sticky_h() {
     expect("STICKY_CNT_BALANCED", counter::BALANCED as usize);
     expect("STICKY_CNT_REJECTED", counter::REJECTED as usize);
     expect("STICKY_CNT_PLACED_COOKIE", counter::PLACED_COOKIE as usize);
+    expect(
+        "STICKY_CNT_FOREIGN_DROPPED",
+        counter::FOREIGN_DROPPED as usize,
+    );
+    expect(
+        "STICKY_CNT_FOREIGN_PASSED",
+        counter::FOREIGN_PASSED as usize,
+    );
+    expect(
+        "STICKY_CNT_DOOMED_SEGMENTS",
+        counter::DOOMED_SEGMENTS as usize,
+    );
+    expect("STICKY_CNT_UNMAPPED", counter::UNMAPPED as usize);
 }
 
 #[test]

@@ -47,7 +47,23 @@ typedef uint64_t __u64;
  * cookie connection on its first data segment.
  */
 #define STICKY_OVERFLOW_SLOT (STICKY_SINK_SLOT + 1)
-#define STICKY_SLOTS (STICKY_OVERFLOW_SLOT + 1)
+/*
+ * Cookie mode's plug slot: where the next overflow listener waits while
+ * the supervisor's plug (a client socket that never answers, from client
+ * port config.plug_port) takes the one request socket a backlog of 0
+ * still allows, before it becomes the overflow listener: from then on
+ * every SYN reaching it is answered with a cookie (see plug.rs).
+ */
+#define STICKY_PLUG_SLOT (STICKY_OVERFLOW_SLOT + 1)
+/*
+ * Plugs per cookie-mode overflow listener, from client ports plug_port ..
+ * plug_port + STICKY_PLUGS - 1; its backlog is STICKY_PLUGS - 1, so that
+ * connections the kernel must still give a request socket (a SYN reusing a
+ * TIME_WAIT connection's ports skips the cookie check) can wait there for
+ * the supervisor without filling its accept queue.
+ */
+#define STICKY_PLUGS 17
+#define STICKY_SLOTS (STICKY_PLUG_SLOT + 1)
 
 /* Session ids: 1..64 bytes of [A-Za-z0-9_-], zero padded in the map key. */
 #define STICKY_SID_MAX 64
@@ -72,11 +88,17 @@ enum sticky_mode {
 	STICKY_MODE_STICKY = 0,
 	/* Benchmark floor: balance at SYN time, no stickiness, no sorting. */
 	STICKY_MODE_SYN_BALANCE = 1,
+	/*
+	 * Every SYN to the overflow listener, answered with a SYN cookie; the
+	 * first data segment is placed by sid in softirq (the cookie path):
+	 * no request socket, no rotation, no user-space step per connection.
+	 */
+	STICKY_MODE_COOKIE = 2,
 };
 
 /* The one entry of the `config` array map, written by user space. */
 struct sticky_config {
-	__u32 worker_count; /* slots 0..worker_count-1 are in use */
+	__u32 worker_count; /* slots 0..worker_count-1 may hold workers */
 	__u32 balance;      /* enum sticky_balance */
 	__u32 mode;         /* enum sticky_mode */
 	__u32 param_len;    /* length of "name=" in param_word, 2..16 */
@@ -87,11 +109,38 @@ struct sticky_config {
 	__u64 param_mask[2];
 	__u32 port;  /* the listening port, host byte order (sticky_learn) */
 	__u32 learn; /* 1: learn sessions from the workers' answers */
+	__u32 plug_port; /* cookie mode: SYNs from client ports plug_port.. (STICKY_PLUGS, host order) go to the plug slot; 0: none */
+	__u32 foreign; /* enum sticky_foreign: what sticky_watch does with one */
 };
+
+/*
+ * A foreign request: on a connection placed on worker A, a request line
+ * whose sid is owned by another live worker B (a browser or a proxy reused
+ * a keep-alive connection). RESET: sticky_watch drops it and every later
+ * segment of that connection, and asks user space (the `resets` ring) to
+ * destroy the socket, so the client resends it on a new connection. PASS:
+ * counted only (no socket destroy on this kernel, or `pass` asked). OFF:
+ * not looked for at all.
+ */
+enum sticky_foreign {
+	STICKY_FOREIGN_PASS = 0,
+	STICKY_FOREIGN_RESET = 1,
+	/* Not even looked at: no socket storage, as before (benchmark control). */
+	STICKY_FOREIGN_OFF = 2,
+};
+
+/*
+ * Values of sticky_worker.live. A reload (`sticky reload`) starts a new
+ * generation of workers in other slots and marks the old ones DRAINING:
+ * requests carrying their sids still reach them, balancing skips them.
+ */
+#define STICKY_WORKER_DOWN 0
+#define STICKY_WORKER_ACCEPTING 1 /* takes its sessions and new ones */
+#define STICKY_WORKER_DRAINING 2  /* takes its own sessions only */
 
 /* One entry per worker slot of the `workers` array map, written by user space. */
 struct sticky_worker {
-	__u32 live;     /* 1 while the worker process runs */
+	__u32 live;     /* STICKY_WORKER_*: nonzero while the process runs */
 	__u32 sessions; /* live sessions it owns, for least-connection */
 };
 
@@ -166,6 +215,7 @@ struct sticky_handoff {
 struct sticky_placed {
 	__u32 worker;
 	__u32 segments; /* answer segments looked at so far */
+	__u32 idle;     /* 1: placed without data (TCP_DEFER_ACCEPT gave up) */
 };
 #define STICKY_PLACED_MAX 65536
 /* Answer segments of a connection searched for an open packet. */
@@ -184,6 +234,39 @@ struct sticky_learned {
 	__u32 pad;
 	__u64 last_seen_ns; /* bpf_ktime_get_ns() */
 };
+
+/*
+ * Value of the `conns` socket storage (BPF_MAP_TYPE_SK_STORAGE) of every
+ * accepted connection of the port: its worker, for as long as the socket
+ * lives (no LRU). Written from `placed_flows` the first time sticky_learn
+ * sees the worker answer on it (or, for a connection placed without data,
+ * when sticky_watch sees its first request).
+ */
+struct sticky_conn {
+	__u32 worker;
+	__u32 flags;    /* STICKY_CONN_* */
+	__u32 segments; /* answer segments searched since STICKY_CONN_LEARN was set */
+	__u32 pad;
+};
+/* A foreign request was dropped: drop every later segment, reset pending. */
+#define STICKY_CONN_DOOMED 1
+/* The worker answered 101 Switching Protocols: never parsed again. */
+#define STICKY_CONN_UPGRADED 2
+/*
+ * A request without a sid (maybe an Engine.IO handshake) on a connection
+ * past its first answers: search the next STICKY_LEARN_SEGMENTS answer
+ * segments for an open packet, as on a new connection.
+ */
+#define STICKY_CONN_LEARN 4
+
+/* An entry of the `resets` ring buffer: a connection for user space to destroy. */
+struct sticky_reset {
+	__u64 cookie;            /* SO_COOKIE of the connection */
+	struct sticky_flow flow; /* local = the server; IPv4-mapped as IPv4 */
+	__u32 worker;            /* the connection's worker */
+	__u32 owner;             /* the worker owning the request's sid */
+};
+#define STICKY_RESETS_BYTES (64 * 1024)
 
 /* Size of each sorting CPU's doorbell ring (see `doorbells`). */
 #define STICKY_DOORBELL_BYTES 4096
@@ -215,6 +298,10 @@ enum sticky_counter {
 	STICKY_CNT_LEARN_FULL,       /* open packets not learned: sessions map full */
 	STICKY_CNT_PLACED_COOKIE,    /* syncookie connections placed on first data */
 	STICKY_CNT_LEARN_CLOSED,     /* learned sessions closed by their client */
+	STICKY_CNT_FOREIGN_DROPPED,  /* foreign requests dropped, reset asked */
+	STICKY_CNT_FOREIGN_PASSED,   /* foreign requests passed (PASS, ring full) */
+	STICKY_CNT_DOOMED_SEGMENTS,  /* later segments of doomed connections dropped */
+	STICKY_CNT_UNMAPPED,         /* sid requests on a connection of unknown worker */
 	STICKY_COUNTERS,
 };
 

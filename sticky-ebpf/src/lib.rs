@@ -43,6 +43,8 @@ pub mod maps {
     pub const DOORBELLS: &str = "doorbells";
     pub const PLACED_FLOWS: &str = "placed_flows";
     pub const LEARNED: &str = "learned";
+    pub const CONNS: &str = "conns";
+    pub const RESETS: &str = "resets";
 }
 
 /// Path of the shared header, for the layout test in `sticky-common`.

@@ -9,7 +9,8 @@
  *   a queued child migrating at rotation -> the socket filter's decision
  *   (queue path); a non-SYN segment with no socket at all (SYN cookies) ->
  *   the sink if it is a pure ACK, else parse and pick the owner (cookie
- *   path); during a SYN flood (config.flood) SYN -> the overflow listener.
+ *   path); during a SYN flood (config.flood), and always in cookie mode,
+ *   SYN -> the overflow listener.
  * - sticky_sort (SOCKET_FILTER on the sorting listeners, inherited by their
  *   children) records that decision from the first data segment.
  *
@@ -168,7 +169,19 @@ static __always_inline int worker_live(__u32 w)
 	return st && st->live;
 }
 
-/* Balancing for connections without a known sid. NO_WORKER if none is live. */
+#include "foreign.h"
+
+/*
+ * Balancing for connections without a known sid, over the ACCEPTING workers
+ * only: a draining generation (after a reload) keeps its own sessions but
+ * gets no new ones. NO_WORKER if no worker accepts.
+ *
+ * Two generations interleave their slots (generation parity p uses slots
+ * 2i + p, see supervisor::slot_of), so "the first accepting slot from a
+ * uniform start" stays uniform: each accepting slot follows exactly one
+ * draining or empty slot. Contiguous halves would hand the whole draining
+ * half's share to the first accepting slot.
+ */
 static __always_inline __u32 pick_worker(const struct sticky_config *cfg)
 {
 	__u32 n = cfg->worker_count, zero = 0, start, j;
@@ -194,7 +207,7 @@ static __always_inline __u32 pick_worker(const struct sticky_config *cfg)
 		if (w >= n)
 			w -= n;
 		st = bpf_map_lookup_elem(&workers, &w);
-		if (!st || !st->live)
+		if (!st || st->live != STICKY_WORKER_ACCEPTING)
 			continue;
 		if (cfg->balance != STICKY_BALANCE_LEAST_CONNECTION)
 			return w;
@@ -222,34 +235,35 @@ static __always_inline int select_slot(struct sk_reuseport_md *md, __u32 slot)
  */
 static __always_inline void note_placement(const struct sticky_config *cfg,
 					   const struct sticky_flow *key,
-					   __u32 worker)
+					   __u32 worker, __u32 idle)
 {
-	struct sticky_placed placed = { .worker = worker };
+	struct sticky_placed placed = { .worker = worker, .idle = idle };
 
 	if (cfg->learn && key->family)
 		bpf_map_update_elem(&placed_flows, key, &placed, BPF_ANY);
 }
 
 /*
- * Places a connection on `owner` if it is a live worker, else balances,
- * else sends it to the 503 listener.
+ * Places a connection on `owner` if it is a live worker (accepting or
+ * draining: its own sessions), else balances, else sends it to the 503
+ * listener.
  */
 static __always_inline int place(struct sk_reuseport_md *md,
 				 const struct sticky_config *cfg, __u32 owner,
-				 const struct sticky_flow *key)
+				 const struct sticky_flow *key, __u32 idle)
 {
 	__u32 w;
 
 	if (owner < STICKY_MAX_WORKERS && worker_live(owner) &&
 	    select_slot(md, owner)) {
 		count(STICKY_CNT_BY_SID);
-		note_placement(cfg, key, owner);
+		note_placement(cfg, key, owner, idle);
 		return SK_PASS;
 	}
 	w = pick_worker(cfg);
 	if (w != STICKY_NO_WORKER && select_slot(md, w)) {
 		count(STICKY_CNT_BALANCED);
-		note_placement(cfg, key, w);
+		note_placement(cfg, key, w, idle);
 		return SK_PASS;
 	}
 	count(STICKY_CNT_REJECTED);
@@ -386,6 +400,7 @@ static __always_inline void flow_of_packet(struct sk_reuseport_md *md,
 #define SORT 0xfffffffeu
 #define SINK 0xfffffffdu
 #define OVERFLOW 0xfffffffcu
+#define PLUG 0xfffffffbu
 #define TCPHDR_ACK 0x10
 #define TCPHDR_SYN 0x02
 
@@ -419,13 +434,14 @@ static __always_inline int first_payload(struct sk_reuseport_md *md,
 
 static __always_inline __u32 decide(struct sk_reuseport_md *md,
 				    const struct sticky_config *cfg,
-				    struct sticky_flow *key)
+				    struct sticky_flow *key, __u32 *idle)
 {
 	__u32 state, owner, index;
 	void *ring;
 	struct bpf_sock *sk;
 	struct scratch *s;
 	struct sticky_decision *decision;
+	__u16 sport;
 	__u8 flags;
 
 	if (cfg->mode == STICKY_MODE_SYN_BALANCE) {
@@ -461,9 +477,17 @@ static __always_inline __u32 decide(struct sk_reuseport_md *md,
 	}
 	if (!sk) {
 		/* A SYN: no payload yet. Wait for it on the sorting listener. */
+		if (cfg->plug_port && cfg->mode == STICKY_MODE_COOKIE &&
+		    bpf_skb_load_bytes(md, 0, &sport, sizeof(sport)) == 0 &&
+		    (__u32)bpf_ntohs(sport) - cfg->plug_port < STICKY_PLUGS)
+			return PLUG; /* the supervisor's own plug: see STICKY_PLUG_SLOT */
 		count(STICKY_CNT_SYN);
-		if (cfg->flood) {
-			/* Cookies instead of request sockets: see STICKY_OVERFLOW_SLOT. */
+		if (cfg->flood || cfg->mode == STICKY_MODE_COOKIE) {
+			/*
+			 * Cookies instead of request sockets: see
+			 * STICKY_OVERFLOW_SLOT. In cookie mode always: the
+			 * first data is then placed above, with no rotation.
+			 */
 			note_syn_slot(md, STICKY_NO_WORKER);
 			return OVERFLOW;
 		}
@@ -507,6 +531,8 @@ static __always_inline __u32 decide(struct sk_reuseport_md *md,
 		owner = decision->owner;
 		decision->placed = 1;
 	}
+	/* No decision: it sent nothing before TCP_DEFER_ACCEPT gave up. */
+	*idle = !decision;
 	count(STICKY_CNT_PLACED_QUEUE);
 	return owner;
 }
@@ -514,23 +540,25 @@ static __always_inline __u32 decide(struct sk_reuseport_md *md,
 SEC("sk_reuseport/migrate")
 int sticky_select(struct sk_reuseport_md *md)
 {
-	__u32 zero = 0, target;
+	__u32 zero = 0, target, idle = 0;
 	struct sticky_config *cfg = bpf_map_lookup_elem(&config, &zero);
 	struct sticky_flow key = {};
 
 	if (!cfg)
 		return SK_DROP; /* cannot happen: array maps always have entry 0 */
-	target = decide(md, cfg, &key);
+	target = decide(md, cfg, &key, &idle);
 	if (target == SINK && select_slot(md, STICKY_SINK_SLOT))
 		return SK_PASS;
 	if (target == OVERFLOW && select_slot(md, STICKY_OVERFLOW_SLOT))
 		return SK_PASS;
-	if (target == SINK || target == OVERFLOW)
+	if (target == PLUG && select_slot(md, STICKY_PLUG_SLOT))
+		return SK_PASS;
+	if (target == SINK || target == OVERFLOW || target == PLUG)
 		target = SORT; /* no such listener (supervisor gone): as before */
 	if (target == SORT &&
 	    select_slot(md, STICKY_SORTING_SLOT + sorting_index(cfg)))
 		return SK_PASS;
-	return place(md, cfg, target, &key);
+	return place(md, cfg, target, &key, idle);
 }
 
 /*
@@ -825,6 +853,42 @@ static __always_inline int cgroup_tcp_payload(struct __sk_buff *skb, int egress,
 	return 1;
 }
 
+/*
+ * sticky_learn past a connection's first answers: only if sticky_watch saw
+ * a request without a sid on it since (STICKY_CONN_LEARN), search the next
+ * answer segments for an open packet, for the connection's worker. A
+ * handshake on a reused keep-alive connection is learned like one on a new
+ * connection. Otherwise one socket-storage lookup.
+ */
+static __noinline int learn_later(struct __sk_buff *skb)
+{
+	__u32 two = 2, off, len;
+	int ends;
+	struct sticky_flow key = {};
+	struct sticky_conn *conn;
+	struct bpf_sock *sk;
+	struct scratch *s;
+
+	sk = accepted_sock(skb);
+	if (!sk)
+		return 1;
+	conn = bpf_sk_storage_get(&conns, sk, 0, 0);
+	if (!conn || !(conn->flags & STICKY_CONN_LEARN))
+		return 1;
+	if (!cgroup_tcp_payload(skb, 1, &key, &off, &len, &ends) || len == 0)
+		return 1;
+	s = bpf_map_lookup_elem(&scratch, &two);
+	if (!s)
+		return 1;
+	len = copy_len(len, STICKY_LEARN_SCAN);
+	if (len == 0 || bpf_skb_load_bytes(skb, off, s->buf, len))
+		return 1;
+	s->len = len;
+	if (learn_sid(s, conn->worker) || ends || ++conn->segments >= STICKY_LEARN_SEGMENTS)
+		conn->flags &= ~STICKY_CONN_LEARN;
+	return 1;
+}
+
 SEC("cgroup_skb/egress")
 int sticky_learn(struct __sk_buff *skb)
 {
@@ -833,6 +897,7 @@ int sticky_learn(struct __sk_buff *skb)
 	struct sticky_config *cfg = bpf_map_lookup_elem(&config, &zero);
 	struct sticky_flow key = {};
 	struct sticky_placed *placed;
+	struct sticky_conn *conn;
 	struct bpf_sock *sk;
 	struct scratch *s;
 
@@ -848,11 +913,23 @@ int sticky_learn(struct __sk_buff *skb)
 		struct bpf_tcp_sock *tp = bpf_tcp_sock(sk);
 
 		if (tp && tp->data_segs_out > STICKY_LEARN_SEGMENTS)
-			return 1;
+			return cfg->foreign == STICKY_FOREIGN_OFF ? 1 : learn_later(skb);
 	}
 	if (!cgroup_tcp_payload(skb, 1, &key, &off, &len, &ends))
 		return 1;
 	placed = bpf_map_lookup_elem(&placed_flows, &key);
+	/*
+	 * The connection's worker, kept for its lifetime (foreign.h). Only
+	 * from an answer: data comes from the worker that accepted it, after
+	 * placement; a pure ACK may come from a child still queued, with a
+	 * stale `placed` of an earlier connection on the same 4-tuple.
+	 */
+	sk = cfg->foreign == STICKY_FOREIGN_OFF ? NULL : accepted_sock(skb);
+	if (sk) {
+		conn = conn_of(sk, len ? placed : NULL);
+		if (conn && len >= 12)
+			note_upgrade(skb, off, conn);
+	}
 	if (!placed)
 		return 1;
 	if (len == 0) {
@@ -915,10 +992,17 @@ static __always_inline int is_close_request(struct scratch *s, __u32 seg_len)
  * sends no close packet; its sid is never sent again anyway, so it idles
  * out); a close the server decides (ping timeout, server-side disconnect).
  *
- * Invariants: always returns 1 (never drops); only touches `learned`
+ * It also enforces that every request reaches its session's worker: a
+ * request line whose sid another live worker owns, on a connection placed
+ * on this one, is dropped and its connection reset (foreign.h).
+ *
+ * Invariants: drops only a foreign request and the later segments of its
+ * (doomed) connection, never anything else; only touches `learned`
  * entries (a registered session's lifetime is its worker's business); a
- * closed session stays closed; cheap exit unless the payload starts with
- * "GET " or "POST" (WebSocket frames, TLS, body segments).
+ * closed session stays closed; cheap exit, after one socket-storage lookup
+ * on accepted connections, unless the payload starts with "GET " or "POST"
+ * (WebSocket frames, TLS, body segments); an upgraded connection is never
+ * parsed.
  */
 #define WORD_GET 0x20544547U  /* "GET " little-endian */
 #define WORD_POST 0x54534f50U /* "POST" little-endian */
@@ -926,16 +1010,28 @@ static __always_inline int is_close_request(struct scratch *s, __u32 seg_len)
 SEC("cgroup_skb/ingress")
 int sticky_watch(struct __sk_buff *skb)
 {
-	__u32 zero = 0, three = 3, off, len, word, copy;
-	int ends;
+	__u32 zero = 0, three = 3, off, len, word, copy, *owner;
+	int ends, gate;
 	struct sticky_config *cfg = bpf_map_lookup_elem(&config, &zero);
 	struct sticky_flow key = {};
+	struct sticky_conn *conn = NULL;
 	struct sticky_learned *l;
+	struct bpf_sock *sk;
 	struct scratch *s;
 
 	if (!cfg || !cfg->learn || skb->local_port != cfg->port)
 		return 1;
-	if (!cgroup_tcp_payload(skb, 0, &key, &off, &len, &ends) || len < 4)
+	if (!cgroup_tcp_payload(skb, 0, &key, &off, &len, &ends) || len == 0)
+		return 1;
+	/* A doomed connection loses every segment; an upgraded one is not ours. */
+	sk = cfg->foreign == STICKY_FOREIGN_OFF ? NULL : accepted_sock(skb);
+	if (sk) {
+		conn = conn_of(sk, NULL);
+		gate = conn_gate(conn);
+		if (gate != CONN_GO_ON)
+			return gate;
+	}
+	if (len < 4)
 		return 1;
 	/* The first payload bytes: often in a page fragment, not linear. */
 	if (off <= 120 && (void *)(long)skb->data + off + 4 <= (void *)(long)skb->data_end)
@@ -951,8 +1047,24 @@ int sticky_watch(struct __sk_buff *skb)
 	if (copy == 0 || bpf_skb_load_bytes(skb, off, s->buf, copy))
 		return 1;
 	s->len = copy;
-	if (sticky_parse(s, cfg) != STICKY_PARSE_SID)
+	if (sticky_parse(s, cfg) != STICKY_PARSE_SID) {
+		/* Maybe a handshake on a reused connection: see learn_later. */
+		if (conn && conn->worker != STICKY_NO_WORKER) {
+			conn->flags |= STICKY_CONN_LEARN;
+			conn->segments = 0;
+		}
 		return 1;
+	}
+	owner = bpf_map_lookup_elem(&sessions, &s->key);
+	if (!owner)
+		return 1;
+	/*
+	 * On the listener (sk NULL) this is the connection's first request,
+	 * placed by this very sid. A dropped request leaves the session alone:
+	 * its resend on a new connection refreshes (or closes) it.
+	 */
+	if (sk && !foreign_check(skb, cfg, sk, conn, &key, *owner))
+		return 0;
 	l = bpf_map_lookup_elem(&learned, &s->key);
 	if (!l || !l->last_seen_ns)
 		return 1;

@@ -69,6 +69,7 @@ impl Learner {
                 Placed {
                     worker,
                     segments: 0,
+                    idle: 0,
                 },
                 0,
             )

@@ -5,7 +5,8 @@
 //!
 //! - it finds every process holding a listening socket on the port (/proc)
 //!   and accepts only sticky workers: `LISTEN_PID` is their own pid,
-//!   `STICKY_WORKER` names their slot, fd 3 is one of those listeners; or
+//!   `STICKY_WORKER` and `STICKY_GENERATION` name their slot (see
+//!   `supervisor::slot_of`), fd 3 is one of those listeners; or
 //!   processes in such a worker's process group (its children). Anything
 //!   else holding the port is named in the error;
 //! - it takes each worker's listener with `pidfd_getfd` (fd 3) and keeps
@@ -14,6 +15,10 @@
 //!   `sticky_select` whose config names the port), copies its sessions,
 //!   registered and learned, and frees the adopted listeners from its slot
 //!   array so that the new one can hold them.
+//!
+//! A supervisor killed during a reload's drain leaves two generations: both
+//! are adopted, the newest takes new sessions, the older one drains again
+//! for a full `--drain` (the new supervisor cannot know the old deadline).
 //!
 //! Nothing is pinned: the old program and maps are reached through their
 //! ids while they are attached, and go away once the new selector replaces
@@ -36,7 +41,9 @@ use sticky_ebpf::{maps, SELECT_PROGRAM};
 
 /// A worker of a dead supervisor, taken over.
 pub struct Orphan {
+    /// Its slot.
     pub index: usize,
+    pub generation: u64,
     pub pid: u32,
     /// Readable once the process has exited.
     pub pidfd: OwnedFd,
@@ -60,10 +67,10 @@ pub fn find_orphans(addr: SocketAddr, workers: usize) -> Result<Vec<Orphan>> {
         .filter(|&pid| pid != me)
         .filter(|&pid| socket_fds(pid).values().any(|i| inodes.contains(i)))
         .collect();
-    let mut found: StdHashMap<u32, usize> = StdHashMap::new();
+    let mut found: StdHashMap<u32, (usize, u64)> = StdHashMap::new();
     for &pid in &holders {
-        if let Some(index) = sticky_worker(pid, &inodes) {
-            found.insert(pid, index);
+        if let Some(worker) = sticky_worker(pid, &inodes) {
+            found.insert(pid, worker);
         }
     }
     let strangers: Vec<String> = holders
@@ -79,7 +86,7 @@ pub fn find_orphans(addr: SocketAddr, workers: usize) -> Result<Vec<Orphan>> {
         );
     }
     let mut slots: StdHashMap<usize, u32> = StdHashMap::new();
-    for (&pid, &index) in &found {
+    for (&pid, &(index, generation)) in &found {
         if index >= workers {
             bail!(
                 "pid {pid} is worker {index} of an earlier sticky on {addr}; \
@@ -87,19 +94,23 @@ pub fn find_orphans(addr: SocketAddr, workers: usize) -> Result<Vec<Orphan>> {
                 index + 1
             );
         }
-        if let Some(other) = slots.insert(index, pid) {
+        let slot = crate::supervisor::slot_of(index, generation, workers);
+        if let Some(other) = slots.insert(slot, pid) {
             bail!(
-                "pids {other} and {pid} both claim worker slot {index} on {addr}; stop one of them"
+                "pids {other} and {pid} both claim worker {index} of generation {generation} \
+                 on {addr}; stop one of them"
             );
         }
     }
     let mut orphans: Vec<Orphan> = Vec::new();
-    for (pid, index) in found {
+    for (pid, (index, generation)) in found {
+        let index = crate::supervisor::slot_of(index, generation, workers);
         match take_listener(pid) {
             // The pid was reused by another process since we looked.
             Ok((_, listener)) if !inode_of(&listener).is_some_and(|i| inodes.contains(&i)) => {}
             Ok((pidfd, listener)) => orphans.push(Orphan {
                 index,
+                generation,
                 pid,
                 pidfd,
                 listener,
@@ -269,8 +280,9 @@ fn socket_fds(pid: u32) -> StdHashMap<i32, u64> {
         .collect()
 }
 
-/// `Some(slot)` if `pid` is a sticky worker whose fd 3 listens on the port.
-fn sticky_worker(pid: u32, inodes: &HashSet<u64>) -> Option<usize> {
+/// `Some((index, generation))` if `pid` is a sticky worker whose fd 3
+/// listens on the port (generation 0 for a sticky that did not set it).
+fn sticky_worker(pid: u32, inodes: &HashSet<u64>) -> Option<(usize, u64)> {
     let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
     let env: StdHashMap<&[u8], &[u8]> = environ
         .split(|&b| b == 0)
@@ -283,7 +295,9 @@ fn sticky_worker(pid: u32, inodes: &HashSet<u64>) -> Option<usize> {
     let own = var("LISTEN_PID")?.parse::<u32>().ok()? == pid
         && var("LISTEN_FDNAMES")? == "sticky"
         && socket_fds(pid).get(&3).is_some_and(|i| inodes.contains(i));
-    own.then(|| var("STICKY_WORKER")?.parse().ok()).flatten()
+    let generation = var("STICKY_GENERATION").map_or(Some(0), |g| g.parse().ok())?;
+    own.then(|| Some((var("STICKY_WORKER")?.parse().ok()?, generation)))
+        .flatten()
 }
 
 fn process_group(pid: u32) -> Option<u32> {

@@ -7,6 +7,10 @@
 //!   says.
 //! - `stats`: `ok <counters> ...`; allowed to workers and to processes of the
 //!   supervisor's own uid or root, for operators and tests.
+//! - `reload`: starts a new generation of workers (`supervisor::reload`);
+//!   `ok <what started>` or `err <why not>`. Only for processes of the
+//!   supervisor's own uid or root that are not workers (a worker asking to
+//!   replace itself would be a loop).
 //!
 //! A peer that is not a worker gets one answer and is disconnected; it has
 //! `OTHER_TIMEOUT` to send its line, and such peers have their own, small
@@ -17,6 +21,7 @@ use std::{
     io::{BufRead, BufReader, Read, Write},
     os::unix::net::{UnixListener, UnixStream},
     path::{Path, PathBuf},
+    sync::mpsc,
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc, Mutex,
@@ -27,8 +32,11 @@ use std::{
 use anyhow::{bail, Context, Result};
 
 use crate::{
+    identity::RunAs,
+    resets::ResetStats,
     sessions::{SessionTable, WorkerId},
     steering::Counters,
+    supervisor::Event,
 };
 
 const MAX_LINE: usize = 1024;
@@ -53,6 +61,11 @@ pub struct ControlSocket {
 pub struct ControlState {
     pub sessions: Arc<Mutex<SessionTable>>,
     pub counters: Arc<Counters>,
+    /// The broadcast relay, whose counters `stats` reports too.
+    pub relay: Option<Arc<crate::relay::Relay>>,
+    pub resets: Arc<ResetStats>,
+    /// The supervisor's event channel, for `reload`.
+    pub reload: mpsc::Sender<Event>,
 }
 
 impl ControlSocket {
@@ -77,6 +90,39 @@ impl ControlSocket {
             path: path.to_owned(),
             listener,
         })
+    }
+
+    /// With `--user`: the socket belongs to the workers' group, mode 0660,
+    /// so those workers (and root, and sticky's own uid) can connect and
+    /// other users cannot; checks that the workers can reach its directory.
+    pub fn only_for(&self, run_as: &RunAs) -> Result<()> {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        for dir in self
+            .path
+            .ancestors()
+            .skip(1)
+            .filter(|d| !d.as_os_str().is_empty())
+        {
+            let meta =
+                std::fs::metadata(dir).with_context(|| format!("checking {}", dir.display()))?;
+            let mode = meta.mode();
+            let searchable = run_as.uid == 0
+                || (meta.uid() == run_as.uid && mode & 0o100 != 0)
+                || (run_as.groups.contains(&meta.gid()) && mode & 0o010 != 0)
+                || mode & 0o001 != 0;
+            if !searchable {
+                bail!(
+                    "control socket {} is out of reach of --user {}: it cannot enter {}; pass --control with a path it can reach (e.g. /run/sticky/control.sock)",
+                    self.path.display(),
+                    run_as.user,
+                    dir.display()
+                );
+            }
+        }
+        std::os::unix::fs::chown(&self.path, None, Some(run_as.gid))
+            .with_context(|| format!("giving {} to the workers' group", self.path.display()))?;
+        std::fs::set_permissions(&self.path, std::fs::Permissions::from_mode(0o660))?;
+        Ok(())
     }
 
     /// Serves connections on background threads for as long as the
@@ -225,27 +271,35 @@ fn answer(state: &ControlState, worker: Option<WorkerId>, uid: u32, line: &str) 
     let (command, arg) = line.split_once(' ').unwrap_or((line, ""));
     let result = match (command, worker) {
         ("stats", _) if worker.is_some() || uid == 0 || uid == unsafe { libc::geteuid() } => {
-            let table = state.sessions.lock().unwrap();
-            return format!(
-                "ok {} live_workers={} sessions={} learned_sessions={} {}\n",
-                state.counters.report(),
-                table.live_workers(),
-                table.session_count(),
-                table.learned_count(),
-                table.summary()
-            );
+            return format!("ok {}\n", crate::stats::snapshot(state).line());
         }
-        ("open" | "close", None) | ("stats", None) => {
+        ("reload", None) if uid == 0 || uid == unsafe { libc::geteuid() } => {
+            return ask_reload(state);
+        }
+        ("reload", Some(_)) => Err("a worker cannot reload sticky".to_owned()),
+        ("open" | "close", None) | ("stats" | "reload", None) => {
             Err("unknown peer: not a sticky worker".to_owned())
         }
         ("open", Some(id)) => state.sessions.lock().unwrap().open(id, arg),
         ("close", Some(id)) => state.sessions.lock().unwrap().close(id, arg),
-        _ => Err("unknown command (expected open <sid>, close <sid> or stats)".to_owned()),
+        _ => Err("unknown command (expected open <sid>, close <sid>, stats or reload)".to_owned()),
     };
     match result {
         Ok(()) => "ok\n".to_owned(),
         Err(reason) => format!("err {reason}\n"),
     }
+}
+
+/// Hands `reload` to the supervisor's loop and relays its answer.
+fn ask_reload(state: &ControlState) -> String {
+    let (reply, answer) = mpsc::channel();
+    if state.reload.send(Event::Reload(Some(reply))).is_err() {
+        return "err sticky is stopping\n".to_owned();
+    }
+    // Starting the workers is fork/exec only; the wait is short.
+    answer
+        .recv_timeout(Duration::from_secs(30))
+        .unwrap_or_else(|_| "err no answer from the supervisor within 30 s\n".to_owned())
 }
 
 fn peer_cred(stream: &UnixStream) -> std::io::Result<libc::ucred> {

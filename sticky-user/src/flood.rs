@@ -16,6 +16,12 @@
 //! first data segment. Below `LEAVE` it clears the flag. The overflow
 //! listener is replaced whenever a connection is queued on it (one that got
 //! a request socket just before the queue filled), which migrates it.
+//!
+//! In cookie mode (`--placement cookie`) every SYN goes to the overflow
+//! listener anyway: the guard only keeps it plugged (`plug.rs`), replacing
+//! it with a freshly plugged one before its plugs expire and whenever a
+//! connection is queued on it (a SYN reusing a TIME_WAIT connection's
+//! ports), after `COOKIE_BATCH`.
 
 use std::{
     collections::VecDeque,
@@ -30,11 +36,12 @@ use std::{
 
 use anyhow::{Context, Result};
 use aya::maps::{Array, MapData};
-use sticky_common::{counter, Config, OVERFLOW_SLOT};
+use sticky_common::{counter, Config, Mode, OVERFLOW_SLOT};
 
 use crate::{
-    listeners::{overflow_listener, stop_listening},
+    listeners::{overflow_listener, plugged_overflow_listener, stop_listening},
     log,
+    plug::Plugs,
     sorter::{readable, SockArray},
     steering::Counters,
 };
@@ -45,6 +52,9 @@ const WINDOW: Duration = Duration::from_secs(3);
 const ENTER: u64 = 4096;
 /// ... and end it.
 const LEAVE: u64 = 1024;
+/// Cookie mode: the longest a connection queued on the overflow listener
+/// waits for its migration, so that one replacement takes several.
+const COOKIE_BATCH: Duration = Duration::from_millis(1);
 
 pub struct SynFloodGuard {
     addr: SocketAddr,
@@ -55,6 +65,8 @@ pub struct SynFloodGuard {
     settings: Config,
     counters: Arc<Counters>,
     stop: Arc<AtomicBool>,
+    /// Cookie mode: the overflow listener's request queue kept full.
+    plugs: Option<Plugs>,
     /// (when, handshakes started, connections placed), oldest first.
     samples: VecDeque<(Instant, u64, u64)>,
 }
@@ -71,13 +83,24 @@ impl SynFloodGuard {
         counters: Arc<Counters>,
         stop: Arc<AtomicBool>,
     ) -> Result<SynFloodGuard> {
-        let overflow = overflow_listener(addr, &*filter)?;
+        let mut config = config;
+        let mut settings = settings;
+        let mut plugs = (settings.mode == Mode::Cookie as u32).then(|| Plugs::new(addr));
+        let overflow = match plugs {
+            Some(_) => plugged_overflow_listener(addr, &*filter)?,
+            None => overflow_listener(addr, &*filter)?,
+        };
+        if let Some(plugs) = plugs.as_mut() {
+            plug_or_say_why(plugs.plug(&overflow, &listeners, &mut config, &mut settings));
+            plugs.unplug_slot(&listeners)?;
+        }
         listeners
             .lock()
             .unwrap()
             .set(OVERFLOW_SLOT, &overflow, 0)
             .context("placing the overflow listener in its slot")?;
         Ok(SynFloodGuard {
+            plugs,
             addr,
             filter,
             listeners,
@@ -92,11 +115,21 @@ impl SynFloodGuard {
 
     pub fn run(&mut self) {
         while !self.stop.load(Ordering::Relaxed) {
-            if readable(&self.overflow, TICK) {
+            let queued = readable(&self.overflow, TICK);
+            if queued && self.plugs.is_some() {
+                // Cookie mode: only SYNs reusing a TIME_WAIT connection's
+                // ports are queued here; gather them, since each
+                // replacement costs PLUGS new plugs.
+                std::thread::sleep(COOKIE_BATCH);
+            }
+            if queued || self.plugs.as_ref().is_some_and(Plugs::due) {
                 if let Err(e) = self.replace_overflow() {
                     log!("overflow listener rotation failed: {e:#}");
                     std::thread::sleep(TICK);
                 }
+            }
+            if self.plugs.is_some() {
+                continue; // cookie mode: every SYN gets a cookie already
             }
             let open = self.open_handshakes();
             let flood = match self.settings.flood {
@@ -141,7 +174,19 @@ impl SynFloodGuard {
 
     /// A fresh overflow listener in the slot, the old one's queue migrated.
     fn replace_overflow(&mut self) -> Result<()> {
-        let next = overflow_listener(self.addr, &*self.filter)?;
+        let next = match self.plugs {
+            Some(_) => plugged_overflow_listener(self.addr, &*self.filter)?,
+            None => overflow_listener(self.addr, &*self.filter)?,
+        };
+        if let Some(plugs) = self.plugs.as_mut() {
+            plug_or_say_why(plugs.plug(
+                &next,
+                &self.listeners,
+                &mut self.config,
+                &mut self.settings,
+            ));
+            plugs.unplug_slot(&self.listeners)?;
+        }
         self.listeners
             .lock()
             .unwrap()
@@ -150,5 +195,14 @@ impl SynFloodGuard {
         let old = std::mem::replace(&mut self.overflow, next);
         stop_listening(&old).context("shutting the previous overflow listener")?;
         Ok(())
+    }
+}
+
+/// An overflow listener that could not be plugged still works: its first
+/// SYN gets a request socket and takes the queue path (and a queued
+/// connection makes the guard replace it, plugging again).
+fn plug_or_say_why(plugged: Result<()>) {
+    if let Err(e) = plugged {
+        log!("SYN cookie plugs: {e:#}; until the next try, a connection may take the queue path");
     }
 }

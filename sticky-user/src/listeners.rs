@@ -109,6 +109,12 @@ pub fn overflow_listener(addr: SocketAddr, filter: &impl AsRawFd) -> Result<Owne
     sorting_listener_with_backlog(addr, filter, 0)
 }
 
+/// Cookie mode's overflow listener: a backlog of PLUGS - 1, for the plugs
+/// (`plug.rs`) to fill its request queue.
+pub fn plugged_overflow_listener(addr: SocketAddr, filter: &impl AsRawFd) -> Result<OwnedFd> {
+    sorting_listener_with_backlog(addr, filter, sticky_common::PLUGS as i32 - 1)
+}
+
 fn sorting_listener_with_backlog(
     addr: SocketAddr,
     filter: &impl AsRawFd,
@@ -138,7 +144,7 @@ fn sorting_listener_with_backlog(
 
 /// Attaches a classic socket filter returning 0: every segment reaching
 /// the socket is dropped before TCP looks at it (no child, no RST).
-fn drop_everything(fd: &impl AsRawFd) -> Result<()> {
+pub fn drop_everything(fd: &impl AsRawFd) -> Result<()> {
     let mut drop_all = [libc::sock_filter {
         code: 0x06, // BPF_RET | BPF_K
         jt: 0,
@@ -203,7 +209,7 @@ fn reuseport_socket(addr: SocketAddr) -> Result<OwnedFd> {
     Ok(fd)
 }
 
-fn socket(addr: SocketAddr) -> Result<OwnedFd> {
+pub fn socket(addr: SocketAddr) -> Result<OwnedFd> {
     let family = if addr.is_ipv6() {
         libc::AF_INET6
     } else {
@@ -290,7 +296,7 @@ fn local_addr(fd: &OwnedFd) -> Result<SocketAddr> {
     l.local_addr().context("getsockname()")
 }
 
-fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+pub fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     // SAFETY: all-zero is a valid sockaddr_storage.
     let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let len = match addr {

@@ -13,14 +13,17 @@
 //!   plus its learned ones as of the last `expire_learned` (least-connection
 //!   reads it);
 //! - a worker's sessions are forgotten when its process exits, and the
-//!   generation bump makes its old control connections stale.
+//!   generation bump makes its old control connections stale;
+//! - slots hold two reload generations of workers (see
+//!   `supervisor::slot_of`); the kernel `workers[i].live` says whether slot
+//!   `i` takes new sessions (accepting), only its own (draining) or none.
 
 use std::{collections::HashMap as StdHashMap, time::Duration};
 
 use crate::steering::monotonic_ns;
 use anyhow::Result;
 use aya::maps::{Array, HashMap, MapData, MapError};
-use sticky_common::{Learned, SidKey, WorkerState};
+use sticky_common::{Learned, SidKey, WorkerState, WORKER_ACCEPTING, WORKER_DOWN, WORKER_DRAINING};
 
 /// A worker as seen by the control socket: its slot and which incarnation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,12 +32,31 @@ pub struct WorkerId {
     pub generation: u64,
 }
 
+/// What the selector may send to a slot's running worker.
+#[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
+pub enum Role {
+    /// Its own sessions and balanced new ones.
+    #[default]
+    Accepting,
+    /// Its own sessions only: an old generation after a reload.
+    Draining,
+    /// Nothing: it has been asked to exit.
+    Retiring,
+}
+
 #[derive(Default)]
 struct Slot {
     pid: Option<u32>,
+    /// Incarnation counter: control connections of an earlier process are stale.
     generation: u64,
+    /// Processes started (or adopted) in this slot.
+    starts: u64,
     sessions: u32,
     learned: u32,
+    role: Role,
+    /// The reload generation of the process in this slot (0 before any
+    /// reload); None while the slot was never used.
+    reload_generation: Option<u64>,
 }
 
 pub struct SessionTable {
@@ -43,6 +65,10 @@ pub struct SessionTable {
     learned: HashMap<MapData, SidKey, Learned>,
     owners: StdHashMap<SidKey, usize>,
     slots: Vec<Slot>,
+    /// Worker processes per generation (`--workers`).
+    per_generation: usize,
+    /// The reload generation that takes new sessions.
+    current: u64,
     /// max_entries of the kernel `sessions` map.
     capacity: usize,
     /// Shutting down: no worker is live for the selector anymore.
@@ -62,17 +88,48 @@ impl SessionTable {
             kernel_workers,
             learned,
             owners: StdHashMap::new(),
-            slots: (0..workers).map(|_| Slot::default()).collect(),
+            slots: (0..crate::supervisor::slot_count(workers))
+                .map(|_| Slot::default())
+                .collect(),
+            per_generation: workers,
+            current: 0,
             capacity,
             stopping: false,
         }
     }
 
-    pub fn worker_started(&mut self, index: usize, pid: u32) -> Result<()> {
+    /// A process of reload generation `generation` started in slot `index`,
+    /// accepting.
+    pub fn worker_started(&mut self, index: usize, pid: u32, generation: u64) -> Result<()> {
         let slot = &mut self.slots[index];
         slot.pid = Some(pid);
         slot.generation += 1;
+        slot.role = Role::Accepting;
+        // A reload's new generation in a slot is a start, not a restart.
+        if slot.reload_generation != Some(generation) {
+            slot.starts = 0;
+        }
+        slot.reload_generation = Some(generation);
+        slot.starts += 1;
         self.publish(index)
+    }
+
+    /// The reload generation that takes new sessions (for `summary`).
+    pub fn set_current_generation(&mut self, generation: u64) {
+        self.current = generation;
+    }
+
+    /// Sets what the selector may send to slot `index`'s running worker.
+    pub fn set_role(&mut self, index: usize, role: Role) -> Result<()> {
+        self.slots[index].role = role;
+        self.publish(index)
+    }
+
+    /// Sessions the worker in slot `index` owns, registered and learned (as
+    /// of the last expiry scan).
+    pub fn owned(&self, index: usize) -> u32 {
+        let slot = &self.slots[index];
+        slot.sessions + slot.learned
     }
 
     /// Takes over sessions from a dead supervisor's maps (`adoption`), for
@@ -239,10 +296,19 @@ impl SessionTable {
         let forgot = self.forget_learned(|l, _| {
             l.last_seen_ns == 0 || now.saturating_sub(l.last_seen_ns) > idle
         });
+        self.recount_learned();
+        forgot
+    }
+
+    /// Recounts each worker's open learned sessions (closed ones, not yet
+    /// forgotten, do not count) and publishes the counts that changed. One
+    /// pass over the kernel map: the expiry scan, and a drain that must
+    /// know when an old worker has no session left.
+    pub fn recount_learned(&mut self) {
         let mut counts = vec![0u32; self.slots.len()];
         for (_, l) in self.learned.iter().flatten() {
             if let Some(c) = counts.get_mut(l.worker as usize) {
-                *c += 1;
+                *c += u32::from(l.last_seen_ns != 0);
             }
         }
         for (i, learned) in counts.into_iter().enumerate() {
@@ -251,7 +317,6 @@ impl SessionTable {
                 let _ = self.publish(i);
             }
         }
-        forgot
     }
 
     /// Removes the learned sessions matching `doomed` from both maps.
@@ -285,30 +350,94 @@ impl SessionTable {
         self.owners.len()
     }
 
-    /// Per worker: `pid` (or `-`) and sessions owned.
+    /// Per worker: `pid` (or `down`), sessions owned, reload generation and
+    /// role. The current generation's worker `I` is `workerI`, as before any
+    /// reload; an older generation's still running is `workerI_generationG`.
+    /// Then per generation running: its workers and sessions.
     pub fn summary(&self) -> String {
+        let mut fields = Vec::new();
+        let mut generations: std::collections::BTreeMap<u64, (usize, u32, u32, Role)> =
+            Default::default();
+        for (slot, s) in self.slots.iter().enumerate() {
+            let Some(generation) = s.reload_generation else {
+                continue;
+            };
+            let index = crate::supervisor::index_of(slot, self.per_generation);
+            let key = if generation == self.current {
+                format!("worker{index}")
+            } else {
+                format!("worker{index}_generation{generation}")
+            };
+            let Some(pid) = s.pid else {
+                if generation == self.current {
+                    fields.push(format!("{key}=down"));
+                }
+                continue;
+            };
+            let role = role_name(s.role);
+            fields.push(format!(
+                "{key}=pid:{pid},sessions:{},learned:{},generation:{generation},state:{role}",
+                s.sessions, s.learned,
+            ));
+            let g = generations.entry(generation).or_insert((0, 0, 0, s.role));
+            g.0 += 1;
+            g.1 += s.sessions;
+            g.2 += s.learned;
+            if s.role == Role::Accepting {
+                g.3 = Role::Accepting;
+            }
+        }
+        for (generation, (workers, sessions, learned, role)) in generations {
+            fields.push(format!(
+                "generation{generation}=workers:{workers},sessions:{sessions},learned:{learned},state:{}",
+                role_name(role)
+            ));
+        }
+        fields.join(" ")
+    }
+
+    /// Per worker slot in use: its process, sessions and restarts (the
+    /// metrics' per-worker families).
+    pub fn worker_stats(&self) -> Vec<crate::stats::WorkerStat> {
         self.slots
             .iter()
             .enumerate()
-            .map(|(i, s)| match s.pid {
-                Some(pid) => format!(
-                    "worker{i}=pid:{pid},sessions:{},learned:{}",
-                    s.sessions, s.learned
-                ),
-                None => format!("worker{i}=down"),
+            .filter_map(|(slot, s)| {
+                Some(crate::stats::WorkerStat {
+                    index: crate::supervisor::index_of(slot, self.per_generation),
+                    generation: s.reload_generation?,
+                    pid: s.pid,
+                    sessions: s.sessions,
+                    learned: s.learned,
+                    // Every process of the slot after its first is a restart.
+                    restarts: s.starts.saturating_sub(1),
+                })
             })
-            .collect::<Vec<_>>()
-            .join(" ")
+            .collect()
     }
 
     fn publish(&mut self, index: usize) -> Result<()> {
         let slot = &self.slots[index];
+        let live = match (slot.pid, slot.role) {
+            _ if self.stopping => WORKER_DOWN,
+            (None, _) | (_, Role::Retiring) => WORKER_DOWN,
+            (Some(_), Role::Accepting) => WORKER_ACCEPTING,
+            (Some(_), Role::Draining) => WORKER_DRAINING,
+        };
         let state = WorkerState {
-            live: (slot.pid.is_some() && !self.stopping) as u32,
+            live,
             sessions: slot.sessions + slot.learned,
         };
         self.kernel_workers.set(index as u32, state, 0)?;
         Ok(())
+    }
+}
+
+fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Accepting => "accepting",
+        Role::Draining => "draining",
+        Role::Retiring => "stopping",
     }
 }
 

@@ -72,28 +72,63 @@ struct SortingLoop {
     spare: OwnedFd,
     doorbell: Doorbell,
     period: Duration,
+    rotate_on_clock: bool,
     counters: Arc<Counters>,
     handoff: Arc<HandoffMap>,
     stop: Arc<AtomicBool>,
 }
 
-/// Starts one loop per CPU, each with its sorting listeners on `addr`
-/// carrying the socket filter `filter`.
-pub fn start(
-    listeners: SockArray,
-    workers: WorkerListeners,
+/// What the sorting loops are given: the slots they rotate in, the
+/// listeners they wake, and the kernel objects they read.
+pub struct Sorting {
+    pub slots: SockArray,
+    pub workers: WorkerListeners,
+    pub addr: SocketAddr,
+    /// `sticky_sort`, attached to every sorting listener.
+    pub filter: OwnedFd,
+    /// One sorting loop (and slot) per CPU.
+    pub cpus: usize,
+    /// Fallback rotation period while SYNs arrive.
+    pub period: Duration,
+    /// Whether to rotate on that clock at all: not in cookie mode, where
+    /// SYNs go to the overflow listener (counted, but never on a sorting
+    /// listener); its loops then rotate only when a listener is readable.
+    pub rotate_on_clock: bool,
+    pub counters: Arc<Counters>,
+    pub handoff: HandoffMap,
+    pub doorbells: ArrayOfMaps<MapData, MapData>,
+}
+
+/// The loops, their listeners and doorbells made, no thread started yet:
+/// making a doorbell creates a map, which needs CAP_BPF, and the
+/// supervisor drops its privileges before it starts any thread.
+pub struct Prepared {
+    loops: Vec<SortingLoop>,
+    stop: Arc<AtomicBool>,
     addr: SocketAddr,
-    filter: OwnedFd,
-    cpus: usize,
-    period: Duration,
-    counters: Arc<Counters>,
-    handoff: HandoffMap,
-    mut doorbells: ArrayOfMaps<MapData, MapData>,
-) -> Result<SortingHandle> {
+    filter: Arc<OwnedFd>,
+    listeners: SockArray,
+}
+
+/// Makes one loop per CPU, each with its sorting listeners on `addr`
+/// carrying the socket filter `filter`; `Prepared::start` runs them.
+pub fn prepare(sorting: Sorting) -> Result<Prepared> {
+    let Sorting {
+        slots: listeners,
+        workers,
+        addr,
+        filter,
+        cpus,
+        period,
+        rotate_on_clock,
+        counters,
+        handoff,
+        mut doorbells,
+    } = sorting;
     let handoff = Arc::new(handoff);
     let filter = Arc::new(filter);
     let stop = Arc::new(AtomicBool::new(false));
-    let mut threads = Vec::new();
+    let mut loops = Vec::new();
     for cpu in 0..cpus {
         let current = sorting_listener(addr, &*filter)?;
         let spare = sorting_listener(addr, &*filter)?;
@@ -103,7 +138,7 @@ pub fn start(
             .unwrap()
             .set(SORTING_SLOT + cpu as u32, &current, 0)
             .context("placing a sorting listener in its slot")?;
-        let mut sorting = SortingLoop {
+        loops.push(SortingLoop {
             cpu,
             addr,
             filter: filter.clone(),
@@ -113,24 +148,41 @@ pub fn start(
             spare,
             doorbell,
             period,
+            rotate_on_clock,
             counters: counters.clone(),
             handoff: handoff.clone(),
             stop: stop.clone(),
-        };
-        threads.push(
-            std::thread::Builder::new()
-                .name(format!("sorter-{cpu}"))
-                .spawn(move || sorting.run())
-                .context("spawning a sorting thread")?,
-        );
+        });
     }
-    Ok(SortingHandle {
+    Ok(Prepared {
+        loops,
         stop,
-        threads,
         addr,
         filter,
         listeners,
     })
+}
+
+impl Prepared {
+    /// Starts a thread per loop.
+    pub fn start(self) -> Result<SortingHandle> {
+        let mut threads = Vec::new();
+        for mut sorting in self.loops {
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("sorter-{}", sorting.cpu))
+                    .spawn(move || sorting.run())
+                    .context("spawning a sorting thread")?,
+            );
+        }
+        Ok(SortingHandle {
+            stop: self.stop,
+            threads,
+            addr: self.addr,
+            filter: self.filter,
+            listeners: self.listeners,
+        })
+    }
 }
 
 impl SortingLoop {
@@ -153,7 +205,7 @@ impl SortingLoop {
             }
             if !queued && !rang {
                 // The clock: rotate only if SYNs came since the last rotation.
-                let active = self.syns() != syns_at_rotation;
+                let active = self.rotate_on_clock && self.syns() != syns_at_rotation;
                 tick = if active {
                     self.period
                 } else {
@@ -203,6 +255,7 @@ impl SortingLoop {
         let next = sorting_listener(self.addr, &*self.filter)?;
         // Closes the old listener (dropped here); its request sockets live on.
         self.current = std::mem::replace(&mut self.spare, next);
+        self.counters.rotations.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 }

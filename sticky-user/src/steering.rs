@@ -7,6 +7,7 @@
 //! ingress). Nothing is pinned: when the supervisor's sockets close, the kernel drops it all.
 
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::AtomicU64;
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
@@ -14,9 +15,7 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SkReuseport, SocketFilter},
     Ebpf, EbpfLoader,
 };
-use sticky_common::{
-    Config, Handoff, Learned, SidKey, WorkerState, COUNTERS, DOORBELL_BYTES, MAX_CPUS,
-};
+use sticky_common::{Config, Handoff, Learned, SidKey, WorkerState, DOORBELL_BYTES, MAX_CPUS};
 use sticky_ebpf::{maps, LEARN_PROGRAM, SELECT_PROGRAM, SORT_PROGRAM, WATCH_PROGRAM};
 
 /// Socket migration through a select-or-migrate program arrived in 5.14.
@@ -36,6 +35,8 @@ pub struct SteeringMaps {
     pub handoff: HandoffMap,
     pub doorbells: ArrayOfMaps<MapData, MapData>,
     pub learned: HashMap<MapData, SidKey, Learned>,
+    /// Connections `sticky_watch` doomed, for `resets.rs` to destroy.
+    pub resets: RingBuf<MapData>,
 }
 
 impl Steering {
@@ -67,9 +68,13 @@ impl Steering {
             config: self.take(maps::CONFIG)?,
             workers: self.take(maps::WORKERS)?,
             sessions: self.take(maps::SESSIONS)?,
-            counters: Counters(self.take(maps::COUNTERS)?),
+            counters: Counters {
+                kernel: self.take(maps::COUNTERS)?,
+                rotations: AtomicU64::new(0),
+            },
             doorbells: self.take(maps::DOORBELLS)?,
             learned: self.take(maps::LEARNED)?,
+            resets: self.take(maps::RESETS)?,
             handoff: HandoffMap::new(
                 self.ebpf
                     .take_map(maps::HANDOFF)
@@ -142,31 +147,29 @@ where
         .with_context(|| format!("program {name} has an unexpected type"))
 }
 
-/// The `counters` per-CPU map, summed over CPUs.
-pub struct Counters(PerCpuArray<MapData, u64>);
+/// The `counters` per-CPU map, summed over CPUs, and the counters user
+/// space keeps beside it.
+pub struct Counters {
+    kernel: PerCpuArray<MapData, u64>,
+    /// Sorting listener rotations, all CPUs.
+    pub rotations: AtomicU64,
+}
 
 impl Counters {
     pub fn get(&self, index: u32) -> u64 {
-        self.0.get(&index, 0).map(|v| v.iter().sum()).unwrap_or(0)
+        self.kernel
+            .get(&index, 0)
+            .map(|v| v.iter().sum())
+            .unwrap_or(0)
     }
 
     /// One CPU's share of a counter.
     pub fn get_cpu(&self, index: u32, cpu: usize) -> u64 {
-        self.0
+        self.kernel
             .get(&index, 0)
             .ok()
             .and_then(|v| v.get(cpu).copied())
             .unwrap_or(0)
-    }
-
-    /// Every counter as `name=value`, in the order of `enum sticky_counter`.
-    pub fn report(&self) -> String {
-        COUNTERS
-            .iter()
-            .enumerate()
-            .map(|(i, name)| format!("{name}={}", self.get(i as u32)))
-            .collect::<Vec<_>>()
-            .join(" ")
     }
 }
 

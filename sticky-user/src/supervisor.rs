@@ -6,6 +6,9 @@
 //! forgotten at once (the selector balances their requests meanwhile). A
 //! worker that keeps crashing has no replacement to serve its queue soon:
 //! from its second quick exit on, its queue is handed to the live workers.
+//!
+//! `sticky reload` (or SIGHUP) starts a new generation of workers in the
+//! other slot of each worker's pair while the old one drains: see `reload`.
 
 use std::{
     net::SocketAddr,
@@ -17,9 +20,10 @@ use std::{
 
 use anyhow::{Context, Result};
 use signal_hook::{
-    consts::{SIGCHLD, SIGINT, SIGTERM},
+    consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM},
     iterator::Signals,
 };
+use sticky_common::MAX_WORKERS;
 
 use crate::{
     adoption,
@@ -39,16 +43,81 @@ const HEALTHY_AFTER: Duration = Duration::from_secs(10);
 /// A worker of a dead supervisor, taken over (see `adoption`): running,
 /// already marked live, but not our child.
 pub struct Adopted {
+    /// Its slot (see `slot_of`).
     pub index: usize,
+    pub generation: u64,
     pub pid: u32,
     pub pidfd: OwnedFd,
 }
 
-/// Sent on the signal channel when an adopted worker's pidfd says it exited.
-const ADOPTED_EXITED: i32 = 0;
+/// `Worker::generation` of a slot no process ever used.
+const NEVER: u64 = u64::MAX;
+
+mod reload;
+
+/// Kernel slots for `workers` workers per generation: two generations'
+/// worth when they fit in `MAX_WORKERS` (a reload needs both), else one.
+pub fn slot_count(workers: usize) -> usize {
+    if 2 * workers <= MAX_WORKERS as usize {
+        2 * workers
+    } else {
+        workers
+    }
+}
+
+/// The slot of worker `index` (`STICKY_WORKER`) of reload generation
+/// `generation`: even generations use the even slots, odd ones the odd
+/// slots, so the old generation keeps its slots (and its sessions, which
+/// name them) while the new one starts. Interleaved rather than in halves:
+/// the selector's balancing stays uniform (see `pick_worker`).
+pub fn slot_of(index: usize, generation: u64, workers: usize) -> usize {
+    if slot_count(workers) == 2 * workers {
+        2 * index + (generation % 2) as usize
+    } else {
+        index
+    }
+}
+
+/// The worker index (`STICKY_WORKER`) of `slot`.
+pub fn index_of(slot: usize, workers: usize) -> usize {
+    if slot_count(workers) == 2 * workers {
+        slot / 2
+    } else {
+        slot
+    }
+}
+
+/// What the supervisor's loop waits for.
+pub enum Event {
+    Signal(i32),
+    /// An adopted worker's pidfd says it exited.
+    AdoptedExited,
+    /// `reload` from the control socket (answered on the sender) or SIGHUP.
+    Reload(Option<mpsc::Sender<String>>),
+}
+
+/// Both ends of the supervisor's event channel: the control socket keeps a
+/// sender, to ask for reloads.
+pub fn events() -> (mpsc::Sender<Event>, mpsc::Receiver<Event>) {
+    mpsc::channel()
+}
+
+/// How the workers are run.
+pub struct WorkerSettings {
+    pub command: WorkerCommand,
+    pub control: PathBuf,
+    /// Workers per generation (`--workers`).
+    pub workers: usize,
+    /// SIGTERM to SIGKILL.
+    pub grace: Duration,
+    /// Longest time an old generation may keep serving after a reload.
+    pub drain: Duration,
+}
 
 struct Worker {
     pid: Option<u32>,
+    /// Reload generation of the process in (or due in) this slot.
+    generation: u64,
     /// Set for an adopted worker: waitpid cannot see it, its pidfd can.
     pidfd: Option<Arc<OwnedFd>>,
     started: Instant,
@@ -72,33 +141,46 @@ pub struct Supervisor {
     listeners: WorkerListeners,
     control: PathBuf,
     sessions: Arc<Mutex<SessionTable>>,
+    /// One per kernel slot: `slot_count(per_generation)`.
     workers: Vec<Worker>,
+    per_generation: usize,
+    /// The reload generation that takes new sessions.
+    generation: u64,
     grace: Duration,
-    signals: mpsc::Receiver<i32>,
-    /// Clones of the signal channel's sender, for adopted workers' watchers.
-    notify: mpsc::Sender<i32>,
+    drain: Duration,
+    /// The old generation of a reload in progress.
+    draining: Option<reload::Draining>,
+    /// Processes sent SIGTERM by a drain or a rollback, not yet exited.
+    retiring: Vec<reload::Retiring>,
+    events: mpsc::Receiver<Event>,
+    /// Clones of the event channel's sender, for adopted workers' watchers.
+    notify: mpsc::Sender<Event>,
 }
 
 impl Supervisor {
     /// Installs the signal handlers (before any worker exists, so no exit is
-    /// missed) and starts every worker but the adopted ones.
+    /// missed) and starts every worker of the current generation but the
+    /// adopted ones. `events` comes from [`events`].
     pub fn start(
-        command: WorkerCommand,
+        settings: WorkerSettings,
         listeners: Listeners,
-        control: PathBuf,
         sessions: Arc<Mutex<SessionTable>>,
-        grace: Duration,
         adopted: Vec<Adopted>,
+        events: (mpsc::Sender<Event>, mpsc::Receiver<Event>),
     ) -> Result<Supervisor> {
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = events;
         let notify = tx.clone();
-        let mut signals =
-            Signals::new([SIGINT, SIGTERM, SIGCHLD]).context("installing signal handlers")?;
+        let mut signals = Signals::new([SIGINT, SIGTERM, SIGCHLD, SIGHUP])
+            .context("installing signal handlers")?;
         std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
                 for sig in signals.forever() {
-                    if tx.send(sig).is_err() {
+                    let event = match sig {
+                        SIGHUP => Event::Reload(None),
+                        sig => Event::Signal(sig),
+                    };
+                    if tx.send(event).is_err() {
                         break;
                     }
                 }
@@ -108,6 +190,7 @@ impl Supervisor {
         let workers = (0..count)
             .map(|_| Worker {
                 pid: None,
+                generation: NEVER,
                 pidfd: None,
                 started: now,
                 backoff: BACKOFF_MIN,
@@ -115,28 +198,33 @@ impl Supervisor {
             })
             .collect();
         let mut sup = Supervisor {
-            command,
+            command: settings.command,
             addr: listeners.addr,
             slots: listeners.slots,
             listeners: listeners.workers,
-            control,
+            control: settings.control,
             sessions,
             workers,
-            grace,
-            signals: rx,
+            per_generation: settings.workers,
+            generation: 0,
+            grace: settings.grace,
+            drain: settings.drain,
+            draining: None,
+            retiring: Vec::new(),
+            events: rx,
             notify,
         };
-        for a in adopted {
-            sup.watch_adopted(a);
-        }
-        for i in 0..sup.workers.len() {
-            if sup.workers[i].pid.is_some() {
+        sup.adopt(adopted);
+        for index in 0..sup.per_generation {
+            let slot = slot_of(index, sup.generation, sup.per_generation);
+            if sup.workers[slot].pid.is_some() {
                 continue;
             }
+            sup.workers[slot].generation = sup.generation;
             let pid = sup
-                .spawn(i)
+                .spawn(slot)
                 .with_context(|| format!("cannot start worker `{}`", sup.command.display))?;
-            log!("worker {i} started (pid {pid})");
+            log!("{} started (pid {pid})", sup.name(slot));
         }
         Ok(sup)
     }
@@ -145,31 +233,77 @@ impl Supervisor {
     pub fn run(mut self) -> Result<()> {
         loop {
             let now = Instant::now();
-            let next = self.workers.iter().filter_map(|w| w.restart_at).min();
+            let mut next = self.workers.iter().filter_map(|w| w.restart_at).min();
+            if self.draining.is_some() || !self.retiring.is_empty() {
+                let tick = now + reload::TICK;
+                next = Some(next.map_or(tick, |t| t.min(tick)));
+            }
             let timeout = next
                 .map(|t| t.saturating_duration_since(now))
                 .unwrap_or(Duration::from_secs(3600));
-            match self.signals.recv_timeout(timeout) {
-                Ok(SIGCHLD) => self.reap(true),
-                Ok(ADOPTED_EXITED) => self.reap_adopted(true),
-                Ok(sig) => return self.stop(sig),
+            match self.events.recv_timeout(timeout) {
+                Ok(Event::Signal(SIGCHLD)) => self.reap(true),
+                Ok(Event::AdoptedExited) => self.reap_adopted(true),
+                Ok(Event::Signal(sig)) => return self.stop(sig),
+                Ok(Event::Reload(reply)) => {
+                    let answer = match self.reload() {
+                        Ok(done) => format!("ok {done}\n"),
+                        Err(why) => {
+                            log!("reload refused: {why}");
+                            format!("err {why}\n")
+                        }
+                    };
+                    if let Some(reply) = reply {
+                        let _ = reply.send(answer);
+                    }
+                }
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => return self.stop(SIGTERM),
             }
             self.restart_due();
+            self.drain_tick();
         }
     }
 
-    fn spawn(&mut self, i: usize) -> std::io::Result<u32> {
+    /// How logs name the worker in `slot`: `worker I` before any reload (as
+    /// always), `worker I of generation G` after.
+    fn name(&self, slot: usize) -> String {
+        let index = index_of(slot, self.per_generation);
+        match self.workers[slot].generation {
+            0 => format!("worker {index}"),
+            g => format!("worker {index} of generation {g}"),
+        }
+    }
+
+    /// Starts the process of `slot`, of the generation recorded there.
+    fn spawn(&mut self, slot: usize) -> std::io::Result<u32> {
         // A copy: the lock is not held across fork and exec.
-        let listener = self.listeners.lock().unwrap()[i].try_clone()?;
-        let pid = self.command.spawn(&listener, i, &self.control)?;
-        let w = &mut self.workers[i];
+        let listener = self.listeners.lock().unwrap()[slot].try_clone()?;
+        let generation = self.workers[slot].generation;
+        let index = index_of(slot, self.per_generation);
+        let pid = self.command.spawn(
+            &listener,
+            crate::spawn::SpawnedWorker {
+                slot,
+                index,
+                generation,
+            },
+            &self.control,
+        )?;
+        let w = &mut self.workers[slot];
         w.pid = Some(pid);
         w.started = Instant::now();
         w.restart_at = None;
-        if let Err(e) = self.sessions.lock().unwrap().worker_started(i, pid) {
-            log!("worker {i}: cannot mark it live in the kernel map: {e:#}");
+        let marked = self
+            .sessions
+            .lock()
+            .unwrap()
+            .worker_started(slot, pid, generation);
+        if let Err(e) = marked {
+            log!(
+                "{}: cannot mark it live in the kernel map: {e:#}",
+                self.name(slot)
+            );
         }
         Ok(pid)
     }
@@ -203,7 +337,7 @@ impl Supervisor {
             .name(format!("adopted-{}", a.index))
             .spawn(move || {
                 adoption::wait_exit(&pidfd);
-                let _ = notify.send(ADOPTED_EXITED);
+                let _ = notify.send(Event::AdoptedExited);
             });
         if let Err(e) = watcher {
             log!("worker {}: cannot watch the adopted process: {e}", a.index);
@@ -224,29 +358,39 @@ impl Supervisor {
         }
     }
 
-    /// Worker `i` (process `pid`) is gone: forget its sessions, and restart
-    /// it with backoff unless stopping.
+    /// The worker in slot `i` (process `pid`) is gone: forget its sessions,
+    /// and restart it with backoff unless stopping, or unless it belongs to
+    /// an old generation (or a reload is rolled back because of it).
     fn exited(&mut self, i: usize, pid: u32, how: &str, restart: bool) {
+        let name = self.name(i);
         if let Err(e) = self.sessions.lock().unwrap().worker_exited(i) {
-            log!("worker {i}: cannot mark it down in the kernel map: {e:#}");
+            log!("{name}: cannot mark it down in the kernel map: {e:#}");
         }
-        let w = &mut self.workers[i];
-        w.pid = None;
+        self.retiring.retain(|r| r.slot != i);
+        self.workers[i].pid = None;
         if !restart {
-            log!("worker {i} (pid {pid}) {how}");
+            log!("{name} (pid {pid}) {how}");
             return;
         }
-        let lived = w.started.elapsed();
+        let lived = self.workers[i].started.elapsed();
+        if self.workers[i].generation != self.generation {
+            self.old_exited(i, pid, how);
+            return;
+        }
+        if self.rolled_back(i, pid, how, lived) {
+            return;
+        }
+        let w = &mut self.workers[i];
         if lived >= HEALTHY_AFTER {
             w.backoff = BACKOFF_MIN;
         }
         let delay = w.backoff;
         w.backoff = (w.backoff * 2).min(BACKOFF_MAX);
         w.restart_at = Some(Instant::now() + delay);
-        log!("worker {i} (pid {pid}) {how} after {lived:.1?}; restarting in {delay:?}");
+        log!("{name} (pid {pid}) {how} after {lived:.1?}; restarting in {delay:?}");
         if delay > BACKOFF_MIN {
             if let Err(e) = self.hand_off_queue(i) {
-                log!("worker {i}: cannot hand its queue to the other workers: {e:#}");
+                log!("{name}: cannot hand its queue to the other workers: {e:#}");
             }
         }
     }
@@ -271,14 +415,15 @@ impl Supervisor {
         for i in 0..self.workers.len() {
             if self.workers[i].restart_at.is_some_and(|t| t <= now) {
                 match self.spawn(i) {
-                    Ok(pid) => log!("worker {i} restarted (pid {pid})"),
+                    Ok(pid) => log!("{} restarted (pid {pid})", self.name(i)),
                     Err(e) => {
                         let w = &mut self.workers[i];
                         w.backoff = (w.backoff * 2).min(BACKOFF_MAX);
                         w.restart_at = Some(now + w.backoff);
+                        let backoff = w.backoff;
                         log!(
-                            "worker {i}: restart failed: {e}; retrying in {:?}",
-                            w.backoff
+                            "{}: restart failed: {e}; retrying in {backoff:?}",
+                            self.name(i)
                         );
                     }
                 }
@@ -304,9 +449,14 @@ impl Supervisor {
         let deadline = Instant::now() + self.grace;
         while self.workers.iter().any(|w| w.pid.is_some()) {
             let left = deadline.saturating_duration_since(Instant::now());
-            match self.signals.recv_timeout(left) {
-                Ok(SIGCHLD) => self.reap(false),
-                Ok(ADOPTED_EXITED) => self.reap_adopted(false),
+            match self.events.recv_timeout(left) {
+                Ok(Event::Signal(SIGCHLD)) => self.reap(false),
+                Ok(Event::AdoptedExited) => self.reap_adopted(false),
+                Ok(Event::Reload(reply)) => {
+                    if let Some(reply) = reply {
+                        let _ = reply.send("err sticky is stopping\n".into());
+                    }
+                }
                 Ok(_) => {
                     log!("second signal: killing workers");
                     self.signal_all(libc::SIGKILL);

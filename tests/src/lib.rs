@@ -25,10 +25,15 @@ pub fn demo_worker_bin() -> PathBuf {
     binary("STICKY_DEMO_WORKER", "sticky-demo-worker")
 }
 
-/// A Python 3 interpreter for scripted test workers: the system one when
-/// there is one (a version-manager shim is a shell script that would add a
-/// process and descriptors of its own), else whatever `python3` PATH finds.
+/// A Python 3 interpreter for scripted test workers: `STICKY_PYTHON` (the
+/// project's virtual environment, set by `cargo xtask test`), else the
+/// system one when there is one (a version-manager shim is a shell script
+/// that would add a process and descriptors of its own), else whatever
+/// `python3` PATH finds.
 pub fn python3_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("STICKY_PYTHON") {
+        return p.into();
+    }
     ["/usr/bin/python3", "/usr/local/bin/python3"]
         .into_iter()
         .map(PathBuf::from)
@@ -587,4 +592,22 @@ pub fn raise_nofile(want: u64) -> u64 {
         libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
     }
     limit.rlim_cur
+}
+
+/// `path` itself if every directory above it lets others search it (so a
+/// worker run as `nobody` can exec or read it), else a copy in `dir`
+/// (made searchable): repositories under a private home directory.
+pub fn reachable_by_others(path: &std::path::Path, dir: &TempDir) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let searchable = path.ancestors().skip(1).all(|d| {
+        d.as_os_str().is_empty()
+            || std::fs::metadata(d).is_ok_and(|m| m.permissions().mode() & 0o001 != 0)
+    });
+    if searchable {
+        return path.to_owned();
+    }
+    std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let copy = dir.0.join(path.file_name().unwrap());
+    std::fs::copy(path, &copy).unwrap();
+    copy
 }

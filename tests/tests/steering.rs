@@ -86,9 +86,10 @@ fn first_segments_are_placed_in_softirq_after_the_doorbell_rotation() {
         if *owner == 0 {
             std::thread::sleep(Duration::from_millis(5)); // a slower client
         }
-        write!(
-            s,
-            "GET /?sid={sid} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        // One write: `write!` would send "GET /?sid=" in a segment of its
+        // own, and a cut sid is balanced, not placed.
+        s.write_all(
+            format!("GET /?sid={sid} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
         )
         .unwrap();
         let r = read_response(s);
@@ -101,6 +102,7 @@ fn first_segments_are_placed_in_softirq_after_the_doorbell_rotation() {
         delta("placed_softirq"),
         delta("placed_queue")
     );
+    assert_eq!(delta("by_sid"), 60, "placed by their sid, not balanced");
     assert!(
         delta("placed_softirq") >= 40,
         "the softirq path placed only {}/60",
@@ -125,9 +127,9 @@ fn connections_queued_while_the_supervisor_is_stopped_are_placed_by_the_filter()
         .take(30)
         .map(|(sid, owner)| {
             let mut s = TcpStream::connect(cluster.addr).unwrap();
-            write!(
-                s,
-                "GET /?sid={sid} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            s.write_all(
+                format!("GET /?sid={sid} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
             )
             .unwrap();
             (s, *owner)

@@ -1,7 +1,9 @@
 #!/bin/sh
 # PID 1 of a `cargo xtask kernels` guest. The kernel unpacked the whole root
-# filesystem (Debian bookworm minbase) from the initramfs; no modules are
-# needed. Results go to the second serial port, free of kernel messages.
+# filesystem (Debian bookworm minbase) from the initramfs; the only modules
+# are sock_diag's, for sticky's connection resets (/modules/, from the
+# kernel's package). Results go to the second serial port, free of kernel
+# messages.
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root
 mount -t proc proc /proc
 mount -t sysfs sys /sys
@@ -12,6 +14,9 @@ mount -t tmpfs run /run
 mount -t bpf bpf /sys/fs/bpf
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 busybox ip link set lo up
+for m in inet_diag tcp_diag; do
+  [ -f /modules/$m.ko ] && busybox insmod /modules/$m.ko
+done
 # PID 1 starts with 1024 open files; the tests open more (as a login shell
 # on the build machine may: 20000 there).
 ulimit -n 20000

@@ -49,15 +49,19 @@ while True:
 """
 
 
-def placed_queue():
-    """How many connections the supervisor's rotations have migrated."""
+def stats():
+    """The supervisor's `stats` fields."""
     control = socket.socket(socket.AF_UNIX)
     control.connect(f"/tmp/sticky-{PORT}.sock")
     control.sendall(b"stats\n")
     line = control.makefile().readline()
     control.close()
-    fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
-    return int(fields.get("placed_queue", 0))
+    return dict(f.split("=", 1) for f in line.split() if "=" in f)
+
+
+def placed_queue():
+    """How many connections the supervisor's rotations have migrated."""
+    return int(stats().get("placed_queue", 0))
 
 
 def report(key, value):
@@ -124,6 +128,8 @@ def main():
         hits = [answer(send(f"/?sid={SID}")) for _ in range(20)]
         report("places", "yes" if owner is not None and hits.count(owner) == 20 else "no")
         report("places_detail", f"owner={owner} hits={hits}")
+        # `reset` when sticky's own SOCK_DESTROY probe at start worked.
+        report("foreign", stats().get("foreign_requests", "unknown"))
 
         # Freeze the supervisor: first segments queue on the sorting
         # listener. Thawed, it rotates and the kernel migrates them onto the

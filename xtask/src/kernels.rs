@@ -8,7 +8,8 @@
 //!   path), bookworm (6.1, and 6.1.170 pinned) and trixie (6.12); only
 //!   `vmlinuz` is kept, since everything the guest needs (BPF, cgroup2,
 //!   loopback, serial console, initramfs) is built into Debian's cloud
-//!   kernels: no modules to load;
+//!   kernels, plus `inet_diag` and `tcp_diag` (modules there, loaded by the
+//!   guest's /init: sticky's connection resets use sock_diag);
 //! - a root filesystem: `debootstrap --variant=minbase bookworm` plus
 //!   python3 (scripted test workers) and busybox-static (`ip`), packed once
 //!   into an uncompressed initramfs. The whole guest lives in RAM: no disk
@@ -26,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{cargo, find_in_path, is_root, root_dir, status};
+use super::{cargo, is_root, root_dir, status};
 
 /// The kernels of the matrix: Debian suite and the version it ships.
 const KERNELS: &[Kernel] = &[
@@ -62,7 +63,7 @@ const KERNELS: &[Kernel] = &[
 /// and runs the direct check plus the kernel-side program tests (the
 /// verifier of that kernel), which fit CI's time.
 const QUICK: &str = "6.1";
-const QUICK_TESTS: &[&str] = &["parser", "learner"];
+const QUICK_TESTS: &[&str] = &["parser", "learner", "foreign_decision"];
 
 const MIRROR: &str = "http://deb.debian.org/debian";
 const README_BEGIN: &str = "<!-- kernels:begin -->";
@@ -92,10 +93,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let started = Instant::now();
     let cache = root_dir().join("target/kernels");
     fs::create_dir_all(&cache).map_err(|e| format!("cannot create {}: {e}", cache.display()))?;
-    install_missing(&[
-        ("qemu-system-x86_64", "qemu-system-x86"),
-        ("debootstrap", "debootstrap"),
-    ])?;
+    super::deps::for_kernels()?;
     let kernels = fetch_kernels(&cache, &options.kernels)?;
     let base = base_initramfs(&cache)?;
     let payload = build_payload(&cache, &options.tests)?;
@@ -166,31 +164,6 @@ fn kernel(series: &str) -> Result<&'static Kernel, String> {
     })
 }
 
-/// Installs the Debian packages of the commands that are missing.
-fn install_missing(commands: &[(&str, &str)]) -> Result<(), String> {
-    let missing: Vec<&str> = commands
-        .iter()
-        .filter(|(cmd, _)| {
-            find_in_path(cmd).is_none() && !Path::new("/usr/sbin").join(cmd).exists()
-        })
-        .map(|(_, package)| *package)
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    eprintln!("kernels: installing {}", missing.join(" "));
-    let mut update = Command::new("apt-get");
-    update.arg("update").arg("-qq");
-    status(update, "apt-get update")?;
-    let mut install = Command::new("apt-get");
-    install
-        .args(["install", "-y", "-qq", "--no-install-recommends"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .stdout(Stdio::null());
-    status(install, "apt-get install")
-}
-
 /// apt with its own sources, lists and cache under `dir`, so the host's
 /// configuration stays untouched whatever suites it has.
 fn apt(dir: &Path, tool: &str) -> Command {
@@ -223,9 +196,17 @@ fn apt(dir: &Path, tool: &str) -> Command {
 }
 
 /// The `vmlinuz` of each kernel, downloaded and extracted when not cached.
+/// The sock_diag modules a kernel's guest loads (`<series>/modules/`).
+const DIAG_MODULES: &[&str] = &["inet_diag", "tcp_diag"];
+
+fn modules_dir(cache: &Path, k: &Kernel) -> PathBuf {
+    cache.join(k.series).join("modules")
+}
+
 fn fetch_kernels(cache: &Path, kernels: &[&Kernel]) -> Result<Vec<PathBuf>, String> {
     let vmlinuz = |k: &Kernel| cache.join(k.series).join("vmlinuz");
-    if kernels.iter().all(|k| vmlinuz(k).exists()) {
+    let complete = |k: &Kernel| vmlinuz(k).exists() && modules_dir(cache, k).exists();
+    if kernels.iter().all(|k| complete(k)) {
         return Ok(kernels.iter().map(|k| vmlinuz(k)).collect());
     }
     let dir = cache.join("apt");
@@ -244,7 +225,7 @@ fn fetch_kernels(cache: &Path, kernels: &[&Kernel]) -> Result<Vec<PathBuf>, Stri
     update.arg("update");
     status(update, "apt-get update (Debian kernel suites)")?;
     for k in kernels {
-        if vmlinuz(k).exists() {
+        if complete(k) {
             continue;
         }
         let target = cache.join(k.series);
@@ -271,10 +252,16 @@ fn fetch_kernels(cache: &Path, kernels: &[&Kernel]) -> Result<Vec<PathBuf>, Stri
             .arg("-C")
             .arg(&target)
             .args(["--wildcards", "./boot/vmlinuz-*"])
+            .args(
+                DIAG_MODULES
+                    .iter()
+                    .map(|m| format!("./lib/modules/*/kernel/net/ipv4/{m}.ko*")),
+            )
             .stdin(tarball.stdout.take().expect("piped"));
-        let extracted = status(tar, "extracting vmlinuz");
+        let extracted = status(tar, "extracting vmlinuz and the sock_diag modules");
         let _ = tarball.wait();
         extracted?;
+        keep_modules(&target, &modules_dir(cache, k))?;
         let boot = target.join("boot");
         let found = fs::read_dir(&boot)
             .map_err(|e| format!("{}: {e}", boot.display()))?
@@ -286,6 +273,47 @@ fn fetch_kernels(cache: &Path, kernels: &[&Kernel]) -> Result<Vec<PathBuf>, Stri
         let _ = fs::remove_file(&deb);
     }
     Ok(kernels.iter().map(|k| vmlinuz(k)).collect())
+}
+
+/// Moves the extracted sock_diag modules (`lib/modules/*/.../NAME.ko`, or
+/// `.ko.xz`, decompressed: busybox insmod reads plain ones) to `to`.
+fn keep_modules(extracted: &Path, to: &Path) -> Result<(), String> {
+    fs::create_dir_all(to).map_err(|e| format!("{}: {e}", to.display()))?;
+    let lib = extracted.join("lib/modules");
+    let version = fs::read_dir(&lib)
+        .map_err(|e| format!("{}: {e}", lib.display()))?
+        .filter_map(Result::ok)
+        .next()
+        .ok_or_else(|| format!("no modules in {}", lib.display()))?;
+    let dir = version.path().join("kernel/net/ipv4");
+    for m in DIAG_MODULES {
+        let plain = dir.join(format!("{m}.ko"));
+        let xz = dir.join(format!("{m}.ko.xz"));
+        if xz.exists() {
+            let mut unxz = Command::new("xz");
+            unxz.args(["-d", "-k"]).arg(&xz);
+            status(unxz, "decompressing a module")?;
+        }
+        fs::rename(&plain, to.join(format!("{m}.ko")))
+            .map_err(|e| format!("{}: {e}", plain.display()))?;
+    }
+    let _ = fs::remove_dir_all(extracted.join("lib"));
+    Ok(())
+}
+
+/// A small archive with the kernel's sock_diag modules at /modules/.
+fn modules_cpio(cache: &Path, k: &Kernel) -> Result<PathBuf, String> {
+    let path = cache.join(k.series).join("modules.cpio");
+    let mut cpio = Cpio::create(&path)?;
+    cpio.dir("modules")?;
+    for m in DIAG_MODULES {
+        cpio.copy(
+            &modules_dir(cache, k).join(format!("{m}.ko")),
+            &format!("modules/{m}.ko"),
+        )?;
+    }
+    cpio.finish()?;
+    Ok(path)
 }
 
 /// Downloads `spec` (`package/suite`) into `dir`, returns the .deb's path.
@@ -331,18 +359,7 @@ fn base_initramfs(cache: &Path) -> Result<PathBuf, String> {
     }
     let rootfs = cache.join("rootfs");
     if !rootfs.join("usr/bin/python3").exists() {
-        eprintln!("kernels: debootstrap bookworm into {}", rootfs.display());
-        let _ = fs::remove_dir_all(&rootfs);
-        let mut cmd = Command::new("debootstrap");
-        cmd.args([
-            "--variant=minbase",
-            "--include=python3,busybox-static",
-            "bookworm",
-        ])
-        .arg(&rootfs)
-        .arg(MIRROR)
-        .stdout(Stdio::null());
-        status(cmd, "debootstrap")?;
+        debootstrap(&rootfs, &["python3", "busybox-static"])?;
     }
     // Documentation, locales and apt's caches are dead weight in RAM.
     for dir in [
@@ -360,6 +377,23 @@ fn base_initramfs(cache: &Path) -> Result<PathBuf, String> {
     archive.finish()?;
     fs::rename(&partial, &cpio).map_err(|e| format!("{e}"))?;
     Ok(cpio)
+}
+
+/// A `debootstrap --variant=minbase bookworm` root filesystem at `rootfs`
+/// (replaced), with `include` added.
+pub fn debootstrap(rootfs: &Path, include: &[&str]) -> Result<(), String> {
+    eprintln!("debootstrap bookworm into {}", rootfs.display());
+    let _ = fs::remove_dir_all(rootfs);
+    let mut cmd = Command::new("debootstrap");
+    cmd.arg("--variant=minbase");
+    if !include.is_empty() {
+        cmd.arg(format!("--include={}", include.join(",")));
+    }
+    cmd.arg("bookworm")
+        .arg(rootfs)
+        .arg(MIRROR)
+        .stdout(Stdio::null());
+    status(cmd, "debootstrap")
 }
 
 /// The per-run archive: init, the direct check, sticky and the tests.
@@ -464,7 +498,8 @@ fn boot_guest(
     // The kernel unpacks concatenated archives in order: payload files
     // (/init) are added to the root filesystem's.
     let initrd = cache.join("initrd.cpio");
-    concatenate(&[base, payload], &initrd)?;
+    let modules = modules_cpio(cache, kernel)?;
+    concatenate(&[base, payload, &modules], &initrd)?;
     let results = cache.join(format!("results-{}.txt", kernel.series));
     let console = cache.join(format!("console-{}.log", kernel.series));
     let _ = fs::remove_file(&results);
@@ -538,6 +573,8 @@ struct Row {
     error: Vec<String>,
     places: Option<bool>,
     wakeup: Option<bool>,
+    /// What sticky does with foreign requests there: `reset` or `pass`.
+    foreign: Option<String>,
     passed: usize,
     failed: Vec<String>,
     /// Test binaries that did not finish (exit code 124: timeout).
@@ -590,6 +627,7 @@ impl Row {
                 .collect(),
             places: yes("places"),
             wakeup: yes("wakeup"),
+            foreign: probe.get("foreign").map(|v| v.to_string()),
             passed,
             failed,
             finished: output.contains("guest done")
@@ -664,17 +702,23 @@ impl Row {
         } else {
             (mark(self.places), mark(self.wakeup))
         };
+        let foreign = match (self.below_minimum, self.foreign.as_deref()) {
+            (true, _) => "n/a",
+            (_, Some("reset")) => "reset (SOCK_DESTROY)",
+            (_, Some("pass")) => "passed (no SOCK_DESTROY)",
+            _ => "not reached",
+        };
         format!(
-            "| {} | {} | {loads} | {places} | {wakeup} | {tests} |",
+            "| {} | {} | {loads} | {places} | {wakeup} | {foreign} | {tests} |",
             self.kernel, self.users
         )
     }
 
     fn table(rows: &[Row]) -> String {
         let mut lines = vec![
-            "| kernel | deployed by | loads | places by sid | migration wake-up | tests in the guest |"
+            "| kernel | deployed by | loads | places by sid | migration wake-up | foreign requests | tests in the guest |"
                 .to_owned(),
-            "|---|---|---|---|---|---|".to_owned(),
+            "|---|---|---|---|---|---|---|".to_owned(),
         ];
         lines.extend(rows.iter().map(Row::cells));
         lines.join("\n")
@@ -870,7 +914,7 @@ mod tests {
 
     /// What a 6.1 guest wrote (abridged), and a 5.10 one.
     const GUEST_6_1: &str = "kernel 6.1.0-50-cloud-amd64\n\
-        probe loads=yes\nprobe places=yes\nprobe wakeup=yes\n\
+        probe loads=yes\nprobe places=yes\nprobe foreign=reset\nprobe wakeup=yes\n\
         binary steering\n\nrunning 2 tests\n\
         test ipv6_listeners_place_by_sid_too ... ok\n\
         test random_uses_every_worker ... FAILED\n\
@@ -897,6 +941,7 @@ mod tests {
         let mut quick = Row::from_guest(kernel("6.1").unwrap(), GUEST_6_1, Duration::ZERO);
         quick.subset = vec!["steering".into()];
         assert!(quick.cells().contains("(only steering)"));
+        assert!(quick.cells().contains("| reset (SOCK_DESTROY) |"));
 
         let old = Row::from_guest(kernel("5.10").unwrap(), GUEST_5_10, Duration::ZERO);
         assert!(

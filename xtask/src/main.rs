@@ -4,9 +4,12 @@
 //! - `cargo xtask build`               release build of every binary
 //! - `cargo xtask run [-- ARGS]`       demo cluster on 127.0.0.1:3000
 //! - `cargo xtask test [-- ARGS]`      debug build, then `cargo test --workspace`
-//! - `cargo xtask bench [--core | --fronts] [--quick] [ARGS]`  benchmarks (bench.rs), results in bench/results/
+//! - `cargo xtask deps`                install what run and test need (deps.rs)
+//! - `cargo xtask fresh`               run and test in a clean Debian 12 root (fresh.rs)
+//! - `cargo xtask bench [--core | --broadcast | --fronts] [--quick] [ARGS]`  benchmarks (bench.rs), results in bench/results/
 //! - `cargo xtask fuzz [--seconds N]`  libFuzzer on the request parser (fuzz.rs)
 //! - `cargo xtask soak [--minutes N] [--sessions N]`  long Socket.IO run with worker restarts (soak.rs)
+//! - `cargo xtask deploy [--sessions N]`  sessions cut and messages lost by a deploy: reload vs restarts (deploy.rs)
 //! - `cargo xtask kernels [--quick]`   sticky under qemu on Debian's kernels (kernels.rs)
 //!
 //! Loading BPF programs needs root, so `run` and `bench` go through `sudo`
@@ -14,6 +17,9 @@
 //! `target/` does not become root-owned).
 
 mod bench;
+mod deploy;
+mod deps;
+mod fresh;
 mod fuzz;
 mod kernels;
 mod soak;
@@ -23,7 +29,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const USAGE: &str = "usage: cargo xtask <build | run [-- STICKY_ARGS] | test [-- CARGO_TEST_ARGS] | bench [--core | --fronts] [--quick] [BENCH_ARGS] | fuzz [--seconds N] | soak [--minutes N] [--sessions N] | kernels [--quick | --kernel VERSION]>";
+const USAGE: &str = "usage: cargo xtask <build | run [-- STICKY_ARGS] | test [-- CARGO_TEST_ARGS] | deps | fresh | bench [--core | --broadcast | --fronts] [--quick] [BENCH_ARGS] | fuzz [--seconds N] | soak [--minutes N] [--sessions N] | deploy [--sessions N] [--workers N] | kernels [--quick | --kernel VERSION]>";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -31,9 +37,12 @@ fn main() {
         Some("build") => build_release(),
         Some("run") => run(extra(&args[1..])),
         Some("test") => test(extra(&args[1..])),
+        Some("deps") => deps::for_test().map(drop),
+        Some("fresh") => fresh::run(extra(&args[1..])),
         Some("bench") => bench::run(extra(&args[1..])),
         Some("fuzz") => fuzz::fuzz(&args[1..]),
         Some("soak") => soak::soak(extra(&args[1..])),
+        Some("deploy") => deploy::deploy(extra(&args[1..])),
         Some("kernels") => kernels::run(extra(&args[1..])),
         Some("-h" | "--help") => {
             println!("{USAGE}");
@@ -89,26 +98,25 @@ fn build_release() -> Result<(), String> {
 }
 
 fn run(extra: &[String]) -> Result<(), String> {
+    deps::for_run()?;
     build_release()?;
     let bin = root_dir().join("target/release");
-    let mut args: Vec<OsString> = ["run", "--listen", "127.0.0.1:3000", "--workers", "3"]
-        .iter()
-        .map(OsString::from)
-        .collect();
+    let mut args: Vec<OsString> = vec!["run".into()];
+    // Defaults the caller's own flags replace.
+    for (flag, value) in [("--listen", "127.0.0.1:3000"), ("--workers", "3")] {
+        if !extra
+            .iter()
+            .any(|a| a == flag || a.starts_with(&format!("{flag}=")))
+        {
+            args.extend([flag.into(), value.into()]);
+        }
+    }
     args.extend(extra.iter().map(OsString::from));
     args.push("--".into());
     // Real Socket.IO workers (demo/, npm) where Node.js is installed; the
     // std-only demo worker otherwise. Both answer the curl examples.
     let demo = root_dir().join("demo");
-    let node_demo = find_in_path("node").is_some() && {
-        if !demo.join("node_modules").exists() {
-            let mut npm = Command::new("npm");
-            npm.current_dir(&demo)
-                .args(["ci", "--no-audit", "--no-fund"]);
-            status(npm, "npm ci in demo/")?;
-        }
-        true
-    };
+    let node_demo = find_in_path("node").is_some() && demo.join("node_modules").exists();
     if node_demo {
         args.push("node".into());
         args.push(demo.join("worker.js").into());
@@ -126,6 +134,7 @@ fn run(extra: &[String]) -> Result<(), String> {
 }
 
 fn test(extra: &[String]) -> Result<(), String> {
+    let tools = deps::for_test()?;
     let mut cmd = cargo();
     cmd.args(["build", "--workspace", "--bins"]);
     status(cmd, "cargo build")?;
@@ -138,7 +147,8 @@ fn test(extra: &[String]) -> Result<(), String> {
     cmd.args(["test", "--workspace"])
         .args(extra)
         .env("STICKY_BIN", bin.join("sticky"))
-        .env("STICKY_DEMO_WORKER", bin.join("sticky-demo-worker"));
+        .env("STICKY_DEMO_WORKER", bin.join("sticky-demo-worker"))
+        .env("STICKY_PYTHON", &tools.python);
     let mut result = tally.run(cmd, "cargo test");
     // The Socket.IO suites: the Node integration's unit tests, then the
     // end-to-end tests with real socket.io servers and clients (npm).
@@ -149,6 +159,8 @@ fn test(extra: &[String]) -> Result<(), String> {
             .args(args)
             .env("STICKY_BIN", bin.join("sticky"))
             .env("RUST_WORKER", bin.join("sticky-socketioxide-worker"))
+            // The project's virtual environment (deps.rs), never the system's.
+            .env("PYTHON", &tools.python)
             // Scenarios for the Node and Python workers; the Rust worker
             // runs the 200-client load test (its scenario gaps: README).
             .env("E2E_SCENARIO_LANGS", "node,python");
@@ -163,11 +175,14 @@ fn test(extra: &[String]) -> Result<(), String> {
             "node integration tests",
         );
     }
-    if result.is_ok() && !root.join("e2e/node_modules").exists() {
-        let mut npm = Command::new("npm");
-        npm.current_dir(root.join("e2e"))
-            .args(["ci", "--no-audit", "--no-fund"]);
-        result = status(npm, "npm ci in e2e/");
+    if result.is_ok() {
+        // The Python integration's unit tests, in the project's venv
+        // (unittest reports on stderr: joined to stdout for the tally).
+        let mut cmd = Command::new("/bin/sh");
+        cmd.current_dir(root.join("integrations/python"))
+            .args(["-c", "exec \"$0\" -m unittest -v 2>&1"])
+            .arg(&tools.python);
+        result = tally.run(cmd, "python integration tests");
     }
     if result.is_ok() {
         let args = [
@@ -181,6 +196,9 @@ fn test(extra: &[String]) -> Result<(), String> {
     if result.is_ok() {
         result = fuzz::in_test_run(&mut tally);
     }
+    if result.is_ok() {
+        result = fresh::in_test_run(&mut tally, !extra.is_empty());
+    }
     tally.print();
     result
 }
@@ -192,6 +210,8 @@ struct Tally {
     passed: u64,
     failed: u64,
     skipped: u64,
+    /// unittest's "Ran N tests", until its verdict line.
+    unittest_ran: u64,
 }
 
 impl Tally {
@@ -234,6 +254,24 @@ impl Tally {
             self.failed += n.trim().parse().unwrap_or(0);
         } else if let Some(n) = line.strip_prefix("# skipped ") {
             self.skipped += n.trim().parse().unwrap_or(0);
+        } else if let Some(rest) = line.strip_prefix("Ran ") {
+            // Python unittest: "Ran 19 tests in 3.0s", then "OK",
+            // "OK (skipped=1)" or "FAILED (failures=1, errors=2)".
+            self.unittest_ran = rest
+                .split(' ')
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+        } else if line == "OK" || line.starts_with("OK (") || line.starts_with("FAILED (") {
+            let inner = line
+                .split_once('(')
+                .map_or("", |(_, r)| r.trim_end_matches(')'));
+            let skipped = count_of(inner, "skipped");
+            let failed = count_of(inner, "failures") + count_of(inner, "errors");
+            self.skipped += skipped;
+            self.failed += failed;
+            self.passed += self.unittest_ran.saturating_sub(skipped + failed);
+            self.unittest_ran = 0;
         }
     }
 
@@ -243,6 +281,13 @@ impl Tally {
             self.passed, self.failed, self.skipped
         );
     }
+}
+
+/// `key=N` in unittest's verdict, e.g. `failures=1, errors=2`.
+fn count_of(text: &str, key: &str) -> u64 {
+    text.split(", ")
+        .find_map(|part| part.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Replaces this process with `program args` (so its exit code and Ctrl-C
@@ -308,6 +353,21 @@ fn date(secs: u64) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn unittest_verdicts_are_counted() {
+        let mut tally = super::Tally::default();
+        for line in ["Ran 19 tests in 3.029s", "", "OK"] {
+            tally.count(line);
+        }
+        for line in [
+            "Ran 5 tests in 1s",
+            "FAILED (failures=1, errors=1, skipped=1)",
+        ] {
+            tally.count(line);
+        }
+        assert_eq!((tally.passed, tally.failed, tally.skipped), (21, 2, 1));
+    }
+
     #[test]
     fn dates() {
         assert_eq!(super::date(0), "1970-01-01");

@@ -89,7 +89,7 @@ pub fn soak(args: &[String]) -> Result<(), String> {
     let control = out.join("control.sock");
     let log_path = out.join("sticky.log");
 
-    let mut sticky = Sticky::start(&root, &o, &control, &log_path)?;
+    let mut sticky = Sticky::start(&root, o.workers, &[], &control, &log_path)?;
     let result = drive(&root, &o, &mut sticky, &control);
     sticky.stop();
     println!("soak: sticky's log is in {}", log_path.display());
@@ -331,7 +331,7 @@ fn rss_kib(pid: u32) -> Option<u64> {
 }
 
 /// Worker `i`'s pid from sticky's `stats` answer on the control socket.
-fn worker_pid(control: &Path, i: usize) -> Option<u32> {
+pub(crate) fn worker_pid(control: &Path, i: usize) -> Option<u32> {
     let mut s = std::os::unix::net::UnixStream::connect(control).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     s.write_all(b"stats\n").ok()?;
@@ -344,25 +344,28 @@ fn worker_pid(control: &Path, i: usize) -> Option<u32> {
 
 // Signal numbers (Linux), without a libc dependency for two constants.
 const SIGKILL: i32 = 9;
-const SIGTERM: i32 = 15;
+pub(crate) const SIGTERM: i32 = 15;
 
-fn send_signal(pid: u32, sig: i32) {
+pub(crate) fn send_signal(pid: u32, sig: i32) {
     let _ = Command::new("kill")
         .args([format!("-{sig}"), pid.to_string()])
         .status();
 }
 
-/// The release `sticky run` under soak, its stderr copied to a log file.
-struct Sticky {
+/// The release `sticky run` under soak (and `deploy`), its stderr copied to
+/// a log file.
+pub(crate) struct Sticky {
     child: Child,
-    addr: String,
+    pub(crate) addr: String,
     log: Arc<Mutex<Vec<String>>>,
 }
 
 impl Sticky {
-    fn start(
+    /// `extra`: more `sticky run` options.
+    pub(crate) fn start(
         root: &Path,
-        o: &Options,
+        workers: u32,
+        extra: &[&str],
         control: &Path,
         log_path: &PathBuf,
     ) -> Result<Sticky, String> {
@@ -370,9 +373,10 @@ impl Sticky {
         let mut child = Command::new(root.join("target/release/sticky"))
             .current_dir(root)
             .args(["run", "--listen", "127.0.0.1:0", "--grace", "5s"])
-            .args(["--workers", &o.workers.to_string()])
+            .args(["--workers", &workers.to_string()])
             .arg("--control")
             .arg(control)
+            .args(extra)
             .args(["--", "node", "e2e/workers/node-worker.js"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -406,11 +410,11 @@ impl Sticky {
         }
     }
 
-    fn running(&mut self) -> bool {
+    pub(crate) fn running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
 
-    fn log_lines(&self, containing: &str) -> Vec<String> {
+    pub(crate) fn log_lines(&self, containing: &str) -> Vec<String> {
         let log = self.log.lock().unwrap();
         log.iter()
             .filter(|l| l.contains(containing))
@@ -419,7 +423,7 @@ impl Sticky {
     }
 
     /// SIGTERM, then wait (sticky itself SIGKILLs workers after --grace).
-    fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         send_signal(self.child.id(), SIGTERM);
         let _ = self.child.wait();
     }

@@ -28,7 +28,8 @@ use std::path::PathBuf;
 use std::sync::Barrier;
 use std::time::Instant;
 
-use super::{Cluster, Mode, Opts, Pinning, Stats};
+use super::{Cluster, Mode, Opts, Pinning};
+use crate::measure::Stats;
 
 /// (name, clients). One client: with several on one CPU alternating
 /// between two clusters, the scheduler makes one cluster's latencies
@@ -106,7 +107,7 @@ pub fn run(opts: &Opts) -> Result<(), String> {
     let report = table(opts, &workloads, &results, pinning.as_ref(), own_cgroups);
     print!("{report}");
     if let Some(path) = &opts.readme {
-        super::replace_between_markers(
+        super::report::replace_between_markers(
             path,
             "<!-- bench-ws-learn:begin -->",
             "<!-- bench-ws-learn:end -->",
@@ -132,7 +133,7 @@ pub fn run(opts: &Opts) -> Result<(), String> {
 /// echoes back to back for `duration`, alternating between the two
 /// sessions (and which goes first): both columns see the same machine at
 /// the same moments, so the load of the rest of the machine cancels out.
-fn run_paired(
+pub(super) fn run_paired(
     addrs: [SocketAddr; 2],
     clients: usize,
     duration: std::time::Duration,
@@ -145,7 +146,7 @@ fn run_paired(
                 let barrier = &barrier;
                 scope.spawn(move || {
                     let mut stats: [Stats; 2] = Default::default();
-                    let pinned = cpus.map_or(Ok(()), super::pin);
+                    let pinned = cpus.map_or(Ok(()), crate::measure::pin);
                     let mut sessions = [0, 1].map(|i| {
                         stats[i].connections = 1;
                         if let Err(e) = &pinned {
@@ -328,10 +329,10 @@ impl SocketIoWebSocket {
 
 /// A cgroup v2 directory below this process's own, for sticky; removed on
 /// drop (once sticky and its workers are gone).
-struct BenchCgroup(PathBuf);
+pub(super) struct BenchCgroup(pub PathBuf);
 
 impl BenchCgroup {
-    fn create(name: &str) -> Result<BenchCgroup, String> {
+    pub(super) fn create(name: &str) -> Result<BenchCgroup, String> {
         let mounts = std::fs::read_to_string("/proc/mounts").map_err(|e| e.to_string())?;
         let root = mounts
             .lines()
@@ -375,8 +376,8 @@ fn invalid(what: String) -> io::Error {
 fn ratios(r: &[Stats; 2]) -> [f64; 2] {
     let [on, off] = r;
     [
-        super::ratio(on.percentile_us(0.50), off.percentile_us(0.50)),
-        super::ratio(on.percentile_us(0.99), off.percentile_us(0.99)),
+        crate::measure::ratio(on.percentile_us(0.50), off.percentile_us(0.50)),
+        crate::measure::ratio(on.percentile_us(0.99), off.percentile_us(0.99)),
     ]
 }
 
@@ -449,7 +450,7 @@ fn json(opts: &Opts, workloads: &[(&str, usize)], results: &[[Stats; 2]]) -> Str
             let [p50, p99] = ratios(r);
             format!(
                 "    {{\"workload\": {}, \"clients\": {clients}, \"learn_on\": {}, \"learn_off\": {}, \"ratio_on_off\": {{\"p50\": {}, \"p99\": {}}}}}",
-                super::quote(name),
+                crate::host::quote(name),
                 stats(&r[0]),
                 stats(&r[1]),
                 num(p50),

@@ -30,7 +30,10 @@
 //!   request belongs to (the flaw `@socket.io/sticky` marks FIXME). Under
 //!   sticky, long-polling responses therefore carry `Connection: close`, so
 //!   every request opens a new connection that sticky places by its sid.
-//!   WebSocket upgrades are unaffected.
+//!   WebSocket upgrades are unaffected. Not where sticky resets such a
+//!   connection itself (`STICKY_FOREIGN_REQUESTS=reset`, given to its
+//!   workers): the client resends on a new connection, and polls keep
+//!   theirs alive.
 //! * **Report sessions that end**, so sticky forgets them and its
 //!   `least-connection` balancing counts live sessions. socketioxide does
 //!   not expose the end of an Engine.IO session either; in socketioxide a
@@ -85,6 +88,7 @@
 
 mod control;
 mod layer;
+mod relay;
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -95,6 +99,7 @@ pub use layer::{
     ends_session, handshake_sid, StickyBody, StickyHandle, StickyLayer, StickyLayerBuilder,
     StickyService,
 };
+pub use relay::RelayDriver;
 
 /// First inherited descriptor in the socket-activation convention.
 pub const LISTEN_FDS_START: RawFd = 3;

@@ -47,12 +47,18 @@ async fn main() -> std::io::Result<()> {
         let body = std::fs::read(&path)
             .map_err(|e| std::io::Error::new(e.kind(), format!("{path}: {e}")))?;
         Ok(get(move || async move {
-            ([(CONTENT_TYPE, content_type), (CACHE_CONTROL, "no-store")], body)
+            (
+                [(CONTENT_TYPE, content_type), (CACHE_CONTROL, "no-store")],
+                body,
+            )
         }))
     };
     let mut app = Router::new()
         .route("/", file(format!("{page_dir}/index.html"), "text/html")?)
-        .route("/app.js", file(format!("{page_dir}/app.js"), "text/javascript")?)
+        .route(
+            "/app.js",
+            file(format!("{page_dir}/app.js"), "text/javascript")?,
+        )
         .route("/app.css", file(format!("{page_dir}/app.css"), "text/css")?)
         .route("/client.js", file(client_js, "text/javascript")?)
         .route(
@@ -65,7 +71,13 @@ async fn main() -> std::io::Result<()> {
                     .map(str::to_owned);
                 let body = json!({ "worker": worker, "pid": pid, "forwardedFor": forwarded_for })
                     .to_string();
-                ([(CONTENT_TYPE, "application/json"), (CACHE_CONTROL, "no-store")], body)
+                (
+                    [
+                        (CONTENT_TYPE, "application/json"),
+                        (CACHE_CONTROL, "no-store"),
+                    ],
+                    body,
+                )
             }),
         )
         .layer(io_layer);

@@ -1,0 +1,204 @@
+//! `--placement cookie`: every SYN answered with a SYN cookie, every
+//! connection placed by sid on its first data segment in softirq, with no
+//! sorting-listener rotation (no user-space step per connection). Real
+//! `sticky run`, real demo workers, real sockets.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::TcpStream;
+use std::time::Duration;
+
+use sticky_tests::{read_response, request, Cluster, NetNs};
+
+const COOKIE: &[&str] = &["--placement", "cookie", "--balance", "round-robin"];
+
+fn delta(before: &HashMap<String, String>, after: &HashMap<String, String>, k: &str) -> u64 {
+    after[k].parse::<u64>().unwrap() - before[k].parse::<u64>().unwrap()
+}
+
+/// `n` requests, in blocks of one sid each, from `threads` clients at once;
+/// returns how many reached the sid's owner (every one must be answered).
+fn on_owner(cluster: &Cluster, sessions: &[(String, usize)], n: usize, threads: usize) -> usize {
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                scope.spawn(move || {
+                    (t..n)
+                        .step_by(threads)
+                        .filter(|i| {
+                            let (sid, owner) = &sessions[i * sessions.len() / n];
+                            let r = cluster.get(&format!("/?sid={sid}"));
+                            assert_eq!(r.status, 200, "{}", r.text());
+                            r.worker == Some(*owner)
+                        })
+                        .count()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).sum()
+    })
+}
+
+/// The first line of sticky's log containing `what`, waiting for it (5 s).
+fn log_line(cluster: &Cluster, what: &str) -> String {
+    for _ in 0..500 {
+        let log = cluster.log.lock().unwrap().clone();
+        if let Some(line) = log.lines().find(|l| l.contains(what)) {
+            return line.to_string();
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!(
+        "no {what:?} in sticky's log:\n{}",
+        cluster.log.lock().unwrap()
+    );
+}
+
+#[test]
+fn every_connection_is_placed_by_cookie_without_a_rotation() {
+    let cluster = Cluster::start(3, COOKIE);
+    let ready = log_line(&cluster, "listening on");
+    assert!(ready.contains("placement: cookie"), "{ready}");
+    let sessions = cluster.sessions_on_every_worker(3, 2);
+    let before = cluster.stats();
+    let (serial, concurrent) = (300, 1_280);
+    let placed =
+        on_owner(&cluster, &sessions, serial, 1) + on_owner(&cluster, &sessions, concurrent, 64);
+    let after = cluster.stats();
+    let d = |k: &str| delta(&before, &after, k);
+    let n = (serial + concurrent) as u64;
+    println!(
+        "cookie placement: {n} sid requests ({serial} serial, {concurrent} from 64 clients), {placed} on their owner; \
+         placed_cookie +{} absorbed +{} placed_softirq +{} placed_queue +{} by_sid +{} balanced +{} syn +{}",
+        d("placed_cookie"),
+        d("absorbed"),
+        d("placed_softirq"),
+        d("placed_queue"),
+        d("by_sid"),
+        d("balanced"),
+        d("syn"),
+    );
+    assert_eq!(placed as u64, n, "sid placement in cookie mode");
+    assert_eq!(d("by_sid"), n);
+    // Every connection by the cookie path, but for SYNs that reuse the
+    // ports of a connection still in TIME_WAIT on the server (a port of an
+    // earlier test's cluster, all clients here being 127.0.0.1): those always
+    // get a request socket, and take the queue path.
+    let other_paths = d("placed_softirq") + d("placed_queue");
+    assert_eq!(d("placed_cookie") + other_paths, n);
+    assert!(other_paths * 100 <= n, "{other_paths} of {n} not by cookie");
+}
+
+#[test]
+fn cookie_connections_carry_large_bodies_both_ways() {
+    // A SYN cookie encodes the MSS as one of four values (1460 here against
+    // loopback's 65483): the connection is slower for bulk data, not wrong.
+    let cluster = Cluster::start(2, COOKIE);
+    let sessions = cluster.sessions_on_every_worker(2, 1);
+    for (sid, owner) in &sessions {
+        let body: Vec<u8> = (0..4 << 20).map(|i: u32| (i * 7 + i / 251) as u8).collect();
+        let r = request(cluster.addr, "POST", &format!("/echo?sid={sid}"), &body);
+        println!("4 MiB echo over a cookie connection: status {}, {} bytes back, worker {:?} (owner {owner})", r.status, r.body.len(), r.worker);
+        assert_eq!(r.status, 200);
+        assert_eq!(r.worker, Some(*owner));
+        assert!(r.body == body, "echoed body differs");
+    }
+}
+
+#[test]
+fn a_client_silent_after_connect_is_placed_when_it_speaks() {
+    // No request socket is kept after the cookie SYN-ACK: the server holds
+    // nothing while the client is silent, and its first data (carrying the
+    // cookie) makes the connection on the owner.
+    let cluster = Cluster::start(2, COOKIE);
+    let sessions = cluster.sessions_on_every_worker(2, 1);
+    let silent: Vec<TcpStream> = (0..20)
+        .map(|_| TcpStream::connect(cluster.addr).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+    let mut right = 0;
+    for (i, mut s) in silent.into_iter().enumerate() {
+        let (sid, owner) = &sessions[i % sessions.len()];
+        let req = format!("GET /?sid={sid} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).unwrap();
+        let r = read_response(s);
+        assert_eq!(r.status, 200);
+        right += usize::from(r.worker == Some(*owner));
+    }
+    println!(
+        "20 clients silent for 2 s after connect, then a sid request: {right}/20 on their owner"
+    );
+    assert_eq!(right, 20);
+}
+
+#[test]
+fn ipv6_cookie_placement() {
+    let worker = sticky_tests::demo_worker_bin();
+    let cluster = Cluster::start_with("[::1]:0", 2, COOKIE, &[worker.to_str().unwrap()]);
+    let sessions = cluster.sessions_on_every_worker(2, 2);
+    let before = cluster.stats();
+    let placed = on_owner(&cluster, &sessions, 100, 4);
+    let after = cluster.stats();
+    println!(
+        "IPv6 cookie placement: {placed}/100 on their owner, placed_cookie +{}",
+        delta(&before, &after, "placed_cookie")
+    );
+    assert_eq!(placed, 100);
+    assert_eq!(delta(&before, &after, "placed_cookie"), 100);
+}
+
+#[test]
+fn sessions_are_learned_in_cookie_mode() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/workers/engine_io_polling.py");
+    let python = sticky_tests::python3_bin();
+    let cluster = Cluster::start_with(
+        "127.0.0.1:0",
+        3,
+        COOKIE,
+        &[python.to_str().unwrap(), script],
+    );
+    let mut unknown = 0;
+    for _ in 0..10 {
+        let text = cluster.get("/socket.io/?EIO=4&transport=polling").text();
+        let start = text.find(r#""sid":""#).expect("open packet") + 7;
+        let sid = &text[start..start + text[start..].find('"').unwrap()];
+        for _ in 0..3 {
+            let r = cluster.get(&format!("/socket.io/?EIO=4&transport=polling&sid={sid}"));
+            unknown += usize::from(r.status == 400);
+        }
+    }
+    let stats = cluster.stats();
+    println!(
+        "cookie mode, learning: 10 sessions x 3 requests, {unknown} unknown; learned={} placed_cookie={}",
+        stats["learned"], stats["placed_cookie"]
+    );
+    assert_eq!(unknown, 0);
+    assert!(cluster.counter("learned") >= 10);
+}
+
+#[test]
+fn without_syncookies_cookie_mode_falls_back_to_rotation() {
+    let ns = match NetNs::new(&[("net.ipv4.tcp_syncookies", "0")]) {
+        Ok(ns) => ns,
+        Err(e) => return println!("skipped: no network namespace ({e})"),
+    };
+    ns.enter();
+    let worker = sticky_tests::demo_worker_bin();
+    let cluster = Cluster::start_custom(
+        "127.0.0.1:0",
+        2,
+        COOKIE,
+        &[worker.to_str().unwrap()],
+        |cmd| ns.configure(cmd),
+    );
+    let ready = log_line(&cluster, "listening on");
+    let log = cluster.log.lock().unwrap().clone();
+    let line = log.lines().find(|l| l.contains("tcp_syncookies is 0"));
+    println!("tcp_syncookies=0: {}", line.unwrap_or("(no line)"));
+    assert!(line.is_some(), "{log}");
+    assert!(ready.contains("(balance: round-robin)"), "{ready}");
+    let sessions = cluster.sessions_on_every_worker(2, 1);
+    let placed = on_owner(&cluster, &sessions, 40, 1);
+    assert_eq!(placed, 40);
+    assert_eq!(cluster.counter("placed_cookie"), 0);
+}
