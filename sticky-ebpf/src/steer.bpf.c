@@ -186,7 +186,7 @@ static __always_inline __u32 pick_worker(const struct sticky_config *cfg)
 {
 	__u32 n = cfg->worker_count, zero = 0, start, j;
 	__u32 best = STICKY_NO_WORKER, best_sessions = 0xffffffffu;
-	__u32 *cur;
+	__u32 *cur = NULL;
 
 	if (n == 0 || n > STICKY_MAX_WORKERS)
 		return STICKY_NO_WORKER;
@@ -209,8 +209,17 @@ static __always_inline __u32 pick_worker(const struct sticky_config *cfg)
 		st = bpf_map_lookup_elem(&workers, &w);
 		if (!st || st->live != STICKY_WORKER_ACCEPTING)
 			continue;
-		if (cfg->balance != STICKY_BALANCE_LEAST_CONNECTION)
+		if (cfg->balance != STICKY_BALANCE_LEAST_CONNECTION) {
+			/*
+			 * Round-robin: the cursor skips the empty or draining
+			 * slots passed over, so the next connection starts after
+			 * this pick (two generations' interleaved slots: 0, 2, 4,
+			 * 0, not 0, 2, 2, 4).
+			 */
+			if (cur && j)
+				__sync_fetch_and_add(cur, j);
 			return w;
+		}
 		/* Strictly fewer: ties go to the first from the rotating start. */
 		if (st->sessions < best_sessions) {
 			best = w;

@@ -113,17 +113,12 @@ fn run(args: RunArgs) -> Result<()> {
     settings
         .command
         .set_env("STICKY_FOREIGN_REQUESTS", foreign.name());
-    if foreign == Foreign::Reset {
-        resets::serve(maps.resets, group.addr.port(), reset_stats.clone())
-            .context("starting the connection resetter")?;
-    }
     let sessions = Arc::new(Mutex::new(table));
     let control_path = settings
         .control
         .clone()
         .unwrap_or_else(|| cli::default_control(group.addr.port()));
     let control = control::ControlSocket::bind(&control_path)?;
-    let (relay, _remove_relay) = relay::Relay::start(&control_path, sessions.clone())?;
     if let Some(who) = &settings.run_as {
         control.only_for(who)?;
     }
@@ -159,6 +154,13 @@ fn run(args: RunArgs) -> Result<()> {
     };
     let mut sorter =
         drop_privileges_then_sort(sorting, &serving, || maps.config.get(&0, 0).is_ok())?;
+    // Threads only from here on: capabilities are per thread, and the drop
+    // above is checked to have run while this was the only one.
+    if foreign == Foreign::Reset {
+        resets::serve(maps.resets, group.addr.port(), reset_stats.clone())
+            .context("starting the connection resetter")?;
+    }
+    let (relay, _remove_relay) = relay::Relay::start(&control_path, sessions.clone())?;
     let _remove_control = side_services(
         control,
         metrics,
