@@ -52,20 +52,19 @@ function renderConfig(file, vars, edits = []) {
  * Starts `kind` (haproxy | nginx) with deploy/<file> in front of `upstream`
  * (host:port). Resolves {url, port, stop()} once it accepts connections.
  */
-async function startProxy(kind, file, { upstream, edits = [], vars = {}, host = '127.0.0.1', scheme = 'http', netns } = {}) {
+async function startProxy(kind, file, { upstream, edits = [], vars = {}, host = '127.0.0.1', scheme = 'http' } = {}) {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), `sticky-${kind}-`));
   const port = await freePort(host);
   const front = `${host}:${port}`;
   const config = renderConfig(file, { FRONT: front, STICKY: upstream, RUN_DIR: dir, ...vars }, edits);
   const cfg = path.join(dir, file);
   fs.writeFileSync(cfg, config);
-  const args = kind === 'haproxy' ? ['-db', '-f', cfg] : ['-e', path.join(dir, 'error.log'), '-c', cfg];
-  const check = kind === 'haproxy' ? ['-c', '-f', cfg] : ['-t', '-e', path.join(dir, 'error.log'), '-c', cfg];
-  const wrap = (a) => (netns ? ['ip', ['netns', 'exec', netns, BINARIES[kind], ...a]] : [BINARIES[kind], a]);
-  const checked = spawnSync(...wrap(check), { encoding: 'utf8' });
+  // haproxy: -db stays in the foreground; nginx: `daemon off` in the file.
+  const run = kind === 'haproxy' ? ['-db', '-f', cfg] : ['-e', path.join(dir, 'error.log'), '-c', cfg];
+  const check = kind === 'haproxy' ? ['-c', '-f', cfg] : ['-t', ...run];
+  const checked = spawnSync(BINARIES[kind], check, { encoding: 'utf8' });
   if (checked.status !== 0) throw new Error(`${kind} refused ${cfg}:\n${checked.stdout}${checked.stderr}`);
-  const run = kind === 'haproxy' ? args : ['-e', path.join(dir, 'error.log'), '-c', cfg];
-  const proc = spawn(...wrap(run), { stdio: ['ignore', 'pipe', 'pipe'] });
+  const proc = spawn(BINARIES[kind], run, { stdio: ['ignore', 'pipe', 'pipe'] });
   let output = '';
   proc.stdout.on('data', (d) => (output += d));
   proc.stderr.on('data', (d) => (output += d));

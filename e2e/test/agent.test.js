@@ -15,7 +15,13 @@ const { appFor } = require('../lib/browser');
 const SESSIONS = Number(process.env.E2E_AGENT_SESSIONS || 50);
 const ECHOES = Number(process.env.E2E_AGENT_ECHOES || 10);
 const WORKERS = Number(process.env.E2E_BROWSER_WORKERS || 3);
-const KINDS = (process.env.E2E_AGENT_KINDS || 'node-plain,python-plain,rust-plain,node-integration,python-integration,rust-integration').split(',');
+// Unmodified workers are left out by default: socket.io-client in Node
+// (xmlhttprequest-ssl 2.1.2) does not complete a request it resends after
+// sticky resets a reused connection, so sessions sharing one agent lose
+// requests there (README: Requests on reused connections). The
+// integrations' Connection: close on polling answers avoids the reuse.
+// foreign.test.js runs unmodified workers with an agent that resends.
+const KINDS = (process.env.E2E_AGENT_KINDS || 'node-integration,python-integration,rust-integration').split(',');
 
 /** One session over long-polling through `agent`: its echoes, errors and disconnects. */
 function session(url, agent, index) {

@@ -105,10 +105,14 @@ function setupWorker(io, options = {}) {
   // every long-polling GET/POST answer; a 'request' listener ahead of
   // engine.io's also covers what never emits 'headers' (CORS preflights,
   // "Session ID unknown" and other error answers).
-  // Not needed where sticky resets a connection that carries another
-  // worker's session (it tells its workers STICKY_FOREIGN_REQUESTS=reset):
-  // the client resends on a new connection, so polls may keep theirs alive.
-  const closeConnections = options.closeConnections ?? process.env.STICKY_FOREIGN_REQUESTS !== 'reset';
+  // Still on where sticky resets a connection that carries another
+  // worker's session (STICKY_FOREIGN_REQUESTS=reset): browsers resend the
+  // request on a new connection, but socket.io-client in Node
+  // (xmlhttprequest-ssl 2.1.2) does not complete a resent request, so a
+  // Node client sharing a keep-alive agent would lose it. Browser-only
+  // deployments may pass { closeConnections: false } (README: Requests on
+  // reused connections).
+  const closeConnections = options.closeConnections ?? true;
   let onRequest = null;
   let onHeaders = null;
   if (closeConnections) {

@@ -288,9 +288,10 @@ class StickyHook:
         self.client = client
         self.strict = strict
         if connection_close is None:
-            # Not needed where sticky resets a connection that carries
-            # another worker's session: the client resends on a new one.
-            connection_close = os.environ.get("STICKY_FOREIGN_REQUESTS") != "reset"
+            # Still on where sticky resets connections that carry another
+            # worker's session: browsers resend on a new connection, Node's
+            # socket.io-client does not complete a resent request.
+            connection_close = True
         self.connection_close = connection_close
         self.sweep_interval = sweep_interval
         self.sessions: set[str] = set()  # sids registered with sticky

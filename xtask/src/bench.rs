@@ -15,6 +15,9 @@
 //!   between workers, sticky's relay vs `@socket.io/sticky` + the cluster
 //!   adapter vs the Redis adapter (`bench/broadcast/run.js`, after `npm ci`
 //!   there when needed): `<date>-broadcast.json`.
+//! - `cargo xtask bench --fronts [--quick]`: Socket.IO round trips through
+//!   HAProxy and nginx terminating TLS, to sticky and to one plain process
+//!   (`e2e/bench/fronts.js`): `<date>-fronts.json`, the README's section.
 
 use std::ffi::OsString;
 use std::process::Command;
@@ -22,6 +25,9 @@ use std::process::Command;
 pub fn run(extra: &[String]) -> Result<(), String> {
     if extra.iter().any(|a| a == "--broadcast") {
         return broadcast(extra);
+    }
+    if extra.iter().any(|a| a == "--fronts") {
+        return fronts(extra);
     }
     let core = extra
         .iter()
@@ -59,6 +65,36 @@ pub fn run(extra: &[String]) -> Result<(), String> {
     argv.push("--readme".into());
     argv.push(root.join("README.md").into());
     super::exec_as_root(&root.join("target/release/sticky-bench"), &argv)
+}
+
+/// `--fronts`: a Node.js script, since its clients are socket.io-client
+/// over TLS (e2e's lockfile).
+fn fronts(extra: &[String]) -> Result<(), String> {
+    super::build_release()?;
+    let root = super::root_dir();
+    let results = root.join("bench/results");
+    std::fs::create_dir_all(&results)
+        .map_err(|e| format!("cannot create {}: {e}", results.display()))?;
+    let node =
+        super::find_in_path("node").ok_or("node is not installed (apt-get install nodejs)")?;
+    let mut argv: Vec<OsString> = vec![root.join("e2e/bench/fronts.js").into()];
+    argv.extend(
+        extra
+            .iter()
+            .filter(|a| *a != "--fronts")
+            .map(OsString::from),
+    );
+    argv.push("--sticky".into());
+    argv.push(root.join("target/release/sticky").into());
+    argv.push("--json".into());
+    argv.push(
+        results
+            .join(format!("{}-fronts.json", super::today()))
+            .into(),
+    );
+    argv.push("--readme".into());
+    argv.push(root.join("README.md").into());
+    super::exec_as_root(&node, &argv)
 }
 
 /// `bench/broadcast/run.js` against the release sticky (its default path), as root.

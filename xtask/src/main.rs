@@ -6,7 +6,7 @@
 //! - `cargo xtask test [-- ARGS]`      debug build, then `cargo test --workspace`
 //! - `cargo xtask deps`                install what run and test need (deps.rs)
 //! - `cargo xtask fresh`               run and test in a clean Debian 12 root (fresh.rs)
-//! - `cargo xtask bench [--core] [--quick] [ARGS]`  benchmarks (bench.rs), results in bench/results/
+//! - `cargo xtask bench [--core | --broadcast | --fronts] [--quick] [ARGS]`  benchmarks (bench.rs), results in bench/results/
 //! - `cargo xtask fuzz [--seconds N]`  libFuzzer on the request parser (fuzz.rs)
 //! - `cargo xtask soak [--minutes N] [--sessions N]`  long Socket.IO run with worker restarts (soak.rs)
 //! - `cargo xtask deploy [--sessions N]`  sessions cut and messages lost by a deploy: reload vs restarts (deploy.rs)
@@ -29,7 +29,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const USAGE: &str = "usage: cargo xtask <build | run [-- STICKY_ARGS] | test [-- CARGO_TEST_ARGS] | deps | fresh | bench [--core | --broadcast] [--quick] [BENCH_ARGS] | fuzz [--seconds N] | soak [--minutes N] [--sessions N] | deploy [--sessions N] [--workers N] | kernels [--quick | --kernel VERSION]>";
+const USAGE: &str = "usage: cargo xtask <build | run [-- STICKY_ARGS] | test [-- CARGO_TEST_ARGS] | deps | fresh | bench [--core | --broadcast | --fronts] [--quick] [BENCH_ARGS] | fuzz [--seconds N] | soak [--minutes N] [--sessions N] | deploy [--sessions N] [--workers N] | kernels [--quick | --kernel VERSION]>";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -178,9 +178,9 @@ impl StickyLayerBuilder {
     }
 
     /// Whether Engine.IO long-polling responses carry `Connection: close`.
-    /// Default: on when registering (under sticky), unless sticky resets
-    /// connections that carry another worker's session
-    /// (`STICKY_FOREIGN_REQUESTS=reset`); off otherwise.
+    /// Default: on when registering (under sticky): browsers resend a
+    /// request whose kept-alive connection sticky resets, but Node's
+    /// socket.io-client does not complete a resent request.
     pub fn connection_close(mut self, on: bool) -> Self {
         self.connection_close = Some(on);
         self
@@ -223,13 +223,9 @@ impl StickyLayerBuilder {
 
     /// The layer.
     pub fn build(self) -> StickyLayer {
-        // Not needed where sticky resets a connection that carries another
-        // worker's session (STICKY_FOREIGN_REQUESTS=reset): the client
-        // resends on a new connection.
-        let resets = std::env::var("STICKY_FOREIGN_REQUESTS").as_deref() == Ok("reset");
-        let connection_close = self
-            .connection_close
-            .unwrap_or(self.control.is_some() && !resets);
+        // On under sticky, resets or not: Node's socket.io-client does not
+        // complete a request resent after a reset (README).
+        let connection_close = self.connection_close.unwrap_or(self.control.is_some());
         StickyLayer {
             shared: Arc::new(Shared {
                 control: self.control,

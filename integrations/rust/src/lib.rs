@@ -30,10 +30,11 @@
 //!   request belongs to (the flaw `@socket.io/sticky` marks FIXME). Under
 //!   sticky, long-polling responses therefore carry `Connection: close`, so
 //!   every request opens a new connection that sticky places by its sid.
-//!   WebSocket upgrades are unaffected. Not where sticky resets such a
-//!   connection itself (`STICKY_FOREIGN_REQUESTS=reset`, given to its
-//!   workers): the client resends on a new connection, and polls keep
-//!   theirs alive.
+//!   WebSocket upgrades are unaffected. Also where sticky resets such a
+//!   connection itself (`STICKY_FOREIGN_REQUESTS=reset`): browsers resend on
+//!   a new connection, Node's socket.io-client does not complete a resent
+//!   request; `.connection_close(false)` saves browser-only deployments a
+//!   handshake per poll.
 //! * **Report sessions that end**, so sticky forgets them and its
 //!   `least-connection` balancing counts live sessions. socketioxide does
 //!   not expose the end of an Engine.IO session either; in socketioxide a
