@@ -68,24 +68,31 @@ pub struct ControlState {
     pub reload: mpsc::Sender<Event>,
 }
 
+/// Binds a unix stream socket at `path` (`what` names it in errors),
+/// replacing a stale socket file but never a live one. Anyone may connect:
+/// workers may run as another user, and peers are told apart by their
+/// credentials, never by the file's mode.
+pub fn bind_unix_socket(path: &Path, what: &str) -> Result<UnixListener> {
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            bail!(
+                "{what} {} is in use by a running sticky; pass another --control path",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {what} {}", path.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+    Ok(listener)
+}
+
 impl ControlSocket {
     /// Binds `path`, replacing a stale socket file but never a live one.
     pub fn bind(path: &Path) -> Result<ControlSocket> {
-        if path.exists() {
-            if UnixStream::connect(path).is_ok() {
-                bail!(
-                    "control socket {} is in use by a running sticky; pass another --control path",
-                    path.display()
-                );
-            }
-            std::fs::remove_file(path)
-                .with_context(|| format!("removing stale {}", path.display()))?;
-        }
-        let listener = UnixListener::bind(path)
-            .with_context(|| format!("binding control socket {}", path.display()))?;
-        // Workers may drop privileges: let anyone connect; credentials decide.
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+        let listener = bind_unix_socket(path, "control socket")?;
         Ok(ControlSocket {
             path: path.to_owned(),
             listener,

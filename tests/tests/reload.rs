@@ -159,11 +159,13 @@ fn a_sticky_killed_during_a_drain_is_succeeded_by_one_that_drains_again() {
         pids_of(c, 0).is_empty()
     });
     let drained = started.elapsed();
-    let log = second.log.lock().unwrap().clone();
-    assert!(
-        log.contains("reload done: generation 0 stopped, generation 1 serves"),
-        "{log}"
-    );
+    // The line follows the last exit the stats already show: wait for it.
+    second.wait_for("the reload's last line", Duration::from_secs(5), |c| {
+        c.log
+            .lock()
+            .unwrap()
+            .contains("reload done: generation 0 stopped, generation 1 serves")
+    });
     sticky_tests::report(&format!(
         "supervisor SIGKILLed during a drain: its successor adopted both generations \
          ({old:?} draining, {new:?} accepting); the old one stopped {drained:.1?} later"

@@ -31,7 +31,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 
 use super::{outbox::Outbox, Stats};
 use crate::{log, sessions::SessionTable};
@@ -75,20 +75,7 @@ impl Broker {
         sessions: Arc<Mutex<SessionTable>>,
         stats: Arc<Stats>,
     ) -> Result<Arc<Broker>> {
-        if path.exists() {
-            if UnixStream::connect(path).is_ok() {
-                bail!(
-                    "relay socket {} is in use by a running sticky; pass another --control path",
-                    path.display()
-                );
-            }
-            std::fs::remove_file(path)
-                .with_context(|| format!("removing stale {}", path.display()))?;
-        }
-        let listener = UnixListener::bind(path)
-            .with_context(|| format!("binding relay socket {}", path.display()))?;
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+        let listener = crate::control::bind_unix_socket(path, "relay socket")?;
         Ok(Arc::new(Broker {
             listener: Mutex::new(Some(listener)),
             connections: Mutex::new(HashMap::new()),
