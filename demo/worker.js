@@ -75,6 +75,11 @@ async function announceOnline() {
   }
 }
 
+// Also every 2 s: a worker's adapter learns of the others by their
+// heartbeats, so a count taken just after a start can miss a worker, and
+// connections alone would leave a tab showing it until the next one.
+setInterval(announceOnline, 2000).unref();
+
 io.on('connection', (socket) => {
   socket.data.worker = worker;
   socket.emit('hello', me);

@@ -19,7 +19,9 @@ test('demo chat: a message typed in one tab appears in every tab, over 3 workers
   const puppeteer = require('puppeteer-core');
   const sticky = await h.startSticky({
     workers: 3,
-    balance: 'round-robin',
+    // Least-connection (the default) counts sessions: round-robin counts
+    // connections, and a tab opening as many as there are workers would
+    // put every tab's session on one worker.
     command: [process.execPath, 'demo/worker.js'],
     // The harness wraps the command in /bin/sh; demo/'s own node_modules may
     // not be installed: e2e/'s has the same packages.
