@@ -17,7 +17,7 @@
 const { describe, test, before, after } = require('node:test');
 const assert = require('node:assert/strict');
 const { startSticky, stats } = require('../lib/harness');
-const { browserMissing, launchBrowser, runTabs, summarize, assertClean, appFor, SCENARIOS } = require('../lib/browser');
+const { browserMissing, launchBrowser, runTabsRerunOnce, summarize, assertClean, appFor, SCENARIOS } = require('../lib/browser');
 
 const WORKERS = Number(process.env.E2E_BROWSER_WORKERS || 3);
 const ECHOES = Number(process.env.E2E_BROWSER_ECHOES || 20);
@@ -51,7 +51,7 @@ describe(`Chromium tabs against ${WORKERS} sticky workers`, { skip: missing }, (
       for (const scenario of SCENARIOS) {
         test(scenario.name, async () => {
           const started = Date.now();
-          const figures = await runTabs(browser, sticky.url, { ...scenario, echoes: ECHOES });
+          const figures = await runTabsRerunOnce(browser, sticky.url, { ...scenario, echoes: ECHOES }, `${kind}, ${scenario.name}`);
           const s = summarize(figures, ECHOES);
           const counters = retryCounters(await stats(sticky).catch(() => ({})));
           console.log(

@@ -15,7 +15,7 @@ const fs = require('node:fs');
 const os = require('node:os');
 const path = require('node:path');
 const { startSticky } = require('../lib/harness');
-const { browserMissing, launchBrowser, runTabs, summarize, assertClean, appFor, SCENARIOS } = require('../lib/browser');
+const { browserMissing, launchBrowser, runTabsRerunOnce, summarize, assertClean, appFor, SCENARIOS } = require('../lib/browser');
 const { proxyMissing, startProxy, makeCertificate } = require('../lib/proxies');
 
 const ECHOES = Number(process.env.E2E_BROWSER_ECHOES || 20);
@@ -65,7 +65,7 @@ describe('Chromium over HTTPS through a TLS front to 3 sticky workers', { skip: 
           for (const scenario of SCENARIOS) {
             test(scenario.name, async () => {
               const started = Date.now();
-              const figures = await runTabs(browser, proxy.url, { ...scenario, echoes: ECHOES });
+              const figures = await runTabsRerunOnce(browser, proxy.url, { ...scenario, echoes: ECHOES }, `${front.kind} ${kind}, ${scenario.name}`);
               const s = summarize(figures, ECHOES);
               const forwarded = [...new Set(figures.tabs.map((t) => t.forwardedFor))];
               console.log(
