@@ -108,8 +108,8 @@ fn run(args: RunArgs) -> Result<()> {
     let slots: sorter::SockArray = Arc::new(Mutex::new(maps.listeners));
     let counters = Arc::new(maps.counters);
     let reset_stats = Arc::new(resets::ResetStats::new(foreign.name()));
-    // The integrations keep polling connections alive when foreign requests
-    // are reset (README, "Requests on reused connections").
+    // Workers may want to know what happens to a request on a reused
+    // connection (README, "Requests on reused connections").
     settings
         .command
         .set_env("STICKY_FOREIGN_REQUESTS", foreign.name());
