@@ -102,7 +102,10 @@ fn rust_mirror_matches_sticky_h() {
     expect("sticky_config.port", offset_of!(Config, port));
     expect("sticky_config.learn", offset_of!(Config, learn));
     expect("sticky_config.plug_port", offset_of!(Config, plug_port));
-    expect("sticky_config.overflow_alt", offset_of!(Config, overflow_alt));
+    expect(
+        "sticky_config.overflow_alt",
+        offset_of!(Config, overflow_alt),
+    );
     expect("sticky_config.plug_alt", offset_of!(Config, plug_alt));
     expect("sticky_placed", size_of::<Placed>());
     expect("sticky_placed.worker", offset_of!(Placed, worker));
