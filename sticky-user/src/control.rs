@@ -309,7 +309,9 @@ fn ask_reload(state: &ControlState) -> String {
         .unwrap_or_else(|_| "err no answer from the supervisor within 30 s\n".to_owned())
 }
 
-fn peer_cred(stream: &UnixStream) -> std::io::Result<libc::ucred> {
+/// The peer's credentials (`SO_PEERCRED`): how every peer of sticky's unix
+/// sockets is identified.
+pub fn peer_cred(stream: &UnixStream) -> std::io::Result<libc::ucred> {
     use std::os::fd::AsRawFd;
     let mut cred = libc::ucred {
         pid: 0,

@@ -164,7 +164,9 @@ impl Broker {
     /// The worker slot of the peer, asked a few times: a worker may connect
     /// before the supervisor has recorded its pid.
     fn identify(&self, stream: &UnixStream) -> Option<usize> {
-        let pid = peer_pid(stream)?;
+        // Identified as on the control socket: by credentials.
+        let cred = crate::control::peer_cred(stream).ok()?;
+        let pid = u32::try_from(cred.pid).ok().filter(|&p| p > 0)?;
         for attempt in 0..20 {
             if attempt > 0 {
                 std::thread::sleep(Duration::from_millis(10));
@@ -290,25 +292,4 @@ fn refuse(stream: &mut UnixStream, reason: &str) -> std::io::Result<()> {
         }
     }
     Ok(())
-}
-
-fn peer_pid(stream: &UnixStream) -> Option<u32> {
-    use std::os::fd::AsRawFd;
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: cred and len are valid for writing, sized for SO_PEERCRED.
-    let rc = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    (rc == 0 && cred.pid > 0).then_some(cred.pid as u32)
 }
