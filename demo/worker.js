@@ -80,6 +80,14 @@ async function announceOnline() {
 // connections alone would leave a tab showing it until the next one.
 setInterval(announceOnline, 2000).unref();
 
+// Why Engine.IO refused a request (e.g. `Session ID unknown`): the log says
+// which request and on which connection, the first thing to look at.
+io.engine.on('connection_error', (err) => {
+  const { req } = err;
+  console.error(`demo worker ${worker}: ${req.method} ${req.url} from port ${req.socket.remotePort}: ` +
+    `${err.message} (${err.code}${err.context ? ' ' + JSON.stringify(err.context) : ''})`);
+});
+
 io.on('connection', (socket) => {
   socket.data.worker = worker;
   socket.emit('hello', me);

@@ -53,9 +53,23 @@ test('demo chat: a message typed in one tab appears in every tab, over 3 workers
     }
     const workers = new Set(tabs.map((t) => t.worker));
     assert.equal(workers.size, 3, `tabs on ${[...workers].join(', ')}`);
-    for (const t of tabs) {
-      await h.waitFor('the tab counts every tab', async () =>
-        (await text(t.page, '#online')).startsWith(`${TABS} tab(s) connected, held by 3 worker(s)`), { timeout: 10000 });
+    // What each tab shows, its log and the workers' output: where it stopped.
+    const report = async () => {
+      for (const t of tabs) {
+        console.log(`# ${t.worker}: online="${await text(t.page, '#online')}" chat="${await text(t.page, '#chat')}"`);
+        console.log(`#   log: ${await t.page.$$eval('#log div', (ds) => ds.map((d) => d.textContent).reverse().join(' | '))}`);
+      }
+      console.log(`# ${sticky.stdout()}`.replace(/\n/g, '\n# '));
+      console.log(`# sticky stats: ${JSON.stringify(await h.stats(sticky))}`);
+    };
+    try {
+      for (const t of tabs) {
+        await h.waitFor('the tab counts every tab', async () =>
+          (await text(t.page, '#online')).startsWith(`${TABS} tab(s) connected, held by 3 worker(s)`), { timeout: 10000 });
+      }
+    } catch (err) {
+      await report();
+      throw err;
     }
 
     const said = `hello from tab 0 at ${Date.now()}`;
@@ -68,11 +82,7 @@ test('demo chat: a message typed in one tab appears in every tab, over 3 workers
     const seen = await Promise.all(tabs.map((t) =>
       h.waitFor('the message shows', () => shown(t), { timeout: 10000 }).then(() => true, () => false)));
     const ms = performance.now() - t0;
-    if (!seen.every(Boolean)) {
-      // What each tab shows, and the workers' output, to see where it stopped.
-      for (const t of tabs) console.log(`# ${t.worker}: chat=${await text(t.page, '#chat')} log=${await text(t.page, '#log')}`);
-      console.log(`# ${sticky.stdout()}`.replace(/\n/g, '\n# '));
-    }
+    if (!seen.every(Boolean)) await report();
     const line = await text(tabs[3].page, '#chat .msg');
     console.log(`# demo chat: tabs on ${[...workers].sort().join(', ')}; typed in tab 0 (${tabs[0].worker}), ` +
       `shown in ${seen.filter(Boolean).length}/${TABS} tabs within ${ms.toFixed(0)} ms; tab 3 shows "${line}"`);
