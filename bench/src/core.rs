@@ -569,6 +569,11 @@ impl Cluster {
             ])
             .args(["--placement", mode.placement()])
             .args(match (mode, opts.learn) {
+                // The control: no cgroup program at all, so the foreign
+                // check (which runs in them) is off too unless asked for.
+                (Mode::Sticky | Mode::Cookie, false) if opts.foreign.is_none() => {
+                    &["--learn", "off", "--foreign-requests", "off"][..]
+                }
                 (Mode::Sticky | Mode::Cookie, false) => &["--learn", "off"][..],
                 _ => &[],
             })
@@ -647,14 +652,18 @@ impl Cluster {
     }
 
     /// Whether sticky attached its session learner, from its log: it says
-    /// "session learning is off" before "listening on" when it could not.
+    /// "session learning and the foreign-request check are off" before
+    /// "listening on" when it could not.
     /// None if the log does not tell (within 2 s).
     fn learning(&self) -> Option<bool> {
         let deadline = Instant::now() + Duration::from_secs(2);
         loop {
             {
                 let log = self.log.lock().unwrap();
-                if log.iter().any(|l| l.contains("session learning is off")) {
+                if log
+                    .iter()
+                    .any(|l| l.contains("session learning and the foreign-request check are off"))
+                {
                     return Some(false);
                 }
                 if log.iter().any(|l| l.contains("listening on")) {

@@ -25,7 +25,7 @@ const KINDS = (process.env.E2E_BROWSER_KINDS || 'node-plain,python-plain,rust-pl
 
 /** sticky's counters that say a request was dropped or reset (issue 11's kernel check), if it has any. */
 function retryCounters(st) {
-  return Object.fromEntries(Object.entries(st).filter(([k, v]) => typeof v === 'number' && /reset|foreign|destroy/.test(k)));
+  return Object.fromEntries(Object.entries(st).filter(([k, v]) => typeof v === 'number' && /reset|foreign|destroy|unmapped/.test(k)));
 }
 
 const missing = browserMissing();

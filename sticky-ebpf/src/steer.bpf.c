@@ -238,9 +238,21 @@ static __always_inline int select_slot(struct sk_reuseport_md *md, __u32 slot)
 }
 
 /*
+ * The cgroup programs (sticky_learn, sticky_watch) run for session
+ * learning, for the foreign-request check, or both: the check needs each
+ * connection's worker whether or not sessions are learned (workers that
+ * register their sessions share keep-alive connections too).
+ */
+static __always_inline int watching(const struct sticky_config *cfg)
+{
+	return cfg->learn || foreign_mode(cfg) != STICKY_FOREIGN_OFF;
+}
+
+/*
  * Remembers which worker a connection went to, for sticky_learn (which
- * reads the worker's answers on it). Only while learning is on, and only
- * for migrated sockets (key->family set).
+ * reads the worker's answers on it, and keeps the worker in the
+ * connection's storage). Only while the cgroup programs run, and only for
+ * migrated sockets (key->family set).
  */
 static __always_inline void note_placement(const struct sticky_config *cfg,
 					   const struct sticky_flow *key,
@@ -248,7 +260,7 @@ static __always_inline void note_placement(const struct sticky_config *cfg,
 {
 	struct sticky_placed placed = { .worker = worker, .idle = idle };
 
-	if (cfg->learn && key->family)
+	if (watching(cfg) && key->family)
 		bpf_map_update_elem(&placed_flows, key, &placed, BPF_ANY);
 }
 
@@ -703,6 +715,8 @@ out:
  * accepted connection carries): finds the Engine.IO open packet in a
  * worker's first answer segments on a connection sticky placed, and
  * registers its sid for that worker before the packet leaves the host.
+ * With learning off (the foreign-request check alone) it only keeps the
+ * connection's worker in its storage, from its first answer.
  *
  * The open packet is `0{"sid":"<id>"` in an HTTP long-polling body (EIO 4;
  * EIO 3 prefixes a length and ':'), or in the first WebSocket text frame
@@ -913,7 +927,7 @@ int sticky_learn(struct __sk_buff *skb)
 	struct bpf_sock *sk;
 	struct scratch *s;
 
-	if (!cfg || !cfg->learn || skb->local_port != cfg->port)
+	if (!cfg || !watching(cfg) || skb->local_port != cfg->port)
 		return 1;
 	/*
 	 * Cheap exit for established connections (every WebSocket message):
@@ -925,7 +939,7 @@ int sticky_learn(struct __sk_buff *skb)
 		struct bpf_tcp_sock *tp = bpf_tcp_sock(sk);
 
 		if (tp && tp->data_segs_out > STICKY_LEARN_SEGMENTS)
-			return learn_later(skb, cfg);
+			return cfg->learn ? learn_later(skb, cfg) : 1;
 	}
 	if (!cgroup_tcp_payload(skb, 1, &key, &off, &len, &ends))
 		return 1;
@@ -948,6 +962,11 @@ int sticky_learn(struct __sk_buff *skb)
 		/* No payload. The worker's FIN or RST ends the search early. */
 		if (ends)
 			bpf_map_delete_elem(&placed_flows, &key);
+		return 1;
+	}
+	if (!cfg->learn) {
+		/* Only the connection's worker was wanted: it is in `conns` now. */
+		bpf_map_delete_elem(&placed_flows, &key);
 		return 1;
 	}
 	s = bpf_map_lookup_elem(&scratch, &two);
@@ -1039,7 +1058,7 @@ int sticky_watch(struct __sk_buff *skb)
 	struct bpf_sock *sk;
 	struct scratch *s;
 
-	if (!cfg || !cfg->learn || skb->local_port != cfg->port)
+	if (!cfg || !watching(cfg) || skb->local_port != cfg->port)
 		return 1;
 	if (!cgroup_tcp_payload(skb, 0, &key, &off, &len, &ends) || len == 0)
 		return 1;

@@ -234,6 +234,14 @@ impl Settings {
         })
     }
 
+    /// Whether the cgroup programs are wanted: for learning sessions, and
+    /// for the foreign-request check, which needs each connection's worker
+    /// also when the workers register their sessions (`--learn off`). Not
+    /// for the floor (`--placement syn`), which places nothing by sid.
+    pub fn watches_connections(&self) -> bool {
+        self.mode != Mode::SynBalance && (self.learn || self.foreign_requests != Foreign::Off)
+    }
+
     /// The selector's configuration for a group on `port`.
     pub fn kernel_config(
         &self,

@@ -84,8 +84,9 @@ fn run(args: RunArgs) -> Result<()> {
     let mut takeover = takeover::Takeover::find(settings.listen, settings.workers)?;
     let group = takeover.listener_group(settings.listen)?;
 
-    let learning = settings.learn && attach_learner(&mut steering);
-    let foreign = foreign_requests(&settings, learning);
+    let watching = settings.watches_connections() && attach_watchers(&mut steering);
+    let learning = settings.learn && watching;
+    let foreign = foreign_requests(&settings, watching);
     let config = settings.kernel_config(cpus, group.addr.port(), learning, foreign);
     maps.config.set(0, config, 0)?;
     let mut table = sessions::SessionTable::new(
@@ -269,24 +270,25 @@ fn fill_slots(
     Ok(())
 }
 
-/// Attaches the session learner to our own cgroup; on failure, says why and
-/// goes on without learning (registration over the control socket works).
-fn attach_learner(steering: &mut steering::Steering) -> bool {
+/// Attaches the cgroup programs (session learning, the foreign-request
+/// check) to our own cgroup; on failure, says why and goes on without them
+/// (registration over the control socket works).
+fn attach_watchers(steering: &mut steering::Steering) -> bool {
     let attached = steering::own_cgroup().and_then(|cgroup| steering.attach_learner(&cgroup));
     match attached {
         Ok(()) => true,
         Err(e) => {
-            log!("session learning is off: {e:#}");
+            log!("session learning and the foreign-request check are off: {e:#}");
             false
         }
     }
 }
 
-/// What `sticky_watch` does with a foreign request: it needs learning (the
-/// cgroup programs) and, to reset, a kernel that destroys sockets.
-fn foreign_requests(settings: &Settings, learning: bool) -> Foreign {
+/// What `sticky_watch` does with a foreign request: it needs the cgroup
+/// programs and, to reset, a kernel that destroys sockets.
+fn foreign_requests(settings: &Settings, watching: bool) -> Foreign {
     match settings.foreign_requests {
-        _ if !learning => Foreign::Pass,
+        _ if !watching => Foreign::Pass,
         Foreign::Reset if !can_reset() => Foreign::Pass,
         asked => asked,
     }

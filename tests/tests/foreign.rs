@@ -412,6 +412,49 @@ fn an_upgraded_connection_is_never_parsed() {
     assert_eq!(cluster.counter("foreign_dropped"), 0);
 }
 
+/// Workers that register their sessions (`--learn off`, the integrations)
+/// are checked too: a connection that served a page (no sid, balanced) and
+/// then carries another worker's session is reset, and only the owner
+/// answers the resend. The check keeps each connection's worker without
+/// learning anything.
+#[test]
+fn registered_sessions_are_checked_with_learning_off() {
+    let cluster = Cluster::start(3, &["--learn", "off", "--balance", "round-robin"]);
+    let owned = cluster.sessions_on_every_worker(3, 1);
+    if !resets_here(&cluster) {
+        return;
+    }
+    let mut conn = KeepAlive::connect(cluster.addr);
+    let page = conn.get("/").expect("the page");
+    let page_worker = page.worker.expect("worker header");
+    let (sid, owner) = owned
+        .iter()
+        .find(|(_, w)| *w != page_worker)
+        .expect("a session on another worker");
+    let before = cluster.stats();
+    let target = format!("/?sid={sid}&n=registered");
+    expect_reset(&mut conn, &target);
+    let resent = KeepAlive::connect(cluster.addr)
+        .get(&target)
+        .expect("resend");
+    let after = cluster.stats();
+    let delta = |k: &str| after[k].parse::<u64>().unwrap() - before[k].parse::<u64>().unwrap();
+    report(&format!(
+        "--learn off: page on worker {page_worker}, worker {owner}'s session on its connection reset,          resent to worker {:?}; foreign_dropped +{} unmapped +{} learned {}",
+        resent.worker,
+        delta("foreign_dropped"),
+        delta("unmapped"),
+        after["learned"],
+    ));
+    assert_eq!(
+        resent.worker,
+        Some(*owner),
+        "the resend is placed by its sid"
+    );
+    assert_eq!((delta("foreign_dropped"), delta("unmapped")), (1, 0));
+    assert_eq!(after["learned"], "0", "nothing learned with --learn off");
+}
+
 /// `--foreign-requests pass`: counted, answered by the connection's worker.
 #[test]
 fn pass_lets_the_connection_worker_answer() {
