@@ -880,7 +880,8 @@ static __always_inline int cgroup_tcp_payload(struct __sk_buff *skb, int egress,
 }
 
 /*
- * sticky_learn past a connection's first answers: only if sticky_watch saw
+ * sticky_learn past a connection's first answers, or once its placement
+ * record is gone (its search ended): only if sticky_watch saw
  * a request without a sid on it since (STICKY_CONN_LEARN), search the next
  * answer segments for an open packet, for the connection's worker. A
  * handshake on a reused keep-alive connection is learned like one on a new
@@ -956,8 +957,14 @@ int sticky_learn(struct __sk_buff *skb)
 		if (conn && len >= 12)
 			note_upgrade(skb, off, conn);
 	}
+	/*
+	 * The placement record goes once its search ends (a sid learned, or
+	 * STICKY_LEARN_SEGMENTS segments): a handshake answered after that,
+	 * before the segment count above is passed, is one on a reused
+	 * connection too.
+	 */
 	if (!placed)
-		return 1;
+		return cfg->learn && sk ? learn_later(skb, cfg) : 1;
 	if (len == 0) {
 		/* No payload. The worker's FIN or RST ends the search early. */
 		if (ends)

@@ -541,3 +541,42 @@ fn a_handshake_on_a_reused_connection_is_learned() {
     ));
     assert!(owners.iter().all(|w| *w == Some(worker)));
 }
+
+/// The same from a connection's very first answer: a handshake there is
+/// learned from the placement record, which then goes; the next
+/// handshakes (a browser reusing the connection for other tabs) come while
+/// the connection has sent fewer than `STICKY_LEARN_SEGMENTS` answer
+/// segments, and are learned from its storage.
+#[test]
+fn handshakes_right_after_the_first_on_a_connection_are_learned() {
+    let cluster = request_log_cluster("127.0.0.1:0", 3, &[]);
+    let mut conn = KeepAlive::connect(cluster.addr);
+    let mut opened = Vec::new();
+    for _ in 0..3 {
+        let open = conn.get("/socket.io/?EIO=4&transport=polling").unwrap();
+        let text = String::from_utf8_lossy(&open.body).into_owned();
+        let start = text.find(r#""sid":""#).expect("open packet") + 7;
+        let sid = text[start..start + text[start..].find('"').unwrap()].to_owned();
+        opened.push((sid, open.worker.expect("worker header")));
+    }
+    let worker = opened[0].1;
+    let owners: Vec<Option<usize>> = opened
+        .iter()
+        .map(|(sid, _)| {
+            KeepAlive::connect(cluster.addr)
+                .get(&format!("/?sid={sid}"))
+                .unwrap()
+                .worker
+        })
+        .collect();
+    report(&format!(
+        "3 handshakes as worker {worker}'s connection's first answers: their sids' requests on \
+         new connections answered by {owners:?}; learned={}",
+        cluster.counter("learned")
+    ));
+    assert!(
+        opened.iter().all(|(_, w)| *w == worker),
+        "one connection, one worker"
+    );
+    assert!(owners.iter().all(|w| *w == Some(worker)));
+}
