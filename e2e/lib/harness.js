@@ -140,7 +140,12 @@ async function startSticky({
   proc.stdout.on('data', (d) => (stdout += d));
   proc.stderr.setEncoding('utf8');
   const listening = new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`sticky did not log its address within 15 s:\n${stderr}`)), 15000);
+    // Loading and verifying the programs takes about 1 s; much longer on a
+    // machine busy with other builds.
+    const timer = setTimeout(
+      () => reject(new Error(`sticky did not log its address within 30 s:\n${stderr}\n${stdout}`)),
+      30000,
+    );
     proc.stderr.on('data', (d) => {
       stderr += d;
       const m = /sticky: listening on ([\d.]+):(\d+) with/.exec(stderr);
