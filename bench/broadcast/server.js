@@ -4,8 +4,9 @@
 //
 //   node server.js worker            under `sticky run`: fd 3; ADAPTER=cluster
 //                                    (sticky's IPC relay), ADAPTER=relay
-//                                    (createRelayAdapter: the relay socket) or
-//                                    ADAPTER=redis
+//                                    (createRelayAdapter: the relay socket),
+//                                    ADAPTER=redis, or ADAPTER=none (Socket.IO's
+//                                    in-memory adapter: nothing crosses workers)
 //   node server.js seed N PORT       @socket.io/sticky 1.0.4 on Node's cluster,
 //                                    setupPrimary() of @socket.io/cluster-adapter
 //                                    in the primary, as in their READMEs
@@ -46,6 +47,7 @@ function app(adapter) {
 }
 
 async function adapterFromEnv() {
+  if (process.env.ADAPTER === 'none') return null;
   if (process.env.ADAPTER === 'redis') {
     const { createClient } = require('redis');
     const { createAdapter } = require('@socket.io/redis-adapter');
