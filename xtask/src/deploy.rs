@@ -31,7 +31,10 @@ use std::{
 
 use serde_json::Value;
 
-use crate::soak::{self, Sticky};
+use crate::{
+    flags,
+    soak::{self, Sticky},
+};
 
 const USAGE: &str =
     "usage: cargo xtask deploy [--sessions N] [--workers N] [--seconds N] [--drain-s N]";
@@ -55,20 +58,14 @@ fn options(args: &[String]) -> Result<Options, String> {
         seconds: 150,
         drain_s: 60,
     };
-    let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        let value = it
-            .next()
-            .ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))?;
-        let n: u32 = value
-            .parse()
-            .map_err(|_| format!("bad value {value:?} for {flag}\n{USAGE}"))?;
-        match flag.as_str() {
-            "--sessions" => o.sessions = n,
-            "--workers" => o.workers = n,
-            "--seconds" => o.seconds = n,
-            "--drain-s" => o.drain_s = n,
-            _ => return Err(USAGE.into()),
+    for flag in flags::pairs(args, USAGE) {
+        let flag = flag?;
+        match flag.name {
+            "--sessions" => o.sessions = flag.value()?,
+            "--workers" => o.workers = flag.value()?,
+            "--seconds" => o.seconds = flag.value()?,
+            "--drain-s" => o.drain_s = flag.value()?,
+            _ => return Err(flag.unknown()),
         }
     }
     if o.sessions == 0 || o.workers == 0 || o.seconds < 30 || o.drain_s == 0 {

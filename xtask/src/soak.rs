@@ -22,6 +22,8 @@ use std::{
 
 use serde_json::Value;
 
+use crate::flags;
+
 const USAGE: &str =
     "usage: cargo xtask soak [--minutes N] [--sessions N] [--workers N] [--interval-ms N]";
 /// One worker restart per this period, as the issue asks.
@@ -48,18 +50,14 @@ fn options(args: &[String]) -> Result<Options, String> {
         workers: 4,
         interval_ms: 2000,
     };
-    let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        let value = it
-            .next()
-            .ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))?;
-        let bad = || format!("bad value {value:?} for {flag}\n{USAGE}");
-        match flag.as_str() {
-            "--minutes" => o.minutes = value.parse().map_err(|_| bad())?,
-            "--sessions" => o.sessions = value.parse().map_err(|_| bad())?,
-            "--workers" => o.workers = value.parse().map_err(|_| bad())?,
-            "--interval-ms" => o.interval_ms = value.parse().map_err(|_| bad())?,
-            _ => return Err(USAGE.into()),
+    for flag in flags::pairs(args, USAGE) {
+        let flag = flag?;
+        match flag.name {
+            "--minutes" => o.minutes = flag.value()?,
+            "--sessions" => o.sessions = flag.value()?,
+            "--workers" => o.workers = flag.value()?,
+            "--interval-ms" => o.interval_ms = flag.value()?,
+            _ => return Err(flag.unknown()),
         }
     }
     if o.minutes <= 0.0 || o.sessions == 0 || o.workers == 0 || o.interval_ms == 0 {
