@@ -104,20 +104,7 @@ struct Outcome {
 
 pub fn deploy(args: &[String]) -> Result<(), String> {
     let o = options(args)?;
-    if !crate::is_root() {
-        return Err("the deploy benchmark loads BPF programs: run it as root".into());
-    }
-    if crate::find_in_path("node").is_none() {
-        return Err("the deploy benchmark needs Node.js (node) on PATH".into());
-    }
-    crate::build_release()?;
-    let root = crate::root_dir();
-    if !root.join("e2e/node_modules").exists() {
-        let mut npm = Command::new("npm");
-        npm.current_dir(root.join("e2e"))
-            .args(["ci", "--no-audit", "--no-fund"]);
-        crate::status(npm, "npm ci in e2e/")?;
-    }
+    let root = soak::prepare("the deploy benchmark")?;
     let out = root.join("target/deploy");
     std::fs::create_dir_all(&out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
     println!(
