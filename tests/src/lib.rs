@@ -17,6 +17,11 @@ use std::{
     time::{Duration, Instant},
 };
 
+/// A minimal Engine.IO long-polling responder with no sticky code (run
+/// with `python3_bin()`): its sessions reach sticky only by learning.
+pub const ENGINE_IO_POLLING_PY: &str =
+    concat!(env!("CARGO_MANIFEST_DIR"), "/workers/engine_io_polling.py");
+
 pub fn sticky_bin() -> PathBuf {
     binary("STICKY_BIN", "sticky")
 }
@@ -248,9 +253,22 @@ impl Cluster {
     pub fn engine_io_handshake(&self) -> String {
         let r = self.get("/socket.io/?EIO=4&transport=polling");
         assert_eq!(r.status, 200, "{}", r.text());
-        let text = r.text();
-        let start = text.find(r#""sid":""#).expect("open packet") + 7;
-        text[start..start + text[start..].find('"').unwrap()].to_owned()
+        open_packet_sid(&r.text())
+    }
+
+    /// Opens `sessions` Engine.IO sessions, each followed by `polls` polls
+    /// on new connections; returns how many polls were refused (400: the
+    /// worker that got it did not know the sid).
+    pub fn refused_polls(&self, sessions: usize, polls: usize) -> usize {
+        let mut refused = 0;
+        for _ in 0..sessions {
+            let sid = self.engine_io_handshake();
+            for _ in 0..polls {
+                let r = self.get(&format!("/socket.io/?EIO=4&transport=polling&sid={sid}"));
+                refused += usize::from(r.status == 400);
+            }
+        }
+        refused
     }
 
     pub fn pid(&self) -> u32 {
@@ -429,6 +447,12 @@ pub fn parse_response(raw: &[u8]) -> Response {
         pid,
         body: raw[split + 4..].to_vec(),
     }
+}
+
+/// The sid of an Engine.IO open packet (`0{"sid":"...",...}`).
+pub fn open_packet_sid(text: &str) -> String {
+    let start = text.find(r#""sid":""#).expect("open packet") + 7;
+    text[start..start + text[start..].find('"').unwrap()].to_owned()
 }
 
 /// A session id like Engine.IO's: `len` bytes of [A-Za-z0-9_-].

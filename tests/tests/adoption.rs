@@ -121,9 +121,8 @@ fn a_new_sticky_adopts_the_workers_of_a_killed_one() {
 #[test]
 fn learned_sessions_survive_adoption_and_too_few_workers_is_refused() {
     const WORKERS: usize = 3;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/workers/engine_io_polling.py");
     let python = sticky_tests::python3_bin();
-    let command = [python.to_str().unwrap(), script];
+    let command = [python.to_str().unwrap(), sticky_tests::ENGINE_IO_POLLING_PY];
     let dir = TempDir::new();
     let control = dir.0.join("control.sock");
     // Round-robin: without their sessions, most requests would land on a

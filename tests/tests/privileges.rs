@@ -364,14 +364,7 @@ fn learning_works_for_workers_run_as_nobody() {
     worker_pids(&cluster, 3)
         .into_iter()
         .for_each(assert_unprivileged);
-    let mut unknown = 0;
-    for _ in 0..20 {
-        let sid = cluster.engine_io_handshake();
-        for _ in 0..5 {
-            let r = cluster.get(&format!("/socket.io/?EIO=4&transport=polling&sid={sid}"));
-            unknown += usize::from(r.status == 400);
-        }
-    }
+    let unknown = cluster.refused_polls(20, 5);
     println!(
         "as nobody: 20 learned sessions x 5 requests, {unknown} unknown; learned={}",
         cluster.counter("learned")
