@@ -271,6 +271,38 @@ impl Cluster {
         refused
     }
 
+    /// Waits (10 s each) for the `key=value` lines each worker `w` writes
+    /// to `dir/worker-w` once it has looked at what it was given, and
+    /// returns them, worker by worker.
+    pub fn worker_reports(
+        &self,
+        dir: &std::path::Path,
+        workers: usize,
+    ) -> Vec<HashMap<String, String>> {
+        let mut reports = Vec::new();
+        for w in 0..workers {
+            let path = dir.join(format!("worker-{w}"));
+            let start = Instant::now();
+            while !path.exists() {
+                assert!(
+                    start.elapsed() < Duration::from_secs(10),
+                    "worker {w} wrote no report\n{}",
+                    self.log.lock().unwrap()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let report: HashMap<String, String> = std::fs::read_to_string(&path)
+                .unwrap()
+                .lines()
+                .filter_map(|l| l.split_once('='))
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect();
+            println!("worker {w}: {report:?}");
+            reports.push(report);
+        }
+        reports
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
     }

@@ -10,7 +10,7 @@ use std::{
     io::{Read, Write},
     os::unix::net::UnixStream,
     process::Command,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use sticky_tests::{python3_bin, Cluster, TempDir};
@@ -71,27 +71,8 @@ fn reports(
                 .env("NODE_CHANNEL_SERIALIZATION_MODE", "json");
         },
     );
-    let mut out = Vec::new();
-    for w in 0..workers {
-        let path = dir.0.join(format!("worker-{w}"));
-        let start = Instant::now();
-        while !path.exists() {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "worker {w} wrote no report"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let report: HashMap<String, String> = std::fs::read_to_string(&path)
-            .unwrap()
-            .lines()
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect();
-        println!("worker {w}: {report:?}");
-        out.push(report);
-    }
-    (cluster, out)
+    let reports = cluster.worker_reports(&dir.0, workers);
+    (cluster, reports)
 }
 
 #[test]

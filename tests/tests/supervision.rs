@@ -273,27 +273,7 @@ fn activation_reports(
         ],
         configure,
     );
-    let mut reports = Vec::new();
-    for w in 0..workers {
-        let path = dir.0.join(format!("worker-{w}"));
-        let start = Instant::now();
-        while !path.exists() {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "worker {w} wrote no report\n{}",
-                cluster.log.lock().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let report: HashMap<String, String> = std::fs::read_to_string(&path)
-            .unwrap()
-            .lines()
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect();
-        println!("worker {w}: {report:?}");
-        reports.push(report);
-    }
+    let reports = cluster.worker_reports(&dir.0, workers);
     (cluster, reports)
 }
 
