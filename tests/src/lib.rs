@@ -395,6 +395,73 @@ pub fn report(line: &str) {
     let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
 }
 
+/// How a command that ran to its end exited, and what it wrote on stderr.
+pub struct Ran {
+    pub status: ExitStatus,
+    pub stderr: String,
+}
+
+/// Runs `cmd` (stdin and stdout /dev/null) to completion; a hang past
+/// `limit` fails the test.
+pub fn run_to_end(cmd: &mut Command, limit: Duration) -> Ran {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{cmd:?} still running after {limit:?}; stderr:\n{}",
+                reader.join().unwrap()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Ran {
+        status,
+        stderr: reader.join().unwrap(),
+    }
+}
+
+/// Runs `sticky <args>` to completion; a hang past `limit` fails the test.
+pub fn run_sticky(args: &[&str], limit: Duration) -> Ran {
+    run_to_end(Command::new(sticky_bin()).args(args), limit)
+}
+
+/// Exit status non-zero and stderr exactly one line, containing every one
+/// of `words`: how sticky refuses bad input (printed under `case`).
+pub fn assert_one_line(case: &str, ran: &Ran, words: &[&str]) {
+    println!("{case}: {} -> {:?}", ran.status, ran.stderr);
+    assert!(!ran.status.success(), "{case}: exit status {}", ran.status);
+    assert_eq!(
+        ran.stderr.lines().count(),
+        1,
+        "{case}: expected one line:\n{}",
+        ran.stderr
+    );
+    for w in words {
+        assert!(
+            ran.stderr.contains(w),
+            "{case}: `{w}` not in {}",
+            ran.stderr
+        );
+    }
+}
+
 /// Sends one line on a new control connection, returns the answer line.
 pub fn control_line(path: &std::path::Path, line: &str) -> String {
     let mut s = UnixStream::connect(path).expect("control socket");

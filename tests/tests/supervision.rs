@@ -8,12 +8,13 @@ use std::{
     net::{SocketAddr, TcpListener, TcpStream},
     os::unix::fs::PermissionsExt,
     path::Path,
-    process::{Command, ExitStatus, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
 use sticky_tests::{
-    demo_worker_bin, python3_bin, read_response, request, sticky_bin, Cluster, TempDir,
+    assert_one_line, demo_worker_bin, python3_bin, read_response, request, run_sticky, run_to_end,
+    sticky_bin, Cluster, Ran, TempDir,
 };
 
 /// True while `pid` exists (a zombie counts: it is not reaped yet).
@@ -418,70 +419,15 @@ fn in_flight_requests_complete_on_sigterm() {
     assert!(status.success());
 }
 
-struct Ran {
-    status: ExitStatus,
-    stderr: String,
-}
-
-/// Runs `sticky <args>` to completion; a hang past `limit` fails the test.
-fn run_sticky(args: &[&str], limit: Duration) -> Ran {
-    let mut child = Command::new(sticky_bin())
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
-    });
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "sticky {args:?} still running after {limit:?}; stderr:\n{}",
-                reader.join().unwrap()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    Ran {
-        status,
-        stderr: reader.join().unwrap(),
-    }
-}
-
 /// Exit status non-zero and stderr exactly one `sticky: error:` line
 /// containing every one of `words`.
 fn assert_one_error_line(case: &str, ran: &Ran, words: &[&str]) {
-    println!("{case}: {} -> {:?}", ran.status, ran.stderr);
-    assert!(!ran.status.success(), "{case}: exit status {}", ran.status);
-    assert_eq!(
-        ran.stderr.lines().count(),
-        1,
-        "{case}: expected one line:\n{}",
-        ran.stderr
-    );
+    assert_one_line(case, ran, words);
     assert!(
         ran.stderr.starts_with("sticky: error: "),
         "{case}: {}",
         ran.stderr
     );
-    for w in words {
-        assert!(
-            ran.stderr.contains(w),
-            "{case}: `{w}` not in {}",
-            ran.stderr
-        );
-    }
 }
 
 #[test]
@@ -675,7 +621,8 @@ fn missing_privileges_are_one_clear_line() {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let out = Command::new("setpriv")
+    let mut setpriv = Command::new("setpriv");
+    setpriv
         .args([
             "--reuid=65534",
             "--regid=65534",
@@ -691,16 +638,7 @@ fn missing_privileges_are_one_clear_line() {
             "1",
             "--",
             "/bin/true",
-        ])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    println!("as nobody: {} -> {stderr:?}", out.status);
-    assert!(!out.status.success());
-    assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(
-        stderr.starts_with("sticky: error: ") && stderr.contains("root"),
-        "{stderr}"
-    );
+        ]);
+    let ran = run_to_end(&mut setpriv, Duration::from_secs(10));
+    assert_one_error_line("as nobody", &ran, &["root"]);
 }
