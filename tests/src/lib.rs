@@ -336,6 +336,29 @@ impl Drop for Cluster {
     }
 }
 
+/// Sends `sig` to `pid`; a failure (no such process) fails the test.
+pub fn signal(pid: u32, sig: i32) {
+    // SAFETY: plain syscall.
+    assert_eq!(
+        unsafe { libc::kill(pid as i32, sig) },
+        0,
+        "kill({pid}, {sig})"
+    );
+}
+
+/// True while `pid` exists (a zombie counts: it is not reaped yet).
+pub fn process_exists(pid: u32) -> bool {
+    // SAFETY: signal 0 only checks for existence and permission.
+    let rc = unsafe { libc::kill(pid as i32, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
+
+/// The state letter of /proc/<pid>/stat (R, S, T, Z...).
+pub fn proc_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 2..].chars().next()
+}
+
 /// Open descriptors of process `pid`.
 pub fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())

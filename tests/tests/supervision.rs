@@ -13,31 +13,9 @@ use std::{
 };
 
 use sticky_tests::{
-    assert_one_line, demo_worker_bin, python3_bin, read_response, request, run_sticky, run_to_end,
-    sticky_bin, Cluster, Ran, TempDir,
+    assert_one_line, demo_worker_bin, proc_state, process_exists, python3_bin, read_response,
+    request, run_sticky, run_to_end, signal, sticky_bin, Cluster, Ran, TempDir,
 };
-
-/// True while `pid` exists (a zombie counts: it is not reaped yet).
-fn exists(pid: u32) -> bool {
-    // SAFETY: signal 0 only checks for existence and permission.
-    let rc = unsafe { libc::kill(pid as i32, 0) };
-    rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
-}
-
-/// The state letter of /proc/<pid>/stat (R, S, T, Z...).
-fn proc_state(pid: u32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat[stat.rfind(')')? + 2..].chars().next()
-}
-
-fn signal(pid: u32, sig: i32) {
-    // SAFETY: plain syscall.
-    assert_eq!(
-        unsafe { libc::kill(pid as i32, sig) },
-        0,
-        "kill({pid}, {sig})"
-    );
-}
 
 fn write_executable(path: &Path, text: &str) {
     std::fs::write(path, text).unwrap();
@@ -376,7 +354,7 @@ fn sigterm_stops_workers_and_frees_the_port() {
     assert!(status.success(), "exit status {status}");
     for &pid in &pids {
         assert!(
-            !exists(pid),
+            !process_exists(pid),
             "worker pid {pid} still exists (state {:?})",
             proc_state(pid)
         );
@@ -572,7 +550,7 @@ fn workers_ignoring_sigterm_are_killed_after_the_grace_period() {
     );
     for pid in pids {
         assert!(
-            !exists(pid),
+            !process_exists(pid),
             "worker {pid} survived ({:?})",
             proc_state(pid)
         );
@@ -588,7 +566,10 @@ fn a_second_signal_kills_workers_at_once() {
     let start = Instant::now();
     signal(cluster.pid(), libc::SIGTERM);
     std::thread::sleep(Duration::from_millis(300));
-    assert!(pids.iter().all(|&p| exists(p)), "workers ignore SIGTERM");
+    assert!(
+        pids.iter().all(|&p| process_exists(p)),
+        "workers ignore SIGTERM"
+    );
     signal(cluster.pid(), libc::SIGINT);
     let status = cluster
         .terminate(Duration::from_secs(10))
@@ -599,7 +580,7 @@ fn a_second_signal_kills_workers_at_once() {
     assert!(took < Duration::from_secs(5), "{took:?}");
     for pid in pids {
         assert!(
-            !exists(pid),
+            !process_exists(pid),
             "worker {pid} survived ({:?})",
             proc_state(pid)
         );
