@@ -9,7 +9,7 @@
 const { describe, test, before, after } = require('node:test');
 const assert = require('node:assert/strict');
 const http = require('node:http');
-const { startSticky, stats, ioClient } = require('../lib/harness');
+const { startSticky, retryCounters, ioClient } = require('../lib/harness');
 const { appFor } = require('../lib/browser');
 
 const SESSIONS = Number(process.env.E2E_AGENT_SESSIONS || 50);
@@ -81,9 +81,7 @@ describe(`one keep-alive http.Agent, ${SESSIONS} long-polling sessions, ${WORKER
         // Disconnects other than our own disconnect() at the end.
         const disconnects = sum((r) => r.disconnects.filter((d) => d !== 'io client disconnect').length);
         const workers = new Set(results.map((r) => r.pid)).size;
-        const counters = Object.fromEntries(
-          Object.entries(await stats(sticky).catch(() => ({}))).filter(([k, v]) => typeof v === 'number' && /reset|foreign/.test(k)),
-        );
+        const counters = await retryCounters(sticky);
         console.log(
           `# [agent ${kind} x${WORKERS}] echoes ${echoes}/${SESSIONS * ECHOES}, errors ${failures.length}, ` +
             `disconnects ${disconnects}, connect errors ${sum((r) => r.connectErrors)}, wrong worker ${sum((r) => r.wrongWorker)}, ` +

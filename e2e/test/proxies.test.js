@@ -10,7 +10,7 @@
 
 const { describe, test, before, after } = require('node:test');
 const assert = require('node:assert/strict');
-const { startSticky, stats } = require('../lib/harness');
+const { startSticky, retryCounters } = require('../lib/harness');
 const { browserMissing, launchBrowser, runTabs, summarize, assertClean, appFor, SCENARIOS } = require('../lib/browser');
 const fs = require('node:fs');
 const os = require('node:os');
@@ -55,8 +55,6 @@ const statuses = (figures) =>
     n[code] = (n[code] || 0) + 1;
     return n;
   }, {});
-const resetCounters = (st) =>
-  Object.fromEntries(Object.entries(st).filter(([k, v]) => typeof v === 'number' && /reset|foreign|destroy/.test(k)));
 
 describe('Chromium through front proxies to 3 sticky workers', { skip: browserMissing() }, () => {
   let browser;
@@ -95,7 +93,7 @@ describe('Chromium through front proxies to 3 sticky workers', { skip: browserMi
         test(scenario.name, async () => {
           const started = Date.now();
           const figures = await runTabs(browser, front.url, { ...scenario, echoes: ECHOES });
-          const counters = resetCounters(await stats(sticky).catch(() => ({})));
+          const counters = await retryCounters(sticky);
           console.log(line(`${proxy.kind} recommended, ${scenario.name}`, summarize(figures, ECHOES), counters, Date.now() - started));
           assertClean(assert, figures, ECHOES);
           const forwarded = [...new Set(figures.tabs.map((t) => t.forwardedFor))];
@@ -120,7 +118,7 @@ describe('Chromium through front proxies to 3 sticky workers', { skip: browserMi
           const started = Date.now();
           // Shorter: tabs that lose their session may not finish.
           const figures = await runTabs(browser, front.url, { ...scenario, echoes: ECHOES, timeoutMs: 15000 });
-          const counters = resetCounters(await stats(sticky).catch(() => ({})));
+          const counters = await retryCounters(sticky);
           const s = summarize(figures, ECHOES);
           const workers = new Set(figures.tabs.flatMap((t) => (t.sessions || []).map((x) => x.pid)));
           console.log(
