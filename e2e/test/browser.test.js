@@ -16,8 +16,8 @@
 
 const { describe, test, before, after } = require('node:test');
 const assert = require('node:assert/strict');
-const { startSticky, retryCounters } = require('../lib/harness');
-const { browserMissing, launchBrowser, runTabsRerunOnce, summarize, assertClean, appFor, SCENARIOS } = require('../lib/browser');
+const { retryCounters } = require('../lib/harness');
+const { browserMissing, launchBrowser, runTabsRerunOnce, summarize, assertClean, appFor, appSticky, SCENARIOS } = require('../lib/browser');
 
 const WORKERS = Number(process.env.E2E_BROWSER_WORKERS || 3);
 const ECHOES = Number(process.env.E2E_BROWSER_ECHOES || 20);
@@ -36,15 +36,10 @@ describe(`Chromium tabs against ${WORKERS} sticky workers`, { skip: missing }, (
   for (const kind of KINDS) {
     const app = appFor(kind);
     describe(kind, { skip: app.skip }, () => {
-      let sticky;
-      before(async () => {
-        sticky = await startSticky({ workers: WORKERS, learn: 'on', command: app.command, env: app.env });
-      });
-      after(async () => {
-        await sticky?.stop();
-      });
+      const cluster = appSticky(app, WORKERS);
       for (const scenario of SCENARIOS) {
         test(scenario.name, async () => {
+          const { sticky } = cluster;
           const started = Date.now();
           const figures = await runTabsRerunOnce(browser, sticky.url, { ...scenario, echoes: ECHOES }, `${kind}, ${scenario.name}`);
           const s = summarize(figures, ECHOES);
