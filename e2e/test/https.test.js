@@ -11,11 +11,8 @@
 
 const { describe, test, before, after } = require('node:test');
 const assert = require('node:assert/strict');
-const fs = require('node:fs');
-const os = require('node:os');
-const path = require('node:path');
 const { browserMissing, launchBrowser, runTabsRerunOnce, summarize, assertClean, appFor, appSticky, SCENARIOS } = require('../lib/browser');
-const { proxyMissing, startProxy, makeCertificate } = require('../lib/proxies');
+const { proxyMissing, startProxy, testCertificate } = require('../lib/proxies');
 
 const ECHOES = Number(process.env.E2E_BROWSER_ECHOES || 20);
 const KINDS = (process.env.E2E_HTTPS_KINDS || 'node-plain,python-plain,rust-plain,node-integration,python-integration,rust-integration').split(',');
@@ -25,17 +22,13 @@ const FRONTS = [
 ];
 
 describe('Chromium over HTTPS through a TLS front to 3 sticky workers', { skip: browserMissing() }, () => {
+  const tls = testCertificate();
   let browser;
-  let certDir;
-  let certs;
   before(async () => {
-    certDir = fs.mkdtempSync(path.join(os.tmpdir(), 'sticky-tls-'));
-    certs = makeCertificate(certDir);
     browser = await launchBrowser(['--ignore-certificate-errors']);
   });
   after(async () => {
     await browser?.close();
-    if (certDir) fs.rmSync(certDir, { recursive: true, force: true });
   });
 
   for (const kind of KINDS) {
@@ -48,7 +41,7 @@ describe('Chromium over HTTPS through a TLS front to 3 sticky workers', { skip: 
           before(async () => {
             proxy = await startProxy(front.kind, front.file, {
               upstream: `127.0.0.1:${cluster.sticky.port}`,
-              vars: front.vars(certs),
+              vars: front.vars(tls.certs),
               scheme: 'https',
             });
           });

@@ -12,10 +12,7 @@ const { describe, test, before, after } = require('node:test');
 const assert = require('node:assert/strict');
 const { startSticky, retryCounters } = require('../lib/harness');
 const { browserMissing, launchBrowser, runTabs, summarize, assertClean, appFor, SCENARIOS } = require('../lib/browser');
-const fs = require('node:fs');
-const os = require('node:os');
-const path = require('node:path');
-const { proxyMissing, startProxy, makeCertificate } = require('../lib/proxies');
+const { proxyMissing, startProxy, testCertificate } = require('../lib/proxies');
 
 const ECHOES = Number(process.env.E2E_BROWSER_ECHOES || 20);
 
@@ -57,13 +54,10 @@ const statuses = (figures) =>
   }, {});
 
 describe('Chromium through front proxies to 3 sticky workers', { skip: browserMissing() }, () => {
+  const tls = testCertificate();
   let browser;
   let sticky;
-  let certDir;
-  let certs;
   before(async () => {
-    certDir = fs.mkdtempSync(path.join(os.tmpdir(), 'sticky-tls-'));
-    certs = makeCertificate(certDir);
     browser = await launchBrowser(['--ignore-certificate-errors']);
     const app = appFor('node-plain');
     sticky = await startSticky({ workers: 3, learn: 'on', command: app.command, env: app.env });
@@ -71,12 +65,11 @@ describe('Chromium through front proxies to 3 sticky workers', { skip: browserMi
   after(async () => {
     await browser?.close();
     await sticky?.stop();
-    if (certDir) fs.rmSync(certDir, { recursive: true, force: true });
   });
   const proxyOptions = (proxy, edits = []) => ({
     upstream: `127.0.0.1:${sticky.port}`,
     edits,
-    ...(proxy.tls ? { scheme: 'https', vars: { CERT: certs.pem } } : {}),
+    ...(proxy.tls ? { scheme: 'https', vars: { CERT: tls.certs.pem } } : {}),
   });
 
   for (const proxy of PROXIES) {
