@@ -22,6 +22,34 @@ use std::{
 pub const ENGINE_IO_POLLING_PY: &str =
     concat!(env!("CARGO_MANIFEST_DIR"), "/workers/engine_io_polling.py");
 
+/// The start of a Python worker script that reports what it was given
+/// (run as `python3 SCRIPT DIR`): `live_fds()`, the descriptors it holds,
+/// and `write_report(lines)`, which writes a dict's `key=value` lines to
+/// `DIR/worker-$STICKY_WORKER` for `Cluster::worker_reports`, then waits to
+/// be stopped.
+pub const WORKER_REPORT_PY: &str = r#"
+import os, sys, signal
+
+def live_fds():
+    # The descriptor listdir used is closed again by now: keep only live ones.
+    def valid(fd):
+        try:
+            os.fstat(fd)
+            return True
+        except OSError:
+            return False
+    return sorted(f for f in (int(x) for x in os.listdir("/proc/self/fd")) if valid(f))
+
+def write_report(lines):
+    out = os.path.join(sys.argv[1], "worker-" + os.environ.get("STICKY_WORKER", "x"))
+    with open(out + ".tmp", "w") as f:
+        for k, v in lines.items():
+            f.write(k + "=" + v + "\n")
+    os.rename(out + ".tmp", out)
+    while True:
+        signal.pause()
+"#;
+
 pub fn sticky_bin() -> PathBuf {
     binary("STICKY_BIN", "sticky")
 }
@@ -272,8 +300,9 @@ impl Cluster {
     }
 
     /// Waits (10 s each) for the `key=value` lines each worker `w` writes
-    /// to `dir/worker-w` once it has looked at what it was given, and
-    /// returns them, worker by worker.
+    /// to `dir/worker-w` once it has looked at what it was given
+    /// (`WORKER_REPORT_PY`'s `write_report`), and returns them, worker by
+    /// worker.
     pub fn worker_reports(
         &self,
         dir: &std::path::Path,

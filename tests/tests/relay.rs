@@ -13,19 +13,13 @@ use std::{
     time::Duration,
 };
 
-use sticky_tests::{python3_bin, Cluster, TempDir};
+use sticky_tests::{python3_bin, Cluster, TempDir, WORKER_REPORT_PY};
 
+/// What a worker reports (after `WORKER_REPORT_PY`).
 const REPORT_SCRIPT: &str = r#"
-import os, socket, sys, signal
+import os, socket
 
-def valid(fd):
-    try:
-        os.fstat(fd)
-        return True
-    except OSError:
-        return False
-
-fds = sorted(f for f in (int(x) for x in os.listdir("/proc/self/fd")) if valid(f))
+fds = live_fds()
 env = os.environ
 lines = {
     "fds": ",".join(str(f) for f in fds),
@@ -39,13 +33,7 @@ if 4 in fds:
     lines["fd4_type"] = str(int(s.type))
     lines["fd4_inode"] = str(os.fstat(4).st_ino)
     s.detach()
-out = os.path.join(sys.argv[1], "worker-" + env.get("STICKY_WORKER", "x"))
-with open(out + ".tmp", "w") as f:
-    for k, v in lines.items():
-        f.write(k + "=" + v + "\n")
-os.rename(out + ".tmp", out)
-while True:
-    signal.pause()
+write_report(lines)
 "#;
 
 fn reports(
@@ -54,7 +42,7 @@ fn reports(
     workers: usize,
 ) -> (Cluster, Vec<HashMap<String, String>>) {
     let script = dir.0.join("report.py");
-    std::fs::write(&script, REPORT_SCRIPT).unwrap();
+    std::fs::write(&script, format!("{WORKER_REPORT_PY}{REPORT_SCRIPT}")).unwrap();
     let python = python3_bin();
     let cluster = Cluster::start_custom(
         "127.0.0.1:0",

@@ -14,7 +14,7 @@ use std::{
 
 use sticky_tests::{
     assert_one_line, demo_worker_bin, proc_state, process_exists, python3_bin, read_response,
-    request, run_sticky, run_to_end, signal, sticky_bin, Cluster, Ran, TempDir,
+    request, run_sticky, run_to_end, signal, sticky_bin, Cluster, Ran, TempDir, WORKER_REPORT_PY,
 };
 
 fn write_executable(path: &Path, text: &str) {
@@ -195,18 +195,11 @@ fn killed_worker_is_restarted_and_its_queued_connections_served() {
     assert_eq!(unknown_after, unknown + 1);
 }
 
+/// What an activated worker reports (after `WORKER_REPORT_PY`).
 const ACTIVATION_SCRIPT: &str = r#"
-import os, socket, sys, signal, fcntl
+import os, socket, fcntl
 
-def valid(fd):
-    try:
-        os.fstat(fd)
-        return True
-    except OSError:
-        return False
-
-# The descriptor listdir used is closed again by now: keep only live ones.
-fds = sorted(f for f in (int(x) for x in os.listdir("/proc/self/fd")) if valid(f))
+fds = live_fds()
 s = socket.socket(fileno=3)
 env = os.environ
 lines = {
@@ -223,13 +216,7 @@ lines = {
     "inode": str(os.fstat(3).st_ino),
     "cloexec": str(fcntl.fcntl(3, fcntl.F_GETFD) & fcntl.FD_CLOEXEC),
 }
-out = os.path.join(sys.argv[1], "worker-" + env.get("STICKY_WORKER", "x"))
-with open(out + ".tmp", "w") as f:
-    for k, v in lines.items():
-        f.write(k + "=" + v + "\n")
-os.rename(out + ".tmp", out)
-while True:
-    signal.pause()
+write_report(lines)
 "#;
 
 /// Starts `workers` activation-script workers and collects their reports.
@@ -239,7 +226,7 @@ fn activation_reports(
     configure: impl FnOnce(&mut Command),
 ) -> (Cluster, Vec<HashMap<String, String>>) {
     let script = dir.0.join("activation.py");
-    std::fs::write(&script, ACTIVATION_SCRIPT).unwrap();
+    std::fs::write(&script, format!("{WORKER_REPORT_PY}{ACTIVATION_SCRIPT}")).unwrap();
     let python = python3_bin();
     let cluster = Cluster::start_custom(
         "127.0.0.1:0",
