@@ -520,6 +520,17 @@ fn second_sticky_on_the_same_control_socket_fails_and_leaves_it_alone() {
 /// A worker that ignores SIGTERM (and has no child to leave behind).
 const STUBBORN: &[&str] = &["/bin/sh", "-c", "trap '' TERM; exec sleep 1000"];
 
+/// None of `pids` exists any more (not even as a zombie).
+fn assert_workers_gone(pids: &[u32]) {
+    for &pid in pids {
+        assert!(
+            !process_exists(pid),
+            "worker {pid} survived ({:?})",
+            proc_state(pid)
+        );
+    }
+}
+
 #[test]
 fn workers_ignoring_sigterm_are_killed_after_the_grace_period() {
     let mut cluster = Cluster::start_with("127.0.0.1:0", 2, &["--grace", "1s"], STUBBORN);
@@ -535,13 +546,7 @@ fn workers_ignoring_sigterm_are_killed_after_the_grace_period() {
         took >= Duration::from_millis(900) && took < Duration::from_secs(5),
         "{took:?}"
     );
-    for pid in pids {
-        assert!(
-            !process_exists(pid),
-            "worker {pid} survived ({:?})",
-            proc_state(pid)
-        );
-    }
+    assert_workers_gone(&pids);
     let log = cluster.log.lock().unwrap().clone();
     assert!(log.contains("grace period over: killing workers"), "{log}");
 }
@@ -565,13 +570,7 @@ fn a_second_signal_kills_workers_at_once() {
     println!("second signal: sticky exited ({status}) after {took:.1?}");
     assert!(status.success());
     assert!(took < Duration::from_secs(5), "{took:?}");
-    for pid in pids {
-        assert!(
-            !process_exists(pid),
-            "worker {pid} survived ({:?})",
-            proc_state(pid)
-        );
-    }
+    assert_workers_gone(&pids);
     let log = cluster.log.lock().unwrap().clone();
     assert!(log.contains("second signal: killing workers"), "{log}");
 }
