@@ -22,12 +22,12 @@ use std::{
 pub const ENGINE_IO_POLLING_PY: &str =
     concat!(env!("CARGO_MANIFEST_DIR"), "/workers/engine_io_polling.py");
 
-/// The start of a Python worker script that reports what it was given
-/// (run as `python3 SCRIPT DIR`): `live_fds()`, the descriptors it holds,
-/// and `write_report(lines)`, which writes a dict's `key=value` lines to
+/// The start of `Cluster::start_reporting`'s worker script (run as
+/// `python3 SCRIPT DIR`): `live_fds()`, the descriptors it holds, and
+/// `write_report(lines)`, which writes a dict's `key=value` lines to
 /// `DIR/worker-$STICKY_WORKER` for `Cluster::worker_reports`, then waits to
 /// be stopped.
-pub const WORKER_REPORT_PY: &str = r#"
+const WORKER_REPORT_PY: &str = r#"
 import os, sys, signal
 
 def live_fds():
@@ -299,11 +299,39 @@ impl Cluster {
         refused
     }
 
+    /// Starts `workers` Python workers that report what they were given:
+    /// `script` (which calls `live_fds()` and ends with
+    /// `write_report(lines)`, see `WORKER_REPORT_PY`) is written into
+    /// `dir`. Returns the cluster and each worker's report.
+    pub fn start_reporting(
+        dir: &TempDir,
+        workers: usize,
+        extra: &[&str],
+        script: &str,
+        configure: impl FnOnce(&mut Command),
+    ) -> (Cluster, Vec<HashMap<String, String>>) {
+        let path = dir.0.join("report.py");
+        std::fs::write(&path, format!("{WORKER_REPORT_PY}{script}")).unwrap();
+        let python = python3_bin();
+        let cluster = Cluster::start_custom(
+            "127.0.0.1:0",
+            workers,
+            extra,
+            &[
+                python.to_str().unwrap(),
+                path.to_str().unwrap(),
+                dir.0.to_str().unwrap(),
+            ],
+            configure,
+        );
+        let reports = cluster.worker_reports(&dir.0, workers);
+        (cluster, reports)
+    }
+
     /// Waits (10 s each) for the `key=value` lines each worker `w` writes
-    /// to `dir/worker-w` once it has looked at what it was given
-    /// (`WORKER_REPORT_PY`'s `write_report`), and returns them, worker by
-    /// worker.
-    pub fn worker_reports(
+    /// to `dir/worker-w` (`WORKER_REPORT_PY`'s `write_report`), and returns
+    /// them, worker by worker.
+    fn worker_reports(
         &self,
         dir: &std::path::Path,
         workers: usize,

@@ -13,9 +13,9 @@ use std::{
     time::Duration,
 };
 
-use sticky_tests::{python3_bin, Cluster, TempDir, WORKER_REPORT_PY};
+use sticky_tests::{Cluster, TempDir};
 
-/// What a worker reports (after `WORKER_REPORT_PY`).
+/// What a worker reports (`Cluster::start_reporting`).
 const REPORT_SCRIPT: &str = r#"
 import os, socket
 
@@ -41,26 +41,11 @@ fn reports(
     extra: &[&str],
     workers: usize,
 ) -> (Cluster, Vec<HashMap<String, String>>) {
-    let script = dir.0.join("report.py");
-    std::fs::write(&script, format!("{WORKER_REPORT_PY}{REPORT_SCRIPT}")).unwrap();
-    let python = python3_bin();
-    let cluster = Cluster::start_custom(
-        "127.0.0.1:0",
-        workers,
-        extra,
-        &[
-            python.to_str().unwrap(),
-            script.to_str().unwrap(),
-            dir.0.to_str().unwrap(),
-        ],
-        |cmd: &mut Command| {
-            // A channel sticky itself was given must not reach a worker.
-            cmd.env("NODE_CHANNEL_FD", "9")
-                .env("NODE_CHANNEL_SERIALIZATION_MODE", "json");
-        },
-    );
-    let reports = cluster.worker_reports(&dir.0, workers);
-    (cluster, reports)
+    Cluster::start_reporting(dir, workers, extra, REPORT_SCRIPT, |cmd: &mut Command| {
+        // A channel sticky itself was given must not reach a worker.
+        cmd.env("NODE_CHANNEL_FD", "9")
+            .env("NODE_CHANNEL_SERIALIZATION_MODE", "json");
+    })
 }
 
 #[test]

@@ -13,8 +13,8 @@ use std::{
 };
 
 use sticky_tests::{
-    assert_one_line, demo_worker_bin, proc_state, process_exists, python3_bin, read_response,
-    request, run_sticky, run_to_end, signal, sticky_bin, Cluster, Ran, TempDir, WORKER_REPORT_PY,
+    assert_one_line, demo_worker_bin, proc_state, process_exists, read_response, request,
+    run_sticky, run_to_end, signal, sticky_bin, Cluster, Ran, TempDir,
 };
 
 fn write_executable(path: &Path, text: &str) {
@@ -195,7 +195,7 @@ fn killed_worker_is_restarted_and_its_queued_connections_served() {
     assert_eq!(unknown_after, unknown + 1);
 }
 
-/// What an activated worker reports (after `WORKER_REPORT_PY`).
+/// What an activated worker reports (`Cluster::start_reporting`).
 const ACTIVATION_SCRIPT: &str = r#"
 import os, socket, fcntl
 
@@ -225,22 +225,7 @@ fn activation_reports(
     workers: usize,
     configure: impl FnOnce(&mut Command),
 ) -> (Cluster, Vec<HashMap<String, String>>) {
-    let script = dir.0.join("activation.py");
-    std::fs::write(&script, format!("{WORKER_REPORT_PY}{ACTIVATION_SCRIPT}")).unwrap();
-    let python = python3_bin();
-    let cluster = Cluster::start_custom(
-        "127.0.0.1:0",
-        workers,
-        &[],
-        &[
-            python.to_str().unwrap(),
-            script.to_str().unwrap(),
-            dir.0.to_str().unwrap(),
-        ],
-        configure,
-    );
-    let reports = cluster.worker_reports(&dir.0, workers);
-    (cluster, reports)
+    Cluster::start_reporting(dir, workers, &[], ACTIVATION_SCRIPT, configure)
 }
 
 /// For sticky's `Command`: start it with only fds 0-2, as a service
