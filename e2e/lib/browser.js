@@ -6,8 +6,9 @@
 
 const fs = require('node:fs');
 const path = require('node:path');
+const { before, after } = require('node:test');
 const puppeteer = require('puppeteer-core');
-const { REPO_ROOT, STICKY_BIN } = require('./harness');
+const { REPO_ROOT, STICKY_BIN, startSticky } = require('./harness');
 
 const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
 
@@ -58,6 +59,22 @@ function appFor(kind) {
   }
   if (!fs.existsSync(RUST_APP)) return { skip: `${path.relative(REPO_ROOT, RUST_APP)} is missing (cargo build --workspace)` };
   return { env, command: [RUST_APP] };
+}
+
+/**
+ * Inside a describe: `workers` workers of `app` (appFor's) under sticky
+ * (--learn on), started before its tests and stopped after them. Returns
+ * the holder whose `sticky` the tests use.
+ */
+function appSticky(app, workers) {
+  const holder = { sticky: undefined };
+  before(async () => {
+    holder.sticky = await startSticky({ workers, learn: 'on', command: app.command, env: app.env });
+  });
+  after(async () => {
+    await holder.sticky?.stop();
+  });
+  return holder;
 }
 
 /** The browser scenarios of issue 11: tabs of one browser, transports. */
@@ -210,4 +227,4 @@ async function runTabsRerunOnce(browser, url, options, label) {
   return runTabs(browser, url, options);
 }
 
-module.exports = { CHROMIUM, SCENARIOS, appFor, browserMissing, launchBrowser, runTabs, runTabsRerunOnce, summarize, assertClean, samples };
+module.exports = { CHROMIUM, SCENARIOS, appFor, appSticky, browserMissing, launchBrowser, runTabs, runTabsRerunOnce, summarize, assertClean, samples };

@@ -252,6 +252,16 @@ async function stats(handle) {
   return out;
 }
 
+/**
+ * sticky's counters that say a request was reset or dropped and resent
+ * (foreign requests, destroyed connections, unmapped sids), for the tests'
+ * figures; {} when its stats cannot be read.
+ */
+async function retryCounters(handle) {
+  const st = await stats(handle).catch(() => ({}));
+  return Object.fromEntries(Object.entries(st).filter(([k, v]) => typeof v === 'number' && /reset|foreign|destroy|unmapped/.test(k)));
+}
+
 async function waitFor(what, predicate, { timeout = 10000, interval = 50 } = {}) {
   const deadline = Date.now() + timeout;
   let last;
@@ -471,6 +481,7 @@ module.exports = {
   stopSticky,
   controlRequest,
   stats,
+  retryCounters,
   waitFor,
   sleep,
   connectClient,

@@ -9,6 +9,7 @@ const fs = require('node:fs');
 const net = require('node:net');
 const os = require('node:os');
 const path = require('node:path');
+const { before, after } = require('node:test');
 const { REPO_ROOT, sleep } = require('./harness');
 
 const BINARIES = { haproxy: process.env.HAPROXY || '/usr/sbin/haproxy', nginx: process.env.NGINX || '/usr/sbin/nginx' };
@@ -117,4 +118,22 @@ function makeCertificate(dir, ip = '127.0.0.1') {
   return { cert, key, pem };
 }
 
-module.exports = { proxyMissing, freePort, renderConfig, startProxy, makeCertificate };
+/**
+ * Inside a describe: a certificate (makeCertificate's) in a temporary
+ * directory, made before its tests and removed after them. Returns the
+ * holder whose `certs` the tests use.
+ */
+function testCertificate() {
+  const holder = { certs: undefined };
+  let dir;
+  before(() => {
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'sticky-tls-'));
+    holder.certs = makeCertificate(dir);
+  });
+  after(() => {
+    if (dir) fs.rmSync(dir, { recursive: true, force: true });
+  });
+  return holder;
+}
+
+module.exports = { proxyMissing, freePort, renderConfig, startProxy, makeCertificate, testCertificate };

@@ -6,11 +6,11 @@
 // workers of each kind (unmodified, and with the integrations): every echo
 // acked by the session's own worker, zero 4xx/5xx, zero disconnects.
 
-const { describe, test, before, after } = require('node:test');
+const { describe, test } = require('node:test');
 const assert = require('node:assert/strict');
 const http = require('node:http');
-const { startSticky, stats, ioClient } = require('../lib/harness');
-const { appFor } = require('../lib/browser');
+const { retryCounters, ioClient } = require('../lib/harness');
+const { appFor, appSticky } = require('../lib/browser');
 
 const SESSIONS = Number(process.env.E2E_AGENT_SESSIONS || 50);
 const ECHOES = Number(process.env.E2E_AGENT_ECHOES || 10);
@@ -60,14 +60,9 @@ describe(`one keep-alive http.Agent, ${SESSIONS} long-polling sessions, ${WORKER
   for (const kind of KINDS) {
     const app = appFor(kind);
     describe(kind, { skip: app.skip }, () => {
-      let sticky;
-      before(async () => {
-        sticky = await startSticky({ workers: WORKERS, learn: 'on', command: app.command, env: app.env });
-      });
-      after(async () => {
-        await sticky?.stop();
-      });
+      const cluster = appSticky(app, WORKERS);
       test('every echo from the session\'s worker, no error, no disconnect', async () => {
+        const { sticky } = cluster;
         // No socket limit: pending long-polling GETs would starve the rest.
         const agent = new http.Agent({ keepAlive: true });
         let reused = 0;
@@ -81,9 +76,7 @@ describe(`one keep-alive http.Agent, ${SESSIONS} long-polling sessions, ${WORKER
         // Disconnects other than our own disconnect() at the end.
         const disconnects = sum((r) => r.disconnects.filter((d) => d !== 'io client disconnect').length);
         const workers = new Set(results.map((r) => r.pid)).size;
-        const counters = Object.fromEntries(
-          Object.entries(await stats(sticky).catch(() => ({}))).filter(([k, v]) => typeof v === 'number' && /reset|foreign/.test(k)),
-        );
+        const counters = await retryCounters(sticky);
         console.log(
           `# [agent ${kind} x${WORKERS}] echoes ${echoes}/${SESSIONS * ECHOES}, errors ${failures.length}, ` +
             `disconnects ${disconnects}, connect errors ${sum((r) => r.connectErrors)}, wrong worker ${sum((r) => r.wrongWorker)}, ` +

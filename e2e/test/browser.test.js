@@ -16,17 +16,12 @@
 
 const { describe, test, before, after } = require('node:test');
 const assert = require('node:assert/strict');
-const { startSticky, stats } = require('../lib/harness');
-const { browserMissing, launchBrowser, runTabsRerunOnce, summarize, assertClean, appFor, SCENARIOS } = require('../lib/browser');
+const { retryCounters } = require('../lib/harness');
+const { browserMissing, launchBrowser, runTabsRerunOnce, summarize, assertClean, appFor, appSticky, SCENARIOS } = require('../lib/browser');
 
 const WORKERS = Number(process.env.E2E_BROWSER_WORKERS || 3);
 const ECHOES = Number(process.env.E2E_BROWSER_ECHOES || 20);
 const KINDS = (process.env.E2E_BROWSER_KINDS || 'node-plain,python-plain,rust-plain,node-integration,python-integration,rust-integration').split(',');
-
-/** sticky's counters that say a request was dropped or reset (issue 11's kernel check), if it has any. */
-function retryCounters(st) {
-  return Object.fromEntries(Object.entries(st).filter(([k, v]) => typeof v === 'number' && /reset|foreign|destroy|unmapped/.test(k)));
-}
 
 const missing = browserMissing();
 describe(`Chromium tabs against ${WORKERS} sticky workers`, { skip: missing }, () => {
@@ -41,19 +36,14 @@ describe(`Chromium tabs against ${WORKERS} sticky workers`, { skip: missing }, (
   for (const kind of KINDS) {
     const app = appFor(kind);
     describe(kind, { skip: app.skip }, () => {
-      let sticky;
-      before(async () => {
-        sticky = await startSticky({ workers: WORKERS, learn: 'on', command: app.command, env: app.env });
-      });
-      after(async () => {
-        await sticky?.stop();
-      });
+      const cluster = appSticky(app, WORKERS);
       for (const scenario of SCENARIOS) {
         test(scenario.name, async () => {
+          const { sticky } = cluster;
           const started = Date.now();
           const figures = await runTabsRerunOnce(browser, sticky.url, { ...scenario, echoes: ECHOES }, `${kind}, ${scenario.name}`);
           const s = summarize(figures, ECHOES);
-          const counters = retryCounters(await stats(sticky).catch(() => ({})));
+          const counters = await retryCounters(sticky);
           console.log(
             `# [browser ${kind} x${WORKERS}, ${scenario.name}] echoes ${s.echoes}/${s.expected}, api ${s.api}, ` +
               `4xx/5xx ${s.http4xx5xx}, failed requests ${s.failedRequests}, bad websockets ${s.badWebSockets}, ` +

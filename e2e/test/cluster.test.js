@@ -19,6 +19,14 @@ const PYTHON_CAPS = { fetchSockets: false, serverSideEmit: false };
 // socketioxide has fetch_sockets across servers, no server-side emit.
 const RUST_CAPS = { fetchSockets: true, serverSideEmit: false };
 
+/** The Node.js worker with @socket.io/cluster-adapter over sticky's IPC channel. */
+const NODE_CLUSTER_ADAPTER = {
+  command: [process.execPath, 'e2e/workers/cluster-worker.js'],
+  // The harness wraps the command in /bin/sh: `auto` would not see node.
+  extraArgs: ['--ipc', 'on'],
+  env: { ADAPTER: 'cluster' },
+};
+
 /** The socketioxide cluster worker binary, or a reason to skip. */
 function rustClusterWorker() {
   const bin = path.join(path.dirname(h.STICKY_BIN), 'sticky-socketioxide-cluster-worker');
@@ -42,20 +50,12 @@ async function withSticky(options, body) {
 
 describe('Node.js: @socket.io/cluster-adapter over sticky\'s IPC channel', () => {
   test('3 workers, 30 clients: emit, rooms, binary, fetchSockets, serverSideEmit, SIGKILL', async () => {
-    await withSticky(
-      {
-        command: [process.execPath, 'e2e/workers/cluster-worker.js'],
-        // The harness wraps the command in /bin/sh: `auto` would not see node.
-        extraArgs: ['--ipc', 'on'],
-        env: { ADAPTER: 'cluster' },
-      },
-      async (sticky) => {
-        const { stats } = await scenario(sticky, NODE_CAPS, 'node cluster-adapter');
-        assert.equal(stats.relay_dropped, 0);
-        assert.equal(stats.relay_malformed, 0);
-        assert.equal(stats.relay_node_channels, 3);
-      },
-    );
+    await withSticky(NODE_CLUSTER_ADAPTER, async (sticky) => {
+      const { stats } = await scenario(sticky, NODE_CAPS, 'node cluster-adapter');
+      assert.equal(stats.relay_dropped, 0);
+      assert.equal(stats.relay_malformed, 0);
+      assert.equal(stats.relay_node_channels, 3);
+    });
   });
 
   test("the seed's own worker code (its README's worker half, one require changed)", async () => {
@@ -149,70 +149,63 @@ describe('Across machines: the official Redis adapters on a real redis-server', 
 
 describe('Relay faults', () => {
   test('a worker that stops reading: others unaffected, its copies dropped and counted, memory bounded', async () => {
-    await withSticky(
-      {
-        command: [process.execPath, 'e2e/workers/cluster-worker.js'],
-        extraArgs: ['--ipc', 'on'],
-        env: { ADAPTER: 'cluster' },
-      },
-      async (sticky) => {
-        const rss = () => Number(/VmRSS:\s+(\d+)/.exec(fs.readFileSync(`/proc/${sticky.proc.pid}/status`, 'utf8'))[1]) / 1024;
-        // One client per worker: connected one at a time, duplicates closed.
-        const clients = [];
-        for (let i = 0; i < 30 && new Set(clients.map((c) => c.hello.worker)).size < 3; i++) {
-          const c = await h.connectClient(sticky.url, { transports: ['websocket'] });
-          if (clients.some((k) => k.hello.worker === c.hello.worker)) c.socket.disconnect();
-          else clients.push(c);
-        }
+    await withSticky(NODE_CLUSTER_ADAPTER, async (sticky) => {
+      const rss = () => Number(/VmRSS:\s+(\d+)/.exec(fs.readFileSync(`/proc/${sticky.proc.pid}/status`, 'utf8'))[1]) / 1024;
+      // One client per worker: connected one at a time, duplicates closed.
+      const clients = [];
+      for (let i = 0; i < 30 && new Set(clients.map((c) => c.hello.worker)).size < 3; i++) {
+        const c = await h.connectClient(sticky.url, { transports: ['websocket'] });
+        if (clients.some((k) => k.hello.worker === c.hello.worker)) c.socket.disconnect();
+        else clients.push(c);
+      }
+      try {
+        const by = (w) => clients.find((c) => c.hello.worker === w);
+        const [sender, reader, stopped] = [by(0), by(1), by(2)];
+        assert.ok(sender && reader && stopped, 'one client per worker');
+        const rssBefore = rss();
+        process.kill(stopped.hello.pid, 'SIGSTOP');
+        const MESSAGES = 120;
+        const SIZE = 256 << 10;
+        let got = 0;
+        let rssPeak = 0;
+        let st = {};
+        reader.socket.on('shout', () => (got += 1));
+        const t0 = performance.now();
         try {
-          const by = (w) => clients.find((c) => c.hello.worker === w);
-          const [sender, reader, stopped] = [by(0), by(1), by(2)];
-          assert.ok(sender && reader && stopped, 'one client per worker');
-          const rssBefore = rss();
-          process.kill(stopped.hello.pid, 'SIGSTOP');
-          const MESSAGES = 120;
-          const SIZE = 256 << 10;
-          let got = 0;
-          let rssPeak = 0;
-          let st = {};
-          reader.socket.on('shout', () => (got += 1));
-          const t0 = performance.now();
-          try {
-            for (let n = 0; n < MESSAGES; n++) {
-              await h.emitAck(sender.socket, 'shout', { n, bin: Buffer.alloc(SIZE, n) });
-            }
-            await h.waitFor('the reading worker got every message', () => got === MESSAGES, { timeout: 20000 });
-            // Still stopped: its queue is full now.
-            rssPeak = rss();
-            st = await h.stats(sticky);
-          } finally {
-            process.kill(stopped.hello.pid, 'SIGCONT');
+          for (let n = 0; n < MESSAGES; n++) {
+            await h.emitAck(sender.socket, 'shout', { n, bin: Buffer.alloc(SIZE, n) });
           }
-          const ms = performance.now() - t0;
-          console.log(`# stopped worker: ${MESSAGES} x ${SIZE >> 10} KiB broadcast in ${ms.toFixed(0)} ms; ` +
-            `the reading worker's client got ${got}/${MESSAGES}; relay_dropped=${st.relay_dropped}; ` +
-            `sticky RSS ${rssBefore.toFixed(1)} -> ${rssPeak.toFixed(1)} MiB`);
-          assert.equal(got, MESSAGES);
-          assert.ok(st.relay_dropped > 0, 'copies for the stopped worker were dropped');
-          assert.ok(rssPeak - rssBefore < 64, `sticky's memory grew by ${(rssPeak - rssBefore).toFixed(1)} MiB`);
-          // The log names the slot (generations interleave slots: worker 2 may be slot 4).
-          assert.match(sticky.stderr(), /relay: worker \d+ \(node channel\) is not reading: \d+ messages/);
-          // Resumed, it reads again: a new broadcast reaches its client.
-          const last = { n: -1, bin: Buffer.from('after') };
-          await h.waitFor('the resumed worker delivers a new broadcast', async () => {
-            const seen = new Promise((resolve) => {
-              const on = (p) => p.n === -1 && resolve(true);
-              stopped.socket.on('shout', on);
-              setTimeout(() => (stopped.socket.off('shout', on), resolve(false)), 1000);
-            });
-            await h.emitAck(sender.socket, 'shout', last);
-            return seen;
-          }, { timeout: 20000, interval: 10 });
+          await h.waitFor('the reading worker got every message', () => got === MESSAGES, { timeout: 20000 });
+          // Still stopped: its queue is full now.
+          rssPeak = rss();
+          st = await h.stats(sticky);
         } finally {
-          for (const c of clients) c.socket.disconnect();
+          process.kill(stopped.hello.pid, 'SIGCONT');
         }
-      },
-    );
+        const ms = performance.now() - t0;
+        console.log(`# stopped worker: ${MESSAGES} x ${SIZE >> 10} KiB broadcast in ${ms.toFixed(0)} ms; ` +
+          `the reading worker's client got ${got}/${MESSAGES}; relay_dropped=${st.relay_dropped}; ` +
+          `sticky RSS ${rssBefore.toFixed(1)} -> ${rssPeak.toFixed(1)} MiB`);
+        assert.equal(got, MESSAGES);
+        assert.ok(st.relay_dropped > 0, 'copies for the stopped worker were dropped');
+        assert.ok(rssPeak - rssBefore < 64, `sticky's memory grew by ${(rssPeak - rssBefore).toFixed(1)} MiB`);
+        // The log names the slot (generations interleave slots: worker 2 may be slot 4).
+        assert.match(sticky.stderr(), /relay: worker \d+ \(node channel\) is not reading: \d+ messages/);
+        // Resumed, it reads again: a new broadcast reaches its client.
+        const last = { n: -1, bin: Buffer.from('after') };
+        await h.waitFor('the resumed worker delivers a new broadcast', async () => {
+          const seen = new Promise((resolve) => {
+            const on = (p) => p.n === -1 && resolve(true);
+            stopped.socket.on('shout', on);
+            setTimeout(() => (stopped.socket.off('shout', on), resolve(false)), 1000);
+          });
+          await h.emitAck(sender.socket, 'shout', last);
+          return seen;
+        }, { timeout: 20000, interval: 10 });
+      } finally {
+        for (const c of clients) c.socket.disconnect();
+      }
+    });
   });
 });
 
@@ -233,7 +226,7 @@ describe('Supervisor death', () => {
     const python = h.workerFor('python');
     const options = kind === 'python'
       ? { command: [python.command?.[0], 'e2e/workers/cluster_python_worker.py'], env: { MANAGER: 'relay' } }
-      : { command: [process.execPath, 'e2e/workers/cluster-worker.js'], extraArgs: ['--ipc', 'on'], env: { ADAPTER: 'cluster' } };
+      : NODE_CLUSTER_ADAPTER;
     const title = kind === 'python'
       ? 'relay socket (python-socketio): broadcasting stops with sticky and resumes once a new sticky adopts the workers'
       : 'Node IPC: adopted workers keep serving, their broadcasts stay local (the channel cannot be given again)';

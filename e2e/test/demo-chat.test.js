@@ -6,17 +6,15 @@
 
 const { test } = require('node:test');
 const assert = require('node:assert/strict');
-const fs = require('node:fs');
 const path = require('node:path');
 const h = require('../lib/harness');
+const { browserMissing, launchBrowser } = require('../lib/browser');
 
-const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
 const TABS = 4;
 
 test('demo chat: a message typed in one tab appears in every tab, over 3 workers', {
-  skip: fs.existsSync(CHROMIUM) ? false : `${CHROMIUM} not found (apt-get install chromium)`,
+  skip: browserMissing(),
 }, async () => {
-  const puppeteer = require('puppeteer-core');
   const sticky = await h.startSticky({
     workers: 3,
     // Least-connection (the default) counts sessions: round-robin counts
@@ -28,20 +26,7 @@ test('demo chat: a message typed in one tab appears in every tab, over 3 workers
     extraArgs: ['--ipc', 'on'],
     env: { NODE_PATH: path.join(h.REPO_ROOT, 'e2e', 'node_modules') },
   });
-  const browser = await puppeteer.launch({
-    executablePath: CHROMIUM,
-    headless: true,
-    protocolTimeout: 30000,
-    args: [
-      '--no-sandbox', // the tests run as root
-      '--disable-gpu',
-      '--disable-dev-shm-usage',
-      // Background tabs keep their timers: every tab runs at once.
-      '--disable-background-timer-throttling',
-      '--disable-renderer-backgrounding',
-      '--disable-backgrounding-occluded-windows',
-    ],
-  });
+  const browser = await launchBrowser();
   try {
     const text = (p, sel) => p.$eval(sel, (e) => e.textContent);
     const tabs = [];

@@ -11,12 +11,8 @@
 
 const { describe, test, before, after } = require('node:test');
 const assert = require('node:assert/strict');
-const fs = require('node:fs');
-const os = require('node:os');
-const path = require('node:path');
-const { startSticky } = require('../lib/harness');
-const { browserMissing, launchBrowser, runTabsRerunOnce, summarize, assertClean, appFor, SCENARIOS } = require('../lib/browser');
-const { proxyMissing, startProxy, makeCertificate } = require('../lib/proxies');
+const { browserMissing, launchBrowser, runTabsRerunOnce, summarize, assertClean, appFor, appSticky, SCENARIOS } = require('../lib/browser');
+const { proxyMissing, startProxy, testCertificate } = require('../lib/proxies');
 
 const ECHOES = Number(process.env.E2E_BROWSER_ECHOES || 20);
 const KINDS = (process.env.E2E_HTTPS_KINDS || 'node-plain,python-plain,rust-plain,node-integration,python-integration,rust-integration').split(',');
@@ -26,36 +22,26 @@ const FRONTS = [
 ];
 
 describe('Chromium over HTTPS through a TLS front to 3 sticky workers', { skip: browserMissing() }, () => {
+  const tls = testCertificate();
   let browser;
-  let certDir;
-  let certs;
   before(async () => {
-    certDir = fs.mkdtempSync(path.join(os.tmpdir(), 'sticky-tls-'));
-    certs = makeCertificate(certDir);
     browser = await launchBrowser(['--ignore-certificate-errors']);
   });
   after(async () => {
     await browser?.close();
-    if (certDir) fs.rmSync(certDir, { recursive: true, force: true });
   });
 
   for (const kind of KINDS) {
     const app = appFor(kind);
     describe(kind, { skip: app.skip }, () => {
-      let sticky;
-      before(async () => {
-        sticky = await startSticky({ workers: 3, learn: 'on', command: app.command, env: app.env });
-      });
-      after(async () => {
-        await sticky?.stop();
-      });
+      const cluster = appSticky(app, 3);
       for (const front of FRONTS) {
         describe(`${front.kind} (deploy/${front.file})`, { skip: proxyMissing(front.kind) }, () => {
           let proxy;
           before(async () => {
             proxy = await startProxy(front.kind, front.file, {
-              upstream: `127.0.0.1:${sticky.port}`,
-              vars: front.vars(certs),
+              upstream: `127.0.0.1:${cluster.sticky.port}`,
+              vars: front.vars(tls.certs),
               scheme: 'https',
             });
           });

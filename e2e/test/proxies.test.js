@@ -10,12 +10,9 @@
 
 const { describe, test, before, after } = require('node:test');
 const assert = require('node:assert/strict');
-const { startSticky, stats } = require('../lib/harness');
+const { startSticky, retryCounters } = require('../lib/harness');
 const { browserMissing, launchBrowser, runTabs, summarize, assertClean, appFor, SCENARIOS } = require('../lib/browser');
-const fs = require('node:fs');
-const os = require('node:os');
-const path = require('node:path');
-const { proxyMissing, startProxy, makeCertificate } = require('../lib/proxies');
+const { proxyMissing, startProxy, testCertificate } = require('../lib/proxies');
 
 const ECHOES = Number(process.env.E2E_BROWSER_ECHOES || 20);
 
@@ -55,17 +52,12 @@ const statuses = (figures) =>
     n[code] = (n[code] || 0) + 1;
     return n;
   }, {});
-const resetCounters = (st) =>
-  Object.fromEntries(Object.entries(st).filter(([k, v]) => typeof v === 'number' && /reset|foreign|destroy/.test(k)));
 
 describe('Chromium through front proxies to 3 sticky workers', { skip: browserMissing() }, () => {
+  const tls = testCertificate();
   let browser;
   let sticky;
-  let certDir;
-  let certs;
   before(async () => {
-    certDir = fs.mkdtempSync(path.join(os.tmpdir(), 'sticky-tls-'));
-    certs = makeCertificate(certDir);
     browser = await launchBrowser(['--ignore-certificate-errors']);
     const app = appFor('node-plain');
     sticky = await startSticky({ workers: 3, learn: 'on', command: app.command, env: app.env });
@@ -73,12 +65,11 @@ describe('Chromium through front proxies to 3 sticky workers', { skip: browserMi
   after(async () => {
     await browser?.close();
     await sticky?.stop();
-    if (certDir) fs.rmSync(certDir, { recursive: true, force: true });
   });
   const proxyOptions = (proxy, edits = []) => ({
     upstream: `127.0.0.1:${sticky.port}`,
     edits,
-    ...(proxy.tls ? { scheme: 'https', vars: { CERT: certs.pem } } : {}),
+    ...(proxy.tls ? { scheme: 'https', vars: { CERT: tls.certs.pem } } : {}),
   });
 
   for (const proxy of PROXIES) {
@@ -95,7 +86,7 @@ describe('Chromium through front proxies to 3 sticky workers', { skip: browserMi
         test(scenario.name, async () => {
           const started = Date.now();
           const figures = await runTabs(browser, front.url, { ...scenario, echoes: ECHOES });
-          const counters = resetCounters(await stats(sticky).catch(() => ({})));
+          const counters = await retryCounters(sticky);
           console.log(line(`${proxy.kind} recommended, ${scenario.name}`, summarize(figures, ECHOES), counters, Date.now() - started));
           assertClean(assert, figures, ECHOES);
           const forwarded = [...new Set(figures.tabs.map((t) => t.forwardedFor))];
@@ -120,7 +111,7 @@ describe('Chromium through front proxies to 3 sticky workers', { skip: browserMi
           const started = Date.now();
           // Shorter: tabs that lose their session may not finish.
           const figures = await runTabs(browser, front.url, { ...scenario, echoes: ECHOES, timeoutMs: 15000 });
-          const counters = resetCounters(await stats(sticky).catch(() => ({})));
+          const counters = await retryCounters(sticky);
           const s = summarize(figures, ECHOES);
           const workers = new Set(figures.tabs.flatMap((t) => (t.sessions || []).map((x) => x.pid)));
           console.log(

@@ -91,11 +91,33 @@ async function generations(sticky) {
   return { st, pids: out };
 }
 
-function versionDir(version) {
+/**
+ * What one describe's test opens: a VERSION file (v1), then the sticky
+ * and the sessions the test puts here; all stopped and removed after it.
+ */
+function reloadRun() {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'sticky-reload-'));
-  const file = path.join(dir, 'VERSION');
-  fs.writeFileSync(file, version);
-  return { dir, file };
+  const version = { dir, file: path.join(dir, 'VERSION') };
+  fs.writeFileSync(version.file, 'v1');
+  const run = { version, sticky: undefined, sessions: [] };
+  after(async () => {
+    for (const s of run.sessions) s.stop();
+    await h.stopSticky(run.sticky);
+    fs.rmSync(version.dir, { recursive: true, force: true });
+  });
+  return run;
+}
+
+/** sticky with 3 versioned workers reading `run`'s VERSION file, --drain DRAIN_MS. */
+async function startVersioned(run, learn, env = {}) {
+  run.sticky = await h.startSticky({
+    workers: 3,
+    learn,
+    command: [process.execPath, 'e2e/workers/versioned-worker.js'],
+    env: { VERSION_FILE: run.version.file, ...env },
+    extraArgs: ['--drain', `${DRAIN_MS / 1000}s`],
+  });
+  return run.sticky;
 }
 
 const cases = [
@@ -105,30 +127,17 @@ const cases = [
 
 for (const c of cases) {
   describe(`sticky reload: ${c.name}`, () => {
-    const version = versionDir('v1');
-    let sticky;
-    let sessions = [];
-    after(async () => {
-      for (const s of sessions) s.stop();
-      await h.stopSticky(sticky);
-      fs.rmSync(version.dir, { recursive: true, force: true });
-    });
+    const run = reloadRun();
 
     test('30 sessions cross a reload with --drain 6s: kept until the deadline, then on the new version', async () => {
-      sticky = await h.startSticky({
-        workers: 3,
-        learn: c.learn,
-        command: [process.execPath, 'e2e/workers/versioned-worker.js'],
-        env: { VERSION_FILE: version.file, ...c.env },
-        extraArgs: ['--drain', `${DRAIN_MS / 1000}s`],
-      });
-      sessions = await openSessions(sticky.url, 30);
+      const sticky = await startVersioned(run, c.learn, c.env);
+      const sessions = (run.sessions = await openSessions(sticky.url, 30));
       const oldPids = (await generations(sticky)).pids[0];
       assert.equal(oldPids.length, 3);
       for (const s of sessions) assert.equal(s.hellos[0].version, 'v1');
       await h.sleep(1000);
 
-      fs.writeFileSync(version.file, 'v2');
+      fs.writeFileSync(run.version.file, 'v2');
       const answer = await h.controlRequest(sticky.control, 'reload');
       const reloadedAt = Date.now();
       const deadline = reloadedAt + DRAIN_MS;
@@ -205,26 +214,13 @@ for (const c of cases) {
 }
 
 describe('sticky reload: a new version that exits at once', () => {
-  const version = versionDir('v1');
-  let sticky;
-  let sessions = [];
-  after(async () => {
-    for (const s of sessions) s.stop();
-    await h.stopSticky(sticky);
-    fs.rmSync(version.dir, { recursive: true, force: true });
-  });
+  const run = reloadRun();
 
   test('the reload is rolled back: the old generation keeps its sessions and takes new ones', async () => {
-    sticky = await h.startSticky({
-      workers: 3,
-      learn: 'on',
-      command: [process.execPath, 'e2e/workers/versioned-worker.js'],
-      env: { VERSION_FILE: version.file },
-      extraArgs: ['--drain', `${DRAIN_MS / 1000}s`],
-    });
-    sessions = await openSessions(sticky.url, 30);
+    const sticky = await startVersioned(run, 'on');
+    const sessions = (run.sessions = await openSessions(sticky.url, 30));
     const oldPids = (await generations(sticky)).pids[0].sort();
-    fs.writeFileSync(version.file, 'broken-v2');
+    fs.writeFileSync(run.version.file, 'broken-v2');
     const answer = await h.controlRequest(sticky.control, 'reload');
     assert.match(answer, /^ok generation 1 started/, answer);
     const reloadedAt = Date.now();
@@ -257,7 +253,7 @@ describe('sticky reload: a new version that exits at once', () => {
     const lost = sessions.reduce((a, s) => a + s.lost, 0);
     assert.equal(lost, 0, 'no echo lost');
     // A fixed build reloads normally afterwards.
-    fs.writeFileSync(version.file, 'v3');
+    fs.writeFileSync(run.version.file, 'v3');
     const retry = await h.controlRequest(sticky.control, 'reload');
     assert.match(retry, /^ok generation 1 started/, retry);
     for (const s of fresh) s.stop();

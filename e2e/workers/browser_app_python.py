@@ -10,7 +10,6 @@ otherwise (plain) the app has no sticky code and only listens on fd 3.
 
 import asyncio
 import os
-import socket
 import sys
 import time
 
@@ -61,17 +60,6 @@ async def echo(sid, payload):
     return {"pid": ME["pid"], "payload": payload}
 
 
-async def plain_main():
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    if os.environ.get("LISTEN_FDS") == "1" and os.environ.get("LISTEN_PID") == str(os.getpid()):
-        site = web.SockSite(runner, socket.socket(fileno=3))  # socket activation
-    else:
-        site = web.TCPSite(runner, "127.0.0.1", int(os.environ.get("PORT", "3000")))
-    await site.start()
-    await asyncio.Event().wait()
-
-
 if __name__ == "__main__":
     if INTEGRATION:
         sys.path.insert(0, os.path.join(HERE, "..", "..", "integrations", "python"))
@@ -79,4 +67,5 @@ if __name__ == "__main__":
         sticky_socketio.attach(sio)
         sticky_socketio.run(app)
     else:
-        asyncio.run(plain_main())
+        import plain_aiohttp  # e2e/workers/plain_aiohttp.py: fd 3 or $PORT
+        asyncio.run(plain_aiohttp.serve(app))

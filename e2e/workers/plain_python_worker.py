@@ -2,10 +2,11 @@
 """A python-socketio worker with no sticky code at all (aiohttp server).
 
 It only takes the listening socket sticky hands over (fd 3, socket
-activation) and serves Socket.IO on it with aiohttp's standard runner: no
-registration, no ``Connection: close``. With ``sticky run --learn on`` (the
-default) the kernel learns its sessions from the handshake answers
-(e2e/test/learning.test.js). Same events as python_worker.py.
+activation) and serves Socket.IO on it with aiohttp's standard runner
+(plain_aiohttp.py): no registration, no ``Connection: close``. With
+``sticky run --learn on`` (the default) the kernel learns its sessions from
+the handshake answers (e2e/test/learning.test.js). Same events as
+python_worker.py.
 
 Known limit, not sticky's: python-engineio 4.15.1's aiohttp driver reads a
 long-polling POST body with one ``read(CONTENT_LENGTH)``, which truncates
@@ -18,10 +19,11 @@ Needs the packages of e2e/requirements.txt.
 
 import asyncio
 import os
-import socket
 
 import socketio
 from aiohttp import web
+
+import plain_aiohttp  # e2e/workers/plain_aiohttp.py: fd 3 or $PORT, no sticky code
 
 IDENTITY = {"worker": int(os.environ.get("STICKY_WORKER", "0")), "pid": os.getpid(), "lang": "python"}
 
@@ -45,16 +47,5 @@ async def whoami(sid, *args):
     return IDENTITY
 
 
-async def main():
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    if os.environ.get("LISTEN_FDS") == "1" and os.environ.get("LISTEN_PID") == str(os.getpid()):
-        site = web.SockSite(runner, socket.socket(fileno=3))  # socket activation
-    else:
-        site = web.TCPSite(runner, "127.0.0.1", int(os.environ.get("PORT", "3000")))
-    await site.start()
-    await asyncio.Event().wait()  # SIGTERM (sticky's stop) ends the process
-
-
 if __name__ == "__main__":
-    asyncio.run(main())
+    asyncio.run(plain_aiohttp.serve(app))

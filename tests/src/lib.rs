@@ -17,6 +17,39 @@ use std::{
     time::{Duration, Instant},
 };
 
+/// A minimal Engine.IO long-polling responder with no sticky code (run
+/// with `python3_bin()`): its sessions reach sticky only by learning.
+pub const ENGINE_IO_POLLING_PY: &str =
+    concat!(env!("CARGO_MANIFEST_DIR"), "/workers/engine_io_polling.py");
+
+/// The start of `Cluster::start_reporting`'s worker script (run as
+/// `python3 SCRIPT DIR`): `live_fds()`, the descriptors it holds, and
+/// `write_report(lines)`, which writes a dict's `key=value` lines to
+/// `DIR/worker-$STICKY_WORKER` for `Cluster::worker_reports`, then waits to
+/// be stopped.
+const WORKER_REPORT_PY: &str = r#"
+import os, sys, signal
+
+def live_fds():
+    # The descriptor listdir used is closed again by now: keep only live ones.
+    def valid(fd):
+        try:
+            os.fstat(fd)
+            return True
+        except OSError:
+            return False
+    return sorted(f for f in (int(x) for x in os.listdir("/proc/self/fd")) if valid(f))
+
+def write_report(lines):
+    out = os.path.join(sys.argv[1], "worker-" + os.environ.get("STICKY_WORKER", "x"))
+    with open(out + ".tmp", "w") as f:
+        for k, v in lines.items():
+            f.write(k + "=" + v + "\n")
+    os.rename(out + ".tmp", out)
+    while True:
+        signal.pause()
+"#;
+
 pub fn sticky_bin() -> PathBuf {
     binary("STICKY_BIN", "sticky")
 }
@@ -248,9 +281,83 @@ impl Cluster {
     pub fn engine_io_handshake(&self) -> String {
         let r = self.get("/socket.io/?EIO=4&transport=polling");
         assert_eq!(r.status, 200, "{}", r.text());
-        let text = r.text();
-        let start = text.find(r#""sid":""#).expect("open packet") + 7;
-        text[start..start + text[start..].find('"').unwrap()].to_owned()
+        open_packet_sid(&r.text())
+    }
+
+    /// Opens `sessions` Engine.IO sessions, each followed by `polls` polls
+    /// on new connections; returns how many polls were refused (400: the
+    /// worker that got it did not know the sid).
+    pub fn refused_polls(&self, sessions: usize, polls: usize) -> usize {
+        let mut refused = 0;
+        for _ in 0..sessions {
+            let sid = self.engine_io_handshake();
+            for _ in 0..polls {
+                let r = self.get(&format!("/socket.io/?EIO=4&transport=polling&sid={sid}"));
+                refused += usize::from(r.status == 400);
+            }
+        }
+        refused
+    }
+
+    /// Starts `workers` Python workers that report what they were given:
+    /// `script` (which calls `live_fds()` and ends with
+    /// `write_report(lines)`, see `WORKER_REPORT_PY`) is written into
+    /// `dir`. Returns the cluster and each worker's report.
+    pub fn start_reporting(
+        dir: &TempDir,
+        workers: usize,
+        extra: &[&str],
+        script: &str,
+        configure: impl FnOnce(&mut Command),
+    ) -> (Cluster, Vec<HashMap<String, String>>) {
+        let path = dir.0.join("report.py");
+        std::fs::write(&path, format!("{WORKER_REPORT_PY}{script}")).unwrap();
+        let python = python3_bin();
+        let cluster = Cluster::start_custom(
+            "127.0.0.1:0",
+            workers,
+            extra,
+            &[
+                python.to_str().unwrap(),
+                path.to_str().unwrap(),
+                dir.0.to_str().unwrap(),
+            ],
+            configure,
+        );
+        let reports = cluster.worker_reports(&dir.0, workers);
+        (cluster, reports)
+    }
+
+    /// Waits (10 s each) for the `key=value` lines each worker `w` writes
+    /// to `dir/worker-w` (`WORKER_REPORT_PY`'s `write_report`), and returns
+    /// them, worker by worker.
+    fn worker_reports(
+        &self,
+        dir: &std::path::Path,
+        workers: usize,
+    ) -> Vec<HashMap<String, String>> {
+        let mut reports = Vec::new();
+        for w in 0..workers {
+            let path = dir.join(format!("worker-{w}"));
+            let start = Instant::now();
+            while !path.exists() {
+                assert!(
+                    start.elapsed() < Duration::from_secs(10),
+                    "worker {w} wrote no report\n{}",
+                    self.log.lock().unwrap()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let report: HashMap<String, String> = std::fs::read_to_string(&path)
+                .unwrap()
+                .lines()
+                .filter_map(|l| l.split_once('='))
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect();
+            println!("worker {w}: {report:?}");
+            reports.push(report);
+        }
+        reports
     }
 
     pub fn pid(&self) -> u32 {
@@ -284,6 +391,29 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         self.terminate(Duration::from_secs(15));
     }
+}
+
+/// Sends `sig` to `pid`; a failure (no such process) fails the test.
+pub fn signal(pid: u32, sig: i32) {
+    // SAFETY: plain syscall.
+    assert_eq!(
+        unsafe { libc::kill(pid as i32, sig) },
+        0,
+        "kill({pid}, {sig})"
+    );
+}
+
+/// True while `pid` exists (a zombie counts: it is not reaped yet).
+pub fn process_exists(pid: u32) -> bool {
+    // SAFETY: signal 0 only checks for existence and permission.
+    let rc = unsafe { libc::kill(pid as i32, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
+
+/// The state letter of /proc/<pid>/stat (R, S, T, Z...).
+pub fn proc_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 2..].chars().next()
 }
 
 /// Open descriptors of process `pid`.
@@ -343,6 +473,73 @@ pub fn map_entries(pid: u32, name: &str) -> usize {
 pub fn report(line: &str) {
     use std::io::Write as _;
     let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
+}
+
+/// How a command that ran to its end exited, and what it wrote on stderr.
+pub struct Ran {
+    pub status: ExitStatus,
+    pub stderr: String,
+}
+
+/// Runs `cmd` (stdin and stdout /dev/null) to completion; a hang past
+/// `limit` fails the test.
+pub fn run_to_end(cmd: &mut Command, limit: Duration) -> Ran {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{cmd:?} still running after {limit:?}; stderr:\n{}",
+                reader.join().unwrap()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Ran {
+        status,
+        stderr: reader.join().unwrap(),
+    }
+}
+
+/// Runs `sticky <args>` to completion; a hang past `limit` fails the test.
+pub fn run_sticky(args: &[&str], limit: Duration) -> Ran {
+    run_to_end(Command::new(sticky_bin()).args(args), limit)
+}
+
+/// Exit status non-zero and stderr exactly one line, containing every one
+/// of `words`: how sticky refuses bad input (printed under `case`).
+pub fn assert_one_line(case: &str, ran: &Ran, words: &[&str]) {
+    println!("{case}: {} -> {:?}", ran.status, ran.stderr);
+    assert!(!ran.status.success(), "{case}: exit status {}", ran.status);
+    assert_eq!(
+        ran.stderr.lines().count(),
+        1,
+        "{case}: expected one line:\n{}",
+        ran.stderr
+    );
+    for w in words {
+        assert!(
+            ran.stderr.contains(w),
+            "{case}: `{w}` not in {}",
+            ran.stderr
+        );
+    }
 }
 
 /// Sends one line on a new control connection, returns the answer line.
@@ -429,6 +626,12 @@ pub fn parse_response(raw: &[u8]) -> Response {
         pid,
         body: raw[split + 4..].to_vec(),
     }
+}
+
+/// The sid of an Engine.IO open packet (`0{"sid":"...",...}`).
+pub fn open_packet_sid(text: &str) -> String {
+    let start = text.find(r#""sid":""#).expect("open packet") + 7;
+    text[start..start + text[start..].find('"').unwrap()].to_owned()
 }
 
 /// A session id like Engine.IO's: `len` bytes of [A-Za-z0-9_-].

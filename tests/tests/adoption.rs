@@ -6,16 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sticky_tests::{demo_worker_bin, Cluster, TempDir};
-
-fn kill(pid: u32, sig: i32) {
-    // SAFETY: plain syscall.
-    assert_eq!(
-        unsafe { libc::kill(pid as i32, sig) },
-        0,
-        "kill({pid}, {sig})"
-    );
-}
+use sticky_tests::{demo_worker_bin, signal, Cluster, TempDir};
 
 #[test]
 fn a_new_sticky_adopts_the_workers_of_a_killed_one() {
@@ -29,7 +20,7 @@ fn a_new_sticky_adopts_the_workers_of_a_killed_one() {
     let addr = old.addr;
     let sessions = old.sessions_on_every_worker(WORKERS, 2);
     let pids: Vec<u32> = (0..WORKERS).map(|i| old.worker_pid(i).unwrap()).collect();
-    kill(old.pid(), libc::SIGKILL);
+    signal(old.pid(), libc::SIGKILL);
     old.terminate(Duration::from_secs(5));
 
     let new = Cluster::start_with_control(&addr.to_string(), &control, WORKERS, &[], &[worker]);
@@ -73,7 +64,7 @@ fn a_new_sticky_adopts_the_workers_of_a_killed_one() {
     ));
 
     // An adopted worker that dies is restarted, as a child this time.
-    kill(pids[1], libc::SIGKILL);
+    signal(pids[1], libc::SIGKILL);
     let start = Instant::now();
     new.wait_for("worker 1 restarted", Duration::from_secs(10), |c| {
         c.worker_pid(1).is_some_and(|p| p != pids[1])
@@ -121,9 +112,8 @@ fn a_new_sticky_adopts_the_workers_of_a_killed_one() {
 #[test]
 fn learned_sessions_survive_adoption_and_too_few_workers_is_refused() {
     const WORKERS: usize = 3;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/workers/engine_io_polling.py");
     let python = sticky_tests::python3_bin();
-    let command = [python.to_str().unwrap(), script];
+    let command = [python.to_str().unwrap(), sticky_tests::ENGINE_IO_POLLING_PY];
     let dir = TempDir::new();
     let control = dir.0.join("control.sock");
     // Round-robin: without their sessions, most requests would land on a
@@ -133,7 +123,7 @@ fn learned_sessions_survive_adoption_and_too_few_workers_is_refused() {
     let addr = old.addr.to_string();
     let sids: Vec<String> = (0..12).map(|_| old.engine_io_handshake()).collect();
     assert_eq!(old.counter("learned"), 12);
-    kill(old.pid(), libc::SIGKILL);
+    signal(old.pid(), libc::SIGKILL);
     old.terminate(Duration::from_secs(5));
 
     // Fewer slots than the orphans need: one line, nothing taken.

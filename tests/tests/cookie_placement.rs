@@ -8,7 +8,7 @@ use std::io::Write;
 use std::net::TcpStream;
 use std::time::Duration;
 
-use sticky_tests::{read_response, request, Cluster, NetNs};
+use sticky_tests::{read_response, request, Cluster, NetNs, ENGINE_IO_POLLING_PY};
 
 const COOKIE: &[&str] = &["--placement", "cookie", "--balance", "round-robin"];
 
@@ -149,24 +149,14 @@ fn ipv6_cookie_placement() {
 
 #[test]
 fn sessions_are_learned_in_cookie_mode() {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/workers/engine_io_polling.py");
     let python = sticky_tests::python3_bin();
     let cluster = Cluster::start_with(
         "127.0.0.1:0",
         3,
         COOKIE,
-        &[python.to_str().unwrap(), script],
+        &[python.to_str().unwrap(), ENGINE_IO_POLLING_PY],
     );
-    let mut unknown = 0;
-    for _ in 0..10 {
-        let text = cluster.get("/socket.io/?EIO=4&transport=polling").text();
-        let start = text.find(r#""sid":""#).expect("open packet") + 7;
-        let sid = &text[start..start + text[start..].find('"').unwrap()];
-        for _ in 0..3 {
-            let r = cluster.get(&format!("/socket.io/?EIO=4&transport=polling&sid={sid}"));
-            unknown += usize::from(r.status == 400);
-        }
-    }
+    let unknown = cluster.refused_polls(10, 3);
     let stats = cluster.stats();
     println!(
         "cookie mode, learning: 10 sessions x 3 requests, {unknown} unknown; learned={} placed_cookie={}",

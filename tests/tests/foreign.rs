@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sticky_tests::{parse_response, python3_bin, report, Cluster, Response};
+use sticky_tests::{open_packet_sid, parse_response, python3_bin, report, Cluster, Response};
 
 fn request_log_cluster(listen: &str, workers: usize, extra: &[&str]) -> Cluster {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/workers/request_log.py");
@@ -524,9 +524,7 @@ fn a_handshake_on_a_reused_connection_is_learned() {
     let mut owners = Vec::new();
     for _ in 0..3 {
         let open = conn.get("/socket.io/?EIO=4&transport=polling").unwrap();
-        let text = String::from_utf8_lossy(&open.body).into_owned();
-        let start = text.find(r#""sid":""#).expect("open packet") + 7;
-        let sid = &text[start..start + text[start..].find('"').unwrap()];
+        let sid = open_packet_sid(&String::from_utf8_lossy(&open.body));
         for _ in 0..3 {
             let r = KeepAlive::connect(cluster.addr)
                 .get(&format!("/?sid={sid}"))
@@ -554,9 +552,7 @@ fn handshakes_right_after_the_first_on_a_connection_are_learned() {
     let mut opened = Vec::new();
     for _ in 0..3 {
         let open = conn.get("/socket.io/?EIO=4&transport=polling").unwrap();
-        let text = String::from_utf8_lossy(&open.body).into_owned();
-        let start = text.find(r#""sid":""#).expect("open packet") + 7;
-        let sid = text[start..start + text[start..].find('"').unwrap()].to_owned();
+        let sid = open_packet_sid(&String::from_utf8_lossy(&open.body));
         opened.push((sid, open.worker.expect("worker header")));
     }
     let worker = opened[0].1;

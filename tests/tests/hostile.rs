@@ -764,27 +764,15 @@ fn sessions_are_learned_from_syncookie_connections_too() {
         Err(e) => return println!("skipped: no network namespace ({e})"),
     };
     ns.enter();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/workers/engine_io_polling.py");
     let python = sticky_tests::python3_bin();
     let cluster = Cluster::start_custom(
         "127.0.0.1:0",
         3,
         &["--balance", "round-robin"],
-        &[python.to_str().unwrap(), script],
+        &[python.to_str().unwrap(), sticky_tests::ENGINE_IO_POLLING_PY],
         |cmd| ns.configure(cmd),
     );
-    let mut unknown = 0;
-    for _ in 0..10 {
-        let r = cluster.get("/socket.io/?EIO=4&transport=polling");
-        assert_eq!(r.status, 200, "{}", r.text());
-        let text = r.text();
-        let start = text.find(r#""sid":""#).expect("open packet") + 7;
-        let sid = &text[start..start + text[start..].find('"').unwrap()];
-        for _ in 0..3 {
-            let r = cluster.get(&format!("/socket.io/?EIO=4&transport=polling&sid={sid}"));
-            unknown += usize::from(r.status == 400);
-        }
-    }
+    let unknown = cluster.refused_polls(10, 3);
     let stats = cluster.stats();
     println!(
         "syncookies=2, learning: 10 sessions x 3 requests, {unknown} unknown; learned={} placed_cookie={}",

@@ -4,16 +4,15 @@
 
 use std::time::Duration;
 
-use sticky_tests::{python3_bin, Cluster};
+use sticky_tests::{python3_bin, Cluster, ENGINE_IO_POLLING_PY};
 
 fn engine_io_cluster(workers: usize, extra: &[&str]) -> Cluster {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/workers/engine_io_polling.py");
     let python = python3_bin();
     Cluster::start_with(
         "127.0.0.1:0",
         workers,
         extra,
-        &[python.to_str().unwrap(), script],
+        &[python.to_str().unwrap(), ENGINE_IO_POLLING_PY],
     )
 }
 

@@ -15,7 +15,8 @@ use std::{
 };
 
 use sticky_tests::{
-    demo_worker_bin, python3_bin, random_sid, reachable_by_others, sticky_bin, Cluster, TempDir,
+    assert_one_line, demo_worker_bin, python3_bin, random_sid, reachable_by_others, run_sticky,
+    sticky_bin, Cluster, TempDir,
 };
 
 const NOBODY: u32 = 65534;
@@ -364,14 +365,7 @@ fn learning_works_for_workers_run_as_nobody() {
     worker_pids(&cluster, 3)
         .into_iter()
         .for_each(assert_unprivileged);
-    let mut unknown = 0;
-    for _ in 0..20 {
-        let sid = cluster.engine_io_handshake();
-        for _ in 0..5 {
-            let r = cluster.get(&format!("/socket.io/?EIO=4&transport=polling&sid={sid}"));
-            unknown += usize::from(r.status == 400);
-        }
-    }
+    let unknown = cluster.refused_polls(20, 5);
     println!(
         "as nobody: 20 learned sessions x 5 requests, {unknown} unknown; learned={}",
         cluster.counter("learned")
@@ -382,8 +376,8 @@ fn learning_works_for_workers_run_as_nobody() {
 
 #[test]
 fn an_unknown_user_is_one_clear_line() {
-    let out = Command::new(sticky_bin())
-        .args([
+    let ran = run_sticky(
+        &[
             "run",
             "--listen",
             "127.0.0.1:0",
@@ -393,17 +387,13 @@ fn an_unknown_user_is_one_clear_line() {
             "no-such-user-xyz",
             "--",
             "/bin/true",
-        ])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    println!("--user no-such-user-xyz: {} -> {stderr:?}", out.status);
-    assert!(!out.status.success());
-    assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(
-        stderr.contains("no such user `no-such-user-xyz`"),
-        "{stderr}"
+        ],
+        Duration::from_secs(10),
+    );
+    assert_one_line(
+        "--user no-such-user-xyz",
+        &ran,
+        &["no such user `no-such-user-xyz`"],
     );
 }
 

@@ -10,22 +10,16 @@ use std::{
     io::{Read, Write},
     os::unix::net::UnixStream,
     process::Command,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use sticky_tests::{python3_bin, Cluster, TempDir};
+use sticky_tests::{Cluster, TempDir};
 
+/// What a worker reports (`Cluster::start_reporting`).
 const REPORT_SCRIPT: &str = r#"
-import os, socket, sys, signal
+import os, socket
 
-def valid(fd):
-    try:
-        os.fstat(fd)
-        return True
-    except OSError:
-        return False
-
-fds = sorted(f for f in (int(x) for x in os.listdir("/proc/self/fd")) if valid(f))
+fds = live_fds()
 env = os.environ
 lines = {
     "fds": ",".join(str(f) for f in fds),
@@ -39,13 +33,7 @@ if 4 in fds:
     lines["fd4_type"] = str(int(s.type))
     lines["fd4_inode"] = str(os.fstat(4).st_ino)
     s.detach()
-out = os.path.join(sys.argv[1], "worker-" + env.get("STICKY_WORKER", "x"))
-with open(out + ".tmp", "w") as f:
-    for k, v in lines.items():
-        f.write(k + "=" + v + "\n")
-os.rename(out + ".tmp", out)
-while True:
-    signal.pause()
+write_report(lines)
 "#;
 
 fn reports(
@@ -53,45 +41,11 @@ fn reports(
     extra: &[&str],
     workers: usize,
 ) -> (Cluster, Vec<HashMap<String, String>>) {
-    let script = dir.0.join("report.py");
-    std::fs::write(&script, REPORT_SCRIPT).unwrap();
-    let python = python3_bin();
-    let cluster = Cluster::start_custom(
-        "127.0.0.1:0",
-        workers,
-        extra,
-        &[
-            python.to_str().unwrap(),
-            script.to_str().unwrap(),
-            dir.0.to_str().unwrap(),
-        ],
-        |cmd: &mut Command| {
-            // A channel sticky itself was given must not reach a worker.
-            cmd.env("NODE_CHANNEL_FD", "9")
-                .env("NODE_CHANNEL_SERIALIZATION_MODE", "json");
-        },
-    );
-    let mut out = Vec::new();
-    for w in 0..workers {
-        let path = dir.0.join(format!("worker-{w}"));
-        let start = Instant::now();
-        while !path.exists() {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "worker {w} wrote no report"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let report: HashMap<String, String> = std::fs::read_to_string(&path)
-            .unwrap()
-            .lines()
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect();
-        println!("worker {w}: {report:?}");
-        out.push(report);
-    }
-    (cluster, out)
+    Cluster::start_reporting(dir, workers, extra, REPORT_SCRIPT, |cmd: &mut Command| {
+        // A channel sticky itself was given must not reach a worker.
+        cmd.env("NODE_CHANNEL_FD", "9")
+            .env("NODE_CHANNEL_SERIALIZATION_MODE", "json");
+    })
 }
 
 #[test]

@@ -8,35 +8,14 @@ use std::{
     net::{SocketAddr, TcpListener, TcpStream},
     os::unix::fs::PermissionsExt,
     path::Path,
-    process::{Command, ExitStatus, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
 use sticky_tests::{
-    demo_worker_bin, python3_bin, read_response, request, sticky_bin, Cluster, TempDir,
+    assert_one_line, demo_worker_bin, proc_state, process_exists, read_response, request,
+    run_sticky, run_to_end, signal, sticky_bin, Cluster, Ran, TempDir,
 };
-
-/// True while `pid` exists (a zombie counts: it is not reaped yet).
-fn exists(pid: u32) -> bool {
-    // SAFETY: signal 0 only checks for existence and permission.
-    let rc = unsafe { libc::kill(pid as i32, 0) };
-    rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
-}
-
-/// The state letter of /proc/<pid>/stat (R, S, T, Z...).
-fn proc_state(pid: u32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat[stat.rfind(')')? + 2..].chars().next()
-}
-
-fn signal(pid: u32, sig: i32) {
-    // SAFETY: plain syscall.
-    assert_eq!(
-        unsafe { libc::kill(pid as i32, sig) },
-        0,
-        "kill({pid}, {sig})"
-    );
-}
 
 fn write_executable(path: &Path, text: &str) {
     std::fs::write(path, text).unwrap();
@@ -216,18 +195,11 @@ fn killed_worker_is_restarted_and_its_queued_connections_served() {
     assert_eq!(unknown_after, unknown + 1);
 }
 
+/// What an activated worker reports (`Cluster::start_reporting`).
 const ACTIVATION_SCRIPT: &str = r#"
-import os, socket, sys, signal, fcntl
+import os, socket, fcntl
 
-def valid(fd):
-    try:
-        os.fstat(fd)
-        return True
-    except OSError:
-        return False
-
-# The descriptor listdir used is closed again by now: keep only live ones.
-fds = sorted(f for f in (int(x) for x in os.listdir("/proc/self/fd")) if valid(f))
+fds = live_fds()
 s = socket.socket(fileno=3)
 env = os.environ
 lines = {
@@ -244,13 +216,7 @@ lines = {
     "inode": str(os.fstat(3).st_ino),
     "cloexec": str(fcntl.fcntl(3, fcntl.F_GETFD) & fcntl.FD_CLOEXEC),
 }
-out = os.path.join(sys.argv[1], "worker-" + env.get("STICKY_WORKER", "x"))
-with open(out + ".tmp", "w") as f:
-    for k, v in lines.items():
-        f.write(k + "=" + v + "\n")
-os.rename(out + ".tmp", out)
-while True:
-    signal.pause()
+write_report(lines)
 "#;
 
 /// Starts `workers` activation-script workers and collects their reports.
@@ -259,42 +225,7 @@ fn activation_reports(
     workers: usize,
     configure: impl FnOnce(&mut Command),
 ) -> (Cluster, Vec<HashMap<String, String>>) {
-    let script = dir.0.join("activation.py");
-    std::fs::write(&script, ACTIVATION_SCRIPT).unwrap();
-    let python = python3_bin();
-    let cluster = Cluster::start_custom(
-        "127.0.0.1:0",
-        workers,
-        &[],
-        &[
-            python.to_str().unwrap(),
-            script.to_str().unwrap(),
-            dir.0.to_str().unwrap(),
-        ],
-        configure,
-    );
-    let mut reports = Vec::new();
-    for w in 0..workers {
-        let path = dir.0.join(format!("worker-{w}"));
-        let start = Instant::now();
-        while !path.exists() {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "worker {w} wrote no report\n{}",
-                cluster.log.lock().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let report: HashMap<String, String> = std::fs::read_to_string(&path)
-            .unwrap()
-            .lines()
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect();
-        println!("worker {w}: {report:?}");
-        reports.push(report);
-    }
-    (cluster, reports)
+    Cluster::start_reporting(dir, workers, &[], ACTIVATION_SCRIPT, configure)
 }
 
 /// For sticky's `Command`: start it with only fds 0-2, as a service
@@ -395,7 +326,7 @@ fn sigterm_stops_workers_and_frees_the_port() {
     assert!(status.success(), "exit status {status}");
     for &pid in &pids {
         assert!(
-            !exists(pid),
+            !process_exists(pid),
             "worker pid {pid} still exists (state {:?})",
             proc_state(pid)
         );
@@ -438,70 +369,15 @@ fn in_flight_requests_complete_on_sigterm() {
     assert!(status.success());
 }
 
-struct Ran {
-    status: ExitStatus,
-    stderr: String,
-}
-
-/// Runs `sticky <args>` to completion; a hang past `limit` fails the test.
-fn run_sticky(args: &[&str], limit: Duration) -> Ran {
-    let mut child = Command::new(sticky_bin())
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
-    });
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "sticky {args:?} still running after {limit:?}; stderr:\n{}",
-                reader.join().unwrap()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    Ran {
-        status,
-        stderr: reader.join().unwrap(),
-    }
-}
-
 /// Exit status non-zero and stderr exactly one `sticky: error:` line
 /// containing every one of `words`.
 fn assert_one_error_line(case: &str, ran: &Ran, words: &[&str]) {
-    println!("{case}: {} -> {:?}", ran.status, ran.stderr);
-    assert!(!ran.status.success(), "{case}: exit status {}", ran.status);
-    assert_eq!(
-        ran.stderr.lines().count(),
-        1,
-        "{case}: expected one line:\n{}",
-        ran.stderr
-    );
+    assert_one_line(case, ran, words);
     assert!(
         ran.stderr.starts_with("sticky: error: "),
         "{case}: {}",
         ran.stderr
     );
-    for w in words {
-        assert!(
-            ran.stderr.contains(w),
-            "{case}: `{w}` not in {}",
-            ran.stderr
-        );
-    }
 }
 
 #[test]
@@ -629,6 +505,17 @@ fn second_sticky_on_the_same_control_socket_fails_and_leaves_it_alone() {
 /// A worker that ignores SIGTERM (and has no child to leave behind).
 const STUBBORN: &[&str] = &["/bin/sh", "-c", "trap '' TERM; exec sleep 1000"];
 
+/// None of `pids` exists any more (not even as a zombie).
+fn assert_workers_gone(pids: &[u32]) {
+    for &pid in pids {
+        assert!(
+            !process_exists(pid),
+            "worker {pid} survived ({:?})",
+            proc_state(pid)
+        );
+    }
+}
+
 #[test]
 fn workers_ignoring_sigterm_are_killed_after_the_grace_period() {
     let mut cluster = Cluster::start_with("127.0.0.1:0", 2, &["--grace", "1s"], STUBBORN);
@@ -644,13 +531,7 @@ fn workers_ignoring_sigterm_are_killed_after_the_grace_period() {
         took >= Duration::from_millis(900) && took < Duration::from_secs(5),
         "{took:?}"
     );
-    for pid in pids {
-        assert!(
-            !exists(pid),
-            "worker {pid} survived ({:?})",
-            proc_state(pid)
-        );
-    }
+    assert_workers_gone(&pids);
     let log = cluster.log.lock().unwrap().clone();
     assert!(log.contains("grace period over: killing workers"), "{log}");
 }
@@ -662,7 +543,10 @@ fn a_second_signal_kills_workers_at_once() {
     let start = Instant::now();
     signal(cluster.pid(), libc::SIGTERM);
     std::thread::sleep(Duration::from_millis(300));
-    assert!(pids.iter().all(|&p| exists(p)), "workers ignore SIGTERM");
+    assert!(
+        pids.iter().all(|&p| process_exists(p)),
+        "workers ignore SIGTERM"
+    );
     signal(cluster.pid(), libc::SIGINT);
     let status = cluster
         .terminate(Duration::from_secs(10))
@@ -671,13 +555,7 @@ fn a_second_signal_kills_workers_at_once() {
     println!("second signal: sticky exited ({status}) after {took:.1?}");
     assert!(status.success());
     assert!(took < Duration::from_secs(5), "{took:?}");
-    for pid in pids {
-        assert!(
-            !exists(pid),
-            "worker {pid} survived ({:?})",
-            proc_state(pid)
-        );
-    }
+    assert_workers_gone(&pids);
     let log = cluster.log.lock().unwrap().clone();
     assert!(log.contains("second signal: killing workers"), "{log}");
 }
@@ -695,7 +573,8 @@ fn missing_privileges_are_one_clear_line() {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let out = Command::new("setpriv")
+    let mut setpriv = Command::new("setpriv");
+    setpriv
         .args([
             "--reuid=65534",
             "--regid=65534",
@@ -711,16 +590,7 @@ fn missing_privileges_are_one_clear_line() {
             "1",
             "--",
             "/bin/true",
-        ])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    println!("as nobody: {} -> {stderr:?}", out.status);
-    assert!(!out.status.success());
-    assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(
-        stderr.starts_with("sticky: error: ") && stderr.contains("root"),
-        "{stderr}"
-    );
+        ]);
+    let ran = run_to_end(&mut setpriv, Duration::from_secs(10));
+    assert_one_error_line("as nobody", &ran, &["root"]);
 }

@@ -15,22 +15,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sticky_tests::{demo_worker_bin, parse_response, Cluster, Response, TempDir};
-
-fn signal(pid: u32, sig: i32) {
-    // SAFETY: plain syscall.
-    assert_eq!(
-        unsafe { libc::kill(pid as i32, sig) },
-        0,
-        "kill({pid}, {sig})"
-    );
-}
-
-/// The state letter of /proc/<pid>/stat (R, S, T, Z...).
-fn proc_state(pid: u32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat[stat.rfind(')')? + 2..].chars().next()
-}
+use sticky_tests::{
+    demo_worker_bin, parse_response, proc_state, signal, Cluster, Response, TempDir,
+};
 
 fn stop_and_wait(pid: u32) {
     signal(pid, libc::SIGSTOP);

@@ -31,7 +31,10 @@ use std::{
 
 use serde_json::Value;
 
-use crate::soak::{self, Sticky};
+use crate::{
+    flags,
+    soak::{self, Sticky},
+};
 
 const USAGE: &str =
     "usage: cargo xtask deploy [--sessions N] [--workers N] [--seconds N] [--drain-s N]";
@@ -55,20 +58,14 @@ fn options(args: &[String]) -> Result<Options, String> {
         seconds: 150,
         drain_s: 60,
     };
-    let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        let value = it
-            .next()
-            .ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))?;
-        let n: u32 = value
-            .parse()
-            .map_err(|_| format!("bad value {value:?} for {flag}\n{USAGE}"))?;
-        match flag.as_str() {
-            "--sessions" => o.sessions = n,
-            "--workers" => o.workers = n,
-            "--seconds" => o.seconds = n,
-            "--drain-s" => o.drain_s = n,
-            _ => return Err(USAGE.into()),
+    for flag in flags::pairs(args, USAGE) {
+        let flag = flag?;
+        match flag.name {
+            "--sessions" => o.sessions = flag.value()?,
+            "--workers" => o.workers = flag.value()?,
+            "--seconds" => o.seconds = flag.value()?,
+            "--drain-s" => o.drain_s = flag.value()?,
+            _ => return Err(flag.unknown()),
         }
     }
     if o.sessions == 0 || o.workers == 0 || o.seconds < 30 || o.drain_s == 0 {
@@ -107,20 +104,7 @@ struct Outcome {
 
 pub fn deploy(args: &[String]) -> Result<(), String> {
     let o = options(args)?;
-    if !crate::is_root() {
-        return Err("the deploy benchmark loads BPF programs: run it as root".into());
-    }
-    if crate::find_in_path("node").is_none() {
-        return Err("the deploy benchmark needs Node.js (node) on PATH".into());
-    }
-    crate::build_release()?;
-    let root = crate::root_dir();
-    if !root.join("e2e/node_modules").exists() {
-        let mut npm = Command::new("npm");
-        npm.current_dir(root.join("e2e"))
-            .args(["ci", "--no-audit", "--no-fund"]);
-        crate::status(npm, "npm ci in e2e/")?;
-    }
+    let root = soak::prepare("the deploy benchmark")?;
     let out = root.join("target/deploy");
     std::fs::create_dir_all(&out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
     println!(

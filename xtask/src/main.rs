@@ -19,6 +19,7 @@
 mod bench;
 mod deploy;
 mod deps;
+mod flags;
 mod fresh;
 mod fuzz;
 mod kernels;

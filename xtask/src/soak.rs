@@ -22,6 +22,8 @@ use std::{
 
 use serde_json::Value;
 
+use crate::flags;
+
 const USAGE: &str =
     "usage: cargo xtask soak [--minutes N] [--sessions N] [--workers N] [--interval-ms N]";
 /// One worker restart per this period, as the issue asks.
@@ -48,18 +50,14 @@ fn options(args: &[String]) -> Result<Options, String> {
         workers: 4,
         interval_ms: 2000,
     };
-    let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        let value = it
-            .next()
-            .ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))?;
-        let bad = || format!("bad value {value:?} for {flag}\n{USAGE}");
-        match flag.as_str() {
-            "--minutes" => o.minutes = value.parse().map_err(|_| bad())?,
-            "--sessions" => o.sessions = value.parse().map_err(|_| bad())?,
-            "--workers" => o.workers = value.parse().map_err(|_| bad())?,
-            "--interval-ms" => o.interval_ms = value.parse().map_err(|_| bad())?,
-            _ => return Err(USAGE.into()),
+    for flag in flags::pairs(args, USAGE) {
+        let flag = flag?;
+        match flag.name {
+            "--minutes" => o.minutes = flag.value()?,
+            "--sessions" => o.sessions = flag.value()?,
+            "--workers" => o.workers = flag.value()?,
+            "--interval-ms" => o.interval_ms = flag.value()?,
+            _ => return Err(flag.unknown()),
         }
     }
     if o.minutes <= 0.0 || o.sessions == 0 || o.workers == 0 || o.interval_ms == 0 {
@@ -70,20 +68,7 @@ fn options(args: &[String]) -> Result<Options, String> {
 
 pub fn soak(args: &[String]) -> Result<(), String> {
     let o = options(args)?;
-    if !crate::is_root() {
-        return Err("the soak loads BPF programs: run it as root".into());
-    }
-    if crate::find_in_path("node").is_none() {
-        return Err("the soak needs Node.js (node) on PATH".into());
-    }
-    crate::build_release()?;
-    let root = crate::root_dir();
-    if !root.join("e2e/node_modules").exists() {
-        let mut npm = Command::new("npm");
-        npm.current_dir(root.join("e2e"))
-            .args(["ci", "--no-audit", "--no-fund"]);
-        crate::status(npm, "npm ci in e2e/")?;
-    }
+    let root = prepare("the soak")?;
     let out = root.join("target/soak");
     std::fs::create_dir_all(&out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
     let control = out.join("control.sock");
@@ -94,6 +79,27 @@ pub fn soak(args: &[String]) -> Result<(), String> {
     sticky.stop();
     println!("soak: sticky's log is in {}", log_path.display());
     result
+}
+
+/// What the soak and `deploy` need before they start: root (they load BPF
+/// programs), Node.js, the release build and e2e/'s npm packages. `what`
+/// names the sub-command in the errors. Returns the repository's root.
+pub(crate) fn prepare(what: &str) -> Result<PathBuf, String> {
+    if !crate::is_root() {
+        return Err(format!("{what} loads BPF programs: run it as root"));
+    }
+    if crate::find_in_path("node").is_none() {
+        return Err(format!("{what} needs Node.js (node) on PATH"));
+    }
+    crate::build_release()?;
+    let root = crate::root_dir();
+    if !root.join("e2e/node_modules").exists() {
+        let mut npm = Command::new("npm");
+        npm.current_dir(root.join("e2e"))
+            .args(["ci", "--no-audit", "--no-fund"]);
+        crate::status(npm, "npm ci in e2e/")?;
+    }
+    Ok(root)
 }
 
 fn drive(root: &Path, o: &Options, sticky: &mut Sticky, control: &Path) -> Result<(), String> {

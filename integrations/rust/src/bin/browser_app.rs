@@ -8,8 +8,6 @@
 //! fd 3. `APP_PAGE_DIR` holds `index.html`, `app.js`, `app.css`;
 //! `APP_CLIENT_JS` is the socket.io client bundle served as `/client.js`.
 
-use std::os::fd::FromRawFd;
-
 use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use axum::http::HeaderMap;
 use axum::routing::get;
@@ -19,12 +17,12 @@ use socketioxide::extract::{AckSender, Data, SocketRef};
 use socketioxide::SocketIo;
 use sticky_socketioxide::StickyLayer;
 
+#[path = "shared/plain.rs"]
+mod plain;
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> std::io::Result<()> {
-    let worker: u32 = std::env::var("STICKY_WORKER")
-        .ok()
-        .and_then(|w| w.parse().ok())
-        .unwrap_or(0);
+    let worker = plain::worker_index();
     let pid = std::process::id();
     let me = json!({ "worker": worker, "pid": pid, "lang": "rust" });
     let integration = std::env::var("APP_STICKY").as_deref() == Ok("integration");
@@ -86,25 +84,9 @@ async fn main() -> std::io::Result<()> {
         app = app.layer(StickyLayer::new(&io));
         sticky_socketioxide::listener()?
     } else {
-        plain_listener().await?
+        plain::listener().await?
     };
     axum::serve(listener, app).await
-}
-
-/// fd 3 under socket activation (systemd's convention, which sticky
-/// follows), else `127.0.0.1:$PORT`.
-async fn plain_listener() -> std::io::Result<tokio::net::TcpListener> {
-    let activated = std::env::var("LISTEN_FDS").as_deref() == Ok("1")
-        && std::env::var("LISTEN_PID").as_deref() == Ok(&std::process::id().to_string());
-    if activated {
-        // SAFETY: LISTEN_FDS/LISTEN_PID say fd 3 is a listening socket
-        // handed to this process, and nothing else in it owns fd 3.
-        let std_listener = unsafe { std::net::TcpListener::from_raw_fd(3) };
-        std_listener.set_nonblocking(true)?;
-        return tokio::net::TcpListener::from_std(std_listener);
-    }
-    let port = std::env::var("PORT").unwrap_or_else(|_| "3000".into());
-    tokio::net::TcpListener::bind(format!("127.0.0.1:{port}")).await
 }
 
 fn missing(var: &str) -> std::io::Error {
