@@ -870,11 +870,11 @@ fn run_established(
 
 /// Client `t`'s own source address, for all its connections.
 ///
-/// The kernel picks each connection's port at random among about 28,000,
-/// and the server keeps every connection it closed (it closes first) in
-/// TIME_WAIT for 60 s: the k-th connection from one address reuses the
-/// ports of one still in TIME_WAIT with a chance of about k / 28,000 within
-/// the first minute. The kernel makes a request socket for such a SYN
+/// The kernel spreads each connection's port over the ephemeral range
+/// (those of one parity first, about 14,000), and the server keeps every
+/// connection it closed (it closes first) in TIME_WAIT for 60 s: the k-th
+/// connection from one address reuses the 4-tuple of one still in
+/// TIME_WAIT with a chance of about k / 14,000 within the first minute. The kernel makes a request socket for such a SYN
 /// whatever the placement (it skips the SYN cookie check), which cookie
 /// placement pays with the queue path: a busy NAT's cost, not a user's.
 fn client_address(t: usize) -> std::net::Ipv4Addr {
