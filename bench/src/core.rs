@@ -885,7 +885,7 @@ fn client_address(t: usize) -> std::net::Ipv4Addr {
 /// every connection from an address of its own, as distinct users make
 /// them, so that none reuses a 4-tuple the server holds in TIME_WAIT
 /// (`client_address`). Loopback is 127.0.0.0/8: 8.3 million addresses in
-/// 127.100-227.x.1-254, none of sticky's own (its plugs are 127.83.84.75),
+/// 127.100-227.x.1-254, none of sticky's own (its plugs use 127.83.x.y),
 /// reused only after that many connections.
 fn connection_address(t: usize, clients: usize, n: usize) -> std::net::Ipv4Addr {
     const PER_OCTET: usize = 256 * 254;

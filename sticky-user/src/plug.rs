@@ -60,6 +60,8 @@ pub struct Plugs {
     flipped: Option<Instant>,
     /// When the spare's plugs were sent.
     plugged: Option<Instant>,
+    /// How many spares have been plugged: picks their source address.
+    spares: u32,
 }
 
 impl Plugs {
@@ -75,6 +77,7 @@ impl Plugs {
             open: VecDeque::new(),
             flipped: None,
             plugged: None,
+            spares: 0,
         }
     }
 
@@ -158,14 +161,25 @@ impl Plugs {
     /// PLUGS deaf, non-blocking sockets bound to consecutive client ports
     /// from the returned one (an ephemeral port the kernel picks, and the
     /// next ones if free; else another try).
-    fn bind_plugs(&self) -> Result<(u16, Vec<OwnedFd>)> {
-        // From an address of their own where the target is on loopback
+    fn bind_plugs(&mut self) -> Result<(u16, Vec<OwnedFd>)> {
+        // From addresses of their own where the target is on loopback
         // (nothing else binds there, so consecutive ports are free), else
         // from the target's own address. No SO_REUSEADDR: a port of the
         // previous plugs, still open, must not be bound again (the same
         // 4-tuple could not connect).
+        //
+        // Each spare's plugs from another address: closed plugs leave
+        // their request sockets behind until the next SYN-ACK retry, which
+        // the closed port answers with a RST (1 to 3 s), and a new plug's
+        // SYN on such a 4-tuple would only reset it (`tcp_check_req`: a
+        // SYN that is not a retransmission), taking no place in the
+        // spare's queue. Seen:
+        // after hundreds of replacements a second, spares short of plugs,
+        // their accept queue filled by clients' connections, SYNs dropped
+        // (`ListenOverflows`) and retried a second later.
+        self.spares = self.spares.wrapping_add(1);
         let source = match self.target.ip() {
-            IpAddr::V4(ip) if ip.is_loopback() => IpAddr::V4(PLUG_SOURCE),
+            IpAddr::V4(ip) if ip.is_loopback() => IpAddr::V4(plug_source(self.spares)),
             ip => ip,
         };
         let from = |port: u16| SocketAddr::new(source, port);
@@ -206,9 +220,15 @@ impl Plugs {
 /// after their SYN. Measured: renewing every 30 s let the queue empty, and
 /// real clients' SYNs took the queue path.
 const EVERY: Duration = Duration::from_secs(1);
-/// The plugs' source address when the target is IPv4 loopback: any
-/// 127.0.0.0/8 address is the host's own; this one is used by nothing else.
-const PLUG_SOURCE: Ipv4Addr = Ipv4Addr::new(127, 83, 84, 75);
+/// The source address of the `n`-th spare's plugs when the target is IPv4
+/// loopback: any 127.0.0.0/8 address is the host's own; 127.83.0.0/16 is
+/// used by nothing else. 65,024 of them in turn: at hundreds of spares a
+/// second, an address comes back after minutes, when its request sockets
+/// are long gone.
+fn plug_source(n: u32) -> Ipv4Addr {
+    let i = n % (256 * 254);
+    Ipv4Addr::new(127, 83, (i / 254) as u8, 1 + (i % 254) as u8)
+}
 /// How long the plugs' SYNs get to be processed before the listener moves
 /// from the plug slot to the overflow slot. They usually are within
 /// connect(); under load the softirq may run later, on ksoftirqd (a late
