@@ -102,8 +102,9 @@ impl Plugs {
         settings: &mut Config,
     ) -> Result<()> {
         // The overflow listener's plugs keep it full until it is replaced;
-        // older ones have done their work: their request sockets stay with
-        // their shut listeners until they expire.
+        // older ones have done their work: their request sockets, with
+        // shut listeners, go at their next SYN-ACK retry (the closed plug's
+        // port answers it with a RST).
         while self.open.len() > 1 {
             self.open.pop_front();
         }
@@ -173,10 +174,11 @@ impl Plugs {
         // the closed port answers with a RST (1 to 3 s), and a new plug's
         // SYN on such a 4-tuple would only reset it (`tcp_check_req`: a
         // SYN that is not a retransmission), taking no place in the
-        // spare's queue. Seen:
-        // after hundreds of replacements a second, spares short of plugs,
-        // their accept queue filled by clients' connections, SYNs dropped
-        // (`ListenOverflows`) and retried a second later.
+        // spare's queue. Seen: after hundreds of replacements a second,
+        // spares short of plugs, their accept queue filled by clients'
+        // connections, SYNs dropped (`ListenOverflows`) and resent a second
+        // later. (From the target's own address there is only one: the
+        // kernel's port choice is all that varies.)
         self.spares = self.spares.wrapping_add(1);
         let source = match self.target.ip() {
             IpAddr::V4(ip) if ip.is_loopback() => IpAddr::V4(plug_source(self.spares)),
