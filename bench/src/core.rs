@@ -284,6 +284,19 @@ struct Workload {
     /// New connections: how long a client waits between `connect` and its
     /// first byte (the distance it emulates).
     delay: Duration,
+    /// New connections: where each one comes from.
+    sources: Sources,
+}
+
+/// The client addresses of a new-connection workload.
+#[derive(Clone, Copy, PartialEq)]
+enum Sources {
+    /// A fresh address for every connection, as many distinct users have
+    /// (`connection_address`).
+    PerConnection,
+    /// One address per client for all its connections, as a busy NAT or a
+    /// proxy in front would have (`client_address`).
+    PerClient,
 }
 
 /// Every workload, in table order.
@@ -294,6 +307,7 @@ fn workloads(opts: &Opts) -> Vec<Workload> {
         kind: Kind::NewConnection,
         clients,
         delay: Duration::from_millis(delay_ms),
+        sources: Sources::PerConnection,
     };
     let established = |name: String, key, clients| Workload {
         name,
@@ -301,10 +315,15 @@ fn workloads(opts: &Opts) -> Vec<Workload> {
         kind: Kind::Established,
         clients,
         delay: Duration::ZERO,
+        sources: Sources::PerClient,
     };
     let n = opts.clients;
     vec![
         new("serial".into(), "serial", 1, 0),
+        Workload {
+            sources: Sources::PerClient,
+            ..new("serial, one address".into(), "serial_one_address", 1, 0)
+        },
         new(format!("{n} clients"), "concurrent", n, 0),
         new(format!("1 ms away, {n} clients"), "distance_1ms", n, 1),
         new(format!("20 ms away, {n} clients"), "distance_20ms", n, 20),
@@ -435,7 +454,7 @@ fn run(opts: &Opts) -> Result<(), String> {
                     let cpu_before = cluster.as_ref().map_or(0.0, Cluster::cpu_seconds);
                     let mut stats = match kind {
                         Kind::NewConnection => {
-                            run_new_connections(addr, &sessions, w.clients, opts.duration, w.delay)
+                            run_new_connections(addr, &sessions, w, opts.duration)
                         }
                         Kind::Established => {
                             run_established(addr, w.clients, opts.duration, pins.map(Pinning::cpus))
@@ -752,16 +771,20 @@ fn register(addr: SocketAddr, direct: bool) -> Result<Vec<Session>, String> {
     Err(format!("could not register {SIDS_PER_WORKER} sessions on each of {WORKERS} workers in 500 tries (owners seen: {owned:?})"))
 }
 
-/// `clients` threads, each doing one request per new connection in a loop,
-/// for `duration`, waiting `delay` between connect and the request; a
-/// request is timed from connect to its last byte.
+/// `w.clients` threads, each doing one request per new connection in a
+/// loop, for `duration`, waiting `w.delay` between connect and the request;
+/// a request is timed from connect to its last byte.
 fn run_new_connections(
     addr: SocketAddr,
     sessions: &[Session],
-    clients: usize,
+    w: &Workload,
     duration: Duration,
-    delay: Duration,
 ) -> Stats {
+    let (clients, delay) = (w.clients, w.delay);
+    let source = |t: usize, n: usize| match w.sources {
+        Sources::PerConnection => connection_address(t, clients, n),
+        Sources::PerClient => client_address(t),
+    };
     run_clients(clients, None, |t, barrier| {
         let requests: Vec<Vec<u8>> = sessions
             .iter()
@@ -780,8 +803,9 @@ fn run_new_connections(
             let i = (rng.next() % sessions.len() as u64) as usize;
             let session = &sessions[i];
             let begin = Instant::now();
+            let from = source(t, stats.connections as usize);
             stats.connections += 1;
-            match exchange_after(addr, Some(client_address(t)), &requests[i], delay) {
+            match exchange_after(addr, Some(from), &requests[i], delay) {
                 Ok(r) if r.status == 200 => {
                     stats.latencies.push((r.complete - begin).as_nanos() as u64);
                     if session.owner.is_some() && worker(&r) != session.owner {
@@ -853,14 +877,35 @@ fn run_established(
     })
 }
 
-/// Client `t`'s own source address, as distinct users have: from one
-/// address, 64 clients at 10,000+ connections per second reuse every client
-/// port within seconds, while the server still holds those connections in
-/// TIME_WAIT (it closes first): the kernel then makes a request socket for
-/// such a SYN whatever the placement, which is not what clients spread over
-/// the Internet do.
+/// Client `t`'s own source address, for all its connections.
+///
+/// The kernel spreads each connection's port over the ephemeral range
+/// (those of one parity first, about 14,000), and the server keeps every
+/// connection it closed (it closes first) in TIME_WAIT for 60 s: the k-th
+/// connection from one address reuses the 4-tuple of one still in
+/// TIME_WAIT with a chance of about k / 14,000 within the first minute. The kernel makes a request socket for such a SYN
+/// whatever the placement (it skips the SYN cookie check), which cookie
+/// placement pays with the queue path: a busy NAT's cost, not a user's.
 fn client_address(t: usize) -> std::net::Ipv4Addr {
     std::net::Ipv4Addr::new(127, 1, (t % 256) as u8, 1 + (t / 256) as u8)
+}
+
+/// The source address of client `t`'s `n`-th connection (of `clients`):
+/// every connection from an address of its own, as distinct users make
+/// them, so that none reuses a 4-tuple the server holds in TIME_WAIT
+/// (`client_address`). Loopback is 127.0.0.0/8: 8.3 million addresses in
+/// 127.100-227.x.1-254, none of sticky's own (its plugs use 127.83.x.y),
+/// reused only after that many connections.
+fn connection_address(t: usize, clients: usize, n: usize) -> std::net::Ipv4Addr {
+    const PER_OCTET: usize = 256 * 254;
+    let j = (n * clients + t) % (128 * PER_OCTET);
+    let (high, low) = (j / PER_OCTET, j % PER_OCTET);
+    std::net::Ipv4Addr::new(
+        127,
+        100 + high as u8,
+        (low / 254) as u8,
+        1 + (low % 254) as u8,
+    )
 }
 
 fn get(addr: SocketAddr, path: &str) -> io::Result<Response> {

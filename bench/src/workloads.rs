@@ -1,7 +1,8 @@
 //! The Socket.IO workloads, each run by `clients` threads for a fixed time
 //! against one server variant. Each client has its own source address
-//! (`127.1.x.y`), as distinct users would: nginx's `ip_hash` balances by
-//! address.
+//! (`127.1.x.y`; for each new connection of the new-connection workloads
+//! another `y`), as distinct users would: nginx's `ip_hash` balances by
+//! the first three octets.
 //!
 //! A failure is counted, never fatal: a wrong-worker answer (Engine.IO's
 //! "Session ID unknown", or another worker's pid) in `wrong_worker`,
@@ -115,6 +116,21 @@ fn source(t: usize) -> Ipv4Addr {
     Ipv4Addr::new(127, 1, (t % 256) as u8, 1 + (t / 256) as u8)
 }
 
+/// The source address of client `t`'s `n`-th new connection: its own
+/// first three octets (what `ip_hash` sees), the last one cycling through
+/// 254 values. From one address the kernel's random ports soon hit
+/// 4-tuples the server holds in TIME_WAIT (it closes first), whose SYNs get
+/// a request socket whatever the placement: cookie placement then takes
+/// its queue path (README, "Under sustained load from one address"), which
+/// clients spread over many addresses do not make it take. Clients past
+/// the 256th keep their one address.
+fn connection_source(t: usize, n: u64) -> Ipv4Addr {
+    match t {
+        0..256 => Ipv4Addr::new(127, 1, t as u8, 1 + (n % 254) as u8),
+        _ => source(t),
+    }
+}
+
 fn running(start: Instant, duration: Duration) -> bool {
     start.elapsed() < duration && !crate::host::interrupted()
 }
@@ -171,8 +187,9 @@ fn new_connections(addr: SocketAddr, clients: usize, duration: Duration) -> Stat
         while !sessions.is_empty() && running(start, duration) {
             let i = (rng.next() % sessions.len() as u64) as usize;
             let begin = Instant::now();
+            let from = Some(connection_source(t, stats.connections));
             stats.connections += 1;
-            match http::exchange(addr, src, &requests[i]) {
+            match http::exchange(addr, from, &requests[i]) {
                 Ok(r) => {
                     // Answered, right or wrong: timed either way.
                     let ns = (r.complete - begin).as_nanos() as u64;

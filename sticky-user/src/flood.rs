@@ -19,9 +19,9 @@
 //!
 //! In cookie mode (`--placement cookie`) every SYN goes to the overflow
 //! listener anyway: the guard only keeps it plugged (`plug.rs`), replacing
-//! it with a freshly plugged one before its plugs expire and whenever a
-//! connection is queued on it (a SYN reusing a TIME_WAIT connection's
-//! ports), after `COOKIE_BATCH`.
+//! it with the spare, plugged beforehand, before its plugs expire and
+//! whenever a connection is queued on it (a SYN reusing a TIME_WAIT
+//! connection's 4-tuple), after `COOKIE_BATCH`; then it plugs a new spare.
 
 use std::{
     collections::VecDeque,
@@ -70,6 +70,9 @@ pub struct SynFloodGuard {
     stop: Arc<AtomicBool>,
     /// Cookie mode: the overflow listener's request queue kept full.
     plugs: Option<Plugs>,
+    /// Cookie mode: the next overflow listener, plugged (None: plugging it
+    /// failed; tried again at the next replacement).
+    spare: Option<OwnedFd>,
     /// (when, handshakes started, connections placed), oldest first.
     samples: VecDeque<(Instant, u64, u64)>,
 }
@@ -89,22 +92,26 @@ impl SynFloodGuard {
         let mut config = config;
         let mut settings = settings;
         let mut plugs = (settings.mode == Mode::Cookie as u32).then(|| Plugs::new(addr));
-        let overflow = match plugs {
-            Some(_) => plugged_overflow_listener(addr, &*filter)?,
-            None => overflow_listener(addr, &*filter)?,
-        };
-        match plugs.as_mut() {
+        let overflow = match plugs.as_mut() {
             Some(plugs) => {
-                plug_or_say_why(plugs.plug(&overflow, &listeners, &mut config, &mut settings))
+                let first = plugged_overflow_listener(addr, &*filter)?;
+                plug_or_say_why(plugs.prepare(&first, &listeners, &mut config, &mut settings));
+                plugs.flip(&mut config, &mut settings)?;
+                first
             }
-            None => listeners
-                .lock()
-                .unwrap()
-                .set(OVERFLOW_SLOT, &overflow, 0)
-                .context("placing the overflow listener in its slot")?,
-        }
-        Ok(SynFloodGuard {
+            None => {
+                let overflow = overflow_listener(addr, &*filter)?;
+                listeners
+                    .lock()
+                    .unwrap()
+                    .set(OVERFLOW_SLOT, &overflow, 0)
+                    .context("placing the overflow listener in its slot")?;
+                overflow
+            }
+        };
+        let mut guard = SynFloodGuard {
             plugs,
+            spare: None,
             addr,
             filter,
             listeners,
@@ -114,7 +121,11 @@ impl SynFloodGuard {
             counters,
             stop,
             samples: VecDeque::new(),
-        })
+        };
+        if guard.plugs.is_some() {
+            guard.plug_spare()?;
+        }
+        Ok(guard)
     }
 
     pub fn run(&mut self) {
@@ -178,35 +189,59 @@ impl SynFloodGuard {
 
     /// A fresh overflow listener in the slot, the old one's queue migrated.
     fn replace_overflow(&mut self) -> Result<()> {
-        let next = match self.plugs {
-            Some(_) => plugged_overflow_listener(self.addr, &*self.filter)?,
-            None => overflow_listener(self.addr, &*self.filter)?,
+        if self.plugs.is_some() {
+            return self.flip_to_spare();
+        }
+        let next = overflow_listener(self.addr, &*self.filter)?;
+        self.listeners
+            .lock()
+            .unwrap()
+            .set(OVERFLOW_SLOT, &next, 0)
+            .context("updating the overflow slot")?;
+        let old = std::mem::replace(&mut self.overflow, next);
+        stop_listening(&old).context("shutting the previous overflow listener")?;
+        Ok(())
+    }
+
+    /// Cookie mode: the spare takes the SYNs, a new spare is plugged in the
+    /// old overflow listener's slot, the old one is shut (its queue
+    /// migrates).
+    fn flip_to_spare(&mut self) -> Result<()> {
+        if self.spare.is_none() {
+            self.plug_spare()?;
+        }
+        let (Some(plugs), Some(spare)) = (self.plugs.as_mut(), self.spare.take()) else {
+            unreachable!("cookie mode, spare plugged above");
         };
-        match self.plugs.as_mut() {
-            Some(plugs) => plug_or_say_why(plugs.plug(
-                &next,
+        plugs.flip(&mut self.config, &mut self.settings)?;
+        let flipped = Instant::now();
+        let old = std::mem::replace(&mut self.overflow, spare);
+        // Out of the map but still listening: SYNs the selector already
+        // sent there still land. The next spare is plugged meanwhile.
+        let plugged = self.plug_spare();
+        // A SYN the selector sent to the old listener just before the
+        // flip may still be on its way into it (another CPU's softirq):
+        // shut at once, the listener would drop it and the client retry a
+        // second later. Measured: a stall of 1 s at most renewals,
+        // serially. Shutting is only needed for connections queued there,
+        // which can wait that long.
+        std::thread::sleep(SHUT_DELAY.saturating_sub(flipped.elapsed()));
+        stop_listening(&old).context("shutting the previous overflow listener")?;
+        plugged
+    }
+
+    /// Cookie mode: a new spare, plugged, in the slot taking no SYN.
+    fn plug_spare(&mut self) -> Result<()> {
+        let spare = plugged_overflow_listener(self.addr, &*self.filter)?;
+        if let Some(plugs) = self.plugs.as_mut() {
+            plug_or_say_why(plugs.prepare(
+                &spare,
                 &self.listeners,
                 &mut self.config,
                 &mut self.settings,
-            )),
-            None => self
-                .listeners
-                .lock()
-                .unwrap()
-                .set(OVERFLOW_SLOT, &next, 0)
-                .context("updating the overflow slot")?,
+            ));
         }
-        let old = std::mem::replace(&mut self.overflow, next);
-        if self.plugs.is_some() {
-            // A SYN the selector sent to the old listener just before the
-            // slot changed may still be on its way into it (another CPU's
-            // softirq): shut at once, the listener would drop it and the
-            // client retry a second later. Measured: a stall of 1 s at most
-            // renewals, serially. Shutting is only needed for connections
-            // queued there, which can wait that long.
-            std::thread::sleep(SHUT_DELAY);
-        }
-        stop_listening(&old).context("shutting the previous overflow listener")?;
+        self.spare = Some(spare);
         Ok(())
     }
 }

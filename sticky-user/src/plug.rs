@@ -22,9 +22,14 @@
 //! skips the cookie check and always gets a request socket: those
 //! connections are placed by the queue path, and wait in the overflow
 //! listener's accept queue meanwhile, which a backlog of 0 would fill
-//! (every other SYN is then dropped until the guard migrates it). Before the plug's request
-//! socket can expire, the guard (`flood.rs`) replaces the overflow listener
-//! with a freshly plugged one (`Plugs::due`).
+//! (every other SYN is then dropped until the guard migrates it).
+//!
+//! The guard (`flood.rs`) keeps a *spare*: the next overflow listener,
+//! already plugged, in the slot that takes no SYN (`Plugs::prepare`).
+//! Replacing the overflow listener, before its plugs' request sockets can
+//! expire (`Plugs::due`) or to migrate a queued connection, is then one
+//! config write (`Plugs::flip`) and a shut, with no plugging on the way;
+//! the next spare is plugged after.
 //!
 //! Nothing depends on the plug for correctness: a real client that finds
 //! the place free gets the request socket and is placed by the queue path
@@ -49,8 +54,14 @@ use crate::{
 
 pub struct Plugs {
     target: SocketAddr,
-    /// Open plugs, oldest first, with their creation time.
-    open: VecDeque<(Instant, Vec<OwnedFd>)>,
+    /// Open plugs, oldest first: the overflow listener's, then the spare's.
+    open: VecDeque<Vec<OwnedFd>>,
+    /// When the overflow listener started taking SYNs.
+    flipped: Option<Instant>,
+    /// When the spare's plugs were sent.
+    plugged: Option<Instant>,
+    /// How many spares have been plugged: picks their source address.
+    spares: u32,
 }
 
 impl Plugs {
@@ -64,36 +75,40 @@ impl Plugs {
         Plugs {
             target,
             open: VecDeque::new(),
+            flipped: None,
+            plugged: None,
+            spares: 0,
         }
     }
 
-    /// Whether the last plug is old enough that its request socket may
-    /// soon expire: time for a freshly plugged overflow listener.
+    /// Whether the overflow listener has taken SYNs for `EVERY`: time to
+    /// flip to the spare, whose plugs are about that old, before the
+    /// overflow listener's own (twice as old) may expire.
     pub fn due(&self) -> bool {
-        self.open.back().is_none_or(|(t, _)| t.elapsed() >= EVERY)
+        self.flipped.is_none_or(|t| t.elapsed() >= EVERY)
     }
 
-    /// Makes `listener` the overflow listener, plugged: puts it in the slot
-    /// that is not taking SYNs (the overflow and plug slots alternate,
-    /// `config.overflow_alt`), points the plugs there (`plug_alt`,
-    /// `plug_port`, in `settings`, the config in the kernel), sends their
-    /// SYNs, waits `SETTLE`, then lets that slot take every SYN. Even on an
-    /// error the listener ends up taking SYNs (unplugged, it still works).
-    pub fn plug(
+    /// Makes `listener` the spare overflow listener, plugged: puts it in
+    /// the slot that is not taking SYNs (the overflow and plug slots
+    /// alternate, `config.overflow_alt`), points the plugs there
+    /// (`plug_alt`, `plug_port`, in `settings`, the config in the kernel),
+    /// and sends their SYNs. `flip` then lets it take every SYN. On an
+    /// error the spare may be unplugged (it still works).
+    pub fn prepare(
         &mut self,
         listener: &OwnedFd,
         slots: &SockArray,
         config: &mut Array<MapData, Config>,
         settings: &mut Config,
     ) -> Result<()> {
-        // The previous listener's plugs keep it full until it is replaced
-        // (after this); older ones have done their work: their request
-        // sockets stay with their closed listeners until they expire.
+        // The overflow listener's plugs keep it full until it is replaced;
+        // older ones have done their work: their request sockets, with
+        // shut listeners, go at their next SYN-ACK retry (the closed plug's
+        // port answers it with a RST).
         while self.open.len() > 1 {
             self.open.pop_front();
         }
-        let spare_alt = settings.overflow_alt ^ 1;
-        let spare = if spare_alt == 1 {
+        let spare = if settings.overflow_alt == 0 {
             PLUG_SLOT
         } else {
             OVERFLOW_SLOT
@@ -120,32 +135,53 @@ impl Plugs {
                 }
                 Ok(())
             });
-            self.open.push_back((Instant::now(), plugs));
+            self.open.push_back(plugs);
+            self.plugged = Some(Instant::now());
             sent
         });
-        // The SYNs are usually processed within connect(); under load the
-        // softirq may run later, on ksoftirqd: give them a moment before
-        // clients' SYNs arrive (a later plug still goes to this listener:
-        // `plug_alt` stays).
-        std::thread::sleep(SETTLE);
-        settings.overflow_alt = spare_alt;
-        let flipped = config
+        sent
+    }
+
+    /// Sends every SYN to the spare `prepare` plugged, at least `SETTLE`
+    /// after its plugs' SYNs.
+    pub fn flip(
+        &mut self,
+        config: &mut Array<MapData, Config>,
+        settings: &mut Config,
+    ) -> Result<()> {
+        if let Some(wait) = self.plugged.map(|t| SETTLE.saturating_sub(t.elapsed())) {
+            std::thread::sleep(wait);
+        }
+        settings.overflow_alt ^= 1;
+        self.flipped = Some(Instant::now());
+        config
             .set(0, *settings, 0)
-            .context("sending SYNs to the new overflow listener");
-        sent.and(flipped)
+            .context("sending SYNs to the new overflow listener")
     }
 
     /// PLUGS deaf, non-blocking sockets bound to consecutive client ports
     /// from the returned one (an ephemeral port the kernel picks, and the
     /// next ones if free; else another try).
-    fn bind_plugs(&self) -> Result<(u16, Vec<OwnedFd>)> {
-        // From an address of their own where the target is on loopback
+    fn bind_plugs(&mut self) -> Result<(u16, Vec<OwnedFd>)> {
+        // From addresses of their own where the target is on loopback
         // (nothing else binds there, so consecutive ports are free), else
         // from the target's own address. No SO_REUSEADDR: a port of the
         // previous plugs, still open, must not be bound again (the same
         // 4-tuple could not connect).
+        //
+        // Each spare's plugs from another address: closed plugs leave
+        // their request sockets behind until the next SYN-ACK retry, which
+        // the closed port answers with a RST (1 to 3 s), and a new plug's
+        // SYN on such a 4-tuple would only reset it (`tcp_check_req`: a
+        // SYN that is not a retransmission), taking no place in the
+        // spare's queue. Seen: after hundreds of replacements a second,
+        // spares short of plugs, their accept queue filled by clients'
+        // connections, SYNs dropped (`ListenOverflows`) and resent a second
+        // later. (From the target's own address there is only one: the
+        // kernel's port choice is all that varies.)
+        self.spares = self.spares.wrapping_add(1);
         let source = match self.target.ip() {
-            IpAddr::V4(ip) if ip.is_loopback() => IpAddr::V4(PLUG_SOURCE),
+            IpAddr::V4(ip) if ip.is_loopback() => IpAddr::V4(plug_source(self.spares)),
             ip => ip,
         };
         let from = |port: u16| SocketAddr::new(source, port);
@@ -177,18 +213,28 @@ impl Plugs {
     }
 }
 
-/// How often the overflow listener gets fresh plugs. A full request queue
-/// makes the kernel prune it (`reqsk_timer_handler`: once at least half of
-/// a backlog's worth is waiting, old request sockets get fewer SYN-ACK
-/// retries, down to 2): a plug's request socket then lives about 3 to 7 s
-/// after its SYN, not a minute. Measured: renewing every 30 s let the queue
-/// empty, and real clients' SYNs took the queue path.
+/// How often the overflow listener is replaced by the spare. A full request
+/// queue makes the kernel prune it (`reqsk_timer_handler`: once at least
+/// half of a backlog's worth is waiting, old request sockets get fewer
+/// SYN-ACK retries, down to 2): a plug's request socket then lives about 3
+/// to 7 s after its SYN, not a minute. A spare is plugged as soon as the
+/// previous one takes SYNs, so plugs serve from about `EVERY` to twice that
+/// after their SYN. Measured: renewing every 30 s let the queue empty, and
+/// real clients' SYNs took the queue path.
 const EVERY: Duration = Duration::from_secs(1);
-/// The plugs' source address when the target is IPv4 loopback: any
-/// 127.0.0.0/8 address is the host's own; this one is used by nothing else.
-const PLUG_SOURCE: Ipv4Addr = Ipv4Addr::new(127, 83, 84, 75);
+/// The source address of the `n`-th spare's plugs when the target is IPv4
+/// loopback: any 127.0.0.0/8 address is the host's own; 127.83.0.0/16 is
+/// used by nothing else. 65,024 of them in turn: at hundreds of spares a
+/// second, an address comes back after minutes, when its request sockets
+/// are long gone.
+fn plug_source(n: u32) -> Ipv4Addr {
+    let i = n % (256 * 254);
+    Ipv4Addr::new(127, 83, (i / 254) as u8, 1 + (i % 254) as u8)
+}
 /// How long the plugs' SYNs get to be processed before the listener moves
-/// from the plug slot to the overflow slot.
+/// from the plug slot to the overflow slot. They usually are within
+/// connect(); under load the softirq may run later, on ksoftirqd (a late
+/// plug still goes to its listener: `plug_alt` stays until the next spare).
 const SETTLE: Duration = Duration::from_millis(2);
 
 fn local_port(fd: &OwnedFd) -> Result<u16> {

@@ -192,3 +192,114 @@ fn without_syncookies_cookie_mode_falls_back_to_rotation() {
     assert_eq!(placed, 40);
     assert_eq!(cluster.counter("placed_cookie"), 0);
 }
+
+/// A TCP connection from `from` (port 0: the kernel picks one) to `to`,
+/// `SO_REUSEADDR` so that a port used a moment ago can be bound again.
+fn connect_from(from: std::net::SocketAddrV4, to: std::net::SocketAddr) -> TcpStream {
+    use std::os::fd::FromRawFd;
+    let sockaddr = |a: std::net::SocketAddrV4| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*a.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let std::net::SocketAddr::V4(to) = to else {
+        panic!("IPv4 cluster expected")
+    };
+    let len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    let one: libc::c_int = 1;
+    // SAFETY: plain socket syscalls on a descriptor the TcpStream owns at once.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let stream = TcpStream::from_raw_fd(fd);
+        let int = size_of::<libc::c_int>() as libc::socklen_t;
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&raw const one).cast(),
+            int,
+        );
+        let (f, t) = (sockaddr(from), sockaddr(to));
+        assert_eq!(
+            libc::bind(fd, (&raw const f).cast(), len),
+            0,
+            "bind {from}: {}",
+            std::io::Error::last_os_error()
+        );
+        assert_eq!(
+            libc::connect(fd, (&raw const t).cast(), len),
+            0,
+            "connect: {}",
+            std::io::Error::last_os_error()
+        );
+        stream
+    }
+}
+
+#[test]
+fn a_syn_reusing_a_time_wait_connection_takes_the_queue_path_to_its_owner() {
+    // The server closes first (`Connection: close`) and keeps each
+    // connection in TIME_WAIT; a SYN on the same 4-tuple is accepted by
+    // that TIME_WAIT connection and gets a request socket on the overflow
+    // listener, never a cookie (the kernel skips the cookie check): the
+    // queue path, the guard flipping to its spare overflow listener.
+    let cluster = Cluster::start(2, COOKIE);
+    let sessions = cluster.sessions_on_every_worker(2, 2);
+    // An address of this test's own: no other connection has its ports.
+    let source = std::net::Ipv4Addr::new(127, 61, 0, 1 + (cluster.addr.port() % 250) as u8);
+    let exchange = |port: u16, sid: &str| {
+        let mut s = connect_from(std::net::SocketAddrV4::new(source, port), cluster.addr);
+        let port = s.local_addr().unwrap().port();
+        let begin = std::time::Instant::now();
+        let req = format!("GET /?sid={sid} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).unwrap();
+        let r = read_response(s);
+        assert_eq!(r.status, 200, "{}", r.text());
+        (port, r.worker, begin.elapsed())
+    };
+    let n = 20;
+    let before = cluster.stats();
+    let first: Vec<(u16, Option<usize>, Duration)> = (0..n)
+        .map(|i| exchange(0, &sessions[i % sessions.len()].0))
+        .collect();
+    let middle = cluster.stats();
+    let again: Vec<(u16, Option<usize>, Duration)> = first
+        .iter()
+        .enumerate()
+        .map(|(i, (port, _, _))| exchange(*port, &sessions[(i + 1) % sessions.len()].0))
+        .collect();
+    let after = cluster.stats();
+    let on_owner = |rows: &[(u16, Option<usize>, Duration)], shift: usize| {
+        rows.iter()
+            .enumerate()
+            .filter(|(i, r)| r.1 == Some(sessions[(i + shift) % sessions.len()].1))
+            .count()
+    };
+    let mut times: Vec<Duration> = again.iter().map(|r| r.2).collect();
+    times.sort();
+    let (d1, d2) = (
+        |k: &str| delta(&before, &middle, k),
+        |k: &str| delta(&middle, &after, k),
+    );
+    println!(
+        "{n} connections from fresh ports: {} on their owner, placed_cookie +{} placed_queue +{}; \
+         the same {n} 4-tuples again (server in TIME_WAIT): {} on their owner, placed_cookie +{} \
+         placed_queue +{}, median {:?}, slowest {:?}",
+        on_owner(&first, 0),
+        d1("placed_cookie"),
+        d1("placed_queue"),
+        on_owner(&again, 1),
+        d2("placed_cookie"),
+        d2("placed_queue"),
+        times[n / 2],
+        times[n - 1],
+    );
+    assert_eq!(on_owner(&first, 0), n);
+    assert_eq!(on_owner(&again, 1), n);
+    assert_eq!((d1("placed_cookie"), d1("placed_queue")), (n as u64, 0));
+    assert_eq!((d2("placed_cookie"), d2("placed_queue")), (0, n as u64));
+}
