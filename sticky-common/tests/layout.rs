@@ -15,7 +15,7 @@ const PROBE: &str = r#"
 int main(void) {
     S(sticky_config) O(sticky_config, worker_count) O(sticky_config, balance)
     O(sticky_config, mode) O(sticky_config, param_len) O(sticky_config, sorting_count) O(sticky_config, flood) O(sticky_config, param_word)
-    O(sticky_config, param_mask) O(sticky_config, port) O(sticky_config, learn) O(sticky_config, plug_port) O(sticky_config, overflow_alt) O(sticky_config, plug_alt)
+    O(sticky_config, param_mask) O(sticky_config, port) O(sticky_config, learn) O(sticky_config, plug_port) O(sticky_config, overflow_alt) O(sticky_config, plug_alt) O(sticky_config, sid_key)
     O(sticky_config, foreign) C(STICKY_FOREIGN_PASS) C(STICKY_FOREIGN_RESET) C(STICKY_FOREIGN_OFF)
     S(sticky_placed) O(sticky_placed, worker) O(sticky_placed, segments) O(sticky_placed, idle)
     S(sticky_conn) O(sticky_conn, worker) O(sticky_conn, flags) O(sticky_conn, segments)
@@ -107,6 +107,7 @@ fn rust_mirror_matches_sticky_h() {
         offset_of!(Config, overflow_alt),
     );
     expect("sticky_config.plug_alt", offset_of!(Config, plug_alt));
+    expect("sticky_config.sid_key", offset_of!(Config, sid_key));
     expect("sticky_placed", size_of::<Placed>());
     expect("sticky_placed.worker", offset_of!(Placed, worker));
     expect("sticky_placed.segments", offset_of!(Placed, segments));
@@ -208,6 +209,35 @@ fn rust_mirror_matches_sticky_h() {
         counter::DOOMED_SEGMENTS as usize,
     );
     expect("STICKY_CNT_UNMAPPED", counter::UNMAPPED as usize);
+}
+
+#[test]
+fn sid_hash_is_siphash_2_4_and_matches_the_vectors() {
+    // The SipHash paper's example: key 00..0f, message 00..0e.
+    let paper: Vec<u8> = (0..15).collect();
+    assert_eq!(siphash24(SID_HASH_TEST_KEY, &paper), 0xa129ca6149be45e5);
+    // Against an independent implementation, every length up to 80.
+    let msg: Vec<u8> = (0..80).map(|i| (i * 7 + 3) as u8).collect();
+    for len in 0..=msg.len() {
+        #[allow(deprecated)]
+        let mut std = std::hash::SipHasher::new_with_keys(0x1234, 0xfedc_ba98_7654_3210);
+        std::hash::Hasher::write(&mut std, &msg[..len]);
+        assert_eq!(
+            siphash24([0x1234, 0xfedc_ba98_7654_3210], &msg[..len]),
+            std::hash::Hasher::finish(&std),
+            "length {len}"
+        );
+    }
+    let hasher = SidHasher {
+        key: SID_HASH_TEST_KEY,
+    };
+    for &(sid, want) in SID_HASH_VECTORS {
+        let got = hasher.key_of(sid).unwrap();
+        println!("sid {sid:?}: {got:#018x}");
+        assert_eq!(got, want, "{sid}");
+    }
+    let other = SidHasher { key: [1, 2] };
+    assert_ne!(other.key_of("sid").unwrap(), hasher.key_of("sid").unwrap());
 }
 
 #[test]

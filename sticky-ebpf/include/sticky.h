@@ -121,6 +121,11 @@ struct sticky_config {
 	__u16 overflow_alt;
 	__u16 plug_alt;
 	__u32 pad;
+	/*
+	 * The SipHash key of the `sessions` and `learned` map keys (siphash.h):
+	 * random, chosen at start (kept by a supervisor adopting the maps).
+	 */
+	__u64 sid_key[2];
 };
 
 /*
@@ -154,7 +159,11 @@ struct sticky_worker {
 	__u32 sessions; /* live sessions it owns, for least-connection */
 };
 
-/* Key of the `sessions` hash map (value: __u32 worker index). */
+/*
+ * A sid zero padded, the message hashed into the key of the `sessions` and
+ * `learned` maps: a __u64, sticky_sid_hash() in siphash.h (value of
+ * `sessions`: the __u32 worker index).
+ */
 struct sticky_sid {
 	__u8 bytes[STICKY_SID_MAX];
 };
@@ -234,7 +243,7 @@ struct sticky_placed {
 #define STICKY_LEARN_SCAN 512
 
 /*
- * Value of the `learned` hash map (key: struct sticky_sid): a session that
+ * Value of the `learned` hash map (key: the sid's hash, as `sessions`): a session that
  * sticky_learn found in a worker's answer. sticky_watch (and the placement
  * paths) refresh last_seen whenever a request carries the sid; 0 means the
  * client closed the session. User space forgets idle and closed ones.

@@ -69,7 +69,7 @@ struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, STICKY_SESSIONS_MAX);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct sticky_sid);
+	__type(key, __u64); /* sticky_sid_hash() of the sid */
 	__type(value, __u32);
 } sessions SEC(".maps");
 
@@ -139,7 +139,7 @@ struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, STICKY_SESSIONS_MAX);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct sticky_sid);
+	__type(key, __u64); /* as `sessions` */
 	__type(value, struct sticky_learned);
 } learned SEC(".maps");
 
@@ -287,9 +287,9 @@ static __always_inline __u32 owner_of(struct scratch *s, int result)
 
 	switch (result) {
 	case STICKY_PARSE_SID:
-		owner = bpf_map_lookup_elem(&sessions, &s->key);
+		owner = bpf_map_lookup_elem(&sessions, &s->hash);
 		if (owner) {
-			struct sticky_learned *l = bpf_map_lookup_elem(&learned, &s->key);
+			struct sticky_learned *l = bpf_map_lookup_elem(&learned, &s->hash);
 
 			if (l && l->last_seen_ns) /* 0: closed, stays so */
 				l->last_seen_ns = bpf_ktime_get_ns();
@@ -747,7 +747,8 @@ static __always_inline int at_packet_start(struct scratch *s, __u32 i)
 	return b4 == '\r' && b3 == '\n' && b2 == '\r' && b1 == '\n';
 }
 
-static __always_inline int learn_sid(struct scratch *s, __u32 worker)
+static __always_inline int learn_sid(struct scratch *s, __u32 worker,
+				     const struct sticky_config *cfg)
 {
 	__u32 n = s->len, i;
 	__u64 w;
@@ -770,20 +771,21 @@ static __always_inline int learn_sid(struct scratch *s, __u32 worker)
 		return 0; /* e.g. Socket.IO's CONNECT answer 40{"sid":..., not ours */
 	if (copy_sid(s, i + 9) <= 0 || s->buf[s->mark & SCAN_MASK] != '"')
 		return 0;
+	s->hash = sticky_sid_hash(&s->key, cfg->sid_key);
 	l.last_seen_ns = bpf_ktime_get_ns();
-	err = bpf_map_update_elem(&sessions, &s->key, &worker, BPF_NOEXIST);
+	err = bpf_map_update_elem(&sessions, &s->hash, &worker, BPF_NOEXIST);
 	if (err) {
 		/*
 		 * Registered or learned already, or the map is full. Asked of
 		 * the map, not told by the error: 6.1 does not answer -EEXIST.
 		 */
-		count(bpf_map_lookup_elem(&sessions, &s->key) ? STICKY_CNT_LEARN_KNOWN
+		count(bpf_map_lookup_elem(&sessions, &s->hash) ? STICKY_CNT_LEARN_KNOWN
 							       : STICKY_CNT_LEARN_FULL);
 		return 1;
 	}
 	/* Never a session without its expiry record: it would never expire. */
-	if (bpf_map_update_elem(&learned, &s->key, &l, BPF_ANY)) {
-		bpf_map_delete_elem(&sessions, &s->key);
+	if (bpf_map_update_elem(&learned, &s->hash, &l, BPF_ANY)) {
+		bpf_map_delete_elem(&sessions, &s->hash);
 		count(STICKY_CNT_LEARN_FULL);
 		return 1;
 	}
@@ -896,7 +898,7 @@ static __noinline int learn_later(struct __sk_buff *skb, const struct sticky_con
 	if (len == 0 || bpf_skb_load_bytes(skb, off, s->buf, len))
 		return 1;
 	s->len = len;
-	if (learn_sid(s, conn->worker) || ends || ++conn->segments >= STICKY_LEARN_SEGMENTS)
+	if (learn_sid(s, conn->worker, cfg) || ends || ++conn->segments >= STICKY_LEARN_SEGMENTS)
 		conn->flags &= ~STICKY_CONN_LEARN;
 	return 1;
 }
@@ -957,7 +959,7 @@ int sticky_learn(struct __sk_buff *skb)
 	if (len == 0 || bpf_skb_load_bytes(skb, off, s->buf, len))
 		return 1;
 	s->len = len;
-	if (learn_sid(s, placed->worker) || ends ||
+	if (learn_sid(s, placed->worker, cfg) || ends ||
 	    __sync_fetch_and_add(&placed->segments, 1) + 1 >= STICKY_LEARN_SEGMENTS)
 		bpf_map_delete_elem(&placed_flows, &key);
 	return 1;
@@ -1083,7 +1085,7 @@ int sticky_watch(struct __sk_buff *skb)
 		}
 		return 1;
 	}
-	owner = bpf_map_lookup_elem(&sessions, &s->key);
+	owner = bpf_map_lookup_elem(&sessions, &s->hash);
 	if (!owner)
 		return 1;
 	/*
@@ -1093,7 +1095,7 @@ int sticky_watch(struct __sk_buff *skb)
 	 */
 	if (sk && !foreign_check(skb, cfg, sk, conn, &key, *owner))
 		return 0;
-	l = bpf_map_lookup_elem(&learned, &s->key);
+	l = bpf_map_lookup_elem(&learned, &s->hash);
 	if (!l || !l->last_seen_ns)
 		return 1;
 	if (is_close_request(s, len)) {

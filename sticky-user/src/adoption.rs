@@ -36,7 +36,7 @@ use aya::{
     maps::{Array, HashMap, Map, MapData, MapInfo, ReusePortSockArray},
     programs::loaded_programs,
 };
-use sticky_common::{Config, Learned, SidKey};
+use sticky_common::{Config, Learned};
 use sticky_ebpf::{maps, SELECT_PROGRAM};
 
 /// A worker of a dead supervisor, taken over.
@@ -131,14 +131,16 @@ pub fn find_orphans(addr: SocketAddr, workers: usize) -> Result<Vec<Orphan>> {
 /// The maps of the selector the dead supervisor left attached.
 pub struct OldSteering {
     listeners: ReusePortSockArray<MapData>,
-    sessions: HashMap<MapData, SidKey, u32>,
-    learned: HashMap<MapData, SidKey, Learned>,
+    sessions: HashMap<MapData, u64, u32>,
+    learned: HashMap<MapData, u64, Learned>,
+    /// Its maps' SipHash key: the carried keys are hashes under it.
+    pub sid_key: [u64; 2],
 }
 
 /// Sessions carried over: registered (sid, worker) and learned ones.
 pub struct CarriedSessions {
-    pub registered: Vec<(SidKey, usize)>,
-    pub learned: Vec<(SidKey, Learned)>,
+    pub registered: Vec<(u64, usize)>,
+    pub learned: Vec<(u64, Learned)>,
 }
 
 impl OldSteering {
@@ -161,11 +163,12 @@ impl OldSteering {
                 })
                 .collect();
             let config: Option<Array<MapData, Config>> = open(&by_name, maps::CONFIG).ok();
-            if config.and_then(|c| c.get(&0, 0).ok()).map(|c| c.port) == Some(port as u32) {
-                found.push(by_name);
+            match config.and_then(|c| c.get(&0, 0).ok()) {
+                Some(c) if c.port == port as u32 => found.push((by_name, c.sid_key)),
+                _ => {}
             }
         }
-        let [by_name] = found.as_slice() else {
+        let [(by_name, sid_key)] = found.as_slice() else {
             let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
             bail!(
                 "cannot adopt the workers on port {port} (found {} sticky selectors for it, \
@@ -178,12 +181,13 @@ impl OldSteering {
             listeners: open(by_name, maps::LISTENERS)?,
             sessions: open(by_name, maps::SESSIONS)?,
             learned: open(by_name, maps::LEARNED)?,
+            sid_key: *sid_key,
         })
     }
 
     /// The sessions owned by the adopted workers (others' owners are gone).
     pub fn sessions(&self, adopted: &[usize]) -> CarriedSessions {
-        let learned: Vec<(SidKey, Learned)> = self
+        let learned: Vec<(u64, Learned)> = self
             .learned
             .iter()
             .filter_map(Result::ok)

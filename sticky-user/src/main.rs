@@ -37,7 +37,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use aya::maps::{MapData, ReusePortSockArray};
 use clap::Parser;
-use sticky_common::{Foreign, Mode, MAX_CPUS, REJECT_SLOT, SINK_SLOT};
+use sticky_common::{Foreign, Mode, SidHasher, MAX_CPUS, REJECT_SLOT, SINK_SLOT};
 
 use cli::{Cli, Command, RunArgs, Settings};
 
@@ -86,12 +86,18 @@ fn run(args: RunArgs) -> Result<()> {
 
     let learning = settings.learn && attach_learner(&mut steering);
     let foreign = foreign_requests(&settings, learning);
-    let config = settings.kernel_config(cpus, group.addr.port(), learning, foreign);
+    let sid_key = takeover
+        .sid_key()
+        .map_or_else(sessions::fresh_sid_key, Ok)?;
+    let config = settings
+        .kernel_config(cpus, group.addr.port(), learning, foreign)
+        .with_sid_key(sid_key);
     maps.config.set(0, config, 0)?;
     let mut table = sessions::SessionTable::new(
         maps.sessions,
         maps.workers,
         maps.learned,
+        SidHasher { key: sid_key },
         settings.workers,
         settings.max_sessions as usize,
     );

@@ -23,7 +23,9 @@ use std::{collections::HashMap as StdHashMap, time::Duration};
 use crate::steering::monotonic_ns;
 use anyhow::Result;
 use aya::maps::{Array, HashMap, MapData, MapError};
-use sticky_common::{Learned, SidKey, WorkerState, WORKER_ACCEPTING, WORKER_DOWN, WORKER_DRAINING};
+use sticky_common::{
+    Learned, SidHasher, WorkerState, WORKER_ACCEPTING, WORKER_DOWN, WORKER_DRAINING,
+};
 
 /// A worker as seen by the control socket: its slot and which incarnation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,10 +62,12 @@ struct Slot {
 }
 
 pub struct SessionTable {
-    kernel_sessions: HashMap<MapData, SidKey, u32>,
+    kernel_sessions: HashMap<MapData, u64, u32>,
     kernel_workers: Array<MapData, WorkerState>,
-    learned: HashMap<MapData, SidKey, Learned>,
-    owners: StdHashMap<SidKey, usize>,
+    learned: HashMap<MapData, u64, Learned>,
+    owners: StdHashMap<u64, usize>,
+    /// The maps' keys are hashes of the sids.
+    hasher: SidHasher,
     slots: Vec<Slot>,
     /// Worker processes per generation (`--workers`).
     per_generation: usize,
@@ -77,9 +81,10 @@ pub struct SessionTable {
 
 impl SessionTable {
     pub fn new(
-        kernel_sessions: HashMap<MapData, SidKey, u32>,
+        kernel_sessions: HashMap<MapData, u64, u32>,
         kernel_workers: Array<MapData, WorkerState>,
-        learned: HashMap<MapData, SidKey, Learned>,
+        learned: HashMap<MapData, u64, Learned>,
+        hasher: SidHasher,
         workers: usize,
         capacity: usize,
     ) -> SessionTable {
@@ -88,6 +93,7 @@ impl SessionTable {
             kernel_workers,
             learned,
             owners: StdHashMap::new(),
+            hasher,
             slots: (0..crate::supervisor::slot_count(workers))
                 .map(|_| Slot::default())
                 .collect(),
@@ -170,7 +176,7 @@ impl SessionTable {
         slot.generation += 1;
         slot.sessions = 0;
         slot.learned = 0;
-        let mine: Vec<SidKey> = self
+        let mine: Vec<u64> = self
             .owners
             .iter()
             .filter(|(_, &w)| w == index)
@@ -221,7 +227,7 @@ impl SessionTable {
 
     /// Registers `sid` for `id`. Idempotent for the same worker.
     pub fn open(&mut self, id: WorkerId, sid: &str) -> Result<(), String> {
-        let key = SidKey::new(sid).map_err(|e| e.to_string())?;
+        let key = self.hasher.key_of(sid).map_err(|e| e.to_string())?;
         if !self.is_current(id) {
             return Err("worker restarted; reconnect".into());
         }
@@ -255,7 +261,7 @@ impl SessionTable {
 
     /// Unregisters `sid`. Closing an unknown sid is fine (already gone).
     pub fn close(&mut self, id: WorkerId, sid: &str) -> Result<(), String> {
-        let key = SidKey::new(sid).map_err(|e| e.to_string())?;
+        let key = self.hasher.key_of(sid).map_err(|e| e.to_string())?;
         if !self.is_current(id) {
             return Err("worker restarted; reconnect".into());
         }
@@ -272,7 +278,7 @@ impl SessionTable {
 
     /// `close` of a sid the kernel learned: allowed to the worker it learned
     /// it for.
-    fn close_learned(&mut self, id: WorkerId, key: &SidKey) -> Result<(), String> {
+    fn close_learned(&mut self, id: WorkerId, key: &u64) -> Result<(), String> {
         let Ok(l) = self.learned.get(key, 0) else {
             return Ok(());
         };
@@ -320,8 +326,8 @@ impl SessionTable {
     }
 
     /// Removes the learned sessions matching `doomed` from both maps.
-    fn forget_learned(&mut self, doomed: impl Fn(&Learned, &SidKey) -> bool) -> usize {
-        let gone: Vec<SidKey> = self
+    fn forget_learned(&mut self, doomed: impl Fn(&Learned, &u64) -> bool) -> usize {
+        let gone: Vec<u64> = self
             .learned
             .iter()
             .flatten()
@@ -431,6 +437,24 @@ impl SessionTable {
         self.kernel_workers.set(index as u32, state, 0)?;
         Ok(())
     }
+}
+
+/// A fresh SipHash key for the session maps, from the kernel's random
+/// source: a client who does not know it cannot aim for a collision.
+pub fn fresh_sid_key() -> Result<[u64; 2]> {
+    let mut bytes = [0u8; 16];
+    // SAFETY: writes at most bytes.len() bytes into the buffer.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if n != bytes.len() as isize {
+        anyhow::bail!(
+            "getrandom failed ({}): cannot choose the session key",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok([
+        u64::from_ne_bytes(bytes[..8].try_into().unwrap()),
+        u64::from_ne_bytes(bytes[8..].try_into().unwrap()),
+    ])
 }
 
 fn role_name(role: Role) -> &'static str {

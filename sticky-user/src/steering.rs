@@ -15,7 +15,7 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SkReuseport, SocketFilter},
     Ebpf, EbpfLoader,
 };
-use sticky_common::{Config, Handoff, Learned, SidKey, WorkerState, DOORBELL_BYTES, MAX_CPUS};
+use sticky_common::{Config, Handoff, Learned, WorkerState, DOORBELL_BYTES, MAX_CPUS};
 use sticky_ebpf::{maps, LEARN_PROGRAM, SELECT_PROGRAM, SORT_PROGRAM, WATCH_PROGRAM};
 
 /// Socket migration through a select-or-migrate program arrived in 5.14.
@@ -30,11 +30,12 @@ pub struct SteeringMaps {
     pub listeners: ReusePortSockArray<MapData>,
     pub config: Array<MapData, Config>,
     pub workers: Array<MapData, WorkerState>,
-    pub sessions: HashMap<MapData, SidKey, u32>,
+    /// Keyed by the sid's hash (`sticky_common::SidHasher`).
+    pub sessions: HashMap<MapData, u64, u32>,
     pub counters: Counters,
     pub handoff: HandoffMap,
     pub doorbells: ArrayOfMaps<MapData, MapData>,
-    pub learned: HashMap<MapData, SidKey, Learned>,
+    pub learned: HashMap<MapData, u64, Learned>,
     /// Connections `sticky_watch` doomed, for `resets.rs` to destroy.
     pub resets: RingBuf<MapData>,
 }
