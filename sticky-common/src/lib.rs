@@ -181,7 +181,7 @@ pub struct WorkerState {
 }
 
 /// `struct sticky_sid`: a session id zero padded, the message whose
-/// [`SidHasher`] hash keys the `sessions` and `learned` maps.
+/// [`SidHasher`] hash keys the `sessions` map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SidKey {
@@ -215,7 +215,7 @@ impl SidKey {
     }
 }
 
-/// The key of the `sessions` and `learned` maps: SipHash-2-4, keyed by
+/// The key of the `sessions` map: SipHash-2-4, keyed by
 /// `config.sid_key`, of the sid zero padded to [`SID_MAX`] bytes (kernel
 /// side: `sticky-ebpf/src/siphash.h`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -377,15 +377,31 @@ pub struct ResetEvent {
 }
 pub const RESETS_BYTES: u32 = 64 * 1024;
 
-/// `struct sticky_learned`: value of the `learned` map.
+/// `struct sticky_session`: value of the `sessions` map, registered or
+/// learned.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Learned {
+pub struct Session {
     pub worker: u32,
-    pub pad: u32,
-    /// CLOCK_MONOTONIC nanoseconds of the last request carrying the sid;
-    /// 0 once its client sent the Engine.IO close packet.
+    /// 1: registered over the control socket; 0: learned by the kernel.
+    pub registered: u32,
+    /// Learned: CLOCK_MONOTONIC nanoseconds of the last request carrying
+    /// the sid; 0 once its client sent the Engine.IO close packet.
     pub last_seen_ns: u64,
+}
+
+impl Session {
+    pub fn registered(worker: u32) -> Session {
+        Session {
+            worker,
+            registered: 1,
+            last_seen_ns: 0,
+        }
+    }
+
+    pub fn is_registered(&self) -> bool {
+        self.registered != 0
+    }
 }
 
 pub const PLACED_MAX: u32 = 65536;
@@ -461,6 +477,6 @@ mod pod {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::Placed {}
     unsafe impl aya::Pod for super::Decision {}
-    unsafe impl aya::Pod for super::Learned {}
+    unsafe impl aya::Pod for super::Session {}
     unsafe impl aya::Pod for super::Conn {}
 }

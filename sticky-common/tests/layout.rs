@@ -24,7 +24,7 @@ int main(void) {
     O(sticky_reset, owner) C(STICKY_RESETS_BYTES)
     S(sticky_decision) O(sticky_decision, owner) O(sticky_decision, placed)
     O(sticky_decision, ack) O(sticky_decision, seq)
-    S(sticky_learned) O(sticky_learned, worker) O(sticky_learned, last_seen_ns)
+    S(sticky_session) O(sticky_session, worker) O(sticky_session, registered) O(sticky_session, last_seen_ns)
     C(STICKY_PLACED_MAX) C(STICKY_LEARN_SEGMENTS) C(STICKY_LEARN_SCAN)
     S(sticky_worker) O(sticky_worker, live) O(sticky_worker, sessions)
     S(sticky_sid)
@@ -134,11 +134,12 @@ fn rust_mirror_matches_sticky_h() {
     expect("sticky_decision.placed", offset_of!(Decision, placed));
     expect("sticky_decision.ack", offset_of!(Decision, ack));
     expect("sticky_decision.seq", offset_of!(Decision, seq));
-    expect("sticky_learned", size_of::<Learned>());
-    expect("sticky_learned.worker", offset_of!(Learned, worker));
+    expect("sticky_session", size_of::<Session>());
+    expect("sticky_session.worker", offset_of!(Session, worker));
+    expect("sticky_session.registered", offset_of!(Session, registered));
     expect(
-        "sticky_learned.last_seen_ns",
-        offset_of!(Learned, last_seen_ns),
+        "sticky_session.last_seen_ns",
+        offset_of!(Session, last_seen_ns),
     );
     expect("STICKY_PLACED_MAX", PLACED_MAX as usize);
     expect("STICKY_LEARN_SEGMENTS", LEARN_SEGMENTS as usize);

@@ -17,7 +17,8 @@ use aya::{
     Ebpf,
 };
 use sticky_common::{
-    Balance, Config, FlowKey, Foreign, Mode, Placed, ResetEvent, SidHasher, WorkerState, COUNTERS,
+    Balance, Config, FlowKey, Foreign, Mode, Placed, ResetEvent, Session, SidHasher, WorkerState,
+    COUNTERS,
 };
 
 mod common;
@@ -56,10 +57,14 @@ impl Watch {
             ebpf,
             next_port: 40000,
         };
-        let mut sessions: HashMap<MapData, u64, u32> =
+        let mut sessions: HashMap<MapData, u64, Session> =
             take(&mut w.ebpf, "sessions").try_into().unwrap();
-        sessions.insert(key_of(OWN), 0, 0).unwrap();
-        sessions.insert(key_of(FOREIGN), 1, 0).unwrap();
+        sessions
+            .insert(key_of(OWN), Session::registered(0), 0)
+            .unwrap();
+        sessions
+            .insert(key_of(FOREIGN), Session::registered(1), 0)
+            .unwrap();
         w.set_foreign(foreign);
         w.set_live(0, true);
         w.set_live(1, true);

@@ -14,7 +14,7 @@ use aya::{
     Ebpf,
 };
 use sticky_common::{
-    Balance, Config, Decision, FlowKey, Mode, SidHasher, SidKey, COUNTERS, NO_WORKER,
+    Balance, Config, Decision, FlowKey, Mode, Session, SidHasher, SidKey, COUNTERS, NO_WORKER,
     SID_HASH_TEST_KEY, SID_HASH_VECTORS,
 };
 use sticky_fuzz::Parse;
@@ -42,7 +42,7 @@ use Outcome::*;
 struct Harness {
     ebpf: Ebpf,
     config: Array<MapData, Config>,
-    sessions: HashMap<MapData, u64, u32>,
+    sessions: HashMap<MapData, u64, Session>,
     flows: HashMap<MapData, FlowKey, Decision>,
     counters: PerCpuArray<MapData, u64>,
     next_port: u16,
@@ -87,7 +87,9 @@ impl Harness {
     }
 
     fn own(&mut self, sid: &str, worker: u32) {
-        self.sessions.insert(key_of(sid), worker, 0).unwrap();
+        self.sessions
+            .insert(key_of(sid), Session::registered(worker), 0)
+            .unwrap();
     }
 
     fn counter(&self, name: &str) -> u64 {
@@ -160,7 +162,9 @@ fn kernel_sid_hash_matches_the_shared_vectors() {
     let mut h = Harness::new();
     for (i, &(sid, hash)) in SID_HASH_VECTORS.iter().enumerate() {
         let worker = 2 + (i as u32 % 2);
-        h.sessions.insert(hash, worker, 0).unwrap();
+        h.sessions
+            .insert(hash, Session::registered(worker), 0)
+            .unwrap();
         let request = format!("GET /socket.io/?EIO=4&sid={sid}&transport=polling HTTP/1.1\r\n");
         let got = h.run(v4(), request.as_bytes());
         println!("sid {sid:?}, key {hash:#018x}: {got:?}");
@@ -169,7 +173,7 @@ fn kernel_sid_hash_matches_the_shared_vectors() {
     }
     // Another key: the same sid no longer finds its session.
     let (sid, hash) = SID_HASH_VECTORS[0];
-    h.sessions.insert(hash, 2, 0).unwrap();
+    h.sessions.insert(hash, Session::registered(2), 0).unwrap();
     h.config
         .set(
             0,
@@ -291,7 +295,9 @@ fn reference_outcome(h: &mut Harness, param: &str, payload: &[u8]) -> Outcome {
                 bytes: [0; sticky_common::SID_MAX],
             };
             key.bytes[..sid.len()].copy_from_slice(&sid);
-            h.sessions.insert(HASHER.hash(&key), 1, 0).unwrap();
+            h.sessions
+                .insert(HASHER.hash(&key), Session::registered(1), 0)
+                .unwrap();
             Owner(1)
         }
         Parse::NoSid => NoSid,

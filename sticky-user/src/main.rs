@@ -6,6 +6,7 @@
 //! ARCHITECTURE.md for the code map.
 
 mod adoption;
+mod batch;
 mod caps;
 mod cli;
 mod control;
@@ -96,7 +97,6 @@ fn run(args: RunArgs) -> Result<()> {
     let mut table = sessions::SessionTable::new(
         maps.sessions,
         maps.workers,
-        maps.learned,
         SidHasher { key: sid_key },
         settings.workers,
         settings.max_sessions as usize,

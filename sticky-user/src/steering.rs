@@ -15,7 +15,7 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SkReuseport, SocketFilter},
     Ebpf, EbpfLoader,
 };
-use sticky_common::{Config, Handoff, Learned, WorkerState, DOORBELL_BYTES, MAX_CPUS};
+use sticky_common::{Config, Handoff, Session, WorkerState, DOORBELL_BYTES, MAX_CPUS};
 use sticky_ebpf::{maps, LEARN_PROGRAM, SELECT_PROGRAM, SORT_PROGRAM, WATCH_PROGRAM};
 
 /// Socket migration through a select-or-migrate program arrived in 5.14.
@@ -31,11 +31,10 @@ pub struct SteeringMaps {
     pub config: Array<MapData, Config>,
     pub workers: Array<MapData, WorkerState>,
     /// Keyed by the sid's hash (`sticky_common::SidHasher`).
-    pub sessions: HashMap<MapData, u64, u32>,
+    pub sessions: HashMap<MapData, u64, Session>,
     pub counters: Counters,
     pub handoff: HandoffMap,
     pub doorbells: ArrayOfMaps<MapData, MapData>,
-    pub learned: HashMap<MapData, u64, Learned>,
     /// Connections `sticky_watch` doomed, for `resets.rs` to destroy.
     pub resets: RingBuf<MapData>,
 }
@@ -43,13 +42,12 @@ pub struct SteeringMaps {
 impl Steering {
     /// Checks the kernel and privileges, then loads both programs into the
     /// kernel (verifying them) without attaching anything.
-    /// `max_sessions` sizes the `sessions` and `learned` maps.
+    /// `max_sessions` sizes the `sessions` map.
     pub fn load(max_sessions: u32) -> Result<Steering> {
         check_kernel()?;
         raise_memlock();
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(maps::SESSIONS, max_sessions)
-            .map_max_entries(maps::LEARNED, max_sessions)
             .load(sticky_ebpf::steer_object())
             .map_err(|e| load_error(e.into()))?;
         let select: &mut SkReuseport = program(&mut ebpf, SELECT_PROGRAM)?;
@@ -74,7 +72,6 @@ impl Steering {
                 rotations: AtomicU64::new(0),
             },
             doorbells: self.take(maps::DOORBELLS)?,
-            learned: self.take(maps::LEARNED)?,
             resets: self.take(maps::RESETS)?,
             handoff: HandoffMap::new(
                 self.ebpf

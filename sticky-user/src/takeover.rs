@@ -83,8 +83,9 @@ impl Takeover {
             return Ok(());
         };
         let indices: Vec<usize> = self.adopted.iter().map(|a| a.index).collect();
-        let carried = old.sessions(&indices);
-        let (registered, learned) = (carried.registered.len(), carried.learned.len());
+        let carried = old.sessions(&indices)?;
+        let registered = carried.iter().filter(|(_, s)| s.is_registered()).count();
+        let learned = carried.len() - registered;
         table.carry_over(carried)?;
         for a in &self.adopted {
             old.release_slot(a.index)?;
