@@ -460,6 +460,7 @@ pub mod counter {
     pub const BY_SID: u32 = 4;
     pub const BALANCED: u32 = 5;
     pub const REJECTED: u32 = 6;
+    pub const LEARNED: u32 = 16;
     pub const PLACED_COOKIE: u32 = 19;
     pub const FOREIGN_DROPPED: u32 = 21;
     pub const FOREIGN_PASSED: u32 = 22;

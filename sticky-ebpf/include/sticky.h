@@ -76,6 +76,7 @@ typedef uint64_t __u64;
 #define STICKY_NO_WORKER 0xffffffffu
 
 #define STICKY_SESSIONS_MAX (1u << 20)
+/* Upper bounds; user space sizes `flows` and `placed_flows` by CPUs. */
 #define STICKY_FLOWS_MAX 65536
 
 enum sticky_balance {

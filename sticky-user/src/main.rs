@@ -10,6 +10,7 @@ mod batch;
 mod caps;
 mod cli;
 mod control;
+mod expiry;
 mod flood;
 mod identity;
 mod listeners;
@@ -32,7 +33,6 @@ use std::{
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::Duration,
 };
 
 use anyhow::{bail, Context, Result};
@@ -77,9 +77,9 @@ fn main() {
 /// start-up; nothing here is on the data path.
 fn run(args: RunArgs) -> Result<()> {
     let mut settings = Settings::from_args(args)?;
-    let mut steering = steering::Steering::load(settings.max_sessions)?;
-    let mut maps = steering.take_maps()?;
     let cpus = sorting_cpus();
+    let mut steering = steering::Steering::load(settings.max_sessions, cpus)?;
+    let mut maps = steering.take_maps()?;
 
     // Workers left running by a supervisor that died are taken over.
     let mut takeover = takeover::Takeover::find(settings.listen, settings.workers)?;
@@ -181,7 +181,7 @@ fn run(args: RunArgs) -> Result<()> {
     );
     reject::serve(group.reject);
     if learning {
-        expire_learned_sessions(sessions.clone(), settings.learn_idle);
+        expiry::spawn(sessions.clone(), counters.clone(), settings.learn_idle);
     }
     if let Some(s) = sorter.as_mut() {
         s.guard_floods(maps.config, config, counters.clone())?;
@@ -309,18 +309,6 @@ fn can_reset() -> bool {
             false
         }
     }
-}
-
-/// Forgets idle learned sessions, on a background thread, forever.
-fn expire_learned_sessions(sessions: Arc<Mutex<sessions::SessionTable>>, idle: Duration) {
-    let every = (idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
-    std::thread::Builder::new()
-        .name("learned-expiry".into())
-        .spawn(move || loop {
-            std::thread::sleep(every);
-            sessions.lock().unwrap().expire_learned(idle);
-        })
-        .expect("spawning the learned-session expiry thread");
 }
 
 /// CPUs that may process packets: one sorting loop each.

@@ -278,9 +278,8 @@ impl SessionTable {
     /// Forgets learned sessions idle for `idle` (no request carried their
     /// sid) or closed by their client (`last_seen_ns` 0, set by
     /// `sticky_watch`), recounts each worker's open learned sessions and
-    /// publishes the counts. One batched pass over the kernel map. Returns
-    /// how many it forgot.
-    pub fn expire_learned(&mut self, idle: Duration) -> usize {
+    /// publishes the counts. One batched pass over the kernel map.
+    pub fn expire_learned(&mut self, idle: Duration) -> Pass {
         let now = monotonic_ns();
         let idle = idle.as_nanos() as u64;
         self.forget(|s| {
@@ -297,20 +296,24 @@ impl SessionTable {
 
     /// Removes the entries matching `doomed` from the kernel map, then
     /// recounts the open learned sessions of each worker from what is left
-    /// and publishes the counts that changed. Returns how many it removed.
-    fn forget(&mut self, doomed: impl Fn(&Session) -> bool) -> usize {
+    /// and publishes the counts that changed.
+    fn forget(&mut self, doomed: impl Fn(&Session) -> bool) -> Pass {
         let mut gone = Vec::new();
         let mut counts = vec![0u32; self.slots.len()];
+        let mut learned_left = 0;
         let scan = batch::for_each(self.kernel_sessions.map(), |key: u64, s: Session| {
             if doomed(&s) {
                 gone.push(key);
-            } else if let Some(c) = counts.get_mut(s.worker as usize) {
+                return;
+            }
+            learned_left += usize::from(!s.is_registered());
+            if let Some(c) = counts.get_mut(s.worker as usize) {
                 *c += u32::from(!s.is_registered() && s.last_seen_ns != 0);
             }
         });
         if let Err(e) = scan {
             crate::log!("cannot read the sessions map: {e}");
-            return 0;
+            return Pass::default();
         }
         if let Err(e) = batch::delete(self.kernel_sessions.map(), &gone) {
             crate::log!("cannot remove sessions from the kernel map: {e}");
@@ -321,7 +324,7 @@ impl SessionTable {
                 let _ = self.publish(i);
             }
         }
-        gone.len()
+        Pass { learned_left }
     }
 
     pub fn learned_count(&self) -> usize {
@@ -418,6 +421,13 @@ impl SessionTable {
         self.kernel_workers.set(index as u32, state, 0)?;
         Ok(())
     }
+}
+
+/// What one pass over the kernel `sessions` map did.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Pass {
+    /// Learned entries left, open or closed.
+    pub learned_left: usize,
 }
 
 /// A fresh SipHash key for the session maps, from the kernel's random
