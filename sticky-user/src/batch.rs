@@ -132,3 +132,56 @@ pub fn delete<K: Pod>(map: &MapData, keys: &[K]) -> io::Result<usize> {
     }
     Ok(deleted)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aya::{
+        maps::{HashMap, IterableMap},
+        Ebpf,
+    };
+    use sticky_common::Session;
+
+    /// On the real `sessions` map of the steering object (needs root):
+    /// several batches, keys seen once each, missing keys skipped.
+    #[test]
+    fn whole_map_passes_see_each_entry_once_and_skip_missing_keys() {
+        let mut ebpf = Ebpf::load(sticky_ebpf::steer_object()).expect("loading (are you root?)");
+        let mut map: HashMap<MapData, u64, Session> = ebpf
+            .take_map(sticky_ebpf::maps::SESSIONS)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        let n = 3 * BATCH as u64 + 17;
+        for k in 0..n {
+            map.insert(k * 7919, Session::registered((k % 5) as u32), 0)
+                .unwrap();
+        }
+        let mut seen = std::collections::HashSet::new();
+        let mut per_worker = [0u64; 5];
+        for_each(map.map(), |k: u64, s: Session| {
+            assert!(seen.insert(k), "key {k} seen twice");
+            assert_eq!(s.worker as u64, (k / 7919) % 5);
+            per_worker[s.worker as usize] += 1;
+        })
+        .unwrap();
+        println!(
+            "{} entries in one pass, per worker {per_worker:?}",
+            seen.len()
+        );
+        assert_eq!(seen.len() as u64, n);
+        // Every other key, with missing ones in between and at the end.
+        let mut doomed: Vec<u64> = (0..n).step_by(2).map(|k| k * 7919).collect();
+        doomed.insert(10, 1);
+        doomed.push(3);
+        let deleted = delete(map.map(), &doomed).unwrap();
+        assert_eq!(deleted as u64, n.div_ceil(2));
+        let mut left = 0u64;
+        for_each(map.map(), |k: u64, _: Session| {
+            assert_eq!((k / 7919) % 2, 1, "key {k} should be gone");
+            left += 1;
+        })
+        .unwrap();
+        assert_eq!(left, n / 2);
+    }
+}
