@@ -174,14 +174,18 @@ impl SessionTable {
     }
 
     /// Marks the worker dead and forgets its sessions, registered and
-    /// learned: one pass over the kernel map.
+    /// learned: one pass over the kernel map (1,000,000 sessions: about
+    /// 0.25 s, plus about 2 µs per session deleted). Not while shutting
+    /// down: nothing is placed any more, and the map goes with us.
     pub fn worker_exited(&mut self, index: usize) -> Result<()> {
         let slot = &mut self.slots[index];
         slot.pid = None;
         slot.generation += 1;
         slot.sessions = 0;
         slot.learned = 0;
-        self.forget(|s| s.worker as usize == index);
+        if !self.stopping {
+            self.forget(|s| s.worker as usize == index);
+        }
         self.publish(index)
     }
 
