@@ -19,6 +19,9 @@
 #ifndef __always_inline /* glibc defines it already */
 #define __always_inline inline __attribute__((always_inline))
 #endif
+#ifndef __noinline
+#define __noinline __attribute__((noinline))
+#endif
 /* bpf_helpers.h's, for the kernel build only; a no-op for the host. */
 #define barrier_var(var) asm volatile("" : "=r"(var) : "0"(var))
 #include "sticky.h"

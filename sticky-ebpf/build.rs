@@ -7,7 +7,12 @@
 use std::{env, path::PathBuf, process::Command};
 
 const SOURCES: &[&str] = &["src/steer.bpf.c"];
-const HEADERS: &[&str] = &["include/sticky.h", "src/parse.h", "src/foreign.h"];
+const HEADERS: &[&str] = &[
+    "include/sticky.h",
+    "src/parse.h",
+    "src/siphash.h",
+    "src/foreign.h",
+];
 
 fn main() {
     let out = PathBuf::from(env::var_os("OUT_DIR").unwrap());

@@ -71,7 +71,7 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 const USAGE: &str =
     "usage: sticky-bench core [--quick] [--rounds N] [--duration SECS] [--clients N]
                     [--modes sticky,cookie,floor] [--sessions N] [--learned N]
-                    [--no-memory] [--learn on|off] [--json PATH] [--readme PATH]
+                    [--no-memory | --memory-only] [--learn on|off] [--json PATH] [--readme PATH]
                     [--sticky PATH] [--worker PATH] [--direct ADDR] [--ws-learn]
                     [--foreign]
 
@@ -86,6 +86,7 @@ const USAGE: &str =
                    (default 1,000,000)
   --learned N      sessions learned for the memory measurement
   --no-memory      skip the memory measurement
+  --memory-only    only the memory measurement (no placement rounds)
   --learn on|off   session learning in the sticky columns (default on, sticky's
                    default); off is a control: nothing of sticky is left on
                    established connections, so those rows should read 1.00
@@ -123,6 +124,8 @@ struct Opts {
     modes: Vec<Mode>,
     /// Registered and learned sessions of the memory measurement (None: skip it).
     memory: Option<(usize, usize)>,
+    /// Only the memory measurement (`--memory-only`).
+    memory_only: bool,
     json: Option<PathBuf>,
     readme: Option<PathBuf>,
     direct: Option<SocketAddr>,
@@ -147,6 +150,7 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
         clients: 64,
         modes: Mode::ALL.to_vec(),
         memory: None,
+        memory_only: false,
         json: None,
         readme: None,
         direct: None,
@@ -166,6 +170,7 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
             "--quick" => quick = true,
             "--ws-learn" => opts.ws_learn = true,
             "--no-memory" => memory = false,
+            "--memory-only" => opts.memory_only = true,
             "--foreign" => opts.foreign_bench = true,
             "--rounds" => rounds = Some(number(&value("--rounds")?)? as usize),
             "--duration" => {
@@ -406,7 +411,8 @@ fn run(opts: &Opts) -> Result<(), String> {
     };
     results.pinning = pinning.as_ref().map(Pinning::describe);
     let mut learning_seen = false;
-    for round in 1..=opts.rounds {
+    let rounds = if opts.memory_only { 0 } else { opts.rounds };
+    for round in 1..=rounds {
         for (m, &mode) in opts.modes.iter().enumerate() {
             let mut line = format!("round {round}/{} {:6}:", opts.rounds, mode.label());
             // Each kind gets its own cluster: established connections are
@@ -489,7 +495,12 @@ fn run(opts: &Opts) -> Result<(), String> {
         }
     }
     if let Some((registered, learned)) = opts.memory {
-        results.memory = Some(memory::measure(opts, registered, learned)?);
+        let measured = memory::measure(opts, registered, learned)?;
+        if opts.memory_only {
+            print!("{}", measured.table());
+            return Ok(());
+        }
+        results.memory = Some(measured);
     }
     let seen = results.others.len();
     for pid in other_stickies() {

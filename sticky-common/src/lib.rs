@@ -81,6 +81,8 @@ pub struct Config {
     /// Cookie mode: 1 when plugs go to `OVERFLOW_SLOT`.
     pub plug_alt: u16,
     pub pad: u32,
+    /// The SipHash key of the session maps' keys ([`SidHasher`]).
+    pub sid_key: [u64; 2],
 }
 
 /// `enum sticky_foreign`: what happens to a request whose sid another live
@@ -143,7 +145,14 @@ impl Config {
             overflow_alt: 0,
             plug_alt: 0,
             pad: 0,
+            sid_key: [0; 2],
         }
+    }
+
+    /// Keys the `sessions` map with `sid_key` (see [`SidHasher`]).
+    pub fn with_sid_key(mut self, sid_key: [u64; 2]) -> Config {
+        self.sid_key = sid_key;
+        self
     }
 
     /// Turns on session learning for answers sent from `port`.
@@ -171,7 +180,8 @@ pub struct WorkerState {
     pub sessions: u32,
 }
 
-/// `struct sticky_sid`: key of the `sessions` map, zero padded.
+/// `struct sticky_sid`: a session id zero padded, the message whose
+/// [`SidHasher`] hash keys the `sessions` map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SidKey {
@@ -204,6 +214,88 @@ impl SidKey {
         std::str::from_utf8(&self.bytes[..len]).unwrap_or("")
     }
 }
+
+/// The key of the `sessions` map: SipHash-2-4, keyed by
+/// `config.sid_key`, of the sid zero padded to [`SID_MAX`] bytes (kernel
+/// side: `sticky-ebpf/src/siphash.h`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SidHasher {
+    pub key: [u64; 2],
+}
+
+impl SidHasher {
+    /// The map key of `sid`, validated as [`SidKey::new`] does.
+    pub fn key_of(&self, sid: &str) -> Result<u64, SidError> {
+        Ok(self.hash(&SidKey::new(sid)?))
+    }
+
+    pub fn hash(&self, sid: &SidKey) -> u64 {
+        siphash24(self.key, &sid.bytes)
+    }
+}
+
+/// SipHash-2-4 (Aumasson and Bernstein) of `msg` under `key`.
+pub fn siphash24(key: [u64; 2], msg: &[u8]) -> u64 {
+    let mut v = [
+        0x736f6d6570736575 ^ key[0],
+        0x646f72616e646f6d ^ key[1],
+        0x6c7967656e657261 ^ key[0],
+        0x7465646279746573 ^ key[1],
+    ];
+    let round = |v: &mut [u64; 4]| {
+        v[0] = v[0].wrapping_add(v[1]);
+        v[1] = v[1].rotate_left(13) ^ v[0];
+        v[0] = v[0].rotate_left(32);
+        v[2] = v[2].wrapping_add(v[3]);
+        v[3] = v[3].rotate_left(16) ^ v[2];
+        v[0] = v[0].wrapping_add(v[3]);
+        v[3] = v[3].rotate_left(21) ^ v[0];
+        v[2] = v[2].wrapping_add(v[1]);
+        v[1] = v[1].rotate_left(17) ^ v[2];
+        v[2] = v[2].rotate_left(32);
+    };
+    let compress = |v: &mut [u64; 4], m: u64| {
+        v[3] ^= m;
+        round(v);
+        round(v);
+        v[0] ^= m;
+    };
+    let words = msg.chunks_exact(8);
+    let tail = words.remainder();
+    for w in words {
+        compress(&mut v, u64::from_le_bytes(w.try_into().unwrap()));
+    }
+    let mut last = [0u8; 8];
+    last[..tail.len()].copy_from_slice(tail);
+    last[7] = msg.len() as u8;
+    compress(&mut v, u64::from_le_bytes(last));
+    v[2] ^= 0xff;
+    for _ in 0..4 {
+        round(&mut v);
+    }
+    v[0] ^ v[1] ^ v[2] ^ v[3]
+}
+
+/// The key of [`SID_HASH_VECTORS`]: bytes 00..0f, as in SipHash's paper.
+pub const SID_HASH_TEST_KEY: [u64; 2] = [0x0706050403020100, 0x0f0e0d0c0b0a0908];
+/// Session ids and their map keys under [`SID_HASH_TEST_KEY`], computed
+/// with an independent SipHash-2-4 (Rust's `std::hash::SipHasher`). The one
+/// definition both sides are checked against: sticky-common's tests (this
+/// crate's code) and the parser test in `sticky-ebpf` (the kernel's).
+pub const SID_HASH_VECTORS: &[(&str, u64)] = &[
+    ("a", 0x58f5e2db9a684af7),
+    ("sid", 0x7941f60ea593dfbc),
+    ("abc_DEF-019", 0x3ca3450ad398dd33),
+    ("Xy3_-9zQ0aB1cD2eF3gH", 0x561d1b26c34f9816),
+    (
+        "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        0x66ed995e80b60d79,
+    ),
+    (
+        "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_-",
+        0x82cb27596359fa19,
+    ),
+];
 
 /// Why a session id was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -285,15 +377,31 @@ pub struct ResetEvent {
 }
 pub const RESETS_BYTES: u32 = 64 * 1024;
 
-/// `struct sticky_learned`: value of the `learned` map.
+/// `struct sticky_session`: value of the `sessions` map, registered or
+/// learned.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Learned {
+pub struct Session {
     pub worker: u32,
-    pub pad: u32,
-    /// CLOCK_MONOTONIC nanoseconds of the last request carrying the sid;
-    /// 0 once its client sent the Engine.IO close packet.
+    /// 1: registered over the control socket; 0: learned by the kernel.
+    pub registered: u32,
+    /// Learned: CLOCK_MONOTONIC nanoseconds of the last request carrying
+    /// the sid; 0 once its client sent the Engine.IO close packet.
     pub last_seen_ns: u64,
+}
+
+impl Session {
+    pub fn registered(worker: u32) -> Session {
+        Session {
+            worker,
+            registered: 1,
+            last_seen_ns: 0,
+        }
+    }
+
+    pub fn is_registered(&self) -> bool {
+        self.registered != 0
+    }
 }
 
 pub const PLACED_MAX: u32 = 65536;
@@ -352,6 +460,7 @@ pub mod counter {
     pub const BY_SID: u32 = 4;
     pub const BALANCED: u32 = 5;
     pub const REJECTED: u32 = 6;
+    pub const LEARNED: u32 = 16;
     pub const PLACED_COOKIE: u32 = 19;
     pub const FOREIGN_DROPPED: u32 = 21;
     pub const FOREIGN_PASSED: u32 = 22;
@@ -369,6 +478,6 @@ mod pod {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::Placed {}
     unsafe impl aya::Pod for super::Decision {}
-    unsafe impl aya::Pod for super::Learned {}
+    unsafe impl aya::Pod for super::Session {}
     unsafe impl aya::Pod for super::Conn {}
 }

@@ -15,7 +15,7 @@ const PROBE: &str = r#"
 int main(void) {
     S(sticky_config) O(sticky_config, worker_count) O(sticky_config, balance)
     O(sticky_config, mode) O(sticky_config, param_len) O(sticky_config, sorting_count) O(sticky_config, flood) O(sticky_config, param_word)
-    O(sticky_config, param_mask) O(sticky_config, port) O(sticky_config, learn) O(sticky_config, plug_port) O(sticky_config, overflow_alt) O(sticky_config, plug_alt)
+    O(sticky_config, param_mask) O(sticky_config, port) O(sticky_config, learn) O(sticky_config, plug_port) O(sticky_config, overflow_alt) O(sticky_config, plug_alt) O(sticky_config, sid_key)
     O(sticky_config, foreign) C(STICKY_FOREIGN_PASS) C(STICKY_FOREIGN_RESET) C(STICKY_FOREIGN_OFF)
     S(sticky_placed) O(sticky_placed, worker) O(sticky_placed, segments) O(sticky_placed, idle)
     S(sticky_conn) O(sticky_conn, worker) O(sticky_conn, flags) O(sticky_conn, segments)
@@ -24,7 +24,7 @@ int main(void) {
     O(sticky_reset, owner) C(STICKY_RESETS_BYTES)
     S(sticky_decision) O(sticky_decision, owner) O(sticky_decision, placed)
     O(sticky_decision, ack) O(sticky_decision, seq)
-    S(sticky_learned) O(sticky_learned, worker) O(sticky_learned, last_seen_ns)
+    S(sticky_session) O(sticky_session, worker) O(sticky_session, registered) O(sticky_session, last_seen_ns)
     C(STICKY_PLACED_MAX) C(STICKY_LEARN_SEGMENTS) C(STICKY_LEARN_SCAN)
     S(sticky_worker) O(sticky_worker, live) O(sticky_worker, sessions)
     S(sticky_sid)
@@ -41,7 +41,7 @@ int main(void) {
     C(STICKY_CNT_SYN) C(STICKY_CNT_PLACED_SOFTIRQ) C(STICKY_CNT_PLACED_QUEUE)
     C(STICKY_CNT_BY_SID) C(STICKY_CNT_BALANCED) C(STICKY_CNT_REJECTED) C(STICKY_CNT_PLACED_COOKIE)
     C(STICKY_CNT_FOREIGN_DROPPED) C(STICKY_CNT_FOREIGN_PASSED) C(STICKY_CNT_DOOMED_SEGMENTS)
-    C(STICKY_CNT_UNMAPPED)
+    C(STICKY_CNT_UNMAPPED) C(STICKY_CNT_LEARNED)
     return 0;
 }
 "#;
@@ -107,6 +107,7 @@ fn rust_mirror_matches_sticky_h() {
         offset_of!(Config, overflow_alt),
     );
     expect("sticky_config.plug_alt", offset_of!(Config, plug_alt));
+    expect("sticky_config.sid_key", offset_of!(Config, sid_key));
     expect("sticky_placed", size_of::<Placed>());
     expect("sticky_placed.worker", offset_of!(Placed, worker));
     expect("sticky_placed.segments", offset_of!(Placed, segments));
@@ -133,11 +134,12 @@ fn rust_mirror_matches_sticky_h() {
     expect("sticky_decision.placed", offset_of!(Decision, placed));
     expect("sticky_decision.ack", offset_of!(Decision, ack));
     expect("sticky_decision.seq", offset_of!(Decision, seq));
-    expect("sticky_learned", size_of::<Learned>());
-    expect("sticky_learned.worker", offset_of!(Learned, worker));
+    expect("sticky_session", size_of::<Session>());
+    expect("sticky_session.worker", offset_of!(Session, worker));
+    expect("sticky_session.registered", offset_of!(Session, registered));
     expect(
-        "sticky_learned.last_seen_ns",
-        offset_of!(Learned, last_seen_ns),
+        "sticky_session.last_seen_ns",
+        offset_of!(Session, last_seen_ns),
     );
     expect("STICKY_PLACED_MAX", PLACED_MAX as usize);
     expect("STICKY_LEARN_SEGMENTS", LEARN_SEGMENTS as usize);
@@ -208,6 +210,36 @@ fn rust_mirror_matches_sticky_h() {
         counter::DOOMED_SEGMENTS as usize,
     );
     expect("STICKY_CNT_UNMAPPED", counter::UNMAPPED as usize);
+    expect("STICKY_CNT_LEARNED", counter::LEARNED as usize);
+}
+
+#[test]
+fn sid_hash_is_siphash_2_4_and_matches_the_vectors() {
+    // The SipHash paper's example: key 00..0f, message 00..0e.
+    let paper: Vec<u8> = (0..15).collect();
+    assert_eq!(siphash24(SID_HASH_TEST_KEY, &paper), 0xa129ca6149be45e5);
+    // Against an independent implementation, every length up to 80.
+    let msg: Vec<u8> = (0..80).map(|i| (i * 7 + 3) as u8).collect();
+    for len in 0..=msg.len() {
+        #[allow(deprecated)]
+        let mut std = std::hash::SipHasher::new_with_keys(0x1234, 0xfedc_ba98_7654_3210);
+        std::hash::Hasher::write(&mut std, &msg[..len]);
+        assert_eq!(
+            siphash24([0x1234, 0xfedc_ba98_7654_3210], &msg[..len]),
+            std::hash::Hasher::finish(&std),
+            "length {len}"
+        );
+    }
+    let hasher = SidHasher {
+        key: SID_HASH_TEST_KEY,
+    };
+    for &(sid, want) in SID_HASH_VECTORS {
+        let got = hasher.key_of(sid).unwrap();
+        println!("sid {sid:?}: {got:#018x}");
+        assert_eq!(got, want, "{sid}");
+    }
+    let other = SidHasher { key: [1, 2] };
+    assert_ne!(other.key_of("sid").unwrap(), hasher.key_of("sid").unwrap());
 }
 
 #[test]

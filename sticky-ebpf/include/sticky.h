@@ -76,6 +76,7 @@ typedef uint64_t __u64;
 #define STICKY_NO_WORKER 0xffffffffu
 
 #define STICKY_SESSIONS_MAX (1u << 20)
+/* Upper bounds; user space sizes `flows` and `placed_flows` by CPUs. */
 #define STICKY_FLOWS_MAX 65536
 
 enum sticky_balance {
@@ -121,6 +122,11 @@ struct sticky_config {
 	__u16 overflow_alt;
 	__u16 plug_alt;
 	__u32 pad;
+	/*
+	 * The SipHash key of the `sessions` map's keys (siphash.h):
+	 * random, chosen at start (kept by a supervisor adopting the maps).
+	 */
+	__u64 sid_key[2];
 };
 
 /*
@@ -154,7 +160,10 @@ struct sticky_worker {
 	__u32 sessions; /* live sessions it owns, for least-connection */
 };
 
-/* Key of the `sessions` hash map (value: __u32 worker index). */
+/*
+ * A sid zero padded, the message hashed into the key of the `sessions`
+ * map: a __u64, sticky_sid_hash() in siphash.h.
+ */
 struct sticky_sid {
 	__u8 bytes[STICKY_SID_MAX];
 };
@@ -234,15 +243,19 @@ struct sticky_placed {
 #define STICKY_LEARN_SCAN 512
 
 /*
- * Value of the `learned` hash map (key: struct sticky_sid): a session that
- * sticky_learn found in a worker's answer. sticky_watch (and the placement
- * paths) refresh last_seen whenever a request carries the sid; 0 means the
- * client closed the session. User space forgets idle and closed ones.
+ * Value of the `sessions` hash map (key: the sid's hash, siphash.h): the
+ * worker owning the session, and how it came. Registered over the control
+ * socket (registered 1): user space adds and removes it, it never expires.
+ * Learned by sticky_learn from a worker's answer (registered 0):
+ * sticky_watch (and the placement paths) refresh last_seen whenever a
+ * request carries the sid; 0 means the client closed the session. User
+ * space forgets idle and closed ones. One map for both: each entry costs
+ * the kernel's hash element header (about 56 bytes) once.
  */
-struct sticky_learned {
+struct sticky_session {
 	__u32 worker;
-	__u32 pad;
-	__u64 last_seen_ns; /* bpf_ktime_get_ns() */
+	__u32 registered;   /* 1: registered by its worker; 0: learned */
+	__u64 last_seen_ns; /* learned: bpf_ktime_get_ns(); 0: closed */
 };
 
 /*

@@ -42,7 +42,6 @@ pub mod maps {
     pub const HANDOFF: &str = "handoff";
     pub const DOORBELLS: &str = "doorbells";
     pub const PLACED_FLOWS: &str = "placed_flows";
-    pub const LEARNED: &str = "learned";
     pub const CONNS: &str = "conns";
     pub const RESETS: &str = "resets";
 }

@@ -22,6 +22,7 @@
 #define STICKY_PARSE_H
 
 #include "sticky.h"
+#include "siphash.h"
 
 /* Indices are masked with this; buf is larger, so a masked index stays inside. */
 #define SCAN_MASK (2 * STICKY_SCAN_MAX - 1)
@@ -34,6 +35,7 @@ struct scratch {
 	 */
 	__u8 buf[2 * STICKY_SCAN_MAX + STICKY_PARAM_MAX];
 	struct sticky_sid key;
+	__u64 hash; /* sticky_sid_hash(key): the `sessions` key */
 	__u32 len;  /* bytes copied into buf, <= STICKY_SCAN_MAX */
 	__u32 mark; /* see launder() */
 };
@@ -101,7 +103,7 @@ static __always_inline __u64 param_differs(struct scratch *s, __u32 at,
 
 /*
  * Copies the sid bytes ([A-Za-z0-9_-]) starting at buf[start] into s->key,
- * zero padded: the key of `sessions`. Returns their count, or -1 past
+ * zero padded: what the key of `sessions` hashes. Returns their count, or -1 past
  * STICKY_SID_MAX; s->mark is left at the byte after them. Shared by the
  * request parser and the session learner.
  */
@@ -126,8 +128,8 @@ static __always_inline int copy_sid(struct scratch *s, __u32 start)
 /*
  * Parses s->buf[0..s->len) in four stages (method, path, query, value),
  * each a loop over a constant bound with at most two branches per byte.
- * On STICKY_PARSE_SID, s->key holds the zero-padded sid, ready as a
- * `sessions` key.
+ * On STICKY_PARSE_SID, s->key holds the zero-padded sid and s->hash its
+ * hash, the `sessions` key.
  */
 static __always_inline int sticky_parse(struct scratch *s,
 					const struct sticky_config *cfg)
@@ -186,7 +188,10 @@ static __always_inline int sticky_parse(struct scratch *s,
 		return STICKY_PARSE_INVALID; /* not terminated within view */
 	if (!(byte_class[s->buf[at]] & (C_AMP | C_END)))
 		return STICKY_PARSE_INVALID; /* a byte outside [A-Za-z0-9_-] */
-	return len == 0 ? STICKY_PARSE_NO_SID : STICKY_PARSE_SID;
+	if (len == 0)
+		return STICKY_PARSE_NO_SID;
+	s->hash = sticky_sid_hash(&s->key, cfg->sid_key);
+	return STICKY_PARSE_SID;
 }
 
 #endif /* STICKY_PARSE_H */

@@ -69,8 +69,8 @@ struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, STICKY_SESSIONS_MAX);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct sticky_sid);
-	__type(value, __u32);
+	__type(key, __u64); /* sticky_sid_hash() of the sid */
+	__type(value, struct sticky_session);
 } sessions SEC(".maps");
 
 struct {
@@ -134,14 +134,6 @@ struct {
 	__type(key, struct sticky_flow);
 	__type(value, struct sticky_placed);
 } placed_flows SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, STICKY_SESSIONS_MAX);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct sticky_sid);
-	__type(value, struct sticky_learned);
-} learned SEC(".maps");
 
 /*
  * Entry 0: the socket filter's; 1: the selector's; 2: sticky_learn's;
@@ -295,17 +287,16 @@ static __always_inline int place(struct sk_reuseport_md *md,
 /* Maps a parse result to the owning worker, counting the outcome. */
 static __always_inline __u32 owner_of(struct scratch *s, int result)
 {
-	__u32 *owner;
+	struct sticky_session *e;
 
 	switch (result) {
 	case STICKY_PARSE_SID:
-		owner = bpf_map_lookup_elem(&sessions, &s->key);
-		if (owner) {
-			struct sticky_learned *l = bpf_map_lookup_elem(&learned, &s->key);
-
-			if (l && l->last_seen_ns) /* 0: closed, stays so */
-				l->last_seen_ns = bpf_ktime_get_ns();
-			return *owner;
+		e = bpf_map_lookup_elem(&sessions, &s->hash);
+		if (e) {
+			/* Learned and open (0: closed, stays so): refreshed. */
+			if (!e->registered && e->last_seen_ns)
+				e->last_seen_ns = bpf_ktime_get_ns();
+			return e->worker;
 		}
 		count(STICKY_CNT_SID_UNKNOWN);
 		return STICKY_NO_WORKER;
@@ -761,12 +752,13 @@ static __always_inline int at_packet_start(struct scratch *s, __u32 i)
 	return b4 == '\r' && b3 == '\n' && b2 == '\r' && b1 == '\n';
 }
 
-static __always_inline int learn_sid(struct scratch *s, __u32 worker)
+static __always_inline int learn_sid(struct scratch *s, __u32 worker,
+				     const struct sticky_config *cfg)
 {
 	__u32 n = s->len, i;
 	__u64 w;
 	long err;
-	struct sticky_learned l = { .worker = worker };
+	struct sticky_session l = { .worker = worker };
 
 	if (n == 0 || n > STICKY_LEARN_SCAN)
 		return 0;
@@ -784,21 +776,16 @@ static __always_inline int learn_sid(struct scratch *s, __u32 worker)
 		return 0; /* e.g. Socket.IO's CONNECT answer 40{"sid":..., not ours */
 	if (copy_sid(s, i + 9) <= 0 || s->buf[s->mark & SCAN_MASK] != '"')
 		return 0;
+	s->hash = sticky_sid_hash(&s->key, cfg->sid_key);
 	l.last_seen_ns = bpf_ktime_get_ns();
-	err = bpf_map_update_elem(&sessions, &s->key, &worker, BPF_NOEXIST);
+	err = bpf_map_update_elem(&sessions, &s->hash, &l, BPF_NOEXIST);
 	if (err) {
 		/*
 		 * Registered or learned already, or the map is full. Asked of
 		 * the map, not told by the error: 6.1 does not answer -EEXIST.
 		 */
-		count(bpf_map_lookup_elem(&sessions, &s->key) ? STICKY_CNT_LEARN_KNOWN
+		count(bpf_map_lookup_elem(&sessions, &s->hash) ? STICKY_CNT_LEARN_KNOWN
 							       : STICKY_CNT_LEARN_FULL);
-		return 1;
-	}
-	/* Never a session without its expiry record: it would never expire. */
-	if (bpf_map_update_elem(&learned, &s->key, &l, BPF_ANY)) {
-		bpf_map_delete_elem(&sessions, &s->key);
-		count(STICKY_CNT_LEARN_FULL);
 		return 1;
 	}
 	count(STICKY_CNT_LEARNED);
@@ -911,7 +898,7 @@ static __noinline int learn_later(struct __sk_buff *skb, const struct sticky_con
 	if (len == 0 || bpf_skb_load_bytes(skb, off, s->buf, len))
 		return 1;
 	s->len = len;
-	if (learn_sid(s, conn->worker) || ends || ++conn->segments >= STICKY_LEARN_SEGMENTS)
+	if (learn_sid(s, conn->worker, cfg) || ends || ++conn->segments >= STICKY_LEARN_SEGMENTS)
 		conn->flags &= ~STICKY_CONN_LEARN;
 	return 1;
 }
@@ -983,7 +970,7 @@ int sticky_learn(struct __sk_buff *skb)
 	if (len == 0 || bpf_skb_load_bytes(skb, off, s->buf, len))
 		return 1;
 	s->len = len;
-	if (learn_sid(s, placed->worker) || ends ||
+	if (learn_sid(s, placed->worker, cfg) || ends ||
 	    __sync_fetch_and_add(&placed->segments, 1) + 1 >= STICKY_LEARN_SEGMENTS)
 		bpf_map_delete_elem(&placed_flows, &key);
 	return 1;
@@ -1035,7 +1022,7 @@ static __always_inline int is_close_request(struct scratch *s, __u32 seg_len)
  * on this one, is dropped and its connection reset (foreign.h).
  *
  * Invariants: drops only a foreign request and the later segments of its
- * (doomed) connection, never anything else; only touches `learned`
+ * (doomed) connection, never anything else; only touches learned
  * entries (a registered session's lifetime is its worker's business); a
  * closed session stays closed; cheap exit, after one socket-storage lookup
  * on accepted connections, unless the payload starts with "GET " or "POST"
@@ -1056,12 +1043,12 @@ static __always_inline int watch_gate(struct __sk_buff *skb, const struct sticky
 SEC("cgroup_skb/ingress")
 int sticky_watch(struct __sk_buff *skb)
 {
-	__u32 zero = 0, three = 3, off, len, word, copy, *owner;
+	__u32 zero = 0, three = 3, off, len, word, copy;
 	int ends, result;
 	struct sticky_config *cfg = bpf_map_lookup_elem(&config, &zero);
 	struct sticky_flow key = {};
 	struct sticky_conn *conn = NULL;
-	struct sticky_learned *l;
+	struct sticky_session *l;
 	struct bpf_sock *sk;
 	struct scratch *s;
 
@@ -1109,18 +1096,17 @@ int sticky_watch(struct __sk_buff *skb)
 		}
 		return 1;
 	}
-	owner = bpf_map_lookup_elem(&sessions, &s->key);
-	if (!owner)
+	l = bpf_map_lookup_elem(&sessions, &s->hash);
+	if (!l)
 		return 1;
 	/*
 	 * On the listener (sk NULL) this is the connection's first request,
 	 * placed by this very sid. A dropped request leaves the session alone:
 	 * its resend on a new connection refreshes (or closes) it.
 	 */
-	if (sk && !foreign_check(skb, cfg, sk, conn, &key, *owner))
+	if (sk && !foreign_check(skb, cfg, sk, conn, &key, l->worker))
 		return 0;
-	l = bpf_map_lookup_elem(&learned, &s->key);
-	if (!l || !l->last_seen_ns)
+	if (l->registered || !l->last_seen_ns)
 		return 1;
 	if (is_close_request(s, len)) {
 		l->last_seen_ns = 0;

@@ -17,7 +17,8 @@ use aya::{
     Ebpf,
 };
 use sticky_common::{
-    Balance, Config, FlowKey, Foreign, Mode, Placed, ResetEvent, SidKey, WorkerState, COUNTERS,
+    Balance, Config, FlowKey, Foreign, Mode, Placed, ResetEvent, Session, SidHasher, WorkerState,
+    COUNTERS,
 };
 
 mod common;
@@ -56,11 +57,13 @@ impl Watch {
             ebpf,
             next_port: 40000,
         };
-        let mut sessions: HashMap<MapData, SidKey, u32> =
+        let mut sessions: HashMap<MapData, u64, Session> =
             take(&mut w.ebpf, "sessions").try_into().unwrap();
-        sessions.insert(SidKey::new(OWN).unwrap(), 0, 0).unwrap();
         sessions
-            .insert(SidKey::new(FOREIGN).unwrap(), 1, 0)
+            .insert(key_of(OWN), Session::registered(0), 0)
+            .unwrap();
+        sessions
+            .insert(key_of(FOREIGN), Session::registered(1), 0)
             .unwrap();
         w.set_foreign(foreign);
         w.set_live(0, true);
@@ -69,7 +72,9 @@ impl Watch {
     }
 
     fn set_foreign(&mut self, foreign: Foreign) {
-        let mut cfg = Config::new(2, 1, Balance::RoundRobin, Mode::Sticky, "sid").learning(0);
+        let mut cfg = Config::new(2, 1, Balance::RoundRobin, Mode::Sticky, "sid")
+            .with_sid_key(SID_KEY)
+            .learning(0);
         cfg.foreign = foreign as u32;
         self.config.set(0, cfg, 0).unwrap();
     }
@@ -234,3 +239,9 @@ fn pass_mode_counts_and_passes() {
         (1, 0)
     );
 }
+
+/// The `sessions` key of `sid` under the tests' config (`SID_KEY`).
+fn key_of(sid: &str) -> u64 {
+    SidHasher { key: SID_KEY }.key_of(sid).unwrap()
+}
+const SID_KEY: [u64; 2] = [0x5eed, 0xc0ffee];

@@ -15,7 +15,7 @@ use aya::{
     programs::{CgroupSkb, TestRun, TestRunOptions},
     Ebpf,
 };
-use sticky_common::{Balance, Config, FlowKey, Learned, Mode, Placed, SidKey, COUNTERS};
+use sticky_common::{Balance, Config, FlowKey, Mode, Placed, Session, SidHasher, COUNTERS};
 
 mod common;
 use common::{flow_key, segment, server_for};
@@ -23,8 +23,7 @@ use common::{flow_key, segment, server_for};
 struct Learner {
     ebpf: Ebpf,
     config: Array<MapData, Config>,
-    sessions: HashMap<MapData, SidKey, u32>,
-    learned: HashMap<MapData, SidKey, Learned>,
+    sessions: HashMap<MapData, u64, Session>,
     placed: HashMap<MapData, FlowKey, Placed>,
     counters: PerCpuArray<MapData, u64>,
     next_port: u16,
@@ -44,14 +43,15 @@ impl Learner {
         config
             .set(
                 0,
-                Config::new(2, 1, Balance::RoundRobin, Mode::Sticky, "sid").learning(0),
+                Config::new(2, 1, Balance::RoundRobin, Mode::Sticky, "sid")
+                    .with_sid_key(SID_KEY)
+                    .learning(0),
                 0,
             )
             .unwrap();
         Learner {
             config,
             sessions: take(&mut ebpf, "sessions").try_into().unwrap(),
-            learned: take(&mut ebpf, "learned").try_into().unwrap(),
             placed: take(&mut ebpf, "placed_flows").try_into().unwrap(),
             counters: take(&mut ebpf, "counters").try_into().unwrap(),
             ebpf,
@@ -102,24 +102,29 @@ impl Learner {
 
     /// A session learned for worker 0, last seen at clock value
     /// `last_seen_ns` (1: long ago; 0 would mean closed).
-    fn learned_session(&mut self, sid: &str, last_seen_ns: u64) -> SidKey {
-        let key = SidKey::new(sid).unwrap();
-        self.sessions.insert(key, 0, 0).unwrap();
-        let learned = Learned {
+    fn learned_session(&mut self, sid: &str, last_seen_ns: u64) -> u64 {
+        let key = key_of(sid);
+        let learned = Session {
             worker: 0,
-            pad: 0,
+            registered: 0,
             last_seen_ns,
         };
-        self.learned.insert(key, learned, 0).unwrap();
+        self.sessions.insert(key, learned, 0).unwrap();
         key
     }
 
-    fn last_seen(&self, key: &SidKey) -> Option<u64> {
-        self.learned.get(key, 0).ok().map(|l| l.last_seen_ns)
+    fn last_seen(&self, key: &u64) -> Option<u64> {
+        self.sessions.get(key, 0).ok().map(|l| l.last_seen_ns)
     }
 
     fn owner(&self, sid: &str) -> Option<u32> {
-        self.sessions.get(&SidKey::new(sid).unwrap(), 0).ok()
+        self.sessions.get(&key_of(sid), 0).ok().map(|s| s.worker)
+    }
+
+    fn registered(&self, sid: &str) -> bool {
+        self.sessions
+            .get(&key_of(sid), 0)
+            .is_ok_and(|s| s.is_registered())
     }
 
     fn counter(&self, name: &str) -> u64 {
@@ -202,10 +207,9 @@ fn open_packets_are_learned_for_the_worker_the_connection_went_to() {
             "{sid} not learned from {:?}",
             String::from_utf8_lossy(payload)
         );
-        assert_eq!(
-            l.learned.get(&SidKey::new(sid).unwrap(), 0).unwrap().worker,
-            worker
-        );
+        let learned = l.sessions.get(&key_of(sid), 0).unwrap();
+        assert_eq!((learned.worker, learned.registered), (worker, 0));
+        assert!(learned.last_seen_ns > 0, "{sid}: learned open");
         // Learned: the connection is no longer searched.
         assert!(l
             .placed
@@ -282,7 +286,7 @@ fn nothing_else_is_learned() {
     l.config
         .set(
             0,
-            Config::new(2, 1, Balance::RoundRobin, Mode::Sticky, "sid"),
+            Config::new(2, 1, Balance::RoundRobin, Mode::Sticky, "sid").with_sid_key(SID_KEY),
             0,
         )
         .unwrap();
@@ -298,7 +302,7 @@ fn nothing_else_is_learned() {
 fn an_explicit_registration_wins() {
     let mut l = Learner::new();
     l.sessions
-        .insert(SidKey::new("registeredExplicitly").unwrap(), 1, 0)
+        .insert(key_of("registeredExplicitly"), Session::registered(1), 0)
         .unwrap();
     let conn = l.placed_connection(v4(), 0);
     l.answer(
@@ -306,10 +310,7 @@ fn an_explicit_registration_wins() {
         &polling_answer(r#"0{"sid":"registeredExplicitly"}"#).into_bytes(),
     );
     assert_eq!(l.owner("registeredExplicitly"), Some(1));
-    assert!(l
-        .learned
-        .get(&SidKey::new("registeredExplicitly").unwrap(), 0)
-        .is_err());
+    assert!(l.registered("registeredExplicitly"), "never overwritten");
     assert!(
         l.counter("learn_known") >= 1,
         "learn_known {} learn_full {} learned {}",
@@ -350,8 +351,10 @@ fn requests_keep_learned_sessions_fresh() {
     assert!(l.last_seen(&key6).unwrap() > 1);
 
     // Not requests of a learned session: nothing changes, nothing is added.
-    let registered = SidKey::new("registeredNotLearned").unwrap();
-    l.sessions.insert(registered, 1, 0).unwrap();
+    let registered = key_of("registeredNotLearned");
+    l.sessions
+        .insert(registered, Session::registered(1), 0)
+        .unwrap();
     let untouched = l.learned_session("untouchedByOthers001", 1);
     let others: Vec<Vec<u8>> = vec![
         b"GET /socket.io/?EIO=4&transport=polling&sid=registeredNotLearned HTTP/1.1\r\n\r\n"
@@ -366,8 +369,10 @@ fn requests_keep_learned_sessions_fresh() {
     for payload in &others {
         l.request(conn, payload);
     }
-    assert!(l.learned.get(&registered, 0).is_err());
-    assert_eq!(l.owner("registeredNotLearned"), Some(1));
+    assert_eq!(
+        l.sessions.get(&registered, 0).unwrap(),
+        Session::registered(1)
+    );
     assert_eq!(l.last_seen(&untouched), Some(1));
 }
 
@@ -410,3 +415,9 @@ fn a_client_close_over_polling_closes_the_learned_session() {
     }
     assert_eq!(l.counter("learn_closed") - before, closes.len() as u64);
 }
+
+/// The `sessions` key of `sid` under the tests' config (`SID_KEY`).
+fn key_of(sid: &str) -> u64 {
+    SidHasher { key: SID_KEY }.key_of(sid).unwrap()
+}
+const SID_KEY: [u64; 2] = [0x5eed, 0xc0ffee];

@@ -13,7 +13,10 @@ use aya::{
     programs::{SocketFilter, TestRun, TestRunOptions},
     Ebpf,
 };
-use sticky_common::{Balance, Config, Decision, FlowKey, Mode, SidKey, COUNTERS, NO_WORKER};
+use sticky_common::{
+    Balance, Config, Decision, FlowKey, Mode, Session, SidHasher, SidKey, COUNTERS, NO_WORKER,
+    SID_HASH_TEST_KEY, SID_HASH_VECTORS,
+};
 use sticky_fuzz::Parse;
 
 mod common;
@@ -39,7 +42,7 @@ use Outcome::*;
 struct Harness {
     ebpf: Ebpf,
     config: Array<MapData, Config>,
-    sessions: HashMap<MapData, SidKey, u32>,
+    sessions: HashMap<MapData, u64, Session>,
     flows: HashMap<MapData, FlowKey, Decision>,
     counters: PerCpuArray<MapData, u64>,
     next_port: u16,
@@ -76,7 +79,8 @@ impl Harness {
         self.config
             .set(
                 0,
-                Config::new(4, 1, Balance::RoundRobin, Mode::Sticky, param),
+                Config::new(4, 1, Balance::RoundRobin, Mode::Sticky, param)
+                    .with_sid_key(SID_HASH_TEST_KEY),
                 0,
             )
             .unwrap();
@@ -84,7 +88,7 @@ impl Harness {
 
     fn own(&mut self, sid: &str, worker: u32) {
         self.sessions
-            .insert(SidKey::new(sid).unwrap(), worker, 0)
+            .insert(key_of(sid), Session::registered(worker), 0)
             .unwrap();
     }
 
@@ -140,6 +144,45 @@ impl Harness {
             other => panic!("several outcomes at once: {other:?}"),
         }
     }
+}
+
+const HASHER: SidHasher = SidHasher {
+    key: SID_HASH_TEST_KEY,
+};
+
+/// The `sessions` key of `sid`, as user space computes it.
+fn key_of(sid: &str) -> u64 {
+    HASHER.key_of(sid).unwrap()
+}
+
+/// The kernel hashes each sid as sticky-common's vectors say: a session
+/// keyed by the vector's hash (not by user space's own function) is found.
+#[test]
+fn kernel_sid_hash_matches_the_shared_vectors() {
+    let mut h = Harness::new();
+    for (i, &(sid, hash)) in SID_HASH_VECTORS.iter().enumerate() {
+        let worker = 2 + (i as u32 % 2);
+        h.sessions
+            .insert(hash, Session::registered(worker), 0)
+            .unwrap();
+        let request = format!("GET /socket.io/?EIO=4&sid={sid}&transport=polling HTTP/1.1\r\n");
+        let got = h.run(v4(), request.as_bytes());
+        println!("sid {sid:?}, key {hash:#018x}: {got:?}");
+        assert_eq!(got, Owner(worker), "{sid}");
+        h.sessions.remove(&hash).unwrap();
+    }
+    // Another key: the same sid no longer finds its session.
+    let (sid, hash) = SID_HASH_VECTORS[0];
+    h.sessions.insert(hash, Session::registered(2), 0).unwrap();
+    h.config
+        .set(
+            0,
+            Config::new(4, 1, Balance::RoundRobin, Mode::Sticky, "sid").with_sid_key([1, 2]),
+            0,
+        )
+        .unwrap();
+    let request = format!("GET /?sid={sid} HTTP/1.1\r\n");
+    assert_eq!(h.run(v4(), request.as_bytes()), Unknown);
 }
 
 fn v4() -> IpAddr {
@@ -252,7 +295,9 @@ fn reference_outcome(h: &mut Harness, param: &str, payload: &[u8]) -> Outcome {
                 bytes: [0; sticky_common::SID_MAX],
             };
             key.bytes[..sid.len()].copy_from_slice(&sid);
-            h.sessions.insert(key, 1, 0).unwrap();
+            h.sessions
+                .insert(HASHER.hash(&key), Session::registered(1), 0)
+                .unwrap();
             Owner(1)
         }
         Parse::NoSid => NoSid,

@@ -33,10 +33,10 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
-    maps::{Array, HashMap, Map, MapData, MapInfo, ReusePortSockArray},
+    maps::{Array, HashMap, IterableMap, Map, MapData, MapInfo, ReusePortSockArray},
     programs::loaded_programs,
 };
-use sticky_common::{Config, Learned, SidKey};
+use sticky_common::{Config, Session};
 use sticky_ebpf::{maps, SELECT_PROGRAM};
 
 /// A worker of a dead supervisor, taken over.
@@ -131,14 +131,9 @@ pub fn find_orphans(addr: SocketAddr, workers: usize) -> Result<Vec<Orphan>> {
 /// The maps of the selector the dead supervisor left attached.
 pub struct OldSteering {
     listeners: ReusePortSockArray<MapData>,
-    sessions: HashMap<MapData, SidKey, u32>,
-    learned: HashMap<MapData, SidKey, Learned>,
-}
-
-/// Sessions carried over: registered (sid, worker) and learned ones.
-pub struct CarriedSessions {
-    pub registered: Vec<(SidKey, usize)>,
-    pub learned: Vec<(SidKey, Learned)>,
+    sessions: HashMap<MapData, u64, Session>,
+    /// Its maps' SipHash key: the carried keys are hashes under it.
+    pub sid_key: [u64; 2],
 }
 
 impl OldSteering {
@@ -161,11 +156,12 @@ impl OldSteering {
                 })
                 .collect();
             let config: Option<Array<MapData, Config>> = open(&by_name, maps::CONFIG).ok();
-            if config.and_then(|c| c.get(&0, 0).ok()).map(|c| c.port) == Some(port as u32) {
-                found.push(by_name);
+            match config.and_then(|c| c.get(&0, 0).ok()) {
+                Some(c) if c.port == port as u32 => found.push((by_name, c.sid_key)),
+                _ => {}
             }
         }
-        let [by_name] = found.as_slice() else {
+        let [(by_name, sid_key)] = found.as_slice() else {
             let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
             bail!(
                 "cannot adopt the workers on port {port} (found {} sticky selectors for it, \
@@ -177,29 +173,21 @@ impl OldSteering {
         Ok(OldSteering {
             listeners: open(by_name, maps::LISTENERS)?,
             sessions: open(by_name, maps::SESSIONS)?,
-            learned: open(by_name, maps::LEARNED)?,
+            sid_key: *sid_key,
         })
     }
 
-    /// The sessions owned by the adopted workers (others' owners are gone).
-    pub fn sessions(&self, adopted: &[usize]) -> CarriedSessions {
-        let learned: Vec<(SidKey, Learned)> = self
-            .learned
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, l)| adopted.contains(&(l.worker as usize)))
-            .collect();
-        let registered = self
-            .sessions
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(sid, w)| (sid, w as usize))
-            .filter(|(sid, w)| adopted.contains(w) && !learned.iter().any(|(l, _)| l == sid))
-            .collect();
-        CarriedSessions {
-            registered,
-            learned,
-        }
+    /// The sessions, registered and learned, owned by the adopted workers
+    /// (others' owners are gone), keyed as in the old map.
+    pub fn sessions(&self, adopted: &[usize]) -> Result<Vec<(u64, Session)>> {
+        let mut carried = Vec::new();
+        crate::batch::for_each(self.sessions.map(), |key: u64, s: Session| {
+            if adopted.contains(&(s.worker as usize)) {
+                carried.push((key, s));
+            }
+        })
+        .context("reading the old selector's sessions")?;
+        Ok(carried)
     }
 
     /// Takes slot `index` out of the old slot array: a socket can be in

@@ -20,7 +20,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 
 /// Accept queue length of every listener; capped by `net.core.somaxconn`.
-const BACKLOG: i32 = 4096;
+pub const BACKLOG: i32 = 4096;
 /// Seconds a connection may stay silent after its handshake before it is
 /// queued anyway (and then balanced): the kernel counts SYN-ACK retransmits.
 const DEFER_ACCEPT_SECS: i32 = 10;

@@ -6,9 +6,11 @@
 //! ARCHITECTURE.md for the code map.
 
 mod adoption;
+mod batch;
 mod caps;
 mod cli;
 mod control;
+mod expiry;
 mod flood;
 mod identity;
 mod listeners;
@@ -31,13 +33,12 @@ use std::{
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::Duration,
 };
 
 use anyhow::{bail, Context, Result};
 use aya::maps::{MapData, ReusePortSockArray};
 use clap::Parser;
-use sticky_common::{Foreign, Mode, MAX_CPUS, REJECT_SLOT, SINK_SLOT};
+use sticky_common::{Foreign, Mode, SidHasher, MAX_CPUS, REJECT_SLOT, SINK_SLOT};
 
 use cli::{Cli, Command, RunArgs, Settings};
 
@@ -76,9 +77,9 @@ fn main() {
 /// start-up; nothing here is on the data path.
 fn run(args: RunArgs) -> Result<()> {
     let mut settings = Settings::from_args(args)?;
-    let mut steering = steering::Steering::load(settings.max_sessions)?;
-    let mut maps = steering.take_maps()?;
     let cpus = sorting_cpus();
+    let mut steering = steering::Steering::load(settings.max_sessions, cpus)?;
+    let mut maps = steering.take_maps()?;
 
     // Workers left running by a supervisor that died are taken over.
     let mut takeover = takeover::Takeover::find(settings.listen, settings.workers)?;
@@ -87,12 +88,17 @@ fn run(args: RunArgs) -> Result<()> {
     let watching = settings.watches_connections() && attach_watchers(&mut steering);
     let learning = settings.learn && watching;
     let foreign = foreign_requests(&settings, watching);
-    let config = settings.kernel_config(cpus, group.addr.port(), learning, foreign);
+    let sid_key = takeover
+        .sid_key()
+        .map_or_else(sessions::fresh_sid_key, Ok)?;
+    let config = settings
+        .kernel_config(cpus, group.addr.port(), learning, foreign)
+        .with_sid_key(sid_key);
     maps.config.set(0, config, 0)?;
     let mut table = sessions::SessionTable::new(
         maps.sessions,
         maps.workers,
-        maps.learned,
+        SidHasher { key: sid_key },
         settings.workers,
         settings.max_sessions as usize,
     );
@@ -176,7 +182,7 @@ fn run(args: RunArgs) -> Result<()> {
     );
     reject::serve(group.reject);
     if learning {
-        expire_learned_sessions(sessions.clone(), settings.learn_idle);
+        expiry::spawn(sessions.clone(), counters.clone(), settings.learn_idle);
     }
     if let Some(s) = sorter.as_mut() {
         s.guard_floods(maps.config, config, counters.clone())?;
@@ -305,18 +311,6 @@ fn can_reset() -> bool {
             false
         }
     }
-}
-
-/// Forgets idle learned sessions, on a background thread, forever.
-fn expire_learned_sessions(sessions: Arc<Mutex<sessions::SessionTable>>, idle: Duration) {
-    let every = (idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
-    std::thread::Builder::new()
-        .name("learned-expiry".into())
-        .spawn(move || loop {
-            std::thread::sleep(every);
-            sessions.lock().unwrap().expire_learned(idle);
-        })
-        .expect("spawning the learned-session expiry thread");
 }
 
 /// CPUs that may process packets: one sorting loop each.

@@ -15,7 +15,7 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SkReuseport, SocketFilter},
     Ebpf, EbpfLoader,
 };
-use sticky_common::{Config, Handoff, Learned, SidKey, WorkerState, DOORBELL_BYTES, MAX_CPUS};
+use sticky_common::{Config, Handoff, Session, WorkerState, DOORBELL_BYTES, MAX_CPUS};
 use sticky_ebpf::{maps, LEARN_PROGRAM, SELECT_PROGRAM, SORT_PROGRAM, WATCH_PROGRAM};
 
 /// Socket migration through a select-or-migrate program arrived in 5.14.
@@ -30,25 +30,44 @@ pub struct SteeringMaps {
     pub listeners: ReusePortSockArray<MapData>,
     pub config: Array<MapData, Config>,
     pub workers: Array<MapData, WorkerState>,
-    pub sessions: HashMap<MapData, SidKey, u32>,
+    /// Keyed by the sid's hash (`sticky_common::SidHasher`).
+    pub sessions: HashMap<MapData, u64, Session>,
     pub counters: Counters,
     pub handoff: HandoffMap,
     pub doorbells: ArrayOfMaps<MapData, MapData>,
-    pub learned: HashMap<MapData, SidKey, Learned>,
     /// Connections `sticky_watch` doomed, for `resets.rs` to destroy.
     pub resets: RingBuf<MapData>,
+}
+
+/// Entries of the LRU maps of connections in flight, `flows` (a queued
+/// connection's decision, from its first data to the rotation that
+/// migrates it) and `placed_flows` (a placed connection, until its worker's
+/// first answers): preallocated, about 120 bytes each. What they must hold
+/// grows with the connections in flight, so with the CPUs: a sorting
+/// listener's accept queue (`listeners::BACKLOG`, 4,096) per CPU, at least
+/// 16,384 (four CPUs' full queues at once; rotation keeps them near
+/// empty), at most the sticky.h bound (65,536, sixteen CPUs' worth).
+fn in_flight_entries(cpus: usize) -> u32 {
+    let per_cpu = crate::listeners::BACKLOG as u32;
+    (per_cpu.saturating_mul(cpus as u32)).clamp(
+        16_384,
+        sticky_common::FLOWS_MAX.min(sticky_common::PLACED_MAX),
+    )
 }
 
 impl Steering {
     /// Checks the kernel and privileges, then loads both programs into the
     /// kernel (verifying them) without attaching anything.
-    /// `max_sessions` sizes the `sessions` and `learned` maps.
-    pub fn load(max_sessions: u32) -> Result<Steering> {
+    /// `max_sessions` sizes the `sessions` map, `cpus` (sorting CPUs) the
+    /// maps of connections in flight (`in_flight_entries`).
+    pub fn load(max_sessions: u32, cpus: usize) -> Result<Steering> {
         check_kernel()?;
         raise_memlock();
+        let in_flight = in_flight_entries(cpus);
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(maps::SESSIONS, max_sessions)
-            .map_max_entries(maps::LEARNED, max_sessions)
+            .map_max_entries(maps::FLOWS, in_flight)
+            .map_max_entries(maps::PLACED_FLOWS, in_flight)
             .load(sticky_ebpf::steer_object())
             .map_err(|e| load_error(e.into()))?;
         let select: &mut SkReuseport = program(&mut ebpf, SELECT_PROGRAM)?;
@@ -73,7 +92,6 @@ impl Steering {
                 rotations: AtomicU64::new(0),
             },
             doorbells: self.take(maps::DOORBELLS)?,
-            learned: self.take(maps::LEARNED)?,
             resets: self.take(maps::RESETS)?,
             handoff: HandoffMap::new(
                 self.ebpf

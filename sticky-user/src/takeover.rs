@@ -57,6 +57,12 @@ impl Takeover {
         })
     }
 
+    /// The SipHash key of the adopted maps' session keys, if any: the new
+    /// maps must use it, their keys are copied, not rehashed.
+    pub fn sid_key(&self) -> Option<[u64; 2]> {
+        self.old.as_ref().map(|o| o.sid_key)
+    }
+
     /// The listeners: the adopted workers' own, fresh ones for the rest.
     pub fn listener_group(&mut self, addr: SocketAddr) -> Result<ListenerGroup> {
         if self.adopted.is_empty() {
@@ -77,8 +83,9 @@ impl Takeover {
             return Ok(());
         };
         let indices: Vec<usize> = self.adopted.iter().map(|a| a.index).collect();
-        let carried = old.sessions(&indices);
-        let (registered, learned) = (carried.registered.len(), carried.learned.len());
+        let carried = old.sessions(&indices)?;
+        let registered = carried.iter().filter(|(_, s)| s.is_registered()).count();
+        let learned = carried.len() - registered;
         table.carry_over(carried)?;
         for a in &self.adopted {
             old.release_slot(a.index)?;

@@ -434,10 +434,10 @@ pub fn fd_targets(pid: u32) -> Vec<String> {
 
 /// Entries in the kernel map `name` held by process `pid` (found through
 /// its descriptors, so other sticky instances do not count), for the hash
-/// maps whose size can grow: `flows`, `placed_flows`, `sessions`, `learned`.
+/// maps whose size can grow: `flows`, `placed_flows`, `sessions`.
 pub fn map_entries(pid: u32, name: &str) -> usize {
     use aya::maps::{HashMap as BpfHashMap, Map, MapData, MapInfo};
-    use sticky_common::{Decision, FlowKey, Learned, Placed, SidKey};
+    use sticky_common::{Decision, FlowKey, Placed, Session};
     let id = std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
         .expect("fdinfo of the supervisor")
         .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
@@ -455,8 +455,7 @@ pub fn map_entries(pid: u32, name: &str) -> usize {
             "placed_flows" => {
                 BpfHashMap::<_, FlowKey, Placed>::try_from(map).map(|m| m.keys().count())
             }
-            "sessions" => BpfHashMap::<_, SidKey, u32>::try_from(map).map(|m| m.keys().count()),
-            "learned" => BpfHashMap::<_, SidKey, Learned>::try_from(map).map(|m| m.keys().count()),
+            "sessions" => BpfHashMap::<_, u64, Session>::try_from(map).map(|m| m.keys().count()),
             other => panic!("map_entries: {other} is not a hash map"),
         }
         .expect("reading the map")

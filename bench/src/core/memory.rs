@@ -24,8 +24,10 @@ use super::{Cluster, Mode, Opts};
 use crate::host::quote;
 use crate::measure::{run_clients, Stats};
 
-/// How long the sessions are held, idle, while the supervisor's CPU is sampled.
-const HOLD: Duration = Duration::from_secs(10);
+/// How long the sessions are held, idle, while the supervisor's CPU is
+/// sampled: at least one whole expiry cycle with 1,000,000 sessions (its
+/// passes are at least 200 times their own duration apart, about a minute).
+const HOLD: Duration = Duration::from_secs(70);
 const CLIENTS: usize = 64;
 
 /// One kind of session, held.
@@ -36,7 +38,6 @@ pub struct Held {
     held: u64,
     fill_s: f64,
     sessions_map_kib: u64,
-    learned_map_kib: u64,
     all_maps_kib: u64,
     maps_before_kib: u64,
     rss_kib: u64,
@@ -92,7 +93,7 @@ fn hold(
 ) -> Result<Held, String> {
     let cluster = Cluster::start_with(opts, Mode::Sticky, None, &["--learn-idle", "60m"])?;
     let pid = cluster.pid();
-    let (maps_before_kib, _, _) = map_memory(pid);
+    let (maps_before_kib, _) = map_memory(pid);
     let rss_before_kib = rss_kib(pid);
     let start = Instant::now();
     fill(&cluster)?;
@@ -100,7 +101,7 @@ fn hold(
     let cpu0 = cluster.cpu_seconds();
     std::thread::sleep(HOLD);
     let idle_cpu_ms_per_s = (cluster.cpu_seconds() - cpu0) * 1e3 / HOLD.as_secs_f64();
-    let (all_maps_kib, sessions_map_kib, learned_map_kib) = map_memory(pid);
+    let (all_maps_kib, sessions_map_kib) = map_memory(pid);
     let stats = sticky_stats(opts, &cluster);
     let held = stats("sessions") + stats("learned_sessions");
     let h = Held {
@@ -109,7 +110,6 @@ fn hold(
         held,
         fill_s,
         sessions_map_kib,
-        learned_map_kib,
         all_maps_kib,
         maps_before_kib,
         rss_kib: rss_kib(pid),
@@ -185,15 +185,15 @@ fn sticky_stats(opts: &Opts, cluster: &Cluster) -> impl Fn(&str) -> u64 {
     }
 }
 
-/// (every map, the sessions map, the learned map) of process `pid`, KiB,
-/// from /proc/PID/fdinfo (each map once, by id). The two session maps are
-/// the hashes with 64-byte keys: 4-byte values (`sessions`) and 16-byte
-/// values (`learned`).
-fn map_memory(pid: u32) -> (u64, u64, u64) {
+/// (every map, the sessions map) of process `pid`, KiB, from
+/// /proc/PID/fdinfo (each map once, by id). The sessions map is the hash
+/// with 8-byte keys (the sid's hash) and 16-byte values (`struct
+/// sticky_session`).
+fn map_memory(pid: u32) -> (u64, u64) {
     let mut seen = std::collections::BTreeSet::new();
-    let (mut all, mut sessions, mut learned) = (0, 0, 0);
+    let (mut all, mut sessions) = (0, 0);
     let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
-        return (0, 0, 0);
+        return (0, 0);
     };
     for entry in dir.flatten() {
         let Ok(info) = std::fs::read_to_string(entry.path()) else {
@@ -211,13 +211,11 @@ fn map_memory(pid: u32) -> (u64, u64, u64) {
         }
         let kib = memlock / 1024;
         all += kib;
-        match (field("key_size:"), field("value_size:")) {
-            (Some(64), Some(4)) => sessions += kib,
-            (Some(64), Some(16)) => learned += kib,
-            _ => {}
+        if (field("key_size:"), field("value_size:")) == (Some(8), Some(16)) {
+            sessions += kib;
         }
     }
-    (all, sessions, learned)
+    (all, sessions)
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -240,19 +238,18 @@ impl Memory {
     pub fn table(&self) -> String {
         let mib = |kib: u64| format!("{:.1}", kib as f64 / 1024.0);
         let mut out = String::from(
-            "\nMemory with sessions held (one fresh cluster each; kernel figures are the maps' `memlock` in /proc/PID/fdinfo; target: maps + RSS <= 128 MiB at 1,000,000):\n\n| sessions | held | fill (s) | `sessions` map (MiB) | `learned` map (MiB) | all maps (MiB, empty: before) | supervisor RSS (MiB, empty: before) | maps + RSS (MiB) | per session (bytes) | idle supervisor CPU (ms/s) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+            "\nMemory with sessions held (one fresh cluster each; kernel figures are the maps' `memlock` in /proc/PID/fdinfo; target: maps + RSS <= 128 MiB at 1,000,000):\n\n| sessions | held | fill (s) | `sessions` map (MiB) | all maps (MiB, empty: before) | supervisor RSS (MiB, empty: before) | maps + RSS (MiB) | per session (bytes) | idle supervisor CPU (ms/s) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         );
         for h in &self.held {
             let grown =
                 (h.all_maps_kib + h.rss_kib).saturating_sub(h.maps_before_kib + h.rss_before_kib);
             out += &format!(
-                "| {} ({}) | {} | {:.1} | {} | {} | {} ({}) | {} ({}) | {:.1} | {:.0} | {:.0} |\n",
+                "| {} ({}) | {} | {:.1} | {} | {} ({}) | {} ({}) | {:.1} | {:.0} | {:.0} |\n",
                 h.what,
                 h.asked,
                 h.held,
                 h.fill_s,
                 mib(h.sessions_map_kib),
-                mib(h.learned_map_kib),
                 mib(h.all_maps_kib),
                 mib(h.maps_before_kib),
                 mib(h.rss_kib),
@@ -271,13 +268,12 @@ impl Memory {
             .iter()
             .map(|h| {
                 format!(
-                    "{{\"what\": {}, \"asked\": {}, \"held\": {}, \"fill_s\": {}, \"sessions_map_kib\": {}, \"learned_map_kib\": {}, \"all_maps_kib\": {}, \"maps_before_kib\": {}, \"supervisor_rss_kib\": {}, \"supervisor_rss_before_kib\": {}, \"total_mib\": {}, \"idle_supervisor_cpu_ms_per_s\": {}}}",
+                    "{{\"what\": {}, \"asked\": {}, \"held\": {}, \"fill_s\": {}, \"sessions_map_kib\": {}, \"all_maps_kib\": {}, \"maps_before_kib\": {}, \"supervisor_rss_kib\": {}, \"supervisor_rss_before_kib\": {}, \"total_mib\": {}, \"idle_supervisor_cpu_ms_per_s\": {}}}",
                     quote(h.what),
                     h.asked,
                     h.held,
                     num(h.fill_s),
                     h.sessions_map_kib,
-                    h.learned_map_kib,
                     h.all_maps_kib,
                     h.maps_before_kib,
                     h.rss_kib,
