@@ -267,6 +267,16 @@ impl Settings {
         config
     }
 
+    /// The line that says sticky serves (tests and tools wait for it).
+    pub fn ready_line(&self, addr: SocketAddr, control: &std::path::Path) -> String {
+        format!(
+            "listening on {addr} with {} workers ({}), control socket {}",
+            self.workers,
+            self.describe_placement(),
+            control.display()
+        )
+    }
+
     /// How placement works, for the start-up line.
     pub fn describe_placement(&self) -> &'static str {
         match (self.mode, self.balance) {

@@ -21,6 +21,7 @@ mod reject;
 mod relay;
 mod resets;
 mod sessions;
+mod side;
 mod sorter;
 mod spawn;
 mod stats;
@@ -85,15 +86,12 @@ fn run(args: RunArgs) -> Result<()> {
     let mut takeover = takeover::Takeover::find(settings.listen, settings.workers)?;
     let group = takeover.listener_group(settings.listen)?;
 
-    let watching = settings.watches_connections() && attach_watchers(&mut steering);
-    let learning = settings.learn && watching;
-    let foreign = foreign_requests(&settings, watching);
-    let sid_key = takeover
-        .sid_key()
-        .map_or_else(sessions::fresh_sid_key, Ok)?;
-    let config = settings
-        .kernel_config(cpus, group.addr.port(), learning, foreign)
-        .with_sid_key(sid_key);
+    let Kernel {
+        config,
+        learning,
+        foreign,
+        sid_key,
+    } = configure_kernel(&settings, &mut steering, &takeover, cpus, group.addr.port())?;
     maps.config.set(0, config, 0)?;
     let mut table = sessions::SessionTable::new(
         maps.sessions,
@@ -121,20 +119,9 @@ fn run(args: RunArgs) -> Result<()> {
         .command
         .set_env("STICKY_FOREIGN_REQUESTS", foreign.name());
     let sessions = Arc::new(Mutex::new(table));
-    let control_path = settings
-        .control
-        .clone()
-        .unwrap_or_else(|| cli::default_control(group.addr.port()));
-    let control = control::ControlSocket::bind(&control_path)?;
-    let (relay, _remove_relay) = relay::Relay::start(&control_path, sessions.clone())?;
-    if let Some(who) = &settings.run_as {
-        control.only_for(who)?;
-    }
+    let side = side::SideServices::bind(&settings, group.addr.port(), &sessions)?;
+    let (control_path, relay) = (side.control_path.clone(), side.relay.clone());
     let events = supervisor::events();
-    let metrics = settings
-        .metrics
-        .map(metrics::MetricsServer::bind)
-        .transpose()?;
 
     // Shared by the sorters (wake-ups) and the supervisor (restarts).
     let worker_listeners: sorter::WorkerListeners = Arc::new(Mutex::new(group.workers));
@@ -168,18 +155,13 @@ fn run(args: RunArgs) -> Result<()> {
         resets::serve(maps.resets, group.addr.port(), reset_stats.clone())
             .context("starting the connection resetter")?;
     }
-    relay.serve()?;
-    let _remove_control = side_services(
-        control,
-        metrics,
-        control::ControlState {
-            sessions: sessions.clone(),
-            counters: counters.clone(),
-            relay: Some(relay.clone()),
-            resets: reset_stats,
-            reload: events.0.clone(),
-        },
-    );
+    let _served = side.serve(control::ControlState {
+        sessions: sessions.clone(),
+        counters: counters.clone(),
+        relay: Some(relay.clone()),
+        resets: reset_stats,
+        reload: events.0.clone(),
+    })?;
     reject::serve(group.reject);
     if learning {
         expiry::spawn(sessions.clone(), counters.clone(), settings.learn_idle);
@@ -188,13 +170,7 @@ fn run(args: RunArgs) -> Result<()> {
         s.guard_floods(maps.config, config, counters.clone())?;
     }
 
-    let ready = format!(
-        "listening on {} with {} workers ({}), control socket {}",
-        group.addr,
-        settings.workers,
-        settings.describe_placement(),
-        control_path.display()
-    );
+    let ready = settings.ready_line(group.addr, &control_path);
     let supervisor = supervisor::Supervisor::start(
         supervisor::WorkerSettings {
             command: settings.command.with_relay(relay, settings.node_ipc),
@@ -221,6 +197,42 @@ fn run(args: RunArgs) -> Result<()> {
     result
 }
 
+/// What the kernel programs do on this run, as `configure_kernel` found it.
+struct Kernel {
+    config: sticky_common::Config,
+    learning: bool,
+    foreign: Foreign,
+    /// The sessions map's SipHash-2-4 key: a killed supervisor's, or fresh.
+    sid_key: [u64; 2],
+}
+
+/// Attaches the cgroup programs if they are wanted and can be, and builds
+/// the selector's configuration for a group on `port` from what is in
+/// effect.
+fn configure_kernel(
+    settings: &Settings,
+    steering: &mut steering::Steering,
+    takeover: &takeover::Takeover,
+    cpus: usize,
+    port: u16,
+) -> Result<Kernel> {
+    let watching = settings.watches_connections() && attach_watchers(steering);
+    let learning = settings.learn && watching;
+    let foreign = foreign_requests(settings, watching);
+    let sid_key = takeover
+        .sid_key()
+        .map_or_else(sessions::fresh_sid_key, Ok)?;
+    let config = settings
+        .kernel_config(cpus, port, learning, foreign)
+        .with_sid_key(sid_key);
+    Ok(Kernel {
+        config,
+        learning,
+        foreign,
+        sid_key,
+    })
+}
+
 /// Keeps only the capabilities serving needs (`privileges`), before any
 /// thread exists: capabilities are per thread and new threads inherit
 /// them. Then starts the sorting threads, which inherit the real-time
@@ -238,22 +250,6 @@ fn drop_privileges_then_sort(
     });
     realtime.end();
     sorter
-}
-
-/// The control socket and the metrics endpoint, each on its thread; the
-/// guard removes the control socket's file when sticky exits.
-fn side_services(
-    control: control::ControlSocket,
-    metrics: Option<metrics::MetricsServer>,
-    state: control::ControlState,
-) -> control::RemoveOnDrop {
-    if let Some(server) = metrics {
-        if let Some(addr) = server.local_addr() {
-            log!("metrics on http://{addr}/metrics");
-        }
-        server.serve(state.clone());
-    }
-    control.serve(state)
 }
 
 /// Puts every listener the selector may pick in its slot: the workers',
