@@ -96,7 +96,14 @@ fn hold(
     let (maps_before_kib, _) = map_memory(pid);
     let rss_before_kib = rss_kib(pid);
     let start = Instant::now();
-    fill(&cluster)?;
+    fill(&cluster).map_err(|e| {
+        let stats = std::process::Command::new(&opts.sticky)
+            .args(["stats", "--listen", &cluster.addr.to_string()])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).replace('\n', " "))
+            .unwrap_or_default();
+        format!("{e}\nsticky's log:\n{}\nstats: {stats}", cluster.log_tail())
+    })?;
     let fill_s = start.elapsed().as_secs_f64();
     let cpu0 = cluster.cpu_seconds();
     std::thread::sleep(HOLD);
@@ -159,11 +166,11 @@ fn slow_get(cluster: &Cluster, target: &str) -> Result<String, String> {
     let mut s = TcpStream::connect(cluster.addr).map_err(|e| format!("connect: {e}"))?;
     s.set_read_timeout(Some(Duration::from_secs(600)))
         .map_err(|e| e.to_string())?;
-    write!(
-        s,
-        "GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| format!("{target}: {e}"))?;
+    // One write: the fair worker reads a request in one read, and `write!`
+    // on a socket sends each formatted piece as a segment of its own.
+    let request = format!("GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    s.write_all(request.as_bytes())
+        .map_err(|e| format!("{target}: {e}"))?;
     let mut raw = String::new();
     s.read_to_string(&mut raw)
         .map_err(|e| format!("{target}: {e}"))?;
