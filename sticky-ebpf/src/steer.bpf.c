@@ -911,7 +911,7 @@ int sticky_learn(struct __sk_buff *skb)
 	struct sticky_config *cfg = bpf_map_lookup_elem(&config, &zero);
 	struct sticky_flow key = {};
 	struct sticky_placed *placed;
-	struct sticky_conn *conn;
+	struct sticky_conn *conn = NULL;
 	struct bpf_sock *sk;
 	struct scratch *s;
 
@@ -948,10 +948,12 @@ int sticky_learn(struct __sk_buff *skb)
 	 * The placement record goes once its search ends (a sid learned, or
 	 * STICKY_LEARN_SEGMENTS segments): a handshake answered after that,
 	 * before the segment count above is passed, is one on a reused
-	 * connection too.
+	 * connection too (armed by sticky_watch; learn_later looks again only
+	 * then).
 	 */
 	if (!placed)
-		return cfg->learn && sk ? learn_later(skb, cfg) : 1;
+		return cfg->learn && conn && (conn->flags & STICKY_CONN_LEARN) ?
+			       learn_later(skb, cfg) : 1;
 	if (len == 0) {
 		/* No payload. The worker's FIN or RST ends the search early. */
 		if (ends)
