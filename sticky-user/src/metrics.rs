@@ -128,29 +128,22 @@ impl std::fmt::Debug for StickyCollector {
     }
 }
 
+/// One value of the stats list, under its own name and help.
+fn encode_stat(
+    encoder: &mut DescriptorEncoder,
+    stat: &stats::Stat,
+    metric: impl EncodeMetric,
+) -> Result<(), std::fmt::Error> {
+    metric.encode(encoder.encode_descriptor(stat.name, stat.help, None, metric.metric_type())?)
+}
+
 impl Collector for StickyCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let snapshot = stats::snapshot(&self.0);
         for stat in &snapshot.values {
             match stat.kind {
-                Kind::Counter => {
-                    let metric = ConstCounter::new(stat.value);
-                    metric.encode(encoder.encode_descriptor(
-                        stat.name,
-                        stat.help,
-                        None,
-                        metric.metric_type(),
-                    )?)?;
-                }
-                Kind::Gauge => {
-                    let metric = ConstGauge::new(stat.value as i64);
-                    metric.encode(encoder.encode_descriptor(
-                        stat.name,
-                        stat.help,
-                        None,
-                        metric.metric_type(),
-                    )?)?;
-                }
+                Kind::Counter => encode_stat(&mut encoder, stat, ConstCounter::new(stat.value))?,
+                Kind::Gauge => encode_stat(&mut encoder, stat, ConstGauge::new(stat.value as i64))?,
             }
         }
         // Per worker process, labelled worker="N" (`STICKY_WORKER`) and

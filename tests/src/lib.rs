@@ -469,6 +469,16 @@ pub fn map_entries(pid: u32, name: &str) -> usize {
 /// Prints a test's figures so that they show in `cargo xtask test`'s output
 /// even when the test passes (libtest captures `println!`, not a direct
 /// write to stderr).
+/// Whether `setpriv` (util-linux), which the tests use to run a command as
+/// another user or with other capabilities, is missing; says so once if it is.
+pub fn setpriv_missing() -> bool {
+    let missing = Command::new("setpriv").arg("--version").output().is_err();
+    if missing {
+        println!("setpriv (util-linux) not installed: skipped");
+    }
+    missing
+}
+
 pub fn report(line: &str) {
     use std::io::Write as _;
     let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());

@@ -16,7 +16,7 @@ use std::{
 
 use sticky_tests::{
     assert_one_line, demo_worker_bin, python3_bin, random_sid, reachable_by_others, run_sticky,
-    sticky_bin, Cluster, TempDir,
+    setpriv_missing, sticky_bin, Cluster, TempDir,
 };
 
 const NOBODY: u32 = 65534;
@@ -172,7 +172,7 @@ fn workers_run_as_nobody_with_nothing_even_after_a_crash() {
     );
 
     // Another unprivileged user cannot even connect.
-    if Command::new("setpriv").arg("--version").output().is_ok() {
+    if !setpriv_missing() {
         let out = Command::new("setpriv")
             .args(["--reuid=12345", "--regid=12345", "--clear-groups", "--"])
             .args(["/usr/bin/python3", "-c"])
@@ -399,8 +399,7 @@ fn an_unknown_user_is_one_clear_line() {
 
 #[test]
 fn non_root_with_just_bpf_net_admin_and_perfmon_works() {
-    if Command::new("setpriv").arg("--version").output().is_err() {
-        println!("setpriv (util-linux) not installed: skipped");
+    if setpriv_missing() {
         return;
     }
     // A directory nobody may create its control socket in.

@@ -14,7 +14,7 @@ use std::{
 
 use sticky_tests::{
     assert_one_line, demo_worker_bin, proc_state, process_exists, read_response, request,
-    run_sticky, run_to_end, signal, sticky_bin, Cluster, Ran, TempDir,
+    run_sticky, run_to_end, setpriv_missing, signal, sticky_bin, Cluster, Ran, TempDir,
 };
 
 fn write_executable(path: &Path, text: &str) {
@@ -563,8 +563,7 @@ fn a_second_signal_kills_workers_at_once() {
 #[test]
 fn missing_privileges_are_one_clear_line() {
     // Run the real binary as `nobody`: loading BPF programs is refused.
-    if Command::new("setpriv").arg("--version").output().is_err() {
-        eprintln!("setpriv (util-linux) not installed: skipped");
+    if setpriv_missing() {
         return;
     }
     let dir = TempDir::new();

@@ -5,7 +5,9 @@
 
 use std::{collections::BTreeSet, process::Command, time::Duration};
 
-use sticky_tests::{demo_worker_bin, reachable_by_others, sticky_bin, Cluster, TempDir};
+use sticky_tests::{
+    demo_worker_bin, reachable_by_others, setpriv_missing, sticky_bin, Cluster, TempDir,
+};
 
 const UNIT: &str = include_str!("../../deploy/sticky.service");
 
@@ -59,8 +61,7 @@ fn unit_bounding_set() -> Vec<String> {
 
 #[test]
 fn sticky_serves_within_the_units_bounding_set() {
-    if Command::new("setpriv").arg("--version").output().is_err() {
-        println!("setpriv (util-linux) not installed: skipped");
+    if setpriv_missing() {
         return;
     }
     assert!(UNIT.contains("\nNoNewPrivileges=yes\n"));
