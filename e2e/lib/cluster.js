@@ -89,12 +89,15 @@ async function round(clients, caps, label) {
     seen.set(c.pid, k);
     return k % 2 === 1;
   });
-  await Promise.all(members.map((c) => h.emitAck(c.socket, 'join', ROOM)));
+  // A room of this round's own: the clients that joined an earlier round's
+  // room stay in it, and after a restart the members are other clients.
+  const room = `${ROOM}-${label}`;
+  await Promise.all(members.map((c) => h.emitAck(c.socket, 'join', room)));
   assert.equal(new Set(members.map((c) => c.pid)).size, 3, `${label}: the room spans every worker`);
   const others = clients.filter((c) => !members.includes(c));
   const outsider = others[0];
   const payload = { n: 99, bin: crypto.randomBytes(512) };
-  const r = await collect(members, 'shout-room', () => outsider.socket.timeout(10000).emitWithAck('shout-room', ROOM, payload));
+  const r = await collect(members, 'shout-room', () => outsider.socket.timeout(10000).emitWithAck('shout-room', room, payload));
   r.done();
   let leaks = 0;
   const onLeak = () => (leaks += 1);
