@@ -337,6 +337,9 @@ pub struct Decision {
     pub placed: u32,
     pub ack: u32,
     pub seq: u32,
+    /// 1: the request named a sid, so its answer is searched for no
+    /// open packet.
+    pub with_sid: u32,
 }
 
 /// `struct sticky_placed`: value of the `placed_flows` map.

@@ -23,7 +23,7 @@ int main(void) {
     S(sticky_reset) O(sticky_reset, cookie) O(sticky_reset, flow) O(sticky_reset, worker)
     O(sticky_reset, owner) C(STICKY_RESETS_BYTES)
     S(sticky_decision) O(sticky_decision, owner) O(sticky_decision, placed)
-    O(sticky_decision, ack) O(sticky_decision, seq)
+    O(sticky_decision, ack) O(sticky_decision, seq) O(sticky_decision, with_sid)
     S(sticky_session) O(sticky_session, worker) O(sticky_session, registered) O(sticky_session, last_seen_ns)
     C(STICKY_PLACED_MAX) C(STICKY_LEARN_SEGMENTS) C(STICKY_LEARN_SCAN)
     S(sticky_worker) O(sticky_worker, live) O(sticky_worker, sessions)
@@ -134,6 +134,7 @@ fn rust_mirror_matches_sticky_h() {
     expect("sticky_decision.placed", offset_of!(Decision, placed));
     expect("sticky_decision.ack", offset_of!(Decision, ack));
     expect("sticky_decision.seq", offset_of!(Decision, seq));
+    expect("sticky_decision.with_sid", offset_of!(Decision, with_sid));
     expect("sticky_session", size_of::<Session>());
     expect("sticky_session.worker", offset_of!(Session, worker));
     expect("sticky_session.registered", offset_of!(Session, registered));

@@ -192,10 +192,11 @@ struct sticky_flow {
  * data segment by `seq` (a retransmission of it repeats the same seq).
  */
 struct sticky_decision {
-	__u32 owner;  /* worker index, or STICKY_NO_WORKER: balance */
-	__u32 placed; /* 1 once the selector has used it: later segments skip */
-	__u32 ack;    /* TCP ack of the first data segment, network order */
-	__u32 seq;    /* TCP seq of the first data segment, network order */
+	__u32 owner;    /* worker index, or STICKY_NO_WORKER: balance */
+	__u32 placed;   /* 1 once the selector has used it: later segments skip */
+	__u32 ack;      /* TCP ack of the first data segment, network order */
+	__u32 seq;      /* TCP seq of the first data segment, network order */
+	__u32 with_sid; /* 1: the request named a sid (see sticky_placed) */
 };
 
 /*
@@ -230,6 +231,12 @@ struct sticky_handoff {
  * Value of the `placed_flows` LRU map (key: struct sticky_flow): which worker
  * a connection was placed on, so that sticky_learn can attribute the
  * Engine.IO open packet it finds in that worker's answer.
+ *
+ * `segments` starts at STICKY_LEARN_SEGMENTS, the search done before it
+ * began, when the placing request named a sid (valid or not): only a
+ * request without one is a handshake, so only its answer carries an open
+ * packet. A handshake later on the same connection is learned through the
+ * connection's storage (STICKY_CONN_LEARN), as on any reused connection.
  */
 struct sticky_placed {
 	__u32 worker;

@@ -248,12 +248,11 @@ static __always_inline int watching(const struct sticky_config *cfg)
  */
 static __always_inline void note_placement(const struct sticky_config *cfg,
 					   const struct sticky_flow *key,
-					   __u32 worker, __u32 idle)
+					   struct sticky_placed *note, __u32 worker)
 {
-	struct sticky_placed placed = { .worker = worker, .idle = idle };
-
+	note->worker = worker;
 	if (watching(cfg) && key->family)
-		bpf_map_update_elem(&placed_flows, key, &placed, BPF_ANY);
+		bpf_map_update_elem(&placed_flows, key, note, BPF_ANY);
 }
 
 /*
@@ -263,25 +262,34 @@ static __always_inline void note_placement(const struct sticky_config *cfg,
  */
 static __always_inline int place(struct sk_reuseport_md *md,
 				 const struct sticky_config *cfg, __u32 owner,
-				 const struct sticky_flow *key, __u32 idle)
+				 const struct sticky_flow *key, struct sticky_placed *note)
 {
 	__u32 w;
 
 	if (owner < STICKY_MAX_WORKERS && worker_live(owner) &&
 	    select_slot(md, owner)) {
 		count(STICKY_CNT_BY_SID);
-		note_placement(cfg, key, owner, idle);
+		note_placement(cfg, key, note, owner);
 		return SK_PASS;
 	}
 	w = pick_worker(cfg);
 	if (w != STICKY_NO_WORKER && select_slot(md, w)) {
 		count(STICKY_CNT_BALANCED);
-		note_placement(cfg, key, w, idle);
+		note_placement(cfg, key, note, w);
 		return SK_PASS;
 	}
 	count(STICKY_CNT_REJECTED);
 	select_slot(md, STICKY_REJECT_SLOT);
 	return SK_PASS;
+}
+
+/*
+ * Did the parsed request name a sid (valid or not)? Then it is no
+ * handshake, and its answer carries no open packet (struct sticky_placed).
+ */
+static __always_inline int names_sid(int result)
+{
+	return result == STICKY_PARSE_SID || result == STICKY_PARSE_INVALID;
 }
 
 /* Maps a parse result to the owning worker, counting the outcome. */
@@ -444,9 +452,30 @@ static __always_inline int first_payload(struct sk_reuseport_md *md,
 	return 1;
 }
 
+/*
+ * Notes for sticky_learn that the placing request named a sid: no answer
+ * to search (struct sticky_placed). Only where connections get their
+ * storage (the foreign-request check on): without it, a handshake later on
+ * the connection is learned only within the placement record's search.
+ */
+static __always_inline void note_request(const struct sticky_config *cfg,
+					 struct sticky_placed *note, int with_sid)
+{
+	if (with_sid && foreign_mode(cfg) != STICKY_FOREIGN_OFF)
+		note->segments = STICKY_LEARN_SEGMENTS;
+}
+
+/* owner_of() the request in `s`, with note_request(). */
+static __always_inline __u32 owner_noted(const struct sticky_config *cfg, struct scratch *s,
+					 int result, struct sticky_placed *note)
+{
+	note_request(cfg, note, names_sid(result));
+	return owner_of(s, result);
+}
+
 static __always_inline __u32 decide(struct sk_reuseport_md *md,
 				    const struct sticky_config *cfg,
-				    struct sticky_flow *key, __u32 *idle)
+				    struct sticky_flow *key, struct sticky_placed *note)
 {
 	__u32 state, owner, index;
 	void *ring;
@@ -479,7 +508,7 @@ static __always_inline __u32 decide(struct sk_reuseport_md *md,
 		if (first_payload(md, &s)) {
 			count(STICKY_CNT_PLACED_COOKIE);
 			flow_of_packet(md, key);
-			return owner_of(s, sticky_parse(s, cfg));
+			return owner_noted(cfg, s, sticky_parse(s, cfg), note);
 		}
 		if (flags == TCPHDR_ACK) {
 			count(STICKY_CNT_ABSORBED);
@@ -527,7 +556,7 @@ static __always_inline __u32 decide(struct sk_reuseport_md *md,
 		}
 		count(STICKY_CNT_PLACED_SOFTIRQ);
 		forget_syn_slot(key->remote_port);
-		return owner_of(s, sticky_parse(s, cfg));
+		return owner_noted(cfg, s, sticky_parse(s, cfg), note);
 	}
 
 	/*
@@ -542,9 +571,10 @@ static __always_inline __u32 decide(struct sk_reuseport_md *md,
 	if (decision && !decision->placed) {
 		owner = decision->owner;
 		decision->placed = 1;
+		note_request(cfg, note, decision->with_sid);
 	}
 	/* No decision: it sent nothing before TCP_DEFER_ACCEPT gave up. */
-	*idle = !decision;
+	note->idle = !decision;
 	count(STICKY_CNT_PLACED_QUEUE);
 	return owner;
 }
@@ -552,13 +582,14 @@ static __always_inline __u32 decide(struct sk_reuseport_md *md,
 SEC("sk_reuseport/migrate")
 int sticky_select(struct sk_reuseport_md *md)
 {
-	__u32 zero = 0, target, idle = 0;
+	__u32 zero = 0, target;
 	struct sticky_config *cfg = bpf_map_lookup_elem(&config, &zero);
 	struct sticky_flow key = {};
+	struct sticky_placed note = {};
 
 	if (!cfg)
 		return SK_DROP; /* cannot happen: array maps always have entry 0 */
-	target = decide(md, cfg, &key, &idle);
+	target = decide(md, cfg, &key, &note);
 	if (target == SINK && select_slot(md, STICKY_SINK_SLOT))
 		return SK_PASS;
 	if (target == OVERFLOW &&
@@ -573,7 +604,7 @@ int sticky_select(struct sk_reuseport_md *md)
 	if (target == SORT &&
 	    select_slot(md, STICKY_SORTING_SLOT + sorting_index(cfg)))
 		return SK_PASS;
-	return place(md, cfg, target, &key, idle);
+	return place(md, cfg, target, &key, &note);
 }
 
 /*
@@ -612,6 +643,7 @@ SEC("socket")
 int sticky_sort(struct __sk_buff *skb)
 {
 	__u32 zero = 0, ip_len, tot_len, data_off, off, len;
+	int result;
 	struct sticky_decision decision = {}, *known;
 	struct sticky_config *cfg;
 	struct sticky_flow key = {};
@@ -687,7 +719,9 @@ int sticky_sort(struct __sk_buff *skb)
 		goto out;
 	s->len = len;
 
-	decision.owner = owner_of(s, sticky_parse(s, cfg));
+	result = sticky_parse(s, cfg);
+	decision.owner = owner_of(s, result);
+	decision.with_sid = names_sid(result);
 	decision.ack = th.ack_seq;
 	decision.seq = th.seq;
 	/*
@@ -931,6 +965,8 @@ int sticky_learn(struct __sk_buff *skb)
 	}
 	if (!cgroup_tcp_payload(skb, 1, &key, &off, &len, &ends))
 		return 1;
+	if (len == 0 && !ends)
+		return 1; /* a pure ACK: no answer, no end (every path below) */
 	placed = bpf_map_lookup_elem(&placed_flows, &key);
 	/*
 	 * The connection's worker, kept for its lifetime (foreign.h). Only
@@ -960,8 +996,11 @@ int sticky_learn(struct __sk_buff *skb)
 			bpf_map_delete_elem(&placed_flows, &key);
 		return 1;
 	}
-	if (!cfg->learn) {
-		/* Only the connection's worker was wanted: it is in `conns` now. */
+	if (!cfg->learn || placed->segments >= STICKY_LEARN_SEGMENTS) {
+		/*
+		 * Only the connection's worker was wanted (it is in `conns`
+		 * now), or the request named a sid: no open packet to search.
+		 */
 		bpf_map_delete_elem(&placed_flows, &key);
 		return 1;
 	}
@@ -1034,6 +1073,17 @@ static __always_inline int is_close_request(struct scratch *s, __u32 seg_len)
 #define WORD_GET 0x20544547U  /* "GET " little-endian */
 #define WORD_POST 0x54534f50U /* "POST" little-endian */
 
+/* Is this segment processed by a listener (a connection's first data)? */
+static __always_inline int on_listener(struct __sk_buff *skb)
+{
+	struct bpf_sock *sk = skb->sk;
+
+	if (!sk)
+		return 0;
+	sk = bpf_sk_fullsock(sk);
+	return sk && sk->state == TCP_LISTEN;
+}
+
 /* sticky_watch's first step: conn_gate() of the accepted connection, if any. */
 static __always_inline int watch_gate(struct __sk_buff *skb, const struct sticky_config *cfg)
 {
@@ -1070,6 +1120,13 @@ int sticky_watch(struct __sk_buff *skb)
 	else if (bpf_skb_load_bytes(skb, off, &word, 4))
 		return 1;
 	if (word != WORD_GET && word != WORD_POST)
+		return 1;
+	/*
+	 * A connection's first request, still on the listener: the selector
+	 * (or sticky_sort) placed the connection by it and refreshed its
+	 * session already. Only a POST can be a close packet.
+	 */
+	if (word == WORD_GET && on_listener(skb))
 		return 1;
 	s = bpf_map_lookup_elem(&scratch, &three);
 	if (!s)

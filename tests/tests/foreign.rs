@@ -576,3 +576,39 @@ fn handshakes_right_after_the_first_on_a_connection_are_learned() {
     );
     assert!(owners.iter().all(|w| *w == Some(worker)));
 }
+
+/// A connection placed by a sid-carrying request: its answer is searched
+/// for no open packet (only a request without a sid is a handshake), so its
+/// placement record goes at once; handshakes later on the same connection
+/// (a browser reusing it for another tab) are learned from its storage.
+#[test]
+fn handshakes_after_a_sid_request_on_a_connection_are_learned() {
+    let cluster = request_log_cluster("127.0.0.1:0", 3, &[]);
+    let open = KeepAlive::connect(cluster.addr)
+        .get("/socket.io/?EIO=4&transport=polling")
+        .unwrap();
+    let first = open_packet_sid(&String::from_utf8_lossy(&open.body));
+    let worker = open.worker.expect("worker header");
+    let mut conn = KeepAlive::connect(cluster.addr);
+    let placed_by_sid = conn.get(&format!("/?sid={first}")).unwrap().worker;
+    let mut owners = Vec::new();
+    for _ in 0..3 {
+        let open = conn.get("/socket.io/?EIO=4&transport=polling").unwrap();
+        assert_eq!(open.worker, Some(worker), "one connection, one worker");
+        let sid = open_packet_sid(&String::from_utf8_lossy(&open.body));
+        owners.push(
+            KeepAlive::connect(cluster.addr)
+                .get(&format!("/?sid={sid}"))
+                .unwrap()
+                .worker,
+        );
+    }
+    report(&format!(
+        "a connection placed by worker {worker}'s sid (on {placed_by_sid:?}), then 3 handshakes \
+         on it: their sids' requests on new connections answered by {owners:?}; learned={}",
+        cluster.counter("learned")
+    ));
+    assert_eq!(placed_by_sid, Some(worker));
+    assert!(owners.iter().all(|w| *w == Some(worker)));
+    assert_eq!(cluster.counter("learned"), 4);
+}
