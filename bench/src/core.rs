@@ -53,8 +53,10 @@ use crate::host::{other_stickies, warn_others};
 use crate::http::{exchange_after, Conn, Response};
 use crate::measure::{cpu_set, run_clients, Rng, Stats};
 
+mod cgroup;
 mod foreign;
 mod memory;
+mod prog_time;
 mod report;
 mod ws_learn;
 
@@ -279,6 +281,26 @@ enum Kind {
     Established,
 }
 
+/// The workloads that share a cluster in a round, each group a fresh one.
+/// A single client's workloads run with clients and cluster pinned to one
+/// CPU (`Pinning` says why), concurrent new connections unpinned (they are
+/// measured for throughput, with every CPU).
+#[derive(Clone, Copy, PartialEq)]
+enum Group {
+    Established,
+    Serial,
+    Concurrent,
+}
+
+impl Group {
+    fn kind(self) -> Kind {
+        match self {
+            Group::Established => Kind::Established,
+            Group::Serial | Group::Concurrent => Kind::NewConnection,
+        }
+    }
+}
+
 struct Workload {
     /// Row label in the tables.
     name: String,
@@ -302,6 +324,16 @@ enum Sources {
     /// One address per client for all its connections, as a busy NAT or a
     /// proxy in front would have (`client_address`).
     PerClient,
+}
+
+impl Workload {
+    fn group(&self) -> Group {
+        match (self.kind, self.clients) {
+            (Kind::Established, _) => Group::Established,
+            (Kind::NewConnection, 1) => Group::Serial,
+            (Kind::NewConnection, _) => Group::Concurrent,
+        }
+    }
 }
 
 /// Every workload, in table order.
@@ -374,6 +406,10 @@ struct Results {
     pinning: Option<String>,
     /// Other `sticky run` processes seen at the start or the end.
     others: Vec<u32>,
+    /// Whether sticky ran in a cgroup of its own (`cgroup`).
+    own_cgroup: bool,
+    /// The kernel programs' time per connection, or why it is missing.
+    programs: Result<Vec<prog_time::ProgramTime>, String>,
     memory: Option<memory::Memory>,
 }
 
@@ -391,6 +427,16 @@ fn run(opts: &Opts) -> Result<(), String> {
             }
         }
     }
+    let cgroup = match opts.direct {
+        Some(_) => None,
+        None => cgroup::BenchCgroup::create("core")
+            .inspect_err(|e| eprintln!("note: sticky runs in this process's cgroup, so its programs also see the clients' packets: {e}"))
+            .ok(),
+    };
+    let opts = &Opts {
+        cgroup: cgroup.as_ref().map(|c| c.0.clone()),
+        ..opts.clone()
+    };
     let mut results = Results {
         workloads: workloads(opts)
             .into_iter()
@@ -402,6 +448,8 @@ fn run(opts: &Opts) -> Result<(), String> {
         sticky_learning: (!opts.learn).then_some(false),
         pinning: None,
         others: other_stickies(),
+        own_cgroup: cgroup.is_some(),
+        programs: Err("not measured".into()),
         memory: None,
     };
     warn_others(&results.others);
@@ -415,15 +463,14 @@ fn run(opts: &Opts) -> Result<(), String> {
     for round in 1..=rounds {
         for (m, &mode) in opts.modes.iter().enumerate() {
             let mut line = format!("round {round}/{} {:6}:", opts.rounds, mode.label());
-            // Each kind gets its own cluster: established connections are
-            // measured with clients and server pinned to one CPU (`Pinning`),
-            // new connections as before, unpinned. Established first: on a
-            // fresh cluster, not right after this mode's burst of short
+            // Each group gets its own cluster (`Group`). Established first:
+            // on a fresh cluster, not right after this mode's burst of short
             // connections (worker threads exiting, TIME_WAIT sockets).
-            for kind in [Kind::Established, Kind::NewConnection] {
-                let pins = match kind {
-                    Kind::Established => pinning.as_ref(),
-                    Kind::NewConnection => None,
+            for group in [Group::Established, Group::Serial, Group::Concurrent] {
+                let kind = group.kind();
+                let pins = match group {
+                    Group::Established | Group::Serial => pinning.as_ref(),
+                    Group::Concurrent => None,
                 };
                 let cluster = match opts.direct {
                     Some(_) => None,
@@ -454,14 +501,18 @@ fn run(opts: &Opts) -> Result<(), String> {
                 };
                 for measured in results.workloads.iter_mut() {
                     let w = &measured.workload;
-                    if w.kind != kind {
+                    if w.group() != group {
                         continue;
                     }
                     let cpu_before = cluster.as_ref().map_or(0.0, Cluster::cpu_seconds);
                     let mut stats = match kind {
-                        Kind::NewConnection => {
-                            run_new_connections(addr, &sessions, w, opts.duration)
-                        }
+                        Kind::NewConnection => run_new_connections(
+                            addr,
+                            &sessions,
+                            w,
+                            opts.duration,
+                            pins.map(Pinning::cpus),
+                        ),
                         Kind::Established => {
                             run_established(addr, w.clients, opts.duration, pins.map(Pinning::cpus))
                         }
@@ -492,6 +543,13 @@ fn run(opts: &Opts) -> Result<(), String> {
             if let Some(e) = &cell.stats.first_error {
                 eprintln!("first error ({}, {}): {e}", m.workload.name, mode.label());
             }
+        }
+    }
+    if opts.direct.is_none() && !opts.memory_only {
+        let workloads: Vec<&Workload> = results.workloads.iter().map(|m| &m.workload).collect();
+        results.programs = prog_time::measure(opts, &workloads);
+        if let Err(e) = &results.programs {
+            eprintln!("note: kernel programs' time not measured: {e}");
         }
     }
     if let Some((registered, learned)) = opts.memory {
@@ -790,13 +848,14 @@ fn run_new_connections(
     sessions: &[Session],
     w: &Workload,
     duration: Duration,
+    cpus: Option<&[usize]>,
 ) -> Stats {
     let (clients, delay) = (w.clients, w.delay);
     let source = |t: usize, n: usize| match w.sources {
         Sources::PerConnection => connection_address(t, clients, n),
         Sources::PerClient => client_address(t),
     };
-    run_clients(clients, None, |t, barrier| {
+    run_clients(clients, cpus, |t, barrier| {
         let requests: Vec<Vec<u8>> = sessions
             .iter()
             .map(|s| {

@@ -26,7 +26,8 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use super::ws_learn::{run_paired, BenchCgroup};
+use super::cgroup::BenchCgroup;
+use super::ws_learn::run_paired;
 use super::{get, worker, Cluster, Mode, Opts, Pinning, Stats};
 use crate::http::Conn;
 

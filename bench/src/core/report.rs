@@ -56,13 +56,18 @@ pub fn table(opts: &Opts, r: &Results) -> String {
         names.join(", ")
     };
     out += &format!(
-        "\n## sticky placement vs SYN-time balancing (floor)\n\n{target}; {} round(s) of {:.1} s per workload and mode, alternating ({}); one paired run on a shared machine.\n\n- sticky: rotation of sorting listeners (default); cookie: `--placement cookie`; floor: `--placement syn`, no stickiness.\n- {}: one new connection per request, timed from connect to the response's last byte, each connection from a source address of its own (\"N ms away\": the client waits that long between connect and its first byte; \"one address\": every connection from the same address, ports picked by the kernel, as behind a busy NAT).\n- {}: one keep-alive connection per client, opened before the clock starts; requests back to back, each timed from its write to the response's last byte; {}.\n- supervisor: CPU time (user + system) of `sticky run` itself per 1,000 connections opened.\n\n",
+        "\n## sticky placement vs SYN-time balancing (floor)\n\n{target}; {} round(s) of {:.1} s per workload and mode, alternating ({}); one paired run on a shared machine.\n\n- sticky: rotation of sorting listeners (default); cookie: `--placement cookie`; floor: `--placement syn`, no stickiness.\n- {}: one new connection per request, timed from connect to the response's last byte, each connection from a source address of its own (\"N ms away\": the client waits that long between connect and its first byte; \"one address\": every connection from the same address, ports picked by the kernel, as behind a busy NAT).\n- {}: one keep-alive connection per client, opened before the clock starts; requests back to back, each timed from its write to the response's last byte.\n- Serial and established workloads: {} (a single client's round trip is then CPU work only, no cross-CPU wake-up whose cost is a coin flip of the scheduler); concurrent new connections unpinned. {}.\n- supervisor: CPU time (user + system) of `sticky run` itself per 1,000 connections opened.\n\n",
         opts.rounds,
         opts.duration.as_secs_f64(),
         opts.modes.iter().map(|m| m.label()).collect::<Vec<_>>().join(", "),
         names(Kind::NewConnection),
         names(Kind::Established),
         r.pinning.as_deref().unwrap_or("unpinned"),
+        if r.own_cgroup {
+            "sticky and its workers in a cgroup of their own, as under systemd: its cgroup programs see the server's packets only, not the clients'"
+        } else {
+            "sticky in the clients' cgroup: its cgroup programs also ran on the clients' packets"
+        },
     );
     out += "| workload | mode | requests | rate (req/s) | p50 (µs) | p99 (µs) | max (µs) | errors | wrong worker | supervisor (ms / 1k conns) |\n";
     out += "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n";
@@ -106,8 +111,34 @@ pub fn table(opts: &Opts, r: &Results) -> String {
             }
         }
     }
+    out += &programs_table(r);
     if let Some(mem) = &r.memory {
         out += &mem.table();
+    }
+    out
+}
+
+/// The kernel programs' time per connection (`prog_time`), a row per
+/// new-connection workload.
+fn programs_table(r: &Results) -> String {
+    let programs = match &r.programs {
+        Ok(p) => p,
+        Err(e) => return format!("\nKernel programs' time per connection: not measured ({e}).\n"),
+    };
+    let mut out = format!(
+        "\nKernel programs' CPU time per connection (µs: every BPF program sticky loaded, summed over their runs; one cluster per mode, 1 s per workload, in a pass after the rounds with the kernel's run-time statistics on, which the rounds leave off):\n\n| workload | {} |\n|---|{}\n",
+        programs.iter().map(|p| p.mode.label()).collect::<Vec<_>>().join(" | "),
+        "---:|".repeat(programs.len()),
+    );
+    for (i, m) in r.workloads.iter().enumerate() {
+        if m.workload.kind != Kind::NewConnection {
+            continue;
+        }
+        let cells: Vec<String> = programs
+            .iter()
+            .map(|p| p.ns_per_conn[i].map_or("-".into(), |ns| format!("{:.2}", ns / 1e3)))
+            .collect();
+        out += &format!("| {} | {} |\n", m.workload.name, cells.join(" | "));
     }
     out
 }
@@ -152,6 +183,26 @@ pub fn num(x: f64) -> String {
     } else {
         "null".into()
     }
+}
+
+/// `{"<mode>": {"<workload key>": µs, ...}, ...}`, or null.
+fn programs_json(r: &Results) -> String {
+    let Ok(programs) = &r.programs else {
+        return "null".into();
+    };
+    let modes: Vec<String> = programs
+        .iter()
+        .map(|p| {
+            let cells: Vec<String> = r
+                .workloads
+                .iter()
+                .zip(&p.ns_per_conn)
+                .filter_map(|(m, ns)| Some(format!("{}: {}", quote(m.workload.key), num((*ns)? / 1e3))))
+                .collect();
+            format!("{}: {{{}}}", quote(p.mode.label()), cells.join(", "))
+        })
+        .collect();
+    format!("{{{}}}", modes.join(", "))
 }
 
 /// JSON by hand: a handful of numbers does not justify serde. One key per
@@ -217,13 +268,15 @@ pub fn json(opts: &Opts, r: &Results) -> String {
         .unwrap_or_default()
         .as_secs();
     format!(
-        "{{\n  \"unix_time\": {unix_time},\n  \"kernel\": {},\n  \"cpus\": {cpus},\n  \"direct\": {},\n  \"workers\": {WORKERS},\n  \"worker\": {},\n  \"sticky_learning\": {},\n  \"established_pinning\": {},\n  \"other_sticky_pids\": {:?},\n  \"rounds\": {},\n  \"seconds_per_round\": {},\n  \"clients\": {},\n  \"memory\": {},\n{}\n}}\n",
+        "{{\n  \"unix_time\": {unix_time},\n  \"kernel\": {},\n  \"cpus\": {cpus},\n  \"direct\": {},\n  \"workers\": {WORKERS},\n  \"worker\": {},\n  \"sticky_learning\": {},\n  \"established_pinning\": {},\n  \"other_sticky_pids\": {:?},\n  \"own_cgroup\": {},\n  \"program_us_per_conn\": {},\n  \"rounds\": {},\n  \"seconds_per_round\": {},\n  \"clients\": {},\n  \"memory\": {},\n{}\n}}\n",
         quote(kernel.trim()),
         opts.direct.map_or("null".into(), |a| quote(&a.to_string())),
         quote(&opts.worker.display().to_string()),
         r.sticky_learning.map_or("null".into(), |l| l.to_string()),
         r.pinning.as_deref().map_or("null".into(), quote),
         r.others,
+        r.own_cgroup,
+        programs_json(r),
         opts.rounds,
         num(opts.duration.as_secs_f64()),
         opts.clients,
