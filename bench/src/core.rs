@@ -54,6 +54,7 @@ use crate::http::{exchange_after, Conn, Response};
 use crate::measure::{cpu_set, run_clients, Rng, Stats};
 
 mod cgroup;
+mod delay_line;
 mod foreign;
 mod memory;
 mod prog_time;
@@ -68,6 +69,8 @@ const SIDS_PER_WORKER: usize = 3;
 /// Concurrent clients of the established-connection workload (one
 /// keep-alive connection each).
 const ESTABLISHED_CLIENTS: usize = 8;
+/// Clients of the 1 ms delay-line workload.
+const FAR_CLIENTS: usize = 16;
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 
 const USAGE: &str =
@@ -134,8 +137,10 @@ struct Opts {
     learn: bool,
     /// Run only the WebSocket learn on/off comparison (`ws_learn`).
     ws_learn: bool,
-    /// A cgroup v2 directory to start sticky in (`ws_learn`).
+    /// A cgroup v2 directory to start sticky in.
     cgroup: Option<PathBuf>,
+    /// sticky listens on 0.0.0.0 (for the delay line), not 127.0.0.1.
+    listen_any: bool,
     /// Run only the foreign-request comparison (`foreign`).
     foreign_bench: bool,
     /// `--foreign-requests` for sticky (None: its default).
@@ -159,6 +164,7 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
         learn: true,
         ws_learn: false,
         cgroup: None,
+        listen_any: false,
         foreign_bench: false,
         foreign: None,
     };
@@ -290,13 +296,15 @@ enum Group {
     Established,
     Serial,
     Concurrent,
+    /// Through the delay line: sticky listens on 0.0.0.0, unpinned.
+    Far,
 }
 
 impl Group {
     fn kind(self) -> Kind {
         match self {
             Group::Established => Kind::Established,
-            Group::Serial | Group::Concurrent => Kind::NewConnection,
+            Group::Serial | Group::Concurrent | Group::Far => Kind::NewConnection,
         }
     }
 }
@@ -313,6 +321,10 @@ struct Workload {
     delay: Duration,
     /// New connections: where each one comes from.
     sources: Sources,
+    /// New connections through the delay line with this round trip
+    /// (`delay_line`), from the clients' namespace, each from an address of
+    /// its own; None: on loopback.
+    line_round_trip: Option<Duration>,
 }
 
 /// The client addresses of a new-connection workload.
@@ -330,6 +342,7 @@ impl Workload {
     fn group(&self) -> Group {
         match (self.kind, self.clients) {
             (Kind::Established, _) => Group::Established,
+            (Kind::NewConnection, _) if self.line_round_trip.is_some() => Group::Far,
             (Kind::NewConnection, 1) => Group::Serial,
             (Kind::NewConnection, _) => Group::Concurrent,
         }
@@ -345,6 +358,11 @@ fn workloads(opts: &Opts) -> Vec<Workload> {
         clients,
         delay: Duration::from_millis(delay_ms),
         sources: Sources::PerConnection,
+        line_round_trip: None,
+    };
+    let far = |name: String, key, clients, round_trip_ms| Workload {
+        line_round_trip: Some(Duration::from_millis(round_trip_ms)),
+        ..new(name, key, clients, 0)
     };
     let established = |name: String, key, clients| Workload {
         name,
@@ -353,6 +371,7 @@ fn workloads(opts: &Opts) -> Vec<Workload> {
         clients,
         delay: Duration::ZERO,
         sources: Sources::PerClient,
+        line_round_trip: None,
     };
     let n = opts.clients;
     vec![
@@ -364,6 +383,21 @@ fn workloads(opts: &Opts) -> Vec<Workload> {
         new(format!("{n} clients"), "concurrent", n, 0),
         new(format!("1 ms away, {n} clients"), "distance_1ms", n, 1),
         new(format!("20 ms away, {n} clients"), "distance_20ms", n, 20),
+        // Fewer clients at 1 ms: the line forwards every frame in user
+        // space, which at 64 clients would take most of a CPU from the
+        // cluster.
+        far(
+            format!("1 ms round trip, {FAR_CLIENTS} clients"),
+            "round_trip_1ms",
+            FAR_CLIENTS,
+            1,
+        ),
+        far(
+            format!("20 ms round trip, {n} clients"),
+            "round_trip_20ms",
+            n,
+            20,
+        ),
         established("established, serial".into(), "established_serial", 1),
         established(
             format!("established, {ESTABLISHED_CLIENTS} clients"),
@@ -437,6 +471,14 @@ fn run(opts: &Opts) -> Result<(), String> {
         cgroup: cgroup.as_ref().map(|c| c.0.clone()),
         ..opts.clone()
     };
+    // The far workloads need root (namespaces) and iproute2; without them,
+    // the rest still runs.
+    let delay_line = match opts.direct {
+        Some(_) => None,
+        None => delay_line::DelayLine::start()
+            .inspect_err(|e| eprintln!("note: no delay line, so no round-trip workloads: {e}"))
+            .ok(),
+    };
     let mut results = Results {
         workloads: workloads(opts)
             .into_iter()
@@ -466,15 +508,33 @@ fn run(opts: &Opts) -> Result<(), String> {
             // Each group gets its own cluster (`Group`). Established first:
             // on a fresh cluster, not right after this mode's burst of short
             // connections (worker threads exiting, TIME_WAIT sockets).
-            for group in [Group::Established, Group::Serial, Group::Concurrent] {
+            for group in [
+                Group::Established,
+                Group::Serial,
+                Group::Concurrent,
+                Group::Far,
+            ] {
                 let kind = group.kind();
                 let pins = match group {
                     Group::Established | Group::Serial => pinning.as_ref(),
-                    Group::Concurrent => None,
+                    Group::Concurrent | Group::Far => None,
+                };
+                let far = match (group, &delay_line) {
+                    (Group::Far, None) => continue,
+                    (Group::Far, Some(line)) => Some(line),
+                    _ => None,
+                };
+                let cluster_opts = Opts {
+                    listen_any: far.is_some(),
+                    ..opts.clone()
                 };
                 let cluster = match opts.direct {
                     Some(_) => None,
-                    None => Some(Cluster::start(opts, mode, pins.map(Pinning::cpus))?),
+                    None => Some(Cluster::start(
+                        &cluster_opts,
+                        mode,
+                        pins.map(Pinning::cpus),
+                    )?),
                 };
                 if let (Some(c), true, true) = (&cluster, mode != Mode::Floor, opts.learn) {
                     let learning = c.learning();
@@ -505,13 +565,17 @@ fn run(opts: &Opts) -> Result<(), String> {
                         continue;
                     }
                     let cpu_before = cluster.as_ref().map_or(0.0, Cluster::cpu_seconds);
+                    let frames_before = far.map(|l| l.frames());
                     let mut stats = match kind {
                         Kind::NewConnection => run_new_connections(
                             addr,
                             &sessions,
                             w,
                             opts.duration,
-                            pins.map(Pinning::cpus),
+                            Placing {
+                                cpus: pins.map(Pinning::cpus),
+                                line: far,
+                            },
                         ),
                         Kind::Established => {
                             run_established(addr, w.clients, opts.duration, pins.map(Pinning::cpus))
@@ -520,11 +584,16 @@ fn run(opts: &Opts) -> Result<(), String> {
                     let cpu = cluster.as_ref().map_or(0.0, Cluster::cpu_seconds) - cpu_before;
                     stats.latencies.sort_unstable();
                     line += &format!(
-                        " {} {} req p50 {:.1} µs ({} errors);",
+                        " {} {} req p50 {:.1} µs ({} errors{});",
                         w.name,
                         stats.latencies.len(),
                         stats.percentile_us(0.50),
-                        stats.errors
+                        stats.errors,
+                        match (frames_before, far.map(|l| l.frames())) {
+                            (Some((f0, l0)), Some((f1, l1))) =>
+                                format!(", delay line: {} frames, {} lost", f1 - f0, l1 - l0),
+                            _ => String::new(),
+                        }
                     );
                     let cell = &mut measured.cells[m];
                     cell.stats.merge(stats);
@@ -651,7 +720,10 @@ impl Cluster {
             .args([
                 "run",
                 "--listen",
-                &addr.to_string(),
+                &match opts.listen_any {
+                    true => format!("0.0.0.0:{port}"),
+                    false => addr.to_string(),
+                },
                 "--workers",
                 &WORKERS.to_string(),
             ])
@@ -848,14 +920,25 @@ fn run_new_connections(
     sessions: &[Session],
     w: &Workload,
     duration: Duration,
-    cpus: Option<&[usize]>,
+    placing: Placing,
 ) -> Stats {
     let (clients, delay) = (w.clients, w.delay);
-    let source = |t: usize, n: usize| match w.sources {
-        Sources::PerConnection => connection_address(t, clients, n),
-        Sources::PerClient => client_address(t),
+    let source = |t: usize, n: usize| match (placing.line, w.sources) {
+        (Some(line), _) => line.next_source(),
+        (None, Sources::PerConnection) => connection_address(t, clients, n),
+        (None, Sources::PerClient) => client_address(t),
     };
-    run_clients(clients, cpus, |t, barrier| {
+    let addr = placing.line.map_or(addr, |l| l.server(addr.port()));
+    if let (Some(line), Some(round_trip)) = (placing.line, w.line_round_trip) {
+        line.set_round_trip(round_trip);
+    }
+    run_clients(clients, placing.cpus, |t, barrier| {
+        if let Some(Err(e)) = placing.line.map(|l| l.enter_clients()) {
+            let mut stats = Stats::default();
+            stats.fail(format!("cannot enter the clients' namespace: {e}"));
+            barrier.wait();
+            return stats;
+        }
         let requests: Vec<Vec<u8>> = sessions
             .iter()
             .map(|s| {
@@ -889,6 +972,15 @@ fn run_new_connections(
         stats.elapsed = start.elapsed();
         stats
     })
+}
+
+/// Where a new-connection workload's clients run.
+#[derive(Clone, Copy, Default)]
+struct Placing<'a> {
+    /// Pinned to these CPUs.
+    cpus: Option<&'a [usize]>,
+    /// Beyond this delay line.
+    line: Option<&'a delay_line::DelayLine>,
 }
 
 /// `clients` threads, each with one keep-alive connection opened (and used

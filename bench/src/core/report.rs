@@ -131,7 +131,7 @@ fn programs_table(r: &Results) -> String {
         "---:|".repeat(programs.len()),
     );
     for (i, m) in r.workloads.iter().enumerate() {
-        if m.workload.kind != Kind::NewConnection {
+        if programs.iter().all(|p| p.ns_per_conn[i].is_none()) {
             continue;
         }
         let cells: Vec<String> = programs
@@ -197,7 +197,9 @@ fn programs_json(r: &Results) -> String {
                 .workloads
                 .iter()
                 .zip(&p.ns_per_conn)
-                .filter_map(|(m, ns)| Some(format!("{}: {}", quote(m.workload.key), num((*ns)? / 1e3))))
+                .filter_map(|(m, ns)| {
+                    Some(format!("{}: {}", quote(m.workload.key), num((*ns)? / 1e3)))
+                })
                 .collect();
             format!("{}: {{{}}}", quote(p.mode.label()), cells.join(", "))
         })
