@@ -240,6 +240,28 @@ fn connect_from(from: std::net::SocketAddrV4, to: std::net::SocketAddr) -> TcpSt
     }
 }
 
+/// TIME_WAIT sockets of local `port` whose peer is `peer` (0 and
+/// 0.0.0.0: every one), from /proc/net/tcp.
+fn time_wait_from(port: u16, peer: std::net::Ipv4Addr) -> usize {
+    const TIME_WAIT: &str = "06";
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    // Addresses as the kernel prints them: hex of the u32 in host order.
+    let peer_hex = format!("{:08X}", u32::from_ne_bytes(peer.octets()));
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(remote), Some(state)) = (f.get(1), f.get(2), f.get(3)) else {
+                return false;
+            };
+            *state == TIME_WAIT
+                && (port == 0 || local.ends_with(&format!(":{port:04X}")))
+                && (peer.is_unspecified() || remote.starts_with(&peer_hex))
+        })
+        .count()
+}
+
 #[test]
 fn a_syn_reusing_a_time_wait_connection_takes_the_queue_path_to_its_owner() {
     // The server closes first (`Connection: close`) and keeps each
@@ -267,6 +289,19 @@ fn a_syn_reusing_a_time_wait_connection_takes_the_queue_path_to_its_owner() {
         .map(|i| exchange(0, &sessions[i % sessions.len()].0))
         .collect();
     let middle = cluster.stats();
+    // The premise: the server holds them in TIME_WAIT. Not when the
+    // machine's table is full (tcp_max_tw_buckets, e.g. after benchmarks):
+    // then new ones are not kept, and the SYNs below meet no TIME_WAIT.
+    let held = time_wait_from(cluster.addr.port(), source);
+    let premise = format!(
+        "the server holds {held} of the {n} in TIME_WAIT ({} TIME_WAIT sockets on this machine, \
+         net.ipv4.tcp_max_tw_buckets = {}: rerun once they expire, 60 s)",
+        time_wait_from(0, std::net::Ipv4Addr::UNSPECIFIED),
+        std::fs::read_to_string("/proc/sys/net/ipv4/tcp_max_tw_buckets")
+            .unwrap_or_default()
+            .trim()
+    );
+    assert!(held >= n, "{premise}");
     let again: Vec<(u16, Option<usize>, Duration)> = first
         .iter()
         .enumerate()
