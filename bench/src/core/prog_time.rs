@@ -18,10 +18,27 @@ use super::{register, run_new_connections, Cluster, Kind, Mode, Opts, Placing, W
 const PASS: Duration = Duration::from_secs(1);
 
 /// One mode's figures: each workload's nanoseconds of program time per
-/// connection (None if it could not be measured), in `workloads` order.
+/// connection (None if it could not be measured), in `workloads` order,
+/// in all and by kind of program.
 pub(super) struct ProgramTime {
     pub mode: Mode,
     pub ns_per_conn: Vec<Option<f64>>,
+    pub by_kind: Vec<Option<[f64; KINDS.len()]>>,
+}
+
+/// The kinds of program told apart, by BPF program type: sticky_select;
+/// the cgroup programs (sticky_learn and sticky_watch); anything else
+/// (the sorting listeners' filter, the bpf-cookie tc program).
+pub(super) const KINDS: [&str; 3] = ["selector", "cgroup", "other"];
+
+fn kind_of(prog_type: u64) -> usize {
+    const SK_REUSEPORT: u64 = 21;
+    const CGROUP_SKB: u64 = 8;
+    match prog_type {
+        SK_REUSEPORT => 0,
+        CGROUP_SKB => 1,
+        _ => 2,
+    }
 }
 
 /// Run-time statistics, on while this lives.
@@ -56,11 +73,12 @@ impl RunTimeStats {
     }
 }
 
-/// Total run time of the BPF programs `pid` holds, each program once
-/// (however many descriptors of it the process has).
-fn programs_ns(pid: u32) -> u64 {
+/// Run time of the BPF programs `pid` holds by kind (`KINDS`), each
+/// program once (however many descriptors of it the process has).
+fn programs_ns(pid: u32) -> [u64; KINDS.len()] {
+    let mut out = [0; KINDS.len()];
     let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
-        return 0;
+        return out;
     };
     let mut by_id = BTreeMap::new();
     for entry in dir.flatten() {
@@ -71,11 +89,18 @@ fn programs_ns(pid: u32) -> u64 {
             info.lines()
                 .find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok())
         };
-        if let (Some(id), Some(ns)) = (field("prog_id:"), field("run_time_ns:")) {
-            by_id.insert(id, ns);
+        if let (Some(id), Some(kind), Some(ns)) = (
+            field("prog_id:"),
+            field("prog_type:"),
+            field("run_time_ns:"),
+        ) {
+            by_id.insert(id, (kind_of(kind), ns));
         }
     }
-    by_id.values().sum()
+    for (kind, ns) in by_id.into_values() {
+        out[kind] += ns;
+    }
+    out
 }
 
 /// Every mode's program time on the new-connection `workloads` (others get
@@ -86,19 +111,28 @@ pub(super) fn measure(opts: &Opts, workloads: &[&Workload]) -> Result<Vec<Progra
     for &mode in &opts.modes {
         let cluster = Cluster::start(opts, mode, None)?;
         let sessions = register(cluster.addr, false)?;
-        let mut ns_per_conn = Vec::new();
+        let (mut ns_per_conn, mut by_kind) = (Vec::new(), Vec::new());
         for w in workloads {
             if w.kind != Kind::NewConnection || w.line_round_trip.is_some() {
                 ns_per_conn.push(None);
+                by_kind.push(None);
                 continue;
             }
             let before = programs_ns(cluster.pid());
             let stats = run_new_connections(cluster.addr, &sessions, w, PASS, Placing::default());
-            let ns = programs_ns(cluster.pid()) - before;
-            ns_per_conn.push((stats.connections > 0).then(|| ns as f64 / stats.connections as f64));
+            let after = programs_ns(cluster.pid());
+            let n = stats.connections as f64;
+            let kinds: [f64; KINDS.len()] =
+                std::array::from_fn(|k| (after[k] - before[k]) as f64 / n);
+            ns_per_conn.push((n > 0.0).then(|| kinds.iter().sum()));
+            by_kind.push((n > 0.0).then_some(kinds));
         }
         cluster.check_alive()?;
-        out.push(ProgramTime { mode, ns_per_conn });
+        out.push(ProgramTime {
+            mode,
+            ns_per_conn,
+            by_kind,
+        });
     }
     Ok(out)
 }

@@ -126,7 +126,8 @@ fn programs_table(r: &Results) -> String {
         Err(e) => return format!("\nKernel programs' time per connection: not measured ({e}).\n"),
     };
     let mut out = format!(
-        "\nKernel programs' CPU time per connection (µs: every BPF program sticky loaded, summed over their runs; one cluster per mode, 1 s per workload, in a pass after the rounds with the kernel's run-time statistics on, which the rounds leave off):\n\n| workload | {} |\n|---|{}\n",
+        "\nKernel programs' CPU time per connection (µs: every BPF program sticky loaded, summed over their runs, then in parentheses {}; one cluster per mode, 1 s per workload, in a pass after the rounds with the kernel's run-time statistics on, which the rounds leave off):\n\n| workload | {} |\n|---|{}\n",
+        super::prog_time::KINDS.join(" / "),
         programs.iter().map(|p| p.mode.label()).collect::<Vec<_>>().join(" | "),
         "---:|".repeat(programs.len()),
     );
@@ -136,7 +137,14 @@ fn programs_table(r: &Results) -> String {
         }
         let cells: Vec<String> = programs
             .iter()
-            .map(|p| p.ns_per_conn[i].map_or("-".into(), |ns| format!("{:.2}", ns / 1e3)))
+            .map(|p| match (p.ns_per_conn[i], p.by_kind[i]) {
+                (Some(ns), Some(kinds)) => format!(
+                    "{:.2} ({})",
+                    ns / 1e3,
+                    kinds.map(|k| format!("{:.2}", k / 1e3)).join(" / ")
+                ),
+                _ => "-".into(),
+            })
             .collect();
         out += &format!("| {} | {} |\n", m.workload.name, cells.join(" | "));
     }
@@ -185,7 +193,8 @@ pub fn num(x: f64) -> String {
     }
 }
 
-/// `{"<mode>": {"<workload key>": µs, ...}, ...}`, or null.
+/// `{"<mode>": {"<workload key>": {"total": µs, "<kind>": µs, ...}, ...}, ...}`,
+/// or null.
 fn programs_json(r: &Results) -> String {
     let Ok(programs) = &r.programs else {
         return "null".into();
@@ -196,9 +205,19 @@ fn programs_json(r: &Results) -> String {
             let cells: Vec<String> = r
                 .workloads
                 .iter()
-                .zip(&p.ns_per_conn)
-                .filter_map(|(m, ns)| {
-                    Some(format!("{}: {}", quote(m.workload.key), num((*ns)? / 1e3)))
+                .zip(p.ns_per_conn.iter().zip(&p.by_kind))
+                .filter_map(|(m, (ns, kinds))| {
+                    let kinds: Vec<String> = super::prog_time::KINDS
+                        .iter()
+                        .zip((*kinds)?)
+                        .map(|(k, ns)| format!("\"{k}\": {}", num(ns / 1e3)))
+                        .collect();
+                    Some(format!(
+                        "{}: {{\"total\": {}, {}}}",
+                        quote(m.workload.key),
+                        num((*ns)? / 1e3),
+                        kinds.join(", ")
+                    ))
                 })
                 .collect();
             format!("{}: {{{}}}", quote(p.mode.label()), cells.join(", "))
