@@ -233,10 +233,12 @@ struct sticky_handoff {
  * Engine.IO open packet it finds in that worker's answer.
  *
  * `segments` starts at STICKY_LEARN_SEGMENTS, the search done before it
- * began, when the placing request named a sid (valid or not): only a
- * request without one is a handshake, so only its answer carries an open
- * packet. A handshake later on the same connection is learned through the
- * connection's storage (STICKY_CONN_LEARN), as on any reused connection.
+ * began, when the placing request named a sid (valid or not) and the
+ * foreign-request check is on: only a request without a sid is a
+ * handshake, so only its answer carries an open packet, and a handshake
+ * later on the same connection is learned through the connection's
+ * storage (STICKY_CONN_LEARN), as on any reused connection. Without the
+ * check connections have no storage: the search runs as before.
  */
 struct sticky_placed {
 	__u32 worker;
