@@ -73,7 +73,9 @@ pub struct RunArgs {
     pub control: Option<PathBuf>,
     /// `cookie` answers every SYN with a SYN cookie and places the first
     /// data segment by sid in the kernel, with no rotation; `syn` balances
-    /// at SYN time with no stickiness: the benchmark floor.
+    /// at SYN time with no stickiness: the benchmark floor; `bpf-cookie`
+    /// answers SYNs with sticky's own cookies from a tc program, keeping
+    /// every TCP option (Linux 6.9+, IPv4; else the default placement).
     #[arg(long, value_enum, default_value_t = PlacementArg::Sticky)]
     pub placement: PlacementArg,
     /// Learn sessions from the workers' own Engine.IO handshake answers, so
@@ -127,6 +129,7 @@ pub enum PlacementArg {
     Sticky,
     Cookie,
     Syn,
+    BpfCookie,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -155,6 +158,9 @@ pub struct Settings {
     pub workers: usize,
     pub balance: Balance,
     pub mode: Mode,
+    /// `--placement bpf-cookie` asked for; `main::attach_cookies` says
+    /// whether this kernel has it.
+    pub bpf_cookie: bool,
     pub sid_param: String,
     pub rotate: Duration,
     pub grace: Duration,
@@ -198,6 +204,9 @@ impl Settings {
                 Mode::Sticky
             }
             PlacementArg::Syn => Mode::SynBalance,
+            // The selector as by default: SYNs the tc program leaves to the
+            // stack (TIME_WAIT reuses) take the sorting path (reqsk.rs).
+            PlacementArg::BpfCookie => Mode::Sticky,
         };
         let command = WorkerCommand::resolve(&args.command)?;
         Ok(Settings {
@@ -209,6 +218,7 @@ impl Settings {
                 BalanceArg::LeastConnection => Balance::LeastConnection,
             },
             mode,
+            bpf_cookie: matches!(args.placement, PlacementArg::BpfCookie),
             sid_param: args.sid_param,
             rotate: args.rotate,
             grace: args.grace,
@@ -279,6 +289,13 @@ impl Settings {
 
     /// How placement works, for the start-up line.
     pub fn describe_placement(&self) -> &'static str {
+        if self.bpf_cookie {
+            return match self.balance {
+                Balance::Random => "placement: bpf-cookie, balance: random",
+                Balance::RoundRobin => "placement: bpf-cookie, balance: round-robin",
+                Balance::LeastConnection => "placement: bpf-cookie, balance: least-connection",
+            };
+        }
         match (self.mode, self.balance) {
             (Mode::SynBalance, _) => "placement: syn, no stickiness",
             (Mode::Cookie, Balance::Random) => "placement: cookie, balance: random",
