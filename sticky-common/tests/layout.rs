@@ -160,8 +160,14 @@ fn rust_mirror_matches_sticky_h() {
     expect("sticky_reqsk_config", size_of::<ReqskConfig>());
     expect("sticky_reqsk_config.port", offset_of!(ReqskConfig, port));
     expect("sticky_reqsk_config.addr4", offset_of!(ReqskConfig, addr4));
-    expect("sticky_reqsk_config.options", offset_of!(ReqskConfig, options));
-    expect("sticky_reqsk_config.rcv_wscale", offset_of!(ReqskConfig, rcv_wscale));
+    expect(
+        "sticky_reqsk_config.options",
+        offset_of!(ReqskConfig, options),
+    );
+    expect(
+        "sticky_reqsk_config.rcv_wscale",
+        offset_of!(ReqskConfig, rcv_wscale),
+    );
     expect("sticky_reqsk_config.key", offset_of!(ReqskConfig, key));
     expect("STICKY_REQSK_KEYS", REQSK_KEYS);
     expect("STICKY_REQSK_WSCALE", REQSK_WSCALE as usize);

@@ -21,7 +21,9 @@
  *   created on the owner's listener with that data.
  * - anything else (a socket exists: established, TIME_WAIT, a request
  *   socket of the queue path; RST; SYN-ACK; TFO SYNs with data): passed
- *   to the stack unchanged. A SYN reusing a TIME_WAIT 4-tuple therefore
+ *   on unchanged with TC_ACT_UNSPEC, never TC_ACT_OK: under TCX, OK
+ *   (TCX_PASS) would end the chain, and another sticky's program on the
+ *   same interface (another port) would never see its own SYNs. A SYN reusing a TIME_WAIT 4-tuple therefore
  *   takes the default path (sorting listener, rotation), as today.
  *
  * Cookie (the SYN-ACK's ISN): | 31..9 hash | 8..6 MSS class | 5 ECN |
@@ -32,7 +34,7 @@
  *
  * Invariants:
  * - Never creates a socket for a segment whose 4-tuple has one: the
- *   lookup comes first, and ties go to the stack (TC_ACT_OK).
+ *   lookup comes first, and ties go to the stack (TC_ACT_UNSPEC).
  * - Drops only ACKs to no connection: forged or stale cookies (the stack
  *   would answer a RST) and the pure ACK of a valid cookie.
  * - Loaded only where the kfunc exists (user space checks the kernel's
@@ -304,7 +306,7 @@ static __noinline int answer_syn(struct __sk_buff *skb, const struct sticky_reqs
 
 	if (parse_options(skb, ETH_HLEN_ + sizeof(*ip) + sizeof(*th),
 			  th->doff * 4 - sizeof(*th), &w))
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	o = w.o;
 	cls = mss_class(o.mss);
 	ws = o.wscale != COOKIE_NO_WSCALE && (cfg->options & STICKY_REQSK_WSCALE);
@@ -333,7 +335,7 @@ static __noinline int answer_syn(struct __sk_buff *skb, const struct sticky_reqs
 					      TCPOPT_SACK_PERM << 8 | TCPOLEN_SACK_PERM);
 	}
 	if (at > sizeof(s.opts))
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 
 	s.tcp.source = th->dest;
 	s.tcp.dest = th->source;
@@ -352,10 +354,10 @@ static __noinline int answer_syn(struct __sk_buff *skb, const struct sticky_reqs
 	ph.len = bpf_htons(len);
 	sum = bpf_csum_diff(0, 0, (__be32 *)&ph, sizeof(ph), 0);
 	if (sum < 0)
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	sum = bpf_csum_diff(0, 0, (__be32 *)&s.tcp, len & 63, sum);
 	if (sum < 0)
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	s.tcp.check = csum_fold(sum);
 
 	s.ip.version = 4;
@@ -368,11 +370,11 @@ static __noinline int answer_syn(struct __sk_buff *skb, const struct sticky_reqs
 	s.ip.daddr = ip->saddr;
 	sum = bpf_csum_diff(0, 0, (__be32 *)&s.ip, sizeof(s.ip), 0);
 	if (sum < 0)
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	s.ip.check = csum_fold(sum);
 
 	if (bpf_skb_load_bytes(skb, 0, eth, sizeof(eth)))
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	__builtin_memcpy(swapped, eth + 6, 6);
 	__builtin_memcpy(swapped + 6, eth, 6);
 	len += sizeof(s.ip);
@@ -448,27 +450,27 @@ int sticky_reqsk(struct __sk_buff *skb)
 	struct iphdr ip;
 	struct tcphdr th;
 	__u32 state;
-	int ret = TC_ACT_OK, syn;
+	int ret = TC_ACT_UNSPEC, syn;
 
 	if (!cfg || skb->protocol != bpf_htons(ETH_P_IP))
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	if (bpf_skb_load_bytes(skb, ETH_HLEN_, &ip, sizeof(ip)) ||
 	    ip.ihl != 5 || ip.protocol != IPPROTO_TCP ||
 	    (ip.frag_off & bpf_htons(0x3fff)) ||
 	    bpf_skb_load_bytes(skb, ETH_HLEN_ + sizeof(ip), &th, sizeof(th)))
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	if (bpf_ntohs(th.dest) != cfg->port || (cfg->addr4 && ip.daddr != cfg->addr4) ||
 	    th.rst || th.doff < 5)
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	syn = th.syn;
 	if (syn && th.ack)
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	if (!syn && !th.ack)
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	/* A SYN with data (Fast Open): the stack's path, which sees its data. */
 	if (syn && bpf_ntohs(ip.tot_len) != sizeof(ip) + th.doff * 4) {
 		count(STICKY_REQSK_SYN_PASSED);
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	}
 
 	tuple.ipv4.saddr = ip.saddr;
@@ -477,7 +479,7 @@ int sticky_reqsk(struct __sk_buff *skb)
 	tuple.ipv4.dport = th.dest;
 	skc = bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
 	if (!skc)
-		return TC_ACT_OK; /* nobody listens: the stack answers */
+		return TC_ACT_UNSPEC; /* nobody listens: the stack answers */
 	state = skc->state;
 	if (state != TCP_LISTEN) {
 		/* The 4-tuple has a socket (TIME_WAIT, a request, a connection). */

@@ -94,7 +94,11 @@ impl CookieCounters {
             .iter()
             .enumerate()
             .map(|(i, name)| {
-                let v = self.map.get(&(i as u32), 0).map(|v| v.iter().sum()).unwrap_or(0);
+                let v = self
+                    .map
+                    .get(&(i as u32), 0)
+                    .map(|v| v.iter().sum())
+                    .unwrap_or(0);
                 (*name, v)
             })
             .collect()
@@ -108,8 +112,9 @@ impl Cookies {
         let IpAddr::V4(addr) = listen.ip() else {
             bail!("IPv6 is not implemented by bpf-cookie yet");
         };
-        let btf = Btf::from_sys_fs()
-            .map_err(|e| anyhow!("the kernel has no readable BTF (/sys/kernel/btf/vmlinux: {e})"))?;
+        let btf = Btf::from_sys_fs().map_err(|e| {
+            anyhow!("the kernel has no readable BTF (/sys/kernel/btf/vmlinux: {e})")
+        })?;
         let kfunc_id = btf
             .id_by_type_name_kind(KFUNC, aya_obj::btf::BtfKind::Func)
             .map_err(|_| anyhow!("this kernel has no {KFUNC}() (Linux 6.9 or newer has it)"))?;
@@ -236,8 +241,7 @@ fn interfaces_for(addr: std::net::Ipv4Addr) -> Result<Vec<String>> {
 /// The options the stack's sysctls allow (the kfunc refuses the others).
 fn stack_options() -> u32 {
     let on = |name: &str| {
-        std::fs::read_to_string(format!("/proc/sys/net/ipv4/{name}"))
-            .is_ok_and(|v| v.trim() != "0")
+        std::fs::read_to_string(format!("/proc/sys/net/ipv4/{name}")).is_ok_and(|v| v.trim() != "0")
     };
     let mut options = 0;
     if on("tcp_window_scaling") {

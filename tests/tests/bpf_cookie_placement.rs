@@ -1,0 +1,416 @@
+//! `--placement bpf-cookie`: sticky answers every SYN with a cookie of its
+//! own from a tc ingress program, and gives the first data segment a
+//! request socket (`bpf_sk_assign_tcp_reqsk()`, Linux 6.9+) that the
+//! selector places by sid, with every TCP option kept. Real `sticky run`,
+//! real demo workers, real sockets; the options are read from the
+//! worker's own accepted socket (TCP_INFO, the demo worker's `/tcp_info`).
+//! On a kernel without the kfunc every test checks the fallback instead.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::time::Duration;
+
+use sticky_tests::{connect_from, read_response, Cluster, NetNs, ENGINE_IO_POLLING_PY};
+
+const BPF_COOKIE: &[&str] = &["--placement", "bpf-cookie", "--balance", "round-robin"];
+
+fn delta(before: &HashMap<String, String>, after: &HashMap<String, String>, k: &str) -> u64 {
+    after[k].parse::<u64>().unwrap() - before[k].parse::<u64>().unwrap()
+}
+
+/// The first line of sticky's log containing `what`, waiting for it (5 s).
+fn log_line(cluster: &Cluster, what: &str) -> String {
+    for _ in 0..500 {
+        let log = cluster.log.lock().unwrap().clone();
+        if let Some(line) = log.lines().find(|l| l.contains(what)) {
+            return line.to_string();
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!(
+        "no {what:?} in sticky's log:\n{}",
+        cluster.log.lock().unwrap()
+    );
+}
+
+/// Whether bpf-cookie runs; if not (a kernel without the kfunc), checks
+/// that sticky said so in one line and serves with the default placement.
+fn runs(cluster: &Cluster) -> bool {
+    let ready = log_line(cluster, "listening on");
+    if ready.contains("placement: bpf-cookie") {
+        return true;
+    }
+    let log = cluster.log.lock().unwrap().clone();
+    let line = log
+        .lines()
+        .find(|l| l.contains("--placement bpf-cookie:"))
+        .unwrap_or_else(|| panic!("bpf-cookie neither runs nor says why:\n{log}"));
+    println!("bpf-cookie not available here, fallback: {line}");
+    assert!(line.contains("placing by rotation"), "{line}");
+    let r = cluster.get("/");
+    assert_eq!(r.status, 200, "the fallback serves");
+    false
+}
+
+/// `n` requests, in blocks of one sid each, from `threads` clients at once;
+/// returns how many reached the sid's owner (every one must be answered).
+fn on_owner(cluster: &Cluster, sessions: &[(String, usize)], n: usize, threads: usize) -> usize {
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                scope.spawn(move || {
+                    (t..n)
+                        .step_by(threads)
+                        .filter(|i| {
+                            let (sid, owner) = &sessions[i * sessions.len() / n];
+                            let r = cluster.get(&format!("/?sid={sid}"));
+                            assert_eq!(r.status, 200, "{}", r.text());
+                            r.worker == Some(*owner)
+                        })
+                        .count()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).sum()
+    })
+}
+
+#[test]
+fn every_sid_request_reaches_its_owner_through_a_cookie_of_stickys_own() {
+    let cluster = Cluster::start(3, BPF_COOKIE);
+    if !runs(&cluster) {
+        return;
+    }
+    let sessions = cluster.sessions_on_every_worker(3, 2);
+    let before = cluster.stats();
+    let (serial, concurrent) = (300, 1_280);
+    let placed =
+        on_owner(&cluster, &sessions, serial, 1) + on_owner(&cluster, &sessions, concurrent, 64);
+    // Requests without a sid are balanced (round-robin: every worker).
+    let mut seen = [0usize; 3];
+    for _ in 0..30 {
+        let r = cluster.get("/");
+        assert_eq!(r.status, 200);
+        seen[r.worker.unwrap()] += 1;
+    }
+    let after = cluster.stats();
+    let d = |k: &str| delta(&before, &after, k);
+    let n = (serial + concurrent) as u64;
+    println!(
+        "bpf-cookie: {n} sid requests ({serial} serial, {concurrent} from 64 clients), {placed} on their owner; \
+         30 without a sid over the workers {seen:?}; cookie_syn_answered +{} cookie_ack_absorbed +{} \
+         cookie_assigned +{} cookie_assign_failed +{} cookie_forged +{} placed_cookie +{} by_sid +{} \
+         balanced +{} syn (sorting listener) +{} placed_queue +{} rotations +{}",
+        d("cookie_syn_answered"),
+        d("cookie_ack_absorbed"),
+        d("cookie_assigned"),
+        d("cookie_assign_failed"),
+        d("cookie_forged"),
+        d("placed_cookie"),
+        d("by_sid"),
+        d("balanced"),
+        d("syn"),
+        d("placed_queue"),
+        d("rotations"),
+    );
+    assert_eq!(placed as u64, n, "every sid request on its owner");
+    assert!(
+        seen.iter().all(|&c| c == 10),
+        "round-robin over 3 workers: {seen:?}"
+    );
+    // Every connection (the sid ones and the 30 others) by a cookie of
+    // sticky's own, none through the sorting listener.
+    assert_eq!(d("cookie_assigned"), n + 30);
+    assert_eq!(d("placed_cookie"), n + 30);
+    assert_eq!(d("by_sid"), n);
+    assert_eq!(d("syn"), 0);
+    assert_eq!(d("placed_queue"), 0);
+    assert_eq!(d("cookie_forged"), 0);
+}
+
+/// The server side's view of the connection a `/tcp_info?sid=` request
+/// arrived on, e.g. `ts=1 sack=1 wscale=10,7 ecn=0 snd_mss=32768 ...`.
+fn server_options(cluster: &Cluster, sid: &str) -> HashMap<String, String> {
+    let r = cluster.get(&format!("/tcp_info?sid={sid}"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.text()
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+#[test]
+fn every_option_is_kept_where_kernel_cookies_lose_them() {
+    // With timestamps on (this machine's default): all of them, and
+    // loopback's MSS, which a kernel cookie clamps to 1460.
+    let cluster = Cluster::start(2, BPF_COOKIE);
+    if !runs(&cluster) {
+        return;
+    }
+    let sessions = cluster.sessions_on_every_worker(2, 1);
+    let on = server_options(&cluster, &sessions[0].0);
+    println!("bpf-cookie, timestamps on, server side: {on:?}");
+    assert_eq!(on["worker"], sessions[0].1.to_string());
+    assert_eq!(on["ts"], "1");
+    assert_eq!(on["sack"], "1");
+    assert_ne!(on["wscale"], "-");
+    let mss: u32 = on["snd_mss"].parse().unwrap();
+    assert!(mss > 1460, "loopback's MSS clamped: {mss}");
+    drop(cluster);
+
+    // Timestamps off (a Windows-like client): kernel cookies lose window
+    // scaling and SACK; sticky's keep them. Both modes in one namespace.
+    let ns = match NetNs::new(&[("net.ipv4.tcp_timestamps", "0")]) {
+        Ok(ns) => ns,
+        Err(e) => return println!("skipped the timestamps-off half: no network namespace ({e})"),
+    };
+    ns.enter();
+    let worker = sticky_tests::demo_worker_bin();
+    let start = |placement: &str| {
+        Cluster::start_custom(
+            "127.0.0.1:0",
+            2,
+            &["--placement", placement],
+            &[worker.to_str().unwrap()],
+            |cmd| ns.configure(cmd),
+        )
+    };
+    let ours = start("bpf-cookie");
+    assert!(runs(&ours), "ran outside the namespace, not inside");
+    let sid = &ours.sessions_on_every_worker(2, 1)[0].0;
+    let kept = server_options(&ours, sid);
+    drop(ours);
+    let kernel = start("cookie");
+    let sid = &kernel.sessions_on_every_worker(2, 1)[0].0;
+    let lost = server_options(&kernel, sid);
+    println!(
+        "timestamps off: bpf-cookie server side {kept:?}; kernel cookie (--placement cookie) {lost:?}"
+    );
+    assert_eq!(kept["ts"], "0");
+    assert_eq!(kept["sack"], "1");
+    assert_ne!(kept["wscale"], "-");
+    assert!(kept["snd_mss"].parse::<u32>().unwrap() > 1460);
+    assert_eq!(
+        lost["wscale"], "-",
+        "kernel cookies keep no window scale without timestamps"
+    );
+}
+
+#[test]
+fn a_syn_reusing_a_time_wait_connection_is_served_by_the_stack_on_its_owner() {
+    // The server closes first and keeps each connection in TIME_WAIT; the
+    // tc program sees a socket on the 4-tuple and leaves the SYN to the
+    // stack: the default (sorting listener) path, still on the owner.
+    let cluster = Cluster::start(2, BPF_COOKIE);
+    if !runs(&cluster) {
+        return;
+    }
+    let sessions = cluster.sessions_on_every_worker(2, 2);
+    let source = std::net::Ipv4Addr::new(127, 62, 0, 1 + (cluster.addr.port() % 250) as u8);
+    let exchange = |port: u16, sid: &str| {
+        let mut s = connect_from(std::net::SocketAddrV4::new(source, port), cluster.addr);
+        let port = s.local_addr().unwrap().port();
+        let req = format!("GET /?sid={sid} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).unwrap();
+        let r = read_response(s);
+        assert_eq!(r.status, 200, "{}", r.text());
+        (port, r.worker)
+    };
+    let n = 20;
+    let first: Vec<(u16, Option<usize>)> = (0..n)
+        .map(|i| exchange(0, &sessions[i % sessions.len()].0))
+        .collect();
+    // The kernel keeps no TIME_WAIT once net.ipv4.tcp_max_tw_buckets are
+    // all taken (other tests and benchmarks on a shared machine): count the
+    // 4-tuples it does hold, the SYNs that must go to the stack.
+    let held = time_wait_count(cluster.addr, source);
+    let middle = cluster.stats();
+    let again: Vec<Option<usize>> = first
+        .iter()
+        .enumerate()
+        .map(|(i, (port, _))| exchange(*port, &sessions[(i + 1) % sessions.len()].0).1)
+        .collect();
+    let after = cluster.stats();
+    let d = |k: &str| delta(&middle, &after, k);
+    let right_first = (0..n)
+        .filter(|&i| first[i].1 == Some(sessions[i % sessions.len()].1))
+        .count();
+    let right_again = (0..n)
+        .filter(|&i| again[i] == Some(sessions[(i + 1) % sessions.len()].1))
+        .count();
+    println!(
+        "{n} connections, then the same {n} 4-tuples again ({held} held in TIME_WAIT by the server): \
+         {right_first} and {right_again} on their owner; second round cookie_syn_passed +{} \
+         cookie_assigned +{} syn +{} placed_softirq +{} placed_queue +{}",
+        d("cookie_syn_passed"),
+        d("cookie_assigned"),
+        d("syn"),
+        d("placed_softirq"),
+        d("placed_queue"),
+    );
+    assert_eq!(right_first, n);
+    assert_eq!(right_again, n);
+    assert!(held > 0, "no TIME_WAIT kept at all: nothing tested");
+    assert_eq!(
+        d("cookie_syn_passed"),
+        held as u64,
+        "every reusing SYN left to the stack"
+    );
+    assert_eq!(d("syn"), held as u64, "and taken by the sorting listener");
+    assert_eq!(
+        d("cookie_assigned"),
+        (n - held) as u64,
+        "the others by cookie"
+    );
+}
+
+/// Connections from `client` that the server on `server` holds in TIME_WAIT.
+fn time_wait_count(server: std::net::SocketAddr, client: std::net::Ipv4Addr) -> usize {
+    let out = std::process::Command::new("ss")
+        .args(["-Htan", "state", "time-wait", "src"])
+        .arg(server.to_string())
+        .args(["dst", &client.to_string()])
+        .output()
+        .expect("ss (iproute2)");
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+/// A TCP segment from `from` to `to` with `flags`, `seq`, `ack` and
+/// `payload`, sent through a raw socket (checksummed, as a client's is).
+fn send_segment(
+    from: std::net::SocketAddrV4,
+    to: std::net::SocketAddrV4,
+    (seq, ack, flags): (u32, u32, u8),
+    payload: &[u8],
+) {
+    let mut seg = Vec::with_capacity(20 + payload.len());
+    seg.extend_from_slice(&from.port().to_be_bytes());
+    seg.extend_from_slice(&to.port().to_be_bytes());
+    seg.extend_from_slice(&seq.to_be_bytes());
+    seg.extend_from_slice(&ack.to_be_bytes());
+    seg.extend_from_slice(&[5 << 4, flags]);
+    seg.extend_from_slice(&65535u16.to_be_bytes());
+    seg.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent pointer
+    seg.extend_from_slice(payload);
+    let mut sum: u32 = 0;
+    let mut add = |bytes: &[u8]| {
+        for pair in bytes.chunks(2) {
+            sum += u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
+        }
+    };
+    add(&from.ip().octets());
+    add(&to.ip().octets());
+    add(&[0, libc::IPPROTO_TCP as u8]);
+    add(&(seg.len() as u16).to_be_bytes());
+    add(&seg);
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    seg[16..18].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    // SAFETY: a raw socket used for one sendto, then closed.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_TCP);
+        assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+        let src = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(*from.ip()).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let dst = libc::sockaddr_in {
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(*to.ip()).to_be(),
+            },
+            ..src
+        };
+        let len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        assert_eq!(libc::bind(fd, (&raw const src).cast(), len), 0);
+        let sent = libc::sendto(
+            fd,
+            seg.as_ptr().cast(),
+            seg.len(),
+            0,
+            (&raw const dst).cast(),
+            len,
+        );
+        assert_eq!(
+            sent,
+            seg.len() as isize,
+            "sendto: {}",
+            std::io::Error::last_os_error()
+        );
+        libc::close(fd);
+    }
+}
+
+#[test]
+fn a_forged_cookie_ack_is_dropped_not_placed() {
+    let cluster = Cluster::start(2, BPF_COOKIE);
+    if !runs(&cluster) {
+        return;
+    }
+    let sessions = cluster.sessions_on_every_worker(2, 1);
+    let std::net::SocketAddr::V4(server) = cluster.addr else {
+        panic!("IPv4 cluster expected")
+    };
+    let from = std::net::SocketAddrV4::new(
+        std::net::Ipv4Addr::new(127, 63, 0, 9),
+        40_000 + (server.port() % 20_000),
+    );
+    let request = format!("GET /?sid={} HTTP/1.1\r\nHost: x\r\n\r\n", sessions[0].0);
+    let before = cluster.stats();
+    // ACK flag (0x10) and PSH (0x08): a first data segment with made-up
+    // cookies, as a blind attacker would send them.
+    for guess in [0x1234_5678u32, 0xdead_beef, 1, 0xffff_ffff] {
+        send_segment(from, server, (0x1000, guess, 0x18), request.as_bytes());
+    }
+    // A pure ACK with a made-up cookie too.
+    send_segment(from, server, (0x1000, 0x4242_4242, 0x10), b"");
+    std::thread::sleep(Duration::from_millis(200));
+    let after = cluster.stats();
+    let d = |k: &str| delta(&before, &after, k);
+    println!(
+        "5 forged cookie ACKs (4 with a sid request): cookie_forged +{} cookie_assigned +{} \
+         placed_cookie +{} by_sid +{} balanced +{}",
+        d("cookie_forged"),
+        d("cookie_assigned"),
+        d("placed_cookie"),
+        d("by_sid"),
+        d("balanced"),
+    );
+    assert_eq!(d("cookie_forged"), 5);
+    assert_eq!(d("cookie_assigned"), 0);
+    assert_eq!(d("placed_cookie"), 0);
+    assert_eq!(d("by_sid"), 0);
+    // The real client still gets in.
+    let r = cluster.get(&format!("/?sid={}", sessions[0].0));
+    assert_eq!(r.worker, Some(sessions[0].1));
+}
+
+#[test]
+fn sessions_of_unmodified_engine_io_workers_are_learned() {
+    let python = sticky_tests::python3_bin();
+    let cluster = Cluster::start_with(
+        "127.0.0.1:0",
+        3,
+        BPF_COOKIE,
+        &[python.to_str().unwrap(), ENGINE_IO_POLLING_PY],
+    );
+    let bpf = runs(&cluster);
+    let unknown = cluster.refused_polls(10, 3);
+    let stats = cluster.stats();
+    println!(
+        "bpf-cookie {}, learning: 10 sessions x 3 requests, {unknown} unknown; learned={} cookie_assigned={}",
+        if bpf { "on" } else { "off (fallback)" },
+        stats["learned"],
+        stats.get("cookie_assigned").map_or("-", |s| s.as_str()),
+    );
+    assert_eq!(unknown, 0);
+    assert!(cluster.counter("learned") >= 10);
+    if bpf {
+        assert!(cluster.counter("cookie_assigned") >= 40);
+    }
+}
