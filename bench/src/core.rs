@@ -254,7 +254,9 @@ impl Mode {
             .into_iter()
             .chain([Mode::BpfCookie])
             .find(|m| m.label() == key)
-            .ok_or(format!("unknown mode {key:?} (sticky, cookie, floor, bpf-cookie)"))
+            .ok_or(format!(
+                "unknown mode {key:?} (sticky, cookie, floor, bpf-cookie)"
+            ))
     }
     fn label(self) -> &'static str {
         match self {
@@ -608,7 +610,9 @@ impl Cluster {
             .args(match (mode, opts.learn) {
                 // The control: no cgroup program at all, so the foreign
                 // check (which runs in them) is off too unless asked for.
-                (Mode::Sticky | Mode::Cookie | Mode::BpfCookie, false) if opts.foreign.is_none() => {
+                (Mode::Sticky | Mode::Cookie | Mode::BpfCookie, false)
+                    if opts.foreign.is_none() =>
+                {
                     &["--learn", "off", "--foreign-requests", "off"][..]
                 }
                 (Mode::Sticky | Mode::Cookie | Mode::BpfCookie, false) => &["--learn", "off"][..],

@@ -482,6 +482,9 @@ pub struct ReqskConfig {
     pub options: u32,
     /// The window scale sticky's SYN-ACK announces.
     pub rcv_wscale: u32,
+    /// The listening IPv6 address in network order (the octets in memory
+    /// order); all 0: any.
+    pub addr6: [u32; 4],
     /// SipHash keys of the cookies: the current one, then the previous.
     pub key: [[u64; 2]; REQSK_KEYS],
 }
@@ -491,6 +494,8 @@ pub const REQSK_WSCALE: u32 = 1;
 pub const REQSK_SACK: u32 = 2;
 pub const REQSK_TIMESTAMPS: u32 = 4;
 pub const REQSK_ECN: u32 = 8;
+pub const REQSK_IPV4: u32 = 16;
+pub const REQSK_IPV6: u32 = 32;
 
 /// Indices of `reqsk_counters` (`enum sticky_reqsk_counter`), with the
 /// names `sticky stats` reports them under.

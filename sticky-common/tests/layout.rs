@@ -43,9 +43,9 @@ int main(void) {
     C(STICKY_CNT_FOREIGN_DROPPED) C(STICKY_CNT_FOREIGN_PASSED) C(STICKY_CNT_DOOMED_SEGMENTS)
     C(STICKY_CNT_UNMAPPED) C(STICKY_CNT_LEARNED)
     S(sticky_reqsk_config) O(sticky_reqsk_config, port) O(sticky_reqsk_config, addr4)
-    O(sticky_reqsk_config, options) O(sticky_reqsk_config, rcv_wscale) O(sticky_reqsk_config, key)
+    O(sticky_reqsk_config, options) O(sticky_reqsk_config, rcv_wscale) O(sticky_reqsk_config, addr6) O(sticky_reqsk_config, key)
     C(STICKY_REQSK_KEYS) C(STICKY_REQSK_WSCALE) C(STICKY_REQSK_SACK) C(STICKY_REQSK_TIMESTAMPS)
-    C(STICKY_REQSK_ECN) C(STICKY_REQSK_COUNTERS)
+    C(STICKY_REQSK_ECN) C(STICKY_REQSK_IPV4) C(STICKY_REQSK_IPV6) C(STICKY_REQSK_COUNTERS)
     return 0;
 }
 "#;
@@ -168,7 +168,10 @@ fn rust_mirror_matches_sticky_h() {
         "sticky_reqsk_config.rcv_wscale",
         offset_of!(ReqskConfig, rcv_wscale),
     );
+    expect("sticky_reqsk_config.addr6", offset_of!(ReqskConfig, addr6));
     expect("sticky_reqsk_config.key", offset_of!(ReqskConfig, key));
+    expect("STICKY_REQSK_IPV4", REQSK_IPV4 as usize);
+    expect("STICKY_REQSK_IPV6", REQSK_IPV6 as usize);
     expect("STICKY_REQSK_KEYS", REQSK_KEYS);
     expect("STICKY_REQSK_WSCALE", REQSK_WSCALE as usize);
     expect("STICKY_REQSK_SACK", REQSK_SACK as usize);

@@ -350,11 +350,14 @@ enum sticky_parse_result {
 #define STICKY_REQSK_SACK 2       /* net.ipv4.tcp_sack */
 #define STICKY_REQSK_TIMESTAMPS 4 /* net.ipv4.tcp_timestamps */
 #define STICKY_REQSK_ECN 8        /* net.ipv4.tcp_ecn 1 or 2: accept it */
+#define STICKY_REQSK_IPV4 16      /* the listeners take IPv4 (an IPv4 or a dual-stack address) */
+#define STICKY_REQSK_IPV6 32      /* the listeners take IPv6 */
 struct sticky_reqsk_config {
 	__u32 port;  /* the listening port, host byte order */
 	__u32 addr4; /* the listening IPv4 address, network order; 0: any */
 	__u32 options;    /* STICKY_REQSK_* bits */
 	__u32 rcv_wscale; /* the window scale sticky's SYN-ACK announces */
+	__u32 addr6[4];   /* the listening IPv6 address, network order; all 0: any */
 	__u64 key[STICKY_REQSK_KEYS][2]; /* SipHash keys, rotated by user space */
 };
 

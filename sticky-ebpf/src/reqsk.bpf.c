@@ -39,13 +39,15 @@
  *   would answer a RST) and the pure ACK of a valid cookie.
  * - Loaded only where the kfunc exists (user space checks the kernel's
  *   BTF first and falls back to the default placement otherwise).
- * - IPv4 without IP options only; other traffic goes to the stack.
+ * - IPv4 without IP options, IPv6 without extension headers; other
+ *   traffic goes to the stack.
  */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
 #include <linux/if_ether.h>
 #include <linux/in.h>
 #include <linux/ip.h>
+#include <linux/ipv6.h>
 #include <linux/tcp.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
@@ -129,28 +131,34 @@ static __always_inline long assign_tcp_reqsk(struct __sk_buff *skb, void *listen
 }
 
 /*
- * MSS classes (3 bits): the client's MSS is rounded down to one of these. Beside
- * the usual Internet values, jumbo frames and loopback's 65,495 (MTU 65,536).
+ * MSS classes (3 bits): the client's MSS is rounded down to one of these.
+ * Beside the usual Internet values, jumbo frames and loopback's (MTU
+ * 65,536: 65,495 over IPv4, 65,476 over IPv6).
  */
-static __always_inline __u16 mss_of(__u32 cls)
+static __always_inline __u16 mss_of(__u32 cls, int v6)
 {
 	switch (cls & 7) {
-	case 1: return 1300;
-	case 2: return 1440;
-	case 3: return 1460;
-	case 4: return 4036;
-	case 5: return 8960;
-	case 6: return 16344;
-	case 7: return 65495;
-	default: return 536;
+	case 1: return v6 ? 1280 : 1300;
+	case 2: return v6 ? 1420 : 1440;
+	case 3: return v6 ? 1440 : 1460;
+	case 4: return v6 ? 4016 : 4036;
+	case 5: return v6 ? 8940 : 8960;
+	case 6: return v6 ? 16324 : 16344;
+	case 7: return v6 ? 65476 : 65495;
+	default: return v6 ? 1220 : 536; /* the kfunc's minimum per family */
 	}
 }
 
-/* The largest class not above the client's MSS (536 at least). */
-static __always_inline __u32 mss_class(__u16 mss)
+/* The largest class not above the client's MSS (the smallest at least). */
+static __always_inline __u32 mss_class(__u16 mss, int v6)
 {
-	return mss >= 65495 ? 7 : mss >= 16344 ? 6 : mss >= 8960 ? 5 : mss >= 4036 ? 4 :
-	       mss >= 1460 ? 3 : mss >= 1440 ? 2 : mss >= 1300 ? 1 : 0;
+	__u32 cls = 0, i;
+
+#pragma unroll
+	for (i = 1; i < 8; i++)
+		if (mss >= mss_of(i, v6))
+			cls = i;
+	return cls;
 }
 #define COOKIE_NO_WSCALE 15
 #define COOKIE_SACK (1u << 4)
@@ -246,14 +254,31 @@ static __always_inline int parse_options(struct __sk_buff *skb, __u32 off, __u32
 	return 0;
 }
 
-/* The hash bits of a cookie for this client ISN under `key`. */
-static __always_inline __u32 cookie_hash(const struct iphdr *ip, const struct tcphdr *th,
-					 __u32 client_isn, const __u64 *key)
-{
-	__u64 m0 = (__u64)ip->saddr << 32 | ip->daddr;
-	__u64 m1 = (__u64)th->source << 48 | (__u64)th->dest << 32 | client_isn;
+/* A segment to the port, either family, from its headers. */
+struct seg {
+	__u32 saddr[4]; /* network order; IPv4: [0] only */
+	__u32 daddr[4];
+	__u32 ip_len;   /* the IP header's length: 20 or 40 (no options or extensions) */
+	__u32 payload;  /* TCP payload bytes */
+	__u32 v6;
+	struct tcphdr th;
+};
 
-	return (__u32)sticky_siphash_2u64(m0, m1, key) & COOKIE_HASH_MASK;
+/* The hash bits of a cookie for this client ISN under `key`. */
+static __always_inline __u32 cookie_hash(const struct seg *g, __u32 client_isn, const __u64 *key)
+{
+	__u64 ports = (__u64)g->th.source << 48 | (__u64)g->th.dest << 32 | client_isn;
+	__u64 h;
+
+	if (!g->v6)
+		return (__u32)sticky_siphash_2u64((__u64)g->saddr[0] << 32 | g->daddr[0], ports,
+						  key) & COOKIE_HASH_MASK;
+	/* 32 bytes of addresses: chained, each block under the key. */
+	h = sticky_siphash_2u64((__u64)g->saddr[0] << 32 | g->saddr[1],
+				(__u64)g->saddr[2] << 32 | g->saddr[3], key);
+	h = sticky_siphash_2u64(h ^ ((__u64)g->daddr[0] << 32 | g->daddr[1]),
+				(__u64)g->daddr[2] << 32 | g->daddr[3], key);
+	return (__u32)sticky_siphash_2u64(h, ports, key) & COOKIE_HASH_MASK;
 }
 
 static __always_inline __u16 csum_fold(__u64 sum)
@@ -265,17 +290,24 @@ static __always_inline __u16 csum_fold(__u64 sum)
 }
 
 struct synack {
-	struct iphdr ip;
 	struct tcphdr tcp;
 	__u8 opts[20];
 };
 
-struct pseudo_header {
+struct pseudo_header4 {
 	__be32 saddr;
 	__be32 daddr;
 	__u8 zero;
 	__u8 proto;
 	__be16 len;
+};
+
+struct pseudo_header6 {
+	__u32 saddr[4];
+	__u32 daddr[4];
+	__be32 len;
+	__u8 zero[3];
+	__u8 next;
 };
 
 /* Appends a 32-bit option word (host order value, big-endian on the wire). */
@@ -288,36 +320,93 @@ static __always_inline __u32 put_word(struct synack *s, __u32 at, __u32 word)
 	return at + 4;
 }
 
+/* The TCP checksum of `s` (`len` bytes) from `g`'s server to its client. */
+static __always_inline __s64 synack_csum(const struct seg *g, struct synack *s, __u32 len)
+{
+	__s64 sum;
+
+	if (g->v6) {
+		struct pseudo_header6 ph = { .len = bpf_htonl(len), .next = IPPROTO_TCP };
+
+		__builtin_memcpy(ph.saddr, g->daddr, 16);
+		__builtin_memcpy(ph.daddr, g->saddr, 16);
+		sum = bpf_csum_diff(0, 0, (__be32 *)&ph, sizeof(ph), 0);
+	} else {
+		struct pseudo_header4 ph = {
+			.saddr = g->daddr[0], .daddr = g->saddr[0],
+			.proto = IPPROTO_TCP, .len = bpf_htons(len),
+		};
+
+		sum = bpf_csum_diff(0, 0, (__be32 *)&ph, sizeof(ph), 0);
+	}
+	if (sum < 0)
+		return sum;
+	return bpf_csum_diff(0, 0, (__be32 *)s, len & 63, sum);
+}
+
+/* Writes the SYN-ACK's IP header (addresses swapped) into the packet. */
+static __always_inline int store_ip_header(struct __sk_buff *skb, const struct seg *g, __u32 len)
+{
+	__s64 sum;
+
+	if (g->v6) {
+		struct ipv6hdr h = {};
+
+		h.version = 6;
+		h.payload_len = bpf_htons(len);
+		h.nexthdr = IPPROTO_TCP;
+		h.hop_limit = 64;
+		__builtin_memcpy(&h.saddr, g->daddr, 16);
+		__builtin_memcpy(&h.daddr, g->saddr, 16);
+		return bpf_skb_store_bytes(skb, ETH_HLEN_, &h, sizeof(h), 0);
+	} else {
+		struct iphdr h = {};
+
+		h.version = 4;
+		h.ihl = 5;
+		h.tot_len = bpf_htons(sizeof(h) + len);
+		h.frag_off = bpf_htons(IP_DF);
+		h.ttl = 64;
+		h.protocol = IPPROTO_TCP;
+		h.saddr = g->daddr[0];
+		h.daddr = g->saddr[0];
+		sum = bpf_csum_diff(0, 0, (__be32 *)&h, sizeof(h), 0);
+		if (sum < 0)
+			return -1;
+		h.check = csum_fold(sum);
+		return bpf_skb_store_bytes(skb, ETH_HLEN_, &h, sizeof(h), 0);
+	}
+}
+
 /*
  * Turns the SYN into the cookie SYN-ACK and sends it back where it came
- * from. `ip`/`th` are copies of the SYN's headers.
+ * from.
  */
 static __noinline int answer_syn(struct __sk_buff *skb, const struct sticky_reqsk_config *cfg,
-				 const struct iphdr *ip, const struct tcphdr *th)
+				 const struct seg *g)
 {
+	const struct tcphdr *th = &g->th;
 	struct synack s = {};
 	struct opt_walk w;
 	struct tcp_opts o;
-	struct pseudo_header ph;
-	__u32 isn = bpf_ntohl(th->seq), cookie, cls, at = 0, len;
+	__u32 isn = bpf_ntohl(th->seq), cookie, cls, at = 0, len, ip_len = g->ip_len;
 	__u8 eth[12], swapped[12];
 	__s64 sum;
 	int ts, ws, sack, ecn;
 
-	if (parse_options(skb, ETH_HLEN_ + sizeof(*ip) + sizeof(*th),
-			  th->doff * 4 - sizeof(*th), &w))
+	if (parse_options(skb, ETH_HLEN_ + ip_len + sizeof(*th), th->doff * 4 - sizeof(*th), &w))
 		return TC_ACT_UNSPEC;
 	o = w.o;
-	cls = mss_class(o.mss);
+	cls = mss_class(o.mss, g->v6);
 	ws = o.wscale != COOKIE_NO_WSCALE && (cfg->options & STICKY_REQSK_WSCALE);
 	sack = o.sack && (cfg->options & STICKY_REQSK_SACK);
 	ts = o.ts && (cfg->options & STICKY_REQSK_TIMESTAMPS);
 	ecn = th->ece && th->cwr && (cfg->options & STICKY_REQSK_ECN);
-	cookie = cookie_hash(ip, th, isn, cfg->key[0]) | cls << COOKIE_MSS_SHIFT |
+	cookie = cookie_hash(g, isn, cfg->key[0]) | cls << COOKIE_MSS_SHIFT |
 		 (ws ? o.wscale : COOKIE_NO_WSCALE) | (sack ? COOKIE_SACK : 0) |
 		 (ecn ? COOKIE_ECN : 0);
 
-	at = put_word(&s, at, TCPOPT_MSS << 24 | TCPOLEN_MSS << 16 | mss_of(cls));
+	at = put_word(&s, at, TCPOPT_MSS << 24 | TCPOLEN_MSS << 16 | mss_of(cls, g->v6));
 	if (ws)
 		at = put_word(&s, at, TCPOPT_NOP << 24 | TCPOPT_WINDOW << 16 |
 					      TCPOLEN_WINDOW << 8 | (cfg->rcv_wscale & 0xff));
@@ -347,41 +436,20 @@ static __noinline int answer_syn(struct __sk_buff *skb, const struct sticky_reqs
 	s.tcp.ece = ecn;
 	s.tcp.window = bpf_htons(65535); /* SYN-ACK windows are never scaled */
 	len = sizeof(s.tcp) + at;
-	ph.saddr = ip->daddr;
-	ph.daddr = ip->saddr;
-	ph.zero = 0;
-	ph.proto = IPPROTO_TCP;
-	ph.len = bpf_htons(len);
-	sum = bpf_csum_diff(0, 0, (__be32 *)&ph, sizeof(ph), 0);
-	if (sum < 0)
-		return TC_ACT_UNSPEC;
-	sum = bpf_csum_diff(0, 0, (__be32 *)&s.tcp, len & 63, sum);
+	sum = synack_csum(g, &s, len);
 	if (sum < 0)
 		return TC_ACT_UNSPEC;
 	s.tcp.check = csum_fold(sum);
-
-	s.ip.version = 4;
-	s.ip.ihl = 5;
-	s.ip.tot_len = bpf_htons(sizeof(s.ip) + len);
-	s.ip.frag_off = bpf_htons(IP_DF);
-	s.ip.ttl = 64;
-	s.ip.protocol = IPPROTO_TCP;
-	s.ip.saddr = ip->daddr;
-	s.ip.daddr = ip->saddr;
-	sum = bpf_csum_diff(0, 0, (__be32 *)&s.ip, sizeof(s.ip), 0);
-	if (sum < 0)
-		return TC_ACT_UNSPEC;
-	s.ip.check = csum_fold(sum);
 
 	if (bpf_skb_load_bytes(skb, 0, eth, sizeof(eth)))
 		return TC_ACT_UNSPEC;
 	__builtin_memcpy(swapped, eth + 6, 6);
 	__builtin_memcpy(swapped + 6, eth, 6);
-	len += sizeof(s.ip);
-	if (bpf_skb_change_tail(skb, ETH_HLEN_ + len, 0))
+	if (bpf_skb_change_tail(skb, ETH_HLEN_ + ip_len + len, 0))
 		return TC_ACT_SHOT;
 	if (bpf_skb_store_bytes(skb, 0, swapped, sizeof(swapped), 0) ||
-	    bpf_skb_store_bytes(skb, ETH_HLEN_, &s, len & 63, 0))
+	    store_ip_header(skb, g, len) ||
+	    bpf_skb_store_bytes(skb, ETH_HLEN_ + (g->v6 ? 40 : 20), &s, len & 63, 0))
 		return TC_ACT_SHOT;
 	count(STICKY_REQSK_SYN_ANSWERED);
 	return bpf_redirect(skb->ifindex, 0);
@@ -392,32 +460,30 @@ static __noinline int answer_syn(struct __sk_buff *skb, const struct sticky_reqs
  * or no data yet) or gives it a request socket on `listener`.
  */
 static __noinline int check_ack(struct __sk_buff *skb, const struct sticky_reqsk_config *cfg,
-				const struct iphdr *ip, const struct tcphdr *th,
-				struct tcp_sock *listener)
+				const struct seg *g, struct tcp_sock *listener)
 {
+	const struct tcphdr *th = &g->th;
 	struct tcp_req_attrs attrs = {};
 	struct opt_walk w;
 	struct tcp_opts o;
 	__u32 cookie = bpf_ntohl(th->ack_seq) - 1, isn = bpf_ntohl(th->seq) - 1;
-	__u32 hash = cookie & COOKIE_HASH_MASK, payload, wscale;
+	__u32 hash = cookie & COOKIE_HASH_MASK, wscale;
 	long ret;
 
-	if (hash != cookie_hash(ip, th, isn, cfg->key[0]) &&
-	    hash != cookie_hash(ip, th, isn, cfg->key[1])) {
+	if (hash != cookie_hash(g, isn, cfg->key[0]) && hash != cookie_hash(g, isn, cfg->key[1])) {
 		count(STICKY_REQSK_FORGED);
 		return TC_ACT_SHOT;
 	}
-	payload = bpf_ntohs(ip->tot_len) - sizeof(*ip) - th->doff * 4;
-	if (payload == 0 || payload > 0xffff) {
+	if (g->payload == 0) {
 		count(STICKY_REQSK_ACK_ABSORBED);
 		return TC_ACT_SHOT;
 	}
-	if (parse_options(skb, ETH_HLEN_ + sizeof(*ip) + sizeof(*th),
-			  th->doff * 4 - sizeof(*th), &w))
+	if (parse_options(skb, ETH_HLEN_ + g->ip_len + sizeof(*th), th->doff * 4 - sizeof(*th),
+			  &w))
 		return TC_ACT_SHOT;
 	o = w.o;
 	wscale = cookie & 0xf;
-	attrs.mss = mss_of(cookie >> COOKIE_MSS_SHIFT);
+	attrs.mss = mss_of(cookie >> COOKIE_MSS_SHIFT, g->v6);
 	if (wscale != COOKIE_NO_WSCALE) {
 		attrs.wscale_ok = 1;
 		attrs.snd_wscale = wscale;
@@ -439,6 +505,51 @@ static __noinline int check_ack(struct __sk_buff *skb, const struct sticky_reqsk
 	return TC_ACT_OK;
 }
 
+/* Reads the headers of an IPv4 or IPv6 TCP segment; false if it is not one. */
+static __always_inline int load_seg(struct __sk_buff *skb, const struct sticky_reqsk_config *cfg,
+				    struct seg *g)
+{
+	__u32 tcp_len;
+
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		struct iphdr ip;
+
+		if (!(cfg->options & STICKY_REQSK_IPV4) ||
+		    bpf_skb_load_bytes(skb, ETH_HLEN_, &ip, sizeof(ip)) || ip.ihl != 5 ||
+		    ip.protocol != IPPROTO_TCP || (ip.frag_off & bpf_htons(0x3fff)) ||
+		    (cfg->addr4 && ip.daddr != cfg->addr4))
+			return 0;
+		g->saddr[0] = ip.saddr;
+		g->daddr[0] = ip.daddr;
+		g->ip_len = sizeof(ip);
+		tcp_len = bpf_ntohs(ip.tot_len) - sizeof(ip);
+	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr ip;
+		int any;
+
+		if (!(cfg->options & STICKY_REQSK_IPV6) ||
+		    bpf_skb_load_bytes(skb, ETH_HLEN_, &ip, sizeof(ip)) ||
+		    ip.nexthdr != IPPROTO_TCP)
+			return 0;
+		__builtin_memcpy(g->saddr, &ip.saddr, 16);
+		__builtin_memcpy(g->daddr, &ip.daddr, 16);
+		any = !(cfg->addr6[0] | cfg->addr6[1] | cfg->addr6[2] | cfg->addr6[3]);
+		if (!any && (g->daddr[0] != cfg->addr6[0] || g->daddr[1] != cfg->addr6[1] ||
+			     g->daddr[2] != cfg->addr6[2] || g->daddr[3] != cfg->addr6[3]))
+			return 0;
+		g->ip_len = sizeof(ip);
+		g->v6 = 1;
+		tcp_len = bpf_ntohs(ip.payload_len);
+	} else {
+		return 0;
+	}
+	if (bpf_skb_load_bytes(skb, ETH_HLEN_ + g->ip_len, &g->th, sizeof(g->th)) ||
+	    g->th.doff < 5 || tcp_len < g->th.doff * 4u)
+		return 0;
+	g->payload = tcp_len - g->th.doff * 4;
+	return 1;
+}
+
 SEC("classifier")
 int sticky_reqsk(struct __sk_buff *skb)
 {
@@ -447,37 +558,39 @@ int sticky_reqsk(struct __sk_buff *skb)
 	struct bpf_sock_tuple tuple = {};
 	struct bpf_sock *skc;
 	struct tcp_sock *listener;
-	struct iphdr ip;
-	struct tcphdr th;
-	__u32 state;
+	struct seg g = {};
+	__u32 state, tuple_len;
 	int ret = TC_ACT_UNSPEC, syn;
 
-	if (!cfg || skb->protocol != bpf_htons(ETH_P_IP))
+	if (!cfg || !load_seg(skb, cfg, &g))
 		return TC_ACT_UNSPEC;
-	if (bpf_skb_load_bytes(skb, ETH_HLEN_, &ip, sizeof(ip)) ||
-	    ip.ihl != 5 || ip.protocol != IPPROTO_TCP ||
-	    (ip.frag_off & bpf_htons(0x3fff)) ||
-	    bpf_skb_load_bytes(skb, ETH_HLEN_ + sizeof(ip), &th, sizeof(th)))
+	if (bpf_ntohs(g.th.dest) != cfg->port || g.th.rst)
 		return TC_ACT_UNSPEC;
-	if (bpf_ntohs(th.dest) != cfg->port || (cfg->addr4 && ip.daddr != cfg->addr4) ||
-	    th.rst || th.doff < 5)
+	syn = g.th.syn;
+	if (syn && g.th.ack)
 		return TC_ACT_UNSPEC;
-	syn = th.syn;
-	if (syn && th.ack)
-		return TC_ACT_UNSPEC;
-	if (!syn && !th.ack)
+	if (!syn && !g.th.ack)
 		return TC_ACT_UNSPEC;
 	/* A SYN with data (Fast Open): the stack's path, which sees its data. */
-	if (syn && bpf_ntohs(ip.tot_len) != sizeof(ip) + th.doff * 4) {
+	if (syn && g.payload) {
 		count(STICKY_REQSK_SYN_PASSED);
 		return TC_ACT_UNSPEC;
 	}
 
-	tuple.ipv4.saddr = ip.saddr;
-	tuple.ipv4.daddr = ip.daddr;
-	tuple.ipv4.sport = th.source;
-	tuple.ipv4.dport = th.dest;
-	skc = bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
+	if (g.v6) {
+		__builtin_memcpy(tuple.ipv6.saddr, g.saddr, 16);
+		__builtin_memcpy(tuple.ipv6.daddr, g.daddr, 16);
+		tuple.ipv6.sport = g.th.source;
+		tuple.ipv6.dport = g.th.dest;
+		tuple_len = sizeof(tuple.ipv6);
+	} else {
+		tuple.ipv4.saddr = g.saddr[0];
+		tuple.ipv4.daddr = g.daddr[0];
+		tuple.ipv4.sport = g.th.source;
+		tuple.ipv4.dport = g.th.dest;
+		tuple_len = sizeof(tuple.ipv4);
+	}
+	skc = bpf_skc_lookup_tcp(skb, &tuple, tuple_len, BPF_F_CURRENT_NETNS, 0);
 	if (!skc)
 		return TC_ACT_UNSPEC; /* nobody listens: the stack answers */
 	state = skc->state;
@@ -488,12 +601,12 @@ int sticky_reqsk(struct __sk_buff *skb)
 		goto release;
 	}
 	if (syn) {
-		ret = answer_syn(skb, cfg, &ip, &th);
+		ret = answer_syn(skb, cfg, &g);
 		goto release;
 	}
 	listener = bpf_skc_to_tcp_sock(skc);
 	if (listener)
-		ret = check_ack(skb, cfg, &ip, &th, listener);
+		ret = check_ack(skb, cfg, &g, listener);
 release:
 	bpf_sk_release(skc);
 	return ret;

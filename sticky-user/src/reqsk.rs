@@ -2,6 +2,7 @@
 //! `sticky_reqsk` (tc ingress, `sticky-ebpf/src/reqsk.bpf.c`), whose first
 //! data segment gets a request socket from `bpf_sk_assign_tcp_reqsk()`
 //! (Linux 6.9+) and is placed by `sticky_select` like a kernel cookie's.
+//! IPv4 and IPv6.
 //!
 //! This module finds the kfunc in the kernel's BTF, writes its id into the
 //! object's placeholder call (aya 0.14 resolves no kfuncs), loads the
@@ -109,9 +110,6 @@ impl Cookies {
     /// Loads and attaches the cookie program for a service on `listen`,
     /// or says in one line (the error) why this kernel cannot have it.
     pub fn attach(listen: SocketAddr) -> Result<(Cookies, CookieCounters)> {
-        let IpAddr::V4(addr) = listen.ip() else {
-            bail!("IPv6 is not implemented by bpf-cookie yet");
-        };
         let btf = Btf::from_sys_fs().map_err(|e| {
             anyhow!("the kernel has no readable BTF (/sys/kernel/btf/vmlinux: {e})")
         })?;
@@ -128,7 +126,7 @@ impl Cookies {
             .try_into()
             .context("program sticky_reqsk has an unexpected type")?;
         prog.load().map_err(verifier_error)?;
-        let interfaces = interfaces_for(addr)?;
+        let interfaces = interfaces_for(listen.ip())?;
         for name in &interfaces {
             prog.attach(name, TcAttachType::Ingress)
                 .with_context(|| format!("attaching sticky_reqsk to the ingress of {name}"))?;
@@ -144,14 +142,30 @@ impl Cookies {
             )?,
         };
         let key = crate::sessions::fresh_sid_key()?;
-        let current = ReqskConfig {
+        let mut current = ReqskConfig {
             port: u32::from(listen.port()),
-            // Octets in memory order: the packet's network order.
-            addr4: u32::from_ne_bytes(addr.octets()),
             options: stack_options(),
             rcv_wscale: RCV_WSCALE,
             key: [key, crate::sessions::fresh_sid_key()?],
+            ..ReqskConfig::default()
         };
+        // Octets in memory order: the packets' network order.
+        match listen.ip() {
+            IpAddr::V4(a) => {
+                current.options |= sticky_common::REQSK_IPV4;
+                current.addr4 = u32::from_ne_bytes(a.octets());
+            }
+            IpAddr::V6(a) => {
+                current.options |= sticky_common::REQSK_IPV6;
+                // The listeners are dual-stack (IPV6_V6ONLY 0): [::] takes IPv4 too.
+                if a.is_unspecified() {
+                    current.options |= sticky_common::REQSK_IPV4;
+                }
+                for (word, bytes) in current.addr6.iter_mut().zip(a.octets().chunks(4)) {
+                    *word = u32::from_ne_bytes(bytes.try_into().unwrap());
+                }
+            }
+        }
         config.set(0, current, 0)?;
         Ok((
             Cookies {
@@ -197,7 +211,7 @@ fn with_kfunc_id(object: &[u8], id: u32) -> Result<Vec<u8>> {
 /// The interfaces whose ingress carries the service's clients: loopback
 /// always, plus every interface that is up (any address) or that holds
 /// `addr`.
-fn interfaces_for(addr: std::net::Ipv4Addr) -> Result<Vec<String>> {
+fn interfaces_for(addr: IpAddr) -> Result<Vec<String>> {
     let mut names = vec!["lo".to_owned()];
     if addr.is_loopback() {
         return Ok(names);
@@ -215,13 +229,18 @@ fn interfaces_for(addr: std::net::Ipv4Addr) -> Result<Vec<String>> {
         if ifa.ifa_addr.is_null() || ifa.ifa_flags & libc::IFF_UP as u32 == 0 {
             continue;
         }
-        // SAFETY: ifa_addr is non-null and AF_INET entries are sockaddr_in.
-        let family = unsafe { (*ifa.ifa_addr).sa_family } as i32;
-        if family != libc::AF_INET {
-            continue;
-        }
-        let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-        let here = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+        // SAFETY: ifa_addr is non-null; its family says which sockaddr it is.
+        let here = match unsafe { (*ifa.ifa_addr).sa_family } as i32 {
+            libc::AF_INET => {
+                let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes())
+            }
+            libc::AF_INET6 => {
+                let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+                IpAddr::from(sin6.sin6_addr.s6_addr)
+            }
+            _ => continue,
+        };
         if !addr.is_unspecified() && here != addr {
             continue;
         }

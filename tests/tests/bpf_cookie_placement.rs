@@ -99,11 +99,13 @@ fn every_sid_request_reaches_its_owner_through_a_cookie_of_stickys_own() {
     println!(
         "bpf-cookie: {n} sid requests ({serial} serial, {concurrent} from 64 clients), {placed} on their owner; \
          30 without a sid over the workers {seen:?}; cookie_syn_answered +{} cookie_ack_absorbed +{} \
-         cookie_assigned +{} cookie_assign_failed +{} cookie_forged +{} placed_cookie +{} by_sid +{} \
-         balanced +{} syn (sorting listener) +{} placed_queue +{} rotations +{}",
+         cookie_assigned +{} cookie_syn_passed +{} cookie_assign_failed +{} cookie_forged +{} \
+         placed_cookie +{} by_sid +{} balanced +{} syn (sorting listener) +{} placed_queue +{} \
+         rotations +{}",
         d("cookie_syn_answered"),
         d("cookie_ack_absorbed"),
         d("cookie_assigned"),
+        d("cookie_syn_passed"),
         d("cookie_assign_failed"),
         d("cookie_forged"),
         d("placed_cookie"),
@@ -119,12 +121,15 @@ fn every_sid_request_reaches_its_owner_through_a_cookie_of_stickys_own() {
         "round-robin over 3 workers: {seen:?}"
     );
     // Every connection (the sid ones and the 30 others) by a cookie of
-    // sticky's own, none through the sorting listener.
-    assert_eq!(d("cookie_assigned"), n + 30);
-    assert_eq!(d("placed_cookie"), n + 30);
+    // sticky's own, except those whose client port met one of the server's
+    // TIME_WAIT connections (all from 127.0.0.1: a few in a run), which the
+    // stack takes through the sorting listener.
+    let reused = d("cookie_syn_passed");
+    assert_eq!(d("cookie_assigned") + reused, n + 30);
+    assert_eq!(d("placed_cookie"), d("cookie_assigned"));
+    assert_eq!(d("syn"), reused);
+    assert!(reused <= n / 20, "{reused} TIME_WAIT reuses");
     assert_eq!(d("by_sid"), n);
-    assert_eq!(d("syn"), 0);
-    assert_eq!(d("placed_queue"), 0);
     assert_eq!(d("cookie_forged"), 0);
 }
 
@@ -202,12 +207,26 @@ fn a_syn_reusing_a_time_wait_connection_is_served_by_the_stack_on_its_owner() {
     // The server closes first and keeps each connection in TIME_WAIT; the
     // tc program sees a socket on the 4-tuple and leaves the SYN to the
     // stack: the default (sorting listener) path, still on the owner.
-    let cluster = Cluster::start(2, BPF_COOKIE);
+    // A namespace of its own: its TIME_WAIT table is not full of other
+    // tests' and benchmarks' connections (net.ipv4.tcp_max_tw_buckets).
+    let ns = match NetNs::new(&[]) {
+        Ok(ns) => ns,
+        Err(e) => return println!("skipped: no network namespace ({e})"),
+    };
+    ns.enter();
+    let worker = sticky_tests::demo_worker_bin();
+    let cluster = Cluster::start_custom(
+        "127.0.0.1:0",
+        2,
+        BPF_COOKIE,
+        &[worker.to_str().unwrap()],
+        |cmd| ns.configure(cmd),
+    );
     if !runs(&cluster) {
         return;
     }
     let sessions = cluster.sessions_on_every_worker(2, 2);
-    let source = std::net::Ipv4Addr::new(127, 62, 0, 1 + (cluster.addr.port() % 250) as u8);
+    let source = std::net::Ipv4Addr::new(127, 62, 0, 1);
     let exchange = |port: u16, sid: &str| {
         let mut s = connect_from(std::net::SocketAddrV4::new(source, port), cluster.addr);
         let port = s.local_addr().unwrap().port();
@@ -221,9 +240,7 @@ fn a_syn_reusing_a_time_wait_connection_is_served_by_the_stack_on_its_owner() {
     let first: Vec<(u16, Option<usize>)> = (0..n)
         .map(|i| exchange(0, &sessions[i % sessions.len()].0))
         .collect();
-    // The kernel keeps no TIME_WAIT once net.ipv4.tcp_max_tw_buckets are
-    // all taken (other tests and benchmarks on a shared machine): count the
-    // 4-tuples it does hold, the SYNs that must go to the stack.
+    // Count the 4-tuples the server holds, the SYNs that must go to the stack.
     let held = time_wait_count(cluster.addr, source);
     let middle = cluster.stats();
     let again: Vec<Option<usize>> = first
@@ -251,7 +268,7 @@ fn a_syn_reusing_a_time_wait_connection_is_served_by_the_stack_on_its_owner() {
     );
     assert_eq!(right_first, n);
     assert_eq!(right_again, n);
-    assert!(held > 0, "no TIME_WAIT kept at all: nothing tested");
+    assert_eq!(held, n, "the server keeps every connection in TIME_WAIT");
     assert_eq!(
         d("cookie_syn_passed"),
         held as u64,
@@ -388,6 +405,66 @@ fn a_forged_cookie_ack_is_dropped_not_placed() {
     // The real client still gets in.
     let r = cluster.get(&format!("/?sid={}", sessions[0].0));
     assert_eq!(r.worker, Some(sessions[0].1));
+}
+
+#[test]
+fn ipv6_sid_requests_reach_their_owner_with_every_option() {
+    let worker = sticky_tests::demo_worker_bin();
+    let cluster = Cluster::start_with("[::1]:0", 2, BPF_COOKIE, &[worker.to_str().unwrap()]);
+    if !runs(&cluster) {
+        return;
+    }
+    let sessions = cluster.sessions_on_every_worker(2, 2);
+    let before = cluster.stats();
+    let placed = on_owner(&cluster, &sessions, 100, 1) + on_owner(&cluster, &sessions, 200, 16);
+    let after = cluster.stats();
+    let options = server_options(&cluster, &sessions[0].0);
+    let d = |k: &str| delta(&before, &after, k);
+    println!(
+        "IPv6 bpf-cookie: {placed}/300 on their owner, cookie_assigned +{} placed_cookie +{} syn +{}; \
+         server side {options:?}",
+        d("cookie_assigned"),
+        d("placed_cookie"),
+        d("syn"),
+    );
+    assert_eq!(placed, 300);
+    assert_eq!(d("cookie_assigned"), 300);
+    assert_eq!(d("placed_cookie"), 300);
+    assert_eq!(d("syn"), 0);
+    assert_eq!(options["ts"], "1");
+    assert_eq!(options["sack"], "1");
+    assert_ne!(options["wscale"], "-");
+    // Loopback's IPv6 MSS, not a kernel cookie's 1440 or 8940 at most.
+    assert!(
+        options["snd_mss"].parse::<u32>().unwrap() > 8940,
+        "{options:?}"
+    );
+}
+
+#[test]
+fn a_dual_stack_listener_takes_ipv4_cookies_too() {
+    let worker = sticky_tests::demo_worker_bin();
+    let cluster = Cluster::start_with("[::]:0", 2, BPF_COOKIE, &[worker.to_str().unwrap()]);
+    if !runs(&cluster) {
+        return;
+    }
+    let sessions = cluster.sessions_on_every_worker(2, 1);
+    let before = cluster.stats();
+    let v4 = std::net::SocketAddr::from(([127, 0, 0, 1], cluster.addr.port()));
+    let mut right = 0;
+    for i in 0..40 {
+        let (sid, owner) = &sessions[i % sessions.len()];
+        let r = sticky_tests::request(v4, "GET", &format!("/?sid={sid}"), b"");
+        assert_eq!(r.status, 200);
+        right += usize::from(r.worker == Some(*owner));
+    }
+    let after = cluster.stats();
+    println!(
+        "[::] listener, 40 IPv4 sid requests: {right} on their owner, cookie_assigned +{}",
+        delta(&before, &after, "cookie_assigned")
+    );
+    assert_eq!(right, 40);
+    assert_eq!(delta(&before, &after, "cookie_assigned"), 40);
 }
 
 #[test]
