@@ -75,7 +75,7 @@ pub struct RunArgs {
     /// data segment by sid in the kernel, with no rotation; `syn` balances
     /// at SYN time with no stickiness: the benchmark floor; `bpf-cookie`
     /// answers SYNs with sticky's own cookies from a tc program, keeping
-    /// every TCP option (Linux 6.9+, IPv4; else the default placement).
+    /// every TCP option (Linux 6.9+; else the default placement).
     #[arg(long, value_enum, default_value_t = PlacementArg::Sticky)]
     pub placement: PlacementArg,
     /// Learn sessions from the workers' own Engine.IO handshake answers, so

@@ -467,6 +467,93 @@ fn a_dual_stack_listener_takes_ipv4_cookies_too() {
     assert_eq!(delta(&before, &after, "cookie_assigned"), 40);
 }
 
+/// Runs `ip ARGS`, panicking with its error.
+fn ip(args: &[&str]) {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .expect("ip (iproute2)");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn clients_across_a_veth_link_are_answered_on_that_interface() {
+    // Not loopback: a server namespace and a client namespace joined by a
+    // veth pair. sticky listens on 0.0.0.0, so its program is on every
+    // interface that is up, and answers the client's SYNs out of veth0.
+    let (server_ns, client_ns) = match (NetNs::new(&[]), NetNs::new(&[])) {
+        (Ok(s), Ok(c)) => (s, c),
+        (Err(e), _) | (_, Err(e)) => return println!("skipped: no network namespace ({e})"),
+    };
+    let (s, c) = (server_ns.name.as_str(), client_ns.name.as_str());
+    ip(&[
+        "-n", s, "link", "add", "veth0", "type", "veth", "peer", "name", "veth1", "netns", c,
+    ]);
+    ip(&["-n", s, "addr", "add", "10.201.0.1/24", "dev", "veth0"]);
+    ip(&["-n", c, "addr", "add", "10.201.0.2/24", "dev", "veth1"]);
+    ip(&["-n", s, "link", "set", "veth0", "up"]);
+    ip(&["-n", c, "link", "set", "veth1", "up"]);
+    server_ns.enter();
+    let worker = sticky_tests::demo_worker_bin();
+    let cluster = Cluster::start_custom(
+        "0.0.0.0:0",
+        2,
+        BPF_COOKIE,
+        &[worker.to_str().unwrap()],
+        |cmd| server_ns.configure(cmd),
+    );
+    if !runs(&cluster) {
+        return;
+    }
+    let attached = log_line(&cluster, "sticky's SYN cookies on the ingress of");
+    let sessions = cluster.sessions_on_every_worker(2, 2);
+    let before = cluster.stats();
+    let remote = std::net::SocketAddr::from(([10, 201, 0, 1], cluster.addr.port()));
+    let (right, options) = std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                client_ns.enter();
+                let right = (0..100)
+                    .filter(|i| {
+                        let (sid, owner) = &sessions[i % sessions.len()];
+                        let r = sticky_tests::request(remote, "GET", &format!("/?sid={sid}"), b"");
+                        assert_eq!(r.status, 200, "{}", r.text());
+                        r.worker == Some(*owner)
+                    })
+                    .count();
+                let r = sticky_tests::request(
+                    remote,
+                    "GET",
+                    &format!("/tcp_info?sid={}", sessions[0].0),
+                    b"",
+                );
+                (right, r.text())
+            })
+            .join()
+            .unwrap()
+    });
+    let after = cluster.stats();
+    let d = |k: &str| delta(&before, &after, k);
+    println!(
+        "veth: {attached:?}; 100 sid requests from the client namespace, {right} on their owner, \
+         cookie_syn_answered +{} cookie_assigned +{} syn +{}; server side {}",
+        d("cookie_syn_answered"),
+        d("cookie_assigned"),
+        d("syn"),
+        options.trim(),
+    );
+    assert!(attached.contains("veth0"), "{attached}");
+    assert_eq!(right, 100);
+    assert_eq!(d("cookie_assigned"), 101);
+    assert_eq!(d("syn"), 0);
+    assert!(options.contains("ts=1 sack=1"), "{options}");
+}
+
 #[test]
 fn sessions_of_unmodified_engine_io_workers_are_learned() {
     let python = sticky_tests::python3_bin();
