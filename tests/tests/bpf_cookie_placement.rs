@@ -133,6 +133,47 @@ fn every_sid_request_reaches_its_owner_through_a_cookie_of_stickys_own() {
     assert_eq!(d("cookie_forged"), 0);
 }
 
+#[test]
+fn large_bodies_cross_both_ways_and_silent_clients_are_placed_when_they_speak() {
+    let cluster = Cluster::start(2, BPF_COOKIE);
+    if !runs(&cluster) {
+        return;
+    }
+    let sessions = cluster.sessions_on_every_worker(2, 1);
+    for (sid, owner) in &sessions {
+        let body: Vec<u8> = (0..4 << 20).map(|i: u32| (i * 7 + i / 251) as u8).collect();
+        let r = sticky_tests::request(cluster.addr, "POST", &format!("/echo?sid={sid}"), &body);
+        println!(
+            "4 MiB echo over a bpf-cookie connection: status {}, {} bytes back, worker {:?} (owner {owner})",
+            r.status,
+            r.body.len(),
+            r.worker
+        );
+        assert_eq!(r.status, 200);
+        assert_eq!(r.worker, Some(*owner));
+        assert!(r.body == body, "echoed body differs");
+    }
+    // Nothing is kept after the SYN-ACK: the first data, 2 s later, makes
+    // the connection on the owner.
+    let silent: Vec<std::net::TcpStream> = (0..20)
+        .map(|_| std::net::TcpStream::connect(cluster.addr).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+    let mut right = 0;
+    for (i, mut s) in silent.into_iter().enumerate() {
+        let (sid, owner) = &sessions[i % sessions.len()];
+        let req = format!("GET /?sid={sid} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).unwrap();
+        let r = read_response(s);
+        assert_eq!(r.status, 200);
+        right += usize::from(r.worker == Some(*owner));
+    }
+    println!(
+        "20 clients silent for 2 s after connect, then a sid request: {right}/20 on their owner"
+    );
+    assert_eq!(right, 20);
+}
+
 /// The server side's view of the connection a `/tcp_info?sid=` request
 /// arrived on, e.g. `ts=1 sack=1 wscale=10,7 ecn=0 snd_mss=32768 ...`.
 fn server_options(cluster: &Cluster, sid: &str) -> HashMap<String, String> {
