@@ -522,10 +522,52 @@ fn ip(args: &[&str]) {
     );
 }
 
+/// Turns checksum offload off on `ifname` (in the calling thread's
+/// namespace), both ways (SIOCETHTOOL, ETHTOOL_SRXCSUM / ETHTOOL_STXCSUM):
+/// the receiving stack then verifies every TCP checksum in software,
+/// sticky's SYN-ACKs included.
+fn checksums_in_software(ifname: &str) {
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; 16],
+        data: *mut EthtoolValue,
+        _pad: [u8; 16],
+    }
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    for cmd in [0x15u32, 0x17] {
+        let mut value = EthtoolValue { cmd, data: 0 };
+        let mut req = IfReq {
+            name: [0; 16],
+            data: &mut value,
+            _pad: [0; 16],
+        };
+        req.name[..ifname.len()].copy_from_slice(ifname.as_bytes());
+        // SAFETY: an ioctl on a socket of ours with a valid ifreq.
+        let rc = unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+            let rc = libc::ioctl(fd, SIOCETHTOOL, &mut req);
+            libc::close(fd);
+            rc
+        };
+        assert_eq!(
+            rc,
+            0,
+            "SIOCETHTOOL {cmd:#x} on {ifname}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 #[test]
 fn clients_across_a_veth_link_are_answered_on_that_interface() {
     // Not loopback: a server namespace and a client namespace joined by a
-    // veth pair. sticky listens on 0.0.0.0, so its program is on every
+    // veth pair, checksum offload off so that both stacks verify every
+    // checksum. sticky listens on [::], so its program is on every
     // interface that is up, and answers the client's SYNs out of veth0.
     let (server_ns, client_ns) = match (NetNs::new(&[]), NetNs::new(&[])) {
         (Ok(s), Ok(c)) => (s, c),
@@ -537,12 +579,40 @@ fn clients_across_a_veth_link_are_answered_on_that_interface() {
     ]);
     ip(&["-n", s, "addr", "add", "10.201.0.1/24", "dev", "veth0"]);
     ip(&["-n", c, "addr", "add", "10.201.0.2/24", "dev", "veth1"]);
+    ip(&[
+        "-n",
+        s,
+        "addr",
+        "add",
+        "fd00:201::1/64",
+        "dev",
+        "veth0",
+        "nodad",
+    ]);
+    ip(&[
+        "-n",
+        c,
+        "addr",
+        "add",
+        "fd00:201::2/64",
+        "dev",
+        "veth1",
+        "nodad",
+    ]);
     ip(&["-n", s, "link", "set", "veth0", "up"]);
     ip(&["-n", c, "link", "set", "veth1", "up"]);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            client_ns.enter();
+            checksums_in_software("veth1");
+        });
+    });
     server_ns.enter();
+    checksums_in_software("veth0");
     let worker = sticky_tests::demo_worker_bin();
+    // [::]: dual-stack, IPv4 and IPv6 clients alike.
     let cluster = Cluster::start_custom(
-        "0.0.0.0:0",
+        "[::]:0",
         2,
         BPF_COOKIE,
         &[worker.to_str().unwrap()],
@@ -554,7 +624,9 @@ fn clients_across_a_veth_link_are_answered_on_that_interface() {
     let attached = log_line(&cluster, "sticky's SYN cookies on the ingress of");
     let sessions = cluster.sessions_on_every_worker(2, 2);
     let before = cluster.stats();
-    let remote = std::net::SocketAddr::from(([10, 201, 0, 1], cluster.addr.port()));
+    let port = cluster.addr.port();
+    let remote = std::net::SocketAddr::from(([10, 201, 0, 1], port));
+    let remote6 = std::net::SocketAddr::from(([0xfd00, 0x201, 0, 0, 0, 0, 0, 1], port));
     let (right, options) = std::thread::scope(|scope| {
         scope
             .spawn(|| {
@@ -562,7 +634,8 @@ fn clients_across_a_veth_link_are_answered_on_that_interface() {
                 let right = (0..100)
                     .filter(|i| {
                         let (sid, owner) = &sessions[i % sessions.len()];
-                        let r = sticky_tests::request(remote, "GET", &format!("/?sid={sid}"), b"");
+                        let to = if i % 2 == 0 { remote } else { remote6 };
+                        let r = sticky_tests::request(to, "GET", &format!("/?sid={sid}"), b"");
                         assert_eq!(r.status, 200, "{}", r.text());
                         r.worker == Some(*owner)
                     })
@@ -581,7 +654,8 @@ fn clients_across_a_veth_link_are_answered_on_that_interface() {
     let after = cluster.stats();
     let d = |k: &str| delta(&before, &after, k);
     println!(
-        "veth: {attached:?}; 100 sid requests from the client namespace, {right} on their owner, \
+        "veth, checksums verified in software: {attached:?}; 100 sid requests from the client \
+         namespace (half IPv4, half IPv6), {right} on their owner, \
          cookie_syn_answered +{} cookie_assigned +{} syn +{}; server side {}",
         d("cookie_syn_answered"),
         d("cookie_assigned"),
