@@ -78,6 +78,10 @@ pub struct RunArgs {
     /// every TCP option (Linux 6.9+; else the default placement).
     #[arg(long, value_enum, default_value_t = PlacementArg::Sticky)]
     pub placement: PlacementArg,
+    /// `--placement bpf-cookie`: how long a cookie key is current; the
+    /// previous one is still accepted, so a cookie lives one to two periods.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub cookie_key_period: Duration,
     /// Learn sessions from the workers' own Engine.IO handshake answers, so
     /// workers need no sticky code.
     #[arg(long, value_enum, default_value_t = LearnArg::On)]
@@ -161,6 +165,7 @@ pub struct Settings {
     /// `--placement bpf-cookie` asked for; `main::attach_cookies` says
     /// whether this kernel has it.
     pub bpf_cookie: bool,
+    pub cookie_key_period: Duration,
     pub sid_param: String,
     pub rotate: Duration,
     pub grace: Duration,
@@ -219,6 +224,7 @@ impl Settings {
             },
             mode,
             bpf_cookie: matches!(args.placement, PlacementArg::BpfCookie),
+            cookie_key_period: args.cookie_key_period,
             sid_param: args.sid_param,
             rotate: args.rotate,
             grace: args.grace,

@@ -158,7 +158,7 @@ fn run(args: RunArgs) -> Result<()> {
             .context("starting the connection resetter")?;
     }
     if let Some(cookies) = cookies {
-        reqsk::rotate_keys(cookies)?;
+        reqsk::rotate_keys(cookies, settings.cookie_key_period)?;
     }
     let _served = side.serve(control::ControlState {
         cookies: cookie_counters.map(Arc::new),

@@ -27,10 +27,6 @@ use sticky_ebpf::{REQSK_CONFIG_MAP, REQSK_COUNTERS_MAP, REQSK_KFUNC_MARKER, REQS
 
 const KFUNC: &str = "bpf_sk_assign_tcp_reqsk";
 
-/// How long a cookie key is current; a cookie stays valid for one more
-/// period under the previous key (between 1 and 2 periods in all).
-pub const KEY_PERIOD: Duration = Duration::from_secs(60);
-
 /// The window scale the SYN-ACK announces: Linux's own for its default
 /// receive buffers (net.ipv4.tcp_rmem's 6 MiB maximum).
 const RCV_WSCALE: u32 = 7;
@@ -69,13 +65,15 @@ pub fn attach_if_asked(
     }
 }
 
-/// Rotates the key every [`KEY_PERIOD`] for as long as sticky runs (the
-/// thread owns the program: it lives until the process exits).
-pub fn rotate_keys(mut cookies: Cookies) -> Result<()> {
+/// Rotates the key every `period` (`--cookie-key-period`) for as long as
+/// sticky runs (the thread owns the program: it lives until the process
+/// exits). A cookie stays valid for one more period under the previous
+/// key: between one and two periods in all.
+pub fn rotate_keys(mut cookies: Cookies, period: Duration) -> Result<()> {
     std::thread::Builder::new()
         .name("cookie-keys".into())
         .spawn(move || loop {
-            std::thread::sleep(KEY_PERIOD);
+            std::thread::sleep(period);
             if let Err(e) = cookies.rotate_key() {
                 log!("bpf-cookie: cannot rotate the cookie key ({e:#}); keeping the current one");
             }

@@ -174,6 +174,79 @@ fn large_bodies_cross_both_ways_and_silent_clients_are_placed_when_they_speak() 
     assert_eq!(right, 20);
 }
 
+#[test]
+fn a_cookie_is_accepted_under_the_previous_key_and_refused_after() {
+    // Keys rotate every second, the previous one still accepted: a cookie
+    // is valid for one to two seconds from its SYN-ACK. Silent for 0.9 s,
+    // a client always speaks in time, and in 9 cases of 10 after a
+    // rotation (its cookie under the previous key): 10 such clients all
+    // placed could not happen without the previous key (0.1^10). Silent
+    // for 2.5 s, it always speaks after two rotations: refused.
+    let cluster = Cluster::start(
+        2,
+        &["--placement", "bpf-cookie", "--cookie-key-period", "1s"],
+    );
+    if !runs(&cluster) {
+        return;
+    }
+    let sessions = cluster.sessions_on_every_worker(2, 1);
+    let silent_then_speak = |silence: Duration, sid: &str| {
+        let mut s = std::net::TcpStream::connect(cluster.addr).unwrap();
+        std::thread::sleep(silence);
+        let req = format!("GET /?sid={sid} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(1500)))
+            .unwrap();
+        let mut raw = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut s, &mut raw);
+        // Nothing at all when the data was dropped (a stale cookie).
+        (!raw.is_empty()).then(|| sticky_tests::parse_response(&raw))
+    };
+    let before = cluster.stats();
+    let placed = std::thread::scope(|scope| {
+        let clients: Vec<_> = (0..10)
+            .map(|i| {
+                let (sid, owner) = &sessions[i % sessions.len()];
+                let client = scope.spawn(move || {
+                    silent_then_speak(Duration::from_millis(900), sid)
+                        .is_some_and(|r| r.worker == Some(*owner))
+                });
+                std::thread::sleep(Duration::from_millis(97)); // spread over a period
+                client
+            })
+            .collect();
+        clients
+            .into_iter()
+            .map(|c| c.join().unwrap())
+            .filter(|&ok| ok)
+            .count()
+    });
+    let middle = cluster.stats();
+    let answered = std::thread::scope(|scope| {
+        let clients: Vec<_> = (0..5)
+            .map(|_| scope.spawn(|| silent_then_speak(Duration::from_millis(2500), &sessions[0].0)))
+            .collect();
+        clients
+            .into_iter()
+            .map(|c| c.join().unwrap())
+            .filter(|r| r.as_ref().is_some_and(|r| r.status == 200))
+            .count()
+    });
+    let after = cluster.stats();
+    println!(
+        "--cookie-key-period 1s: 10 clients silent 0.9 s, {placed} placed on their owner \
+         (cookie_forged +{}); 5 clients silent 2.5 s, {answered} answered (cookie_forged +{})",
+        delta(&before, &middle, "cookie_forged"),
+        delta(&middle, &after, "cookie_forged"),
+    );
+    assert_eq!(
+        placed, 10,
+        "a cookie under the current or the previous key is accepted"
+    );
+    assert_eq!(answered, 0, "a cookie two keys old is refused");
+    assert!(delta(&middle, &after, "cookie_forged") >= 5);
+}
+
 /// The server side's view of the connection a `/tcp_info?sid=` request
 /// arrived on, e.g. `ts=1 sack=1 wscale=10,7 ecn=0 snd_mss=32768 ...`.
 fn server_options(cluster: &Cluster, sid: &str) -> HashMap<String, String> {
