@@ -194,6 +194,9 @@ impl Settings {
             bail!("--workers must be between 1 and {MAX_WORKERS}");
         }
         check_sid_param(&args.sid_param)?;
+        if args.cookie_key_period < Duration::from_secs(1) {
+            bail!("--cookie-key-period must be at least 1s (a cookie lives one to two periods)");
+        }
         let run_as = match &args.user {
             Some(user) => Some(RunAs::resolve(user, args.group.as_deref())?),
             None => None,
