@@ -23,8 +23,9 @@
  *   socket of the queue path; RST; SYN-ACK; TFO SYNs with data): passed
  *   on unchanged with TC_ACT_UNSPEC, never TC_ACT_OK: under TCX, OK
  *   (TCX_PASS) would end the chain, and another sticky's program on the
- *   same interface (another port) would never see its own SYNs. A SYN reusing a TIME_WAIT 4-tuple therefore
- *   takes the default path (sorting listener, rotation), as today.
+ *   same interface (another port) would never see its own SYNs. A SYN
+ *   reusing a TIME_WAIT 4-tuple therefore takes the default path (sorting
+ *   listener, rotation), as today.
  *
  * Cookie (the SYN-ACK's ISN): | 31..9 hash | 8..6 MSS class | 5 ECN |
  * 4 SACK | 3..0 client window scale, 15: none |. hash: the top 23 bits of
@@ -41,6 +42,9 @@
  *   BTF first and falls back to the default placement otherwise).
  * - IPv4 without IP options, IPv6 without extension headers; other
  *   traffic goes to the stack.
+ * - Packets start with an Ethernet header (ETH_HLEN_): user space attaches
+ *   the program only to loopback and Ethernet devices, never to L3 ones
+ *   (tun, WireGuard), whose packets start at the IP header.
  */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>

@@ -207,8 +207,8 @@ fn with_kfunc_id(object: &[u8], id: u32) -> Result<Vec<u8>> {
 }
 
 /// The interfaces whose ingress carries the service's clients: loopback
-/// always, plus every interface that is up (any address) or that holds
-/// `addr`.
+/// always, plus every Ethernet interface that is up (any address) or that
+/// holds `addr`.
 fn interfaces_for(addr: IpAddr) -> Result<Vec<String>> {
     let mut names = vec!["lo".to_owned()];
     if addr.is_loopback() {
@@ -219,6 +219,7 @@ fn interfaces_for(addr: IpAddr) -> Result<Vec<String>> {
     if unsafe { libc::getifaddrs(&mut list) } != 0 {
         return Err(std::io::Error::last_os_error()).context("listing the interfaces (getifaddrs)");
     }
+    let mut ethernet = Vec::new(); // from the AF_PACKET entries
     let mut cur = list;
     while !cur.is_null() {
         // SAFETY: cur is an element of the list getifaddrs returned.
@@ -227,6 +228,10 @@ fn interfaces_for(addr: IpAddr) -> Result<Vec<String>> {
         if ifa.ifa_addr.is_null() || ifa.ifa_flags & libc::IFF_UP as u32 == 0 {
             continue;
         }
+        // SAFETY: ifa_name is a NUL-terminated string owned by the list.
+        let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }
+            .to_string_lossy()
+            .into_owned();
         // SAFETY: ifa_addr is non-null; its family says which sockaddr it is.
         let here = match unsafe { (*ifa.ifa_addr).sa_family } as i32 {
             libc::AF_INET => {
@@ -237,21 +242,24 @@ fn interfaces_for(addr: IpAddr) -> Result<Vec<String>> {
                 let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
                 IpAddr::from(sin6.sin6_addr.s6_addr)
             }
+            libc::AF_PACKET => {
+                let sll = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_ll) };
+                if sll.sll_hatype == libc::ARPHRD_ETHER {
+                    ethernet.push(name);
+                }
+                continue;
+            }
             _ => continue,
         };
-        if !addr.is_unspecified() && here != addr {
-            continue;
-        }
-        // SAFETY: ifa_name is a NUL-terminated string owned by the list.
-        let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }
-            .to_string_lossy()
-            .into_owned();
-        if !names.contains(&name) {
+        if (addr.is_unspecified() || here == addr) && !names.contains(&name) {
             names.push(name);
         }
     }
     // SAFETY: list came from getifaddrs and is not used after this.
     unsafe { libc::freeifaddrs(list) };
+    // The program reads an Ethernet header (loopback has one too); L3
+    // devices (tun, WireGuard) have none and are left to the default path.
+    names.retain(|n| n == "lo" || ethernet.contains(n));
     Ok(names)
 }
 
