@@ -124,11 +124,6 @@ impl Cookies {
             .try_into()
             .context("program sticky_reqsk has an unexpected type")?;
         prog.load().map_err(verifier_error)?;
-        let interfaces = interfaces_for(listen.ip())?;
-        for name in &interfaces {
-            prog.attach(name, TcAttachType::Ingress)
-                .with_context(|| format!("attaching sticky_reqsk to the ingress of {name}"))?;
-        }
         let mut config: Array<MapData, ReqskConfig> = Array::try_from(
             ebpf.take_map(REQSK_CONFIG_MAP)
                 .ok_or_else(|| anyhow!("map {REQSK_CONFIG_MAP} missing"))?,
@@ -165,6 +160,17 @@ impl Cookies {
             }
         }
         config.set(0, current, 0)?;
+        // Attached only now, configured: no segment sees a half-made entry.
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(REQSK_PROGRAM)
+            .ok_or_else(|| anyhow!("program {REQSK_PROGRAM} missing from the object"))?
+            .try_into()
+            .context("program sticky_reqsk has an unexpected type")?;
+        let interfaces = interfaces_for(listen.ip())?;
+        for name in &interfaces {
+            prog.attach(name, TcAttachType::Ingress)
+                .with_context(|| format!("attaching sticky_reqsk to the ingress of {name}"))?;
+        }
         Ok((
             Cookies {
                 _ebpf: ebpf,
