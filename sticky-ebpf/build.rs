@@ -6,7 +6,7 @@
 
 use std::{env, path::PathBuf, process::Command};
 
-const SOURCES: &[&str] = &["src/steer.bpf.c"];
+const SOURCES: &[&str] = &["src/steer.bpf.c", "src/reqsk.bpf.c"];
 const HEADERS: &[&str] = &[
     "include/sticky.h",
     "src/parse.h",

@@ -10,7 +10,9 @@
 //!   and every connection placed by sid on its first data in softirq, no
 //!   rotation;
 //! - `floor`: the same listeners balanced at SYN time with no stickiness at
-//!   all (`--placement syn`, which also attaches no session learner).
+//!   all (`--placement syn`, which also attaches no session learner);
+//! - `bpf-cookie` (only when `--modes` names it): `--placement bpf-cookie`,
+//!   sticky's own SYN cookies from a tc program, placed like `cookie`.
 //!
 //! The workers are the fair-floor worker (`bench/workers/fair_worker.c`,
 //! one thread, epoll, a few microseconds per request) unless `--worker`
@@ -75,7 +77,7 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 
 const USAGE: &str =
     "usage: sticky-bench core [--quick] [--rounds N] [--duration SECS] [--clients N]
-                    [--modes sticky,cookie,floor] [--sessions N] [--learned N]
+                    [--modes sticky,cookie,floor,bpf-cookie] [--sessions N] [--learned N]
                     [--no-memory | --memory-only] [--learn on|off] [--json PATH] [--readme PATH]
                     [--sticky PATH] [--worker PATH] [--direct ADDR] [--ws-learn]
                     [--foreign]
@@ -248,6 +250,8 @@ enum Mode {
     Sticky,
     Cookie,
     Floor,
+    /// `--placement bpf-cookie` (Linux 6.9+): on request only (`--modes`).
+    BpfCookie,
 }
 
 impl Mode {
@@ -256,14 +260,18 @@ impl Mode {
     fn parse(key: &str) -> Result<Mode, String> {
         Mode::ALL
             .into_iter()
+            .chain([Mode::BpfCookie])
             .find(|m| m.label() == key)
-            .ok_or(format!("unknown mode {key:?} (sticky, cookie, floor)"))
+            .ok_or(format!(
+                "unknown mode {key:?} (sticky, cookie, floor, bpf-cookie)"
+            ))
     }
     fn label(self) -> &'static str {
         match self {
             Mode::Sticky => "sticky",
             Mode::Cookie => "cookie",
             Mode::Floor => "floor",
+            Mode::BpfCookie => "bpf-cookie",
         }
     }
     /// Value of `sticky run --placement`.
@@ -272,6 +280,7 @@ impl Mode {
             Mode::Sticky => "sticky",
             Mode::Cookie => "cookie",
             Mode::Floor => "syn",
+            Mode::BpfCookie => "bpf-cookie",
         }
     }
 }
@@ -731,10 +740,12 @@ impl Cluster {
             .args(match (mode, opts.learn) {
                 // The control: no cgroup program at all, so the foreign
                 // check (which runs in them) is off too unless asked for.
-                (Mode::Sticky | Mode::Cookie, false) if opts.foreign.is_none() => {
+                (Mode::Sticky | Mode::Cookie | Mode::BpfCookie, false)
+                    if opts.foreign.is_none() =>
+                {
                     &["--learn", "off", "--foreign-requests", "off"][..]
                 }
-                (Mode::Sticky | Mode::Cookie, false) => &["--learn", "off"][..],
+                (Mode::Sticky | Mode::Cookie | Mode::BpfCookie, false) => &["--learn", "off"][..],
                 _ => &[],
             })
             .args(extra)

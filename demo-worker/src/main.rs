@@ -248,6 +248,44 @@ struct Request {
     body: Vec<u8>,
 }
 
+/// What the kernel negotiated for this connection, server side (TCP_INFO):
+/// `ts=1 sack=1 wscale=7,10 ecn=0 snd_mss=65483 rcv_mss=536` (wscale:
+/// the client's, then ours; `-` without window scaling).
+fn tcp_options(stream: &TcpStream) -> io::Result<String> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: tcp_info is plain data; the kernel fills at most `len` bytes.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let opt = |bit: u8| u8::from(info.tcpi_options & bit != 0);
+    // tcpi_snd_wscale (low 4 bits) and tcpi_rcv_wscale (high 4 bits) share a byte.
+    let scales = info.tcpi_snd_rcv_wscale;
+    let wscale = if opt(4) == 1 {
+        format!("{},{}", scales & 0xf, scales >> 4)
+    } else {
+        "-".to_owned()
+    };
+    Ok(format!(
+        "ts={} sack={} wscale={wscale} ecn={} snd_mss={} rcv_mss={}",
+        opt(1),
+        opt(2),
+        opt(8),
+        info.tcpi_snd_mss,
+        info.tcpi_rcv_mss
+    ))
+}
+
 enum Next {
     Request(Request),
     /// Peer closed (or we are stopping) between requests.
@@ -521,6 +559,10 @@ fn serve(stream: TcpStream, w: &Worker) -> io::Result<()> {
                 }
                 _ => conn.respond(w, 400, b"ms must be 0..=600000\n", close)?,
             },
+            ("GET", "/tcp_info") => {
+                let body = format!("{} {}\n", whoami.trim_end(), tcp_options(&conn.stream)?);
+                conn.respond(w, 200, body.as_bytes(), close)?
+            }
             _ => conn.respond(w, 200, whoami.as_bytes(), close)?,
         }
         if close {

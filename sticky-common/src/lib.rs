@@ -471,8 +471,49 @@ pub mod counter {
     pub const UNMAPPED: u32 = 24;
 }
 
+/// `struct sticky_reqsk_config`, the one entry of `reqsk_config`
+/// (`--placement bpf-cookie`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReqskConfig {
+    /// The listening port, host byte order.
+    pub port: u32,
+    /// The listening IPv4 address in network order (the octets in memory
+    /// order); 0: any.
+    pub addr4: u32,
+    /// `REQSK_*` bits: the options the stack's sysctls allow.
+    pub options: u32,
+    /// The window scale sticky's SYN-ACK announces.
+    pub rcv_wscale: u32,
+    /// The listening IPv6 address in network order (the octets in memory
+    /// order); all 0: any.
+    pub addr6: [u32; 4],
+    /// SipHash keys of the cookies: the current one, then the previous.
+    pub key: [[u64; 2]; REQSK_KEYS],
+}
+
+pub const REQSK_KEYS: usize = 2;
+pub const REQSK_WSCALE: u32 = 1;
+pub const REQSK_SACK: u32 = 2;
+pub const REQSK_TIMESTAMPS: u32 = 4;
+pub const REQSK_ECN: u32 = 8;
+pub const REQSK_IPV4: u32 = 16;
+pub const REQSK_IPV6: u32 = 32;
+
+/// Indices of `reqsk_counters` (`enum sticky_reqsk_counter`), with the
+/// names `sticky stats` reports them under.
+pub const REQSK_COUNTER_NAMES: &[&str] = &[
+    "cookie_syn_answered",
+    "cookie_syn_passed",
+    "cookie_ack_absorbed",
+    "cookie_assigned",
+    "cookie_forged",
+    "cookie_assign_failed",
+];
+
 #[cfg(feature = "user")]
 mod pod {
+    unsafe impl aya::Pod for super::ReqskConfig {}
     // SAFETY: plain #[repr(C)] data with no padding holes that matter to the
     // kernel (layouts checked by tests/layout.rs) and no pointers.
     unsafe impl aya::Pod for super::Config {}

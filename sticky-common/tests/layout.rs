@@ -42,6 +42,10 @@ int main(void) {
     C(STICKY_CNT_BY_SID) C(STICKY_CNT_BALANCED) C(STICKY_CNT_REJECTED) C(STICKY_CNT_PLACED_COOKIE)
     C(STICKY_CNT_FOREIGN_DROPPED) C(STICKY_CNT_FOREIGN_PASSED) C(STICKY_CNT_DOOMED_SEGMENTS)
     C(STICKY_CNT_UNMAPPED) C(STICKY_CNT_LEARNED)
+    S(sticky_reqsk_config) O(sticky_reqsk_config, port) O(sticky_reqsk_config, addr4)
+    O(sticky_reqsk_config, options) O(sticky_reqsk_config, rcv_wscale) O(sticky_reqsk_config, addr6) O(sticky_reqsk_config, key)
+    C(STICKY_REQSK_KEYS) C(STICKY_REQSK_WSCALE) C(STICKY_REQSK_SACK) C(STICKY_REQSK_TIMESTAMPS)
+    C(STICKY_REQSK_ECN) C(STICKY_REQSK_IPV4) C(STICKY_REQSK_IPV6) C(STICKY_REQSK_COUNTERS)
     return 0;
 }
 "#;
@@ -154,6 +158,27 @@ fn rust_mirror_matches_sticky_h() {
     expect("sticky_handoff.busy_ns", offset_of!(Handoff, busy_ns));
     expect("STICKY_HANDOFF_GRACE_NS", HANDOFF_GRACE_NS as usize);
     expect("STICKY_DOORBELL_BYTES", DOORBELL_BYTES as usize);
+    expect("sticky_reqsk_config", size_of::<ReqskConfig>());
+    expect("sticky_reqsk_config.port", offset_of!(ReqskConfig, port));
+    expect("sticky_reqsk_config.addr4", offset_of!(ReqskConfig, addr4));
+    expect(
+        "sticky_reqsk_config.options",
+        offset_of!(ReqskConfig, options),
+    );
+    expect(
+        "sticky_reqsk_config.rcv_wscale",
+        offset_of!(ReqskConfig, rcv_wscale),
+    );
+    expect("sticky_reqsk_config.addr6", offset_of!(ReqskConfig, addr6));
+    expect("sticky_reqsk_config.key", offset_of!(ReqskConfig, key));
+    expect("STICKY_REQSK_IPV4", REQSK_IPV4 as usize);
+    expect("STICKY_REQSK_IPV6", REQSK_IPV6 as usize);
+    expect("STICKY_REQSK_KEYS", REQSK_KEYS);
+    expect("STICKY_REQSK_WSCALE", REQSK_WSCALE as usize);
+    expect("STICKY_REQSK_SACK", REQSK_SACK as usize);
+    expect("STICKY_REQSK_TIMESTAMPS", REQSK_TIMESTAMPS as usize);
+    expect("STICKY_REQSK_ECN", REQSK_ECN as usize);
+    expect("STICKY_REQSK_COUNTERS", REQSK_COUNTER_NAMES.len());
     expect("sticky_flow", size_of::<FlowKey>());
     expect("sticky_flow.local", offset_of!(FlowKey, local));
     expect("sticky_flow.remote", offset_of!(FlowKey, remote));

@@ -347,4 +347,38 @@ enum sticky_parse_result {
 	STICKY_PARSE_NOT_HTTP,
 };
 
+/*
+ * --placement bpf-cookie (reqsk.bpf.c): the one entry of `reqsk_config`.
+ * SYN cookies of sticky's own, answered by a tc ingress program; the
+ * first data segment gets a request socket from bpf_sk_assign_tcp_reqsk()
+ * and is then placed by sticky_select like a kernel cookie's.
+ */
+#define STICKY_REQSK_KEYS 2 /* the current cookie key, then the previous one */
+/* Bits of sticky_reqsk_config.options: what the stack's sysctls allow. */
+#define STICKY_REQSK_WSCALE 1     /* net.ipv4.tcp_window_scaling */
+#define STICKY_REQSK_SACK 2       /* net.ipv4.tcp_sack */
+#define STICKY_REQSK_TIMESTAMPS 4 /* net.ipv4.tcp_timestamps */
+#define STICKY_REQSK_ECN 8        /* net.ipv4.tcp_ecn 1 or 2: accept it */
+#define STICKY_REQSK_IPV4 16      /* the listeners take IPv4 (an IPv4 or a dual-stack address) */
+#define STICKY_REQSK_IPV6 32      /* the listeners take IPv6 */
+struct sticky_reqsk_config {
+	__u32 port;  /* the listening port, host byte order */
+	__u32 addr4; /* the listening IPv4 address, network order; 0: any */
+	__u32 options;    /* STICKY_REQSK_* bits */
+	__u32 rcv_wscale; /* the window scale sticky's SYN-ACK announces */
+	__u32 addr6[4];   /* the listening IPv6 address, network order; all 0: any */
+	__u64 key[STICKY_REQSK_KEYS][2]; /* SipHash keys, rotated by user space */
+};
+
+/* Indices of the `reqsk_counters` per-CPU array map. */
+enum sticky_reqsk_counter {
+	STICKY_REQSK_SYN_ANSWERED = 0, /* SYNs answered with a cookie SYN-ACK */
+	STICKY_REQSK_SYN_PASSED,       /* SYNs left to the stack (a socket has the 4-tuple, TFO, options) */
+	STICKY_REQSK_ACK_ABSORBED,     /* cookie ACKs without data, dropped */
+	STICKY_REQSK_ASSIGNED,         /* first data segments given a request socket */
+	STICKY_REQSK_FORGED,           /* ACKs to no connection with a wrong cookie, dropped */
+	STICKY_REQSK_ASSIGN_FAILED,    /* bpf_sk_assign_tcp_reqsk() refused (dropped) */
+	STICKY_REQSK_COUNTERS,
+};
+
 #endif /* STICKY_H */

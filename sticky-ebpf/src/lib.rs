@@ -10,6 +10,9 @@
 //!   Engine.IO open packets), `sticky_watch` (CGROUP_SKB ingress: keeps
 //!   learned sessions fresh from the clients' requests, and notices their
 //!   Engine.IO close), plus every map.
+//! - `reqsk.bpf.c`: `sticky_reqsk` (tc ingress, `--placement bpf-cookie`):
+//!   sticky's own SYN cookies, and request sockets from
+//!   `bpf_sk_assign_tcp_reqsk()` for their first data.
 //! - `parse.h`: the request-line parser both programs share.
 //! - `../include/sticky.h`: map layouts shared with user space, mirrored in
 //!   `sticky-common`.
@@ -24,6 +27,22 @@ static STEER: &Aligned<[u8]> = &Aligned(*include_bytes!(concat!(env!("OUT_DIR"),
 pub fn steer_object() -> &'static [u8] {
     &STEER.0
 }
+
+static REQSK: &Aligned<[u8]> = &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/reqsk.o")));
+
+/// The object of `--placement bpf-cookie` (`reqsk.bpf.c`): the tc ingress
+/// program and its maps. Its kfunc call carries [`REQSK_KFUNC_MARKER`] until
+/// the loader writes the kernel's BTF id over it.
+pub fn reqsk_object() -> &'static [u8] {
+    &REQSK.0
+}
+
+/// Program and map names inside [`reqsk_object`].
+pub const REQSK_PROGRAM: &str = "sticky_reqsk";
+pub const REQSK_CONFIG_MAP: &str = "reqsk_config";
+pub const REQSK_COUNTERS_MAP: &str = "reqsk_counters";
+/// The immediate of the placeholder `call` to `bpf_sk_assign_tcp_reqsk`.
+pub const REQSK_KFUNC_MARKER: u32 = 0x5ec0_0c1e;
 
 /// Program names inside [`steer_object`].
 pub const SELECT_PROGRAM: &str = "sticky_select";

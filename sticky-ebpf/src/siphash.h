@@ -30,7 +30,7 @@
 		v2 += v1; v1 = SIP_ROTL(v1, 17); v1 ^= v2; v2 = SIP_ROTL(v2, 32); \
 	} while (0)
 
-static __noinline __u64 sticky_sid_hash(const struct sticky_sid *sid,
+static __noinline __attribute__((unused)) __u64 sticky_sid_hash(const struct sticky_sid *sid,
 					const __u64 *key)
 {
 	__u64 k0 = key[0], k1 = key[1], m, b;
@@ -61,5 +61,38 @@ static __noinline __u64 sticky_sid_hash(const struct sticky_sid *sid,
 	return v0 ^ v1 ^ v2 ^ v3;
 }
 _Static_assert(STICKY_SID_MAX % 8 == 0 && STICKY_SID_MAX < 256, "whole words, one length byte");
+
+/*
+ * SipHash-2-4 of two little-endian words (16 bytes): the SYN cookies of
+ * reqsk.bpf.c. Same rounds, fixed length; not inlined, for the same reason.
+ */
+static __noinline __attribute__((unused)) __u64 sticky_siphash_2u64(__u64 m0, __u64 m1,
+								   const __u64 *key)
+{
+	__u64 k0 = key[0], k1 = key[1], b = (__u64)16 << 56;
+	__u64 v0 = 0x736f6d6570736575ULL ^ k0;
+	__u64 v1 = 0x646f72616e646f6dULL ^ k1;
+	__u64 v2 = 0x6c7967656e657261ULL ^ k0;
+	__u64 v3 = 0x7465646279746573ULL ^ k1;
+
+	v3 ^= m0;
+	SIP_ROUND(v0, v1, v2, v3);
+	SIP_ROUND(v0, v1, v2, v3);
+	v0 ^= m0;
+	v3 ^= m1;
+	SIP_ROUND(v0, v1, v2, v3);
+	SIP_ROUND(v0, v1, v2, v3);
+	v0 ^= m1;
+	v3 ^= b;
+	SIP_ROUND(v0, v1, v2, v3);
+	SIP_ROUND(v0, v1, v2, v3);
+	v0 ^= b;
+	v2 ^= 0xff;
+	SIP_ROUND(v0, v1, v2, v3);
+	SIP_ROUND(v0, v1, v2, v3);
+	SIP_ROUND(v0, v1, v2, v3);
+	SIP_ROUND(v0, v1, v2, v3);
+	return v0 ^ v1 ^ v2 ^ v3;
+}
 
 #endif /* STICKY_SIPHASH_H */

@@ -73,9 +73,15 @@ pub struct RunArgs {
     pub control: Option<PathBuf>,
     /// `cookie` answers every SYN with a SYN cookie and places the first
     /// data segment by sid in the kernel, with no rotation; `syn` balances
-    /// at SYN time with no stickiness: the benchmark floor.
+    /// at SYN time with no stickiness: the benchmark floor; `bpf-cookie`
+    /// answers SYNs with sticky's own cookies from a tc program, keeping
+    /// every TCP option (Linux 6.9+; else the default placement).
     #[arg(long, value_enum, default_value_t = PlacementArg::Sticky)]
     pub placement: PlacementArg,
+    /// `--placement bpf-cookie`: how long a cookie key is current; the
+    /// previous one is still accepted, so a cookie lives one to two periods.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub cookie_key_period: Duration,
     /// Learn sessions from the workers' own Engine.IO handshake answers, so
     /// workers need no sticky code.
     #[arg(long, value_enum, default_value_t = LearnArg::On)]
@@ -127,6 +133,7 @@ pub enum PlacementArg {
     Sticky,
     Cookie,
     Syn,
+    BpfCookie,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -155,6 +162,10 @@ pub struct Settings {
     pub workers: usize,
     pub balance: Balance,
     pub mode: Mode,
+    /// `--placement bpf-cookie` asked for; `main::attach_cookies` says
+    /// whether this kernel has it.
+    pub bpf_cookie: bool,
+    pub cookie_key_period: Duration,
     pub sid_param: String,
     pub rotate: Duration,
     pub grace: Duration,
@@ -183,6 +194,9 @@ impl Settings {
             bail!("--workers must be between 1 and {MAX_WORKERS}");
         }
         check_sid_param(&args.sid_param)?;
+        if args.cookie_key_period < Duration::from_secs(1) {
+            bail!("--cookie-key-period must be at least 1s (a cookie lives one to two periods)");
+        }
         let run_as = match &args.user {
             Some(user) => Some(RunAs::resolve(user, args.group.as_deref())?),
             None => None,
@@ -198,6 +212,9 @@ impl Settings {
                 Mode::Sticky
             }
             PlacementArg::Syn => Mode::SynBalance,
+            // The selector as by default: SYNs the tc program leaves to the
+            // stack (TIME_WAIT reuses) take the sorting path (reqsk.rs).
+            PlacementArg::BpfCookie => Mode::Sticky,
         };
         let command = WorkerCommand::resolve(&args.command)?;
         Ok(Settings {
@@ -209,6 +226,8 @@ impl Settings {
                 BalanceArg::LeastConnection => Balance::LeastConnection,
             },
             mode,
+            bpf_cookie: matches!(args.placement, PlacementArg::BpfCookie),
+            cookie_key_period: args.cookie_key_period,
             sid_param: args.sid_param,
             rotate: args.rotate,
             grace: args.grace,
@@ -279,6 +298,13 @@ impl Settings {
 
     /// How placement works, for the start-up line.
     pub fn describe_placement(&self) -> &'static str {
+        if self.bpf_cookie {
+            return match self.balance {
+                Balance::Random => "placement: bpf-cookie, balance: random",
+                Balance::RoundRobin => "placement: bpf-cookie, balance: round-robin",
+                Balance::LeastConnection => "placement: bpf-cookie, balance: least-connection",
+            };
+        }
         match (self.mode, self.balance) {
             (Mode::SynBalance, _) => "placement: syn, no stickiness",
             (Mode::Cookie, Balance::Random) => "placement: cookie, balance: random",

@@ -64,6 +64,8 @@ pub struct ControlState {
     /// The broadcast relay, whose counters `stats` reports too.
     pub relay: Option<Arc<crate::relay::Relay>>,
     pub resets: Arc<ResetStats>,
+    /// `--placement bpf-cookie`'s counters, when it runs.
+    pub cookies: Option<Arc<crate::reqsk::CookieCounters>>,
     /// The supervisor's event channel, for `reload`.
     pub reload: mpsc::Sender<Event>,
 }

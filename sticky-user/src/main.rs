@@ -19,6 +19,7 @@ mod plug;
 mod privileges;
 mod reject;
 mod relay;
+mod reqsk;
 mod resets;
 mod sessions;
 mod side;
@@ -103,6 +104,7 @@ fn run(args: RunArgs) -> Result<()> {
     takeover.carry_sessions(&mut table)?;
     fill_slots(&mut maps.listeners, &group)?;
     steering.attach_selector(&group.workers[0])?;
+    let (cookies, cookie_counters) = reqsk::attach_if_asked(&mut settings, group.addr).unzip();
     let adopted = takeover.finish();
     if let Some(who) = &settings.run_as {
         for a in &adopted {
@@ -155,7 +157,11 @@ fn run(args: RunArgs) -> Result<()> {
         resets::serve(maps.resets, group.addr.port(), reset_stats.clone())
             .context("starting the connection resetter")?;
     }
+    if let Some(cookies) = cookies {
+        reqsk::rotate_keys(cookies, settings.cookie_key_period)?;
+    }
     let _served = side.serve(control::ControlState {
+        cookies: cookie_counters.map(Arc::new),
         sessions: sessions.clone(),
         counters: counters.clone(),
         relay: Some(relay.clone()),

@@ -75,6 +75,14 @@ pub fn snapshot(state: &ControlState) -> Snapshot {
             resets.failed.load(std::sync::atomic::Ordering::Relaxed),
         ),
     ]);
+    if let Some(cookies) = &state.cookies {
+        values.extend(cookies.values().into_iter().map(|(name, value)| Stat {
+            name,
+            kind: Kind::Counter,
+            help: "bpf-cookie placement (README: --placement bpf-cookie)",
+            value,
+        }));
+    }
     if let Some(relay) = &state.relay {
         values.extend(
             relay

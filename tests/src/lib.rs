@@ -825,3 +825,50 @@ pub fn reachable_by_others(path: &std::path::Path, dir: &TempDir) -> PathBuf {
     std::fs::copy(path, &copy).unwrap();
     copy
 }
+
+/// A TCP connection from `from` (port 0: the kernel picks one) to `to`,
+/// `SO_REUSEADDR` so that a port used a moment ago can be bound again.
+pub fn connect_from(from: std::net::SocketAddrV4, to: std::net::SocketAddr) -> TcpStream {
+    use std::os::fd::FromRawFd;
+    let sockaddr = |a: std::net::SocketAddrV4| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*a.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let std::net::SocketAddr::V4(to) = to else {
+        panic!("IPv4 cluster expected")
+    };
+    let len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    let one: libc::c_int = 1;
+    // SAFETY: plain socket syscalls on a descriptor the TcpStream owns at once.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let stream = TcpStream::from_raw_fd(fd);
+        let int = size_of::<libc::c_int>() as libc::socklen_t;
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&raw const one).cast(),
+            int,
+        );
+        let (f, t) = (sockaddr(from), sockaddr(to));
+        assert_eq!(
+            libc::bind(fd, (&raw const f).cast(), len),
+            0,
+            "bind {from}: {}",
+            std::io::Error::last_os_error()
+        );
+        assert_eq!(
+            libc::connect(fd, (&raw const t).cast(), len),
+            0,
+            "connect: {}",
+            std::io::Error::last_os_error()
+        );
+        stream
+    }
+}

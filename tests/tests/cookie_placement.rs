@@ -8,7 +8,7 @@ use std::io::Write;
 use std::net::TcpStream;
 use std::time::Duration;
 
-use sticky_tests::{read_response, request, Cluster, NetNs, ENGINE_IO_POLLING_PY};
+use sticky_tests::{connect_from, read_response, request, Cluster, NetNs, ENGINE_IO_POLLING_PY};
 
 const COOKIE: &[&str] = &["--placement", "cookie", "--balance", "round-robin"];
 
@@ -191,53 +191,6 @@ fn without_syncookies_cookie_mode_falls_back_to_rotation() {
     let placed = on_owner(&cluster, &sessions, 40, 1);
     assert_eq!(placed, 40);
     assert_eq!(cluster.counter("placed_cookie"), 0);
-}
-
-/// A TCP connection from `from` (port 0: the kernel picks one) to `to`,
-/// `SO_REUSEADDR` so that a port used a moment ago can be bound again.
-fn connect_from(from: std::net::SocketAddrV4, to: std::net::SocketAddr) -> TcpStream {
-    use std::os::fd::FromRawFd;
-    let sockaddr = |a: std::net::SocketAddrV4| libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: a.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(*a.ip()).to_be(),
-        },
-        sin_zero: [0; 8],
-    };
-    let std::net::SocketAddr::V4(to) = to else {
-        panic!("IPv4 cluster expected")
-    };
-    let len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    let one: libc::c_int = 1;
-    // SAFETY: plain socket syscalls on a descriptor the TcpStream owns at once.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
-        let stream = TcpStream::from_raw_fd(fd);
-        let int = size_of::<libc::c_int>() as libc::socklen_t;
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_REUSEADDR,
-            (&raw const one).cast(),
-            int,
-        );
-        let (f, t) = (sockaddr(from), sockaddr(to));
-        assert_eq!(
-            libc::bind(fd, (&raw const f).cast(), len),
-            0,
-            "bind {from}: {}",
-            std::io::Error::last_os_error()
-        );
-        assert_eq!(
-            libc::connect(fd, (&raw const t).cast(), len),
-            0,
-            "connect: {}",
-            std::io::Error::last_os_error()
-        );
-        stream
-    }
 }
 
 /// TIME_WAIT sockets of local `port` whose peer is `peer` (0 and

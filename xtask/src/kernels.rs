@@ -255,7 +255,9 @@ fn fetch_kernels(cache: &Path, kernels: &[&Kernel]) -> Result<Vec<PathBuf>, Stri
             .args(
                 DIAG_MODULES
                     .iter()
-                    .map(|m| format!("./lib/modules/*/kernel/net/ipv4/{m}.ko*")),
+                    // ./lib/modules (Debian 12) or ./usr/lib/modules
+                    // (Debian 13, merged /usr): `*` matches `/` too.
+                    .map(|m| format!("*/modules/*/kernel/net/ipv4/{m}.ko*")),
             )
             .stdin(tarball.stdout.take().expect("piped"));
         let extracted = status(tar, "extracting vmlinuz and the sock_diag modules");
@@ -275,11 +277,15 @@ fn fetch_kernels(cache: &Path, kernels: &[&Kernel]) -> Result<Vec<PathBuf>, Stri
     Ok(kernels.iter().map(|k| vmlinuz(k)).collect())
 }
 
-/// Moves the extracted sock_diag modules (`lib/modules/*/.../NAME.ko`, or
-/// `.ko.xz`, decompressed: busybox insmod reads plain ones) to `to`.
+/// Moves the extracted sock_diag modules (`[usr/]lib/modules/*/.../NAME.ko`,
+/// or `.ko.xz`, decompressed: busybox insmod reads plain ones) to `to`.
 fn keep_modules(extracted: &Path, to: &Path) -> Result<(), String> {
     fs::create_dir_all(to).map_err(|e| format!("{}: {e}", to.display()))?;
-    let lib = extracted.join("lib/modules");
+    let lib = ["lib/modules", "usr/lib/modules"]
+        .iter()
+        .map(|d| extracted.join(d))
+        .find(|d| d.is_dir())
+        .unwrap_or_else(|| extracted.join("lib/modules"));
     let version = fs::read_dir(&lib)
         .map_err(|e| format!("{}: {e}", lib.display()))?
         .filter_map(Result::ok)
@@ -298,6 +304,7 @@ fn keep_modules(extracted: &Path, to: &Path) -> Result<(), String> {
             .map_err(|e| format!("{}: {e}", plain.display()))?;
     }
     let _ = fs::remove_dir_all(extracted.join("lib"));
+    let _ = fs::remove_dir_all(extracted.join("usr"));
     Ok(())
 }
 
