@@ -13,6 +13,15 @@ pub fn exe_dir() -> std::path::PathBuf {
         .unwrap_or_default()
 }
 
+/// Whether this kernel has `bpf_sk_assign_tcp_reqsk()` (Linux 6.9+), which
+/// `--placement bpf-cookie` needs (sticky falls back to rotation without
+/// it): its name is in the kernel's BTF.
+pub fn kernel_has_bpf_cookie() -> bool {
+    const KFUNC: &[u8] = b"\0bpf_sk_assign_tcp_reqsk\0";
+    std::fs::read("/sys/kernel/btf/vmlinux")
+        .is_ok_and(|btf| btf.windows(KFUNC.len()).any(|w| w == KFUNC))
+}
+
 pub fn free_port() -> Result<u16, String> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")
         .map_err(|e| format!("cannot find a free port: {e}"))?;

@@ -34,9 +34,11 @@ const USAGE: &str =
   --clients N      concurrent clients (default 64)
   --workers N,N    worker counts (default 2,4)
   --variants K,..  any of sticky, sticky_cookie (--placement cookie),
+                   sticky_bpf_cookie (--placement bpf-cookie, Linux 6.9+),
                    socketio_sticky, nginx, floor, sticky_rust (default: these
-                   six), sticky_syn (diagnostic: sticky's listeners balanced
-                   at SYN time, no stickiness)
+                   seven, sticky_bpf_cookie only where the kernel has its
+                   kfunc), sticky_syn (diagnostic: sticky's listeners
+                   balanced at SYN time, no stickiness)
   --workloads K,.. any of new_connection_serial, new_connection_concurrent,
                    long_polling_keepalive, session_establishment,
                    websocket_round_trip (default: all)
@@ -66,7 +68,7 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
         warmup: Duration::from_millis(300),
         clients: 64,
         workers: vec![2, 4],
-        variants: Variant::DEFAULT.to_vec(),
+        variants: default_variants(),
         workloads: Workload::ALL.to_vec(),
         json: None,
         readme: None,
@@ -143,6 +145,15 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
     Ok(opts)
 }
 
+/// `Variant::DEFAULT`, without bpf-cookie on a kernel that lacks its kfunc.
+fn default_variants() -> Vec<Variant> {
+    let bpf_cookie = crate::host::kernel_has_bpf_cookie();
+    Variant::DEFAULT
+        .into_iter()
+        .filter(|&v| v != Variant::StickyBpfCookie || bpf_cookie)
+        .collect()
+}
+
 fn check_programs(opts: &mut Opts) -> Result<(), String> {
     let p = &mut opts.programs;
     let uses = |v: Variant| opts.variants.contains(&v);
@@ -151,6 +162,7 @@ fn check_programs(opts: &mut Opts) -> Result<(), String> {
         Variant::StickyRust,
         Variant::StickySyn,
         Variant::StickyCookie,
+        Variant::StickyBpfCookie,
     ]
     .into_iter()
     .any(uses);

@@ -19,6 +19,7 @@ fn color(v: Variant) -> RGBColor {
         Variant::StickyRust => RGBColor(0xff, 0x7f, 0x0e),
         Variant::StickySyn => RGBColor(0x94, 0x67, 0xbd),
         Variant::StickyCookie => RGBColor(0x17, 0xbe, 0xcf),
+        Variant::StickyBpfCookie => RGBColor(0xbc, 0xbd, 0x22),
     }
 }
 

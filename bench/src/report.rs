@@ -127,19 +127,15 @@ fn targets(opts: &Opts, r: &Results) -> String {
     let cmp = |x: f64, ok: bool| x.is_finite().then_some(ok);
     for &w in &opts.workers {
         let get = |v, wl| r.get(v, w, wl);
-        let wrong: u64 = Workload::ALL
+        let stickies = [
+            Variant::Sticky,
+            Variant::StickyRust,
+            Variant::StickyCookie,
+            Variant::StickyBpfCookie,
+        ];
+        let wrong: u64 = stickies
             .iter()
-            .filter_map(|&wl| get(Variant::Sticky, wl))
-            .chain(
-                Workload::ALL
-                    .iter()
-                    .filter_map(|&wl| get(Variant::StickyRust, wl)),
-            )
-            .chain(
-                Workload::ALL
-                    .iter()
-                    .filter_map(|&wl| get(Variant::StickyCookie, wl)),
-            )
+            .flat_map(|&v| Workload::ALL.iter().filter_map(move |&wl| get(v, wl)))
             .map(|c| c.stats.wrong_worker)
             .sum();
         row(
@@ -197,25 +193,30 @@ fn targets(opts: &Opts, r: &Results) -> String {
             "≥ 0.9",
             cmp(x, x >= 0.9),
         );
-        if get(Variant::StickyCookie, Workload::NewConnSerial).is_some() {
-            let cookie = |wl| get(Variant::StickyCookie, wl);
+        for v in [Variant::StickyCookie, Variant::StickyBpfCookie] {
+            if get(v, Workload::NewConnSerial).is_none() {
+                continue;
+            }
             let x = ratio(
-                p50(cookie(Workload::NewConnSerial)),
+                p50(get(v, Workload::NewConnSerial)),
                 p50(get(Variant::SocketIoSticky, Workload::NewConnSerial)),
             );
             row(
-                "p50 sticky --placement cookie / @socket.io/sticky, new connection, serial",
+                &format!(
+                    "p50 {} / @socket.io/sticky, new connection, serial",
+                    v.label()
+                ),
                 w,
                 x,
                 "≤ 0.5",
                 cmp(x, x <= 0.5),
             );
             let x = ratio(
-                rate(cookie(Workload::NewConnConcurrent)),
+                rate(get(v, Workload::NewConnConcurrent)),
                 rate(get(Variant::Floor, Workload::NewConnConcurrent)),
             );
             row(
-                "rate sticky --placement cookie / floor, new connection, 64 clients",
+                &format!("rate {} / floor, new connection, 64 clients", v.label()),
                 w,
                 x,
                 "≥ 0.9",

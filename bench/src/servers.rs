@@ -34,19 +34,27 @@ pub enum Variant {
     /// `sticky run --placement cookie` with the Node.js workers: every
     /// connection placed by sid in softirq, no user-space step.
     StickyCookie,
+    /// `sticky run --placement bpf-cookie` with the Node.js workers:
+    /// sticky's own SYN cookies, placed like `StickyCookie` with every TCP
+    /// option kept. Only where the kernel has the kfunc
+    /// (`host::kernel_has_bpf_cookie`): elsewhere sticky falls back to
+    /// rotation, which this label would misname.
+    StickyBpfCookie,
 }
 
 impl Variant {
-    /// What `cargo xtask bench` runs.
-    pub const DEFAULT: [Variant; 6] = [
+    /// What `cargo xtask bench` runs (`StickyBpfCookie` where the kernel
+    /// has its kfunc: `peers::default_variants`).
+    pub const DEFAULT: [Variant; 7] = [
         Variant::Sticky,
         Variant::StickyCookie,
+        Variant::StickyBpfCookie,
         Variant::SocketIoSticky,
         Variant::Nginx,
         Variant::Floor,
         Variant::StickyRust,
     ];
-    pub const ALL: [Variant; 7] = [
+    pub const ALL: [Variant; 8] = [
         Variant::Sticky,
         Variant::SocketIoSticky,
         Variant::Nginx,
@@ -54,6 +62,7 @@ impl Variant {
         Variant::StickyRust,
         Variant::StickySyn,
         Variant::StickyCookie,
+        Variant::StickyBpfCookie,
     ];
 
     pub fn label(self) -> &'static str {
@@ -65,6 +74,7 @@ impl Variant {
             Variant::StickyRust => "sticky, Rust workers",
             Variant::StickySyn => "sticky --placement syn (no stickiness)",
             Variant::StickyCookie => "sticky --placement cookie",
+            Variant::StickyBpfCookie => "sticky --placement bpf-cookie",
         }
     }
 
@@ -77,6 +87,7 @@ impl Variant {
             Variant::StickyRust => "sticky_rust",
             Variant::StickySyn => "sticky_syn",
             Variant::StickyCookie => "sticky_cookie",
+            Variant::StickyBpfCookie => "sticky_bpf_cookie",
         }
     }
 
@@ -84,9 +95,11 @@ impl Variant {
     /// supervisor, the cluster master, nginx).
     pub fn front(self) -> &'static str {
         match self {
-            Variant::Sticky | Variant::StickyRust | Variant::StickySyn | Variant::StickyCookie => {
-                "sticky supervisor"
-            }
+            Variant::Sticky
+            | Variant::StickyRust
+            | Variant::StickySyn
+            | Variant::StickyCookie
+            | Variant::StickyBpfCookie => "sticky supervisor",
             Variant::SocketIoSticky => "cluster master",
             Variant::Nginx => "nginx (all processes)",
             Variant::Floor => "cluster master",
@@ -204,13 +217,18 @@ impl Server {
             dir: None,
         };
         match variant {
-            Variant::Sticky | Variant::StickyRust | Variant::StickySyn | Variant::StickyCookie => {
+            Variant::Sticky
+            | Variant::StickyRust
+            | Variant::StickySyn
+            | Variant::StickyCookie
+            | Variant::StickyBpfCookie => {
                 let mut cmd = Command::new(&programs.sticky);
                 cmd.args(["run", "--listen", &addr.to_string(), "--workers"])
                     .arg(workers.to_string());
                 let placement = match variant {
                     Variant::StickySyn => Some("syn"),
                     Variant::StickyCookie => Some("cookie"),
+                    Variant::StickyBpfCookie => Some("bpf-cookie"),
                     _ => None,
                 };
                 if let Some(p) = placement {
