@@ -61,6 +61,13 @@ pub struct RunArgs {
     /// Period of the sorting listener's rotation while connections arrive (e.g. 1ms, 500us).
     #[arg(long, default_value = "1ms", value_parser = parse_duration)]
     pub rotate: Duration,
+    /// Rotate per batch (default placement): while connections overlap on
+    /// a CPU, rotate at most once per WINDOW (e.g. 1ms, at most 100ms), so
+    /// that one rotation places them all; a connection arriving alone still
+    /// rotates at once. Queued connections wait up to WINDOW. Default: a
+    /// rotation at every SYN.
+    #[arg(long, value_name = "WINDOW", value_parser = parse_batch_window)]
+    pub rotation_batch: Option<Duration>,
     /// How long workers get to exit after SIGTERM before SIGKILL.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub grace: Duration,
@@ -157,6 +164,7 @@ pub struct Settings {
     pub mode: Mode,
     pub sid_param: String,
     pub rotate: Duration,
+    pub rotation_batch: Option<Duration>,
     pub grace: Duration,
     pub drain: Duration,
     pub control: Option<PathBuf>,
@@ -211,6 +219,7 @@ impl Settings {
             mode,
             sid_param: args.sid_param,
             rotate: args.rotate,
+            rotation_batch: args.rotation_batch,
             grace: args.grace,
             drain: args.drain,
             control: args.control,
@@ -323,6 +332,19 @@ pub fn default_control(port: u16) -> PathBuf {
 }
 
 /// "1ms", "500us", "2s", "1.5s", "100ns".
+/// Longest `--rotation-batch`: queued connections wait up to it.
+const BATCH_WINDOW_MAX: Duration = Duration::from_millis(100);
+
+fn parse_batch_window(s: &str) -> Result<Duration, String> {
+    let window = parse_duration(s)?;
+    if window > BATCH_WINDOW_MAX {
+        return Err(format!(
+            "`{s}` is longer than 100ms: queued connections would wait that long (try 1ms)"
+        ));
+    }
+    Ok(window)
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let split = s
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
