@@ -13,9 +13,13 @@ use std::{
         atomic::{AtomicUsize, Ordering},
         Arc,
     },
+    time::Duration,
 };
 
-use sticky_tests::{python3_bin, read_response, request, Cluster, ENGINE_IO_POLLING_PY};
+use sticky_tests::{
+    demo_worker_bin, python3_bin, read_response, request, signal, Cluster, TempDir,
+    ENGINE_IO_POLLING_PY,
+};
 
 /// Long enough that a connection made to wait for the window would find
 /// its listener still open and take the queue path.
@@ -182,6 +186,59 @@ fn learned_sessions_stay_on_their_worker_with_batch_rotation() {
         "requests of learned sessions reached other workers"
     );
     assert!(cluster.counter("learned") >= 30);
+}
+
+#[test]
+fn sids_stay_on_their_owner_across_a_reload_and_an_adoption() {
+    const WORKERS: usize = 2;
+    let extra = [
+        "--rotation-batch",
+        "1ms",
+        "--drain",
+        "60s",
+        "--learn",
+        "off",
+    ];
+    let worker = demo_worker_bin();
+    let worker = worker.to_str().unwrap();
+    let dir = TempDir::new();
+    let control = dir.0.join("control.sock");
+    let mut old = Cluster::start_with_control("127.0.0.1:0", &control, WORKERS, &extra, &[worker]);
+    let sessions = old.sessions_on_every_worker(WORKERS, 3);
+    let pids: Vec<u32> = (0..WORKERS).map(|i| old.worker_pid(i).unwrap()).collect();
+    // A reload: the sessions stay with the old, draining generation.
+    signal(old.pid(), libc::SIGHUP);
+    old.wait_for("the new generation", Duration::from_secs(10), |c| {
+        c.stats()
+            .values()
+            .filter(|v| v.contains("generation:1"))
+            .count()
+            == WORKERS
+    });
+    let wrong_reloaded = concurrent_sid_requests(&old, sessions.clone(), 2_000, 64);
+    // The supervisor killed: a new one, per batch too, adopts both generations.
+    let addr = old.addr.to_string();
+    signal(old.pid(), libc::SIGKILL);
+    old.terminate(Duration::from_secs(5));
+    let new = Cluster::start_with_control(&addr, &control, WORKERS, &extra, &[worker]);
+    let log = new.log.lock().unwrap().clone();
+    assert!(
+        pids.iter().all(|pid| log.contains(&format!("(pid {pid})"))),
+        "the old generation was not adopted:\n{log}"
+    );
+    let before = new.stats();
+    let wrong_adopted = concurrent_sid_requests(&new, sessions, 2_000, 64);
+    let after = new.stats();
+    println!(
+        "--rotation-batch 1ms, 2,000 sid connections from 64 clients: after a reload wrong={}, \
+         after an adoption wrong={} (rotations={}, by_sid={})",
+        wrong_reloaded,
+        wrong_adopted,
+        delta(&before, &after, "rotations"),
+        delta(&before, &after, "by_sid")
+    );
+    assert_eq!(wrong_reloaded, 0, "after the reload");
+    assert_eq!(wrong_adopted, 0, "after the adoption");
 }
 
 #[test]
