@@ -157,6 +157,65 @@ fn connections_that_wait_for_the_window_are_placed_from_the_queue() {
 }
 
 #[test]
+fn far_clients_take_the_softirq_path_in_few_rotations() {
+    // Clients that wait 30 ms between connect and their request, as far
+    // ones do: a busy loop rotates once a window is over and nothing is
+    // queued for QUIET_MAX (10 ms), before their data comes, which then
+    // migrates in softirq: no rotation per connection, no queue wait.
+    let cluster = Cluster::start(2, &["--rotation-batch", "1ms"]);
+    let sessions = Arc::new(cluster.sessions_on_every_worker(2, 3));
+    let before = cluster.stats();
+    let (clients, each) = (64, 20);
+    let wrong = Arc::new(AtomicUsize::new(0));
+    let threads: Vec<_> = (0..clients)
+        .map(|c| {
+            let (sessions, wrong, addr) = (sessions.clone(), wrong.clone(), cluster.addr);
+            std::thread::spawn(move || {
+                for n in 0..each {
+                    let (sid, owner) = &sessions[(c + n) % sessions.len()];
+                    let mut s = TcpStream::connect(addr).unwrap();
+                    std::thread::sleep(Duration::from_millis(30));
+                    s.write_all(
+                        format!("GET /?sid={sid} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                            .as_bytes(),
+                    )
+                    .unwrap();
+                    if read_response(s).worker != Some(*owner) {
+                        wrong.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let after = cluster.stats();
+    let d = |k| delta(&before, &after, k);
+    let total = (clients * each) as u64;
+    let wrong = wrong.load(Ordering::Relaxed);
+    println!(
+        "{total} connections 30 ms away from 64 clients, --rotation-batch 1ms: wrong={wrong} \
+         placed_softirq={} placed_queue={} rotations={}",
+        d("placed_softirq"),
+        d("placed_queue"),
+        d("rotations")
+    );
+    assert_eq!(wrong, 0, "connections reached the wrong worker");
+    assert_eq!(d("by_sid"), total);
+    assert!(
+        d("placed_softirq") * 2 > total,
+        "only {} of {total} in softirq",
+        d("placed_softirq")
+    );
+    assert!(
+        d("rotations") * 2 < total,
+        "{} rotations for {total} connections: not batched",
+        d("rotations")
+    );
+}
+
+#[test]
 fn learned_sessions_stay_on_their_worker_with_batch_rotation() {
     let python = python3_bin();
     let cluster = Cluster::start_with(

@@ -6,12 +6,15 @@
 //! update, a shutdown that migrates the queue, wake-ups), whether it serves
 //! one connection or a hundred. Per SYN (the default) the doorbell rings at
 //! every SYN and each rotation serves about one. Per batch, once a rotation
-//! served more than one SYN the loop stops listening to the doorbell and
-//! runs on a clock of one window: at its end it rotates if SYNs came, else
-//! it goes back to the doorbell. The connections whose data arrives within
-//! the window queue on the sorting listener (`sticky_sort` records their
-//! owner) and the rotation migrates them all through the selector (queue
-//! path); those whose data comes after it take the softirq path. Either way
+//! served more than one SYN the loop stops listening to the doorbell: after
+//! one window it rotates as soon as a connection is queued on the sorting
+//! listener (at once, under load), or QUIET_MAX later if SYNs came but no
+//! data (far clients: their data takes the softirq path after that
+//! rotation); with no SYN at all it goes back to the doorbell. The
+//! connections whose data arrives before the rotation queue on the sorting
+//! listener (`sticky_sort` records their owner) and the rotation migrates
+//! them all through the selector (queue path); those whose data comes after
+//! it take the softirq path. Either way
 //! the placement is the one per SYN would make: only its moment changes, by
 //! at most the window. Pinning, the handoff and the rotation itself are the
 //! per-SYN loop's (`SortingLoop::rotate`).
@@ -31,7 +34,13 @@ use std::{
 
 use sticky_common::counter;
 
-use super::{wait, SortingLoop, IDLE_BACKOFF};
+use super::{readable, wait, SortingLoop, IDLE_BACKOFF};
+
+/// While busy, the longest a sorting listener stays in its slot after its
+/// window with no connection queued on it, taking SYNs whose data has not
+/// come: it bounds the requests one listener holds and, with no SYN then,
+/// ends the batch.
+const QUIET_MAX: Duration = Duration::from_millis(10);
 
 /// What a sorting loop's counters say, read just before a rotation or at a
 /// wake-up: SYNs taken by this CPU's sorting listeners, and connections
@@ -114,9 +123,14 @@ impl SortingLoop {
         while !self.stop.load(Ordering::Relaxed) {
             let now = if let Some(end) = pacer.busy_until() {
                 std::thread::sleep(end.saturating_duration_since(Instant::now()));
+                // Rotate once a connection waits; until then the SYNs
+                // taken wait for their data anyway (and then take the
+                // softirq path): a far client's costs no rotation of its own.
+                let quiet = (end + QUIET_MAX).saturating_duration_since(Instant::now());
+                let waiting = readable(&self.current, quiet);
                 self.doorbell.drain(); // this rotation serves them
                 let now = self.progress();
-                if now.syns == pacer.syns_at_rotation() {
+                if !waiting && now.syns == pacer.syns_at_rotation() {
                     pacer.idle();
                     continue;
                 }
