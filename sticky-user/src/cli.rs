@@ -207,6 +207,9 @@ impl Settings {
             }
             PlacementArg::Syn => Mode::SynBalance,
         };
+        if args.rotation_batch.is_some() && mode != Mode::Sticky {
+            log!("--rotation-batch: this placement rotates no listener per connection; ignored (it applies to --placement sticky)");
+        }
         let command = WorkerCommand::resolve(&args.command)?;
         Ok(Settings {
             listen: args.listen,
@@ -331,7 +334,6 @@ pub fn default_control(port: u16) -> PathBuf {
     dir.join(format!("sticky-{port}.sock"))
 }
 
-/// "1ms", "500us", "2s", "1.5s", "100ns".
 /// Longest `--rotation-batch`: queued connections wait up to it.
 const BATCH_WINDOW_MAX: Duration = Duration::from_millis(100);
 
@@ -345,6 +347,7 @@ fn parse_batch_window(s: &str) -> Result<Duration, String> {
     Ok(window)
 }
 
+/// "1ms", "500us", "2s", "1.5s", "100ns".
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let split = s
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))

@@ -2,9 +2,9 @@
 //! rotates at once, and when it lets a window close first so that one
 //! rotation serves every connection that arrived meanwhile.
 //!
-//! A rotation costs the supervisor about 20 µs (a listener made, a map
-//! update, a shutdown that migrates the queue, wake-ups), whether it serves
-//! one connection or a hundred. Per SYN (the default) the doorbell rings at
+//! A rotation costs the supervisor 20-40 µs (a listener made, a map
+//! update, a shutdown, wake-ups), whether it serves one connection or a
+//! hundred, plus a few µs per queued connection it migrates. Per SYN (the default) the doorbell rings at
 //! every SYN and each rotation serves about one. Per batch, once a rotation
 //! served more than one SYN the loop stops listening to the doorbell: after
 //! one window it rotates as soon as a connection is queued on the sorting
@@ -14,10 +14,10 @@
 //! connections whose data arrives before the rotation queue on the sorting
 //! listener (`sticky_sort` records their owner) and the rotation migrates
 //! them all through the selector (queue path); those whose data comes after
-//! it take the softirq path. Either way
-//! the placement is the one per SYN would make: only its moment changes, by
-//! at most the window. Pinning, the handoff and the rotation itself are the
-//! per-SYN loop's (`SortingLoop::rotate`).
+//! it take the softirq path. Either way the placement is the one per SYN
+//! would make: only its moment changes, a queued connection waiting at most
+//! the window. Pinning, the handoff and the rotation itself are the per-SYN
+//! loop's (`SortingLoop::rotate`).
 //!
 //! A connection that rings the doorbell alone still rotates at once, so
 //! that serial clients pay nothing extra: the window is past, or the last
@@ -124,8 +124,8 @@ impl SortingLoop {
             let now = if let Some(end) = pacer.busy_until() {
                 std::thread::sleep(end.saturating_duration_since(Instant::now()));
                 // Rotate once a connection waits; until then the SYNs
-                // taken wait for their data anyway (and then take the
-                // softirq path): a far client's costs no rotation of its own.
+                // taken wait for their data anyway (which then takes the
+                // softirq path): far clients cost no rotation each.
                 let quiet = (end + QUIET_MAX).saturating_duration_since(Instant::now());
                 let waiting = readable(&self.current, quiet);
                 self.doorbell.drain(); // this rotation serves them
