@@ -6,6 +6,9 @@
 //!
 //! - `sticky`: sticky's default placement, by sid, with sorting-listener
 //!   rotation (the softirq and queue paths);
+//! - `batch` (or `batch:WINDOW`, e.g. `batch:250us`): the default
+//!   placement with `--rotation-batch WINDOW` (1ms if not given), at most
+//!   one rotation per window on a busy CPU; not in the default modes;
 //! - `cookie`: `--placement cookie`, every SYN answered with a SYN cookie
 //!   and every connection placed by sid on its first data in softirq, no
 //!   rotation;
@@ -77,7 +80,7 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 
 const USAGE: &str =
     "usage: sticky-bench core [--quick] [--rounds N] [--duration SECS] [--clients N]
-                    [--modes sticky,cookie,floor,bpf-cookie] [--sessions N] [--learned N]
+                    [--modes sticky,batch:1ms,cookie,floor,bpf-cookie] [--sessions N] [--learned N]
                     [--no-memory | --memory-only] [--learn on|off] [--json PATH] [--readme PATH]
                     [--sticky PATH] [--worker PATH] [--direct ADDR] [--ws-learn]
                     [--foreign]
@@ -88,7 +91,9 @@ const USAGE: &str =
   --duration SECS  length of each workload in each round
   --clients N      concurrent clients, one new connection per request
                    (default 64; the established workload uses 8)
-  --modes K,..     placements to compare: sticky, cookie, floor (default all)
+  --modes K,..     placements to compare: sticky, cookie, floor (default
+                   these three), batch[:WINDOW] (sticky --rotation-batch
+                   WINDOW, default 1ms; e.g. batch:250us,batch:2ms)
   --sessions N     sessions registered for the memory measurement
                    (default 1,000,000)
   --learned N      sessions learned for the memory measurement
@@ -248,6 +253,8 @@ fn number(s: &str) -> Result<f64, String> {
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Mode {
     Sticky,
+    /// Sticky with `--rotation-batch` of this many microseconds.
+    Batch(u32),
     Cookie,
     Floor,
     /// `--placement bpf-cookie` (Linux 6.9+): on request only (`--modes`).
@@ -258,30 +265,61 @@ impl Mode {
     const ALL: [Mode; 3] = [Mode::Sticky, Mode::Cookie, Mode::Floor];
 
     fn parse(key: &str) -> Result<Mode, String> {
+        if key == "batch" {
+            return Ok(Mode::Batch(1000));
+        }
+        if let Some(window) = key.strip_prefix("batch:") {
+            return batch_micros(window).map(Mode::Batch);
+        }
         Mode::ALL
             .into_iter()
             .chain([Mode::BpfCookie])
             .find(|m| m.label() == key)
             .ok_or(format!(
-                "unknown mode {key:?} (sticky, cookie, floor, bpf-cookie)"
+                "unknown mode {key:?} (sticky, batch[:WINDOW], cookie, floor, bpf-cookie)"
             ))
     }
-    fn label(self) -> &'static str {
+    fn label(self) -> String {
         match self {
-            Mode::Sticky => "sticky",
-            Mode::Cookie => "cookie",
-            Mode::Floor => "floor",
-            Mode::BpfCookie => "bpf-cookie",
+            Mode::Sticky => "sticky".into(),
+            Mode::Batch(us) if us % 1000 == 0 => format!("batch:{}ms", us / 1000),
+            Mode::Batch(us) => format!("batch:{us}us"),
+            Mode::Cookie => "cookie".into(),
+            Mode::Floor => "floor".into(),
+            Mode::BpfCookie => "bpf-cookie".into(),
         }
     }
     /// Value of `sticky run --placement`.
     fn placement(self) -> &'static str {
         match self {
-            Mode::Sticky => "sticky",
+            Mode::Sticky | Mode::Batch(_) => "sticky",
             Mode::Cookie => "cookie",
             Mode::Floor => "syn",
             Mode::BpfCookie => "bpf-cookie",
         }
+    }
+    /// Extra `sticky run` arguments of the mode.
+    fn args(self) -> Vec<String> {
+        match self {
+            Mode::Batch(us) => vec!["--rotation-batch".into(), format!("{us}us")],
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// A window like 250us or 2ms, in microseconds.
+fn batch_micros(window: &str) -> Result<u32, String> {
+    let bad = || format!("batch:{window}: the window must be like 250us or 2ms");
+    let (number, scale) = if let Some(n) = window.strip_suffix("us") {
+        (n, 1)
+    } else if let Some(n) = window.strip_suffix("ms") {
+        (n, 1000)
+    } else {
+        return Err(bad());
+    };
+    match number.parse::<u32>() {
+        Ok(n) if n > 0 => n.checked_mul(scale).ok_or_else(bad),
+        _ => Err(bad()),
     }
 }
 
@@ -737,15 +775,18 @@ impl Cluster {
                 &WORKERS.to_string(),
             ])
             .args(["--placement", mode.placement()])
+            .args(mode.args())
             .args(match (mode, opts.learn) {
                 // The control: no cgroup program at all, so the foreign
                 // check (which runs in them) is off too unless asked for.
-                (Mode::Sticky | Mode::Cookie | Mode::BpfCookie, false)
+                (Mode::Sticky | Mode::Batch(_) | Mode::Cookie | Mode::BpfCookie, false)
                     if opts.foreign.is_none() =>
                 {
                     &["--learn", "off", "--foreign-requests", "off"][..]
                 }
-                (Mode::Sticky | Mode::Cookie | Mode::BpfCookie, false) => &["--learn", "off"][..],
+                (Mode::Sticky | Mode::Batch(_) | Mode::Cookie | Mode::BpfCookie, false) => {
+                    &["--learn", "off"][..]
+                }
                 _ => &[],
             })
             .args(extra)

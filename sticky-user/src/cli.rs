@@ -61,6 +61,13 @@ pub struct RunArgs {
     /// Period of the sorting listener's rotation while connections arrive (e.g. 1ms, 500us).
     #[arg(long, default_value = "1ms", value_parser = parse_duration)]
     pub rotate: Duration,
+    /// Rotate per batch (default placement): while connections overlap on
+    /// a CPU, rotate at most once per WINDOW (e.g. 1ms, at most 100ms), so
+    /// that one rotation places them all; a connection arriving alone still
+    /// rotates at once. Queued connections wait up to WINDOW. Default: a
+    /// rotation at every SYN.
+    #[arg(long, value_name = "WINDOW", value_parser = parse_batch_window)]
+    pub rotation_batch: Option<Duration>,
     /// How long workers get to exit after SIGTERM before SIGKILL.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub grace: Duration,
@@ -168,6 +175,7 @@ pub struct Settings {
     pub cookie_key_period: Duration,
     pub sid_param: String,
     pub rotate: Duration,
+    pub rotation_batch: Option<Duration>,
     pub grace: Duration,
     pub drain: Duration,
     pub control: Option<PathBuf>,
@@ -216,6 +224,9 @@ impl Settings {
             // stack (TIME_WAIT reuses) take the sorting path (reqsk.rs).
             PlacementArg::BpfCookie => Mode::Sticky,
         };
+        if args.rotation_batch.is_some() && mode != Mode::Sticky {
+            log!("--rotation-batch: this placement rotates no listener per connection; ignored (it applies to --placement sticky)");
+        }
         let command = WorkerCommand::resolve(&args.command)?;
         Ok(Settings {
             listen: args.listen,
@@ -230,6 +241,7 @@ impl Settings {
             cookie_key_period: args.cookie_key_period,
             sid_param: args.sid_param,
             rotate: args.rotate,
+            rotation_batch: args.rotation_batch,
             grace: args.grace,
             drain: args.drain,
             control: args.control,
@@ -346,6 +358,19 @@ pub fn default_control(port: u16) -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/tmp"));
     dir.join(format!("sticky-{port}.sock"))
+}
+
+/// Longest `--rotation-batch`: queued connections wait up to it.
+const BATCH_WINDOW_MAX: Duration = Duration::from_millis(100);
+
+fn parse_batch_window(s: &str) -> Result<Duration, String> {
+    let window = parse_duration(s)?;
+    if window > BATCH_WINDOW_MAX {
+        return Err(format!(
+            "`{s}` is longer than 100ms: queued connections would wait that long (try 1ms)"
+        ));
+    }
+    Ok(window)
 }
 
 /// "1ms", "500us", "2s", "1.5s", "100ns".

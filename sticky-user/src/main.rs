@@ -137,6 +137,10 @@ fn run(args: RunArgs) -> Result<()> {
             period: settings.rotate,
             // Cookie mode sends no SYN to a sorting listener.
             rotate_on_clock: settings.mode == Mode::Sticky,
+            // Cookie mode rotates only when a listener is readable.
+            batch: settings
+                .rotation_batch
+                .filter(|_| settings.mode == Mode::Sticky),
             counters: counters.clone(),
             handoff: maps.handoff,
             doorbells: maps.doorbells,

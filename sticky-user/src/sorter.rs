@@ -20,7 +20,8 @@
 //! each SYN: rotating before the client's data arrives sends that data down
 //! the softirq path), when `current` becomes readable (a connection is
 //! queued: migrate it now), and every `period` while SYNs keep arriving (a
-//! fallback, should a doorbell wake-up be missed).
+//! fallback, should a doorbell wake-up be missed). With `--rotation-batch`
+//! a busy CPU rotates at most once per window instead (`pacing`).
 //!
 //! Why one loop per CPU, pinned: a child that completes on a listener while
 //! another CPU shuts that listener is reset by the kernel (the state check
@@ -44,6 +45,8 @@ use std::{
 use anyhow::{Context, Result};
 use aya::maps::{ArrayOfMaps, MapData, ReusePortSockArray};
 use sticky_common::{counter, Handoff, HANDOFF_GRACE_NS, SORTING_SLOT};
+
+mod pacing;
 
 use crate::{
     listeners::{sorting_listener, stop_listening, wake_waiters},
@@ -73,6 +76,7 @@ struct SortingLoop {
     doorbell: Doorbell,
     period: Duration,
     rotate_on_clock: bool,
+    batch: Option<Duration>,
     counters: Arc<Counters>,
     handoff: Arc<HandoffMap>,
     stop: Arc<AtomicBool>,
@@ -94,6 +98,9 @@ pub struct Sorting {
     /// SYNs go to the overflow listener (counted, but never on a sorting
     /// listener); its loops then rotate only when a listener is readable.
     pub rotate_on_clock: bool,
+    /// `--rotation-batch`: while busy, at most one rotation per this
+    /// window (`pacing`); `None`: one at every doorbell.
+    pub batch: Option<Duration>,
     pub counters: Arc<Counters>,
     pub handoff: HandoffMap,
     pub doorbells: ArrayOfMaps<MapData, MapData>,
@@ -121,6 +128,7 @@ pub fn prepare(sorting: Sorting) -> Result<Prepared> {
         cpus,
         period,
         rotate_on_clock,
+        batch,
         counters,
         handoff,
         mut doorbells,
@@ -149,6 +157,7 @@ pub fn prepare(sorting: Sorting) -> Result<Prepared> {
             doorbell,
             period,
             rotate_on_clock,
+            batch,
             counters: counters.clone(),
             handoff: handoff.clone(),
             stop: stop.clone(),
@@ -194,6 +203,13 @@ impl SortingLoop {
             );
         }
         set_realtime();
+        match self.batch {
+            Some(window) => self.run_batched(window),
+            None => self.run_per_syn(),
+        }
+    }
+
+    fn run_per_syn(&mut self) {
         let mut syns_at_rotation = self.syns();
         let mut tick = self.period;
         let mut next_tick = Instant::now() + tick;
@@ -217,13 +233,17 @@ impl SortingLoop {
                 }
             }
             syns_at_rotation = self.syns();
-            if let Err(e) = self.rotate() {
-                log!(
-                    "sorting listener rotation on CPU {} failed: {e:#}",
-                    self.cpu
-                );
-                std::thread::sleep(Duration::from_millis(10));
-            }
+            self.rotate_or_log();
+        }
+    }
+
+    fn rotate_or_log(&mut self) {
+        if let Err(e) = self.rotate() {
+            log!(
+                "sorting listener rotation on CPU {} failed: {e:#}",
+                self.cpu
+            );
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 

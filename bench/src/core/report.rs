@@ -56,7 +56,7 @@ pub fn table(opts: &Opts, r: &Results) -> String {
         names.join(", ")
     };
     out += &format!(
-        "\n## sticky placement vs SYN-time balancing (floor)\n\n{target}; {} round(s) of {:.1} s per workload and mode, alternating ({}); one paired run on a shared machine.\n\n- sticky: rotation of sorting listeners (default); cookie: `--placement cookie`; floor: `--placement syn`, no stickiness.\n- {}: one new connection per request, timed from connect to the response's last byte, each connection from a source address of its own (\"N ms away\": the client waits that long between connect and its first byte; \"one address\": every connection from the same address, ports picked by the kernel, as behind a busy NAT).\n- {}: one keep-alive connection per client, opened before the clock starts; requests back to back, each timed from its write to the response's last byte.\n- Serial and established workloads: {} (a single client's round trip is then CPU work only, no cross-CPU wake-up whose cost is a coin flip of the scheduler); concurrent new connections unpinned. {}.\n- supervisor: CPU time (user + system) of `sticky run` itself per 1,000 connections opened.\n\n",
+        "\n## sticky placement vs SYN-time balancing (floor)\n\n{target}; {} round(s) of {:.1} s per workload and mode, alternating ({}); one paired run on a shared machine.\n\n- sticky: rotation of sorting listeners (default); batch:W: the same with `--rotation-batch W`; cookie: `--placement cookie`; bpf-cookie: `--placement bpf-cookie`; floor: `--placement syn`, no stickiness.\n- {}: one new connection per request, timed from connect to the response's last byte, each connection from a source address of its own (\"N ms away\": the client waits that long between connect and its first byte; \"one address\": every connection from the same address, ports picked by the kernel, as behind a busy NAT).\n- {}: one keep-alive connection per client, opened before the clock starts; requests back to back, each timed from its write to the response's last byte.\n- Serial and established workloads: {} (a single client's round trip is then CPU work only, no cross-CPU wake-up whose cost is a coin flip of the scheduler); concurrent new connections unpinned. {}.\n- supervisor: CPU time (user + system) of `sticky run` itself per 1,000 connections opened.\n\n",
         opts.rounds,
         opts.duration.as_secs_f64(),
         opts.modes.iter().map(|m| m.label()).collect::<Vec<_>>().join(", "),
@@ -220,7 +220,7 @@ fn programs_json(r: &Results) -> String {
                     ))
                 })
                 .collect();
-            format!("{}: {{{}}}", quote(p.mode.label()), cells.join(", "))
+            format!("{}: {{{}}}", quote(&p.mode.label()), cells.join(", "))
         })
         .collect();
     format!("{{{}}}", modes.join(", "))
