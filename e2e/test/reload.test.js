@@ -93,15 +93,17 @@ async function generations(sticky) {
 
 /**
  * What one describe's test opens: a VERSION file (v1), then the sticky
- * and the sessions the test puts here; all stopped and removed after it.
+ * and the sessions the test puts here (those opened before the reload and
+ * the fresh ones after it); all stopped and removed after it, also when
+ * it fails (a client left running keeps node's event loop alive).
  */
 function reloadRun() {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'sticky-reload-'));
   const version = { dir, file: path.join(dir, 'VERSION') };
   fs.writeFileSync(version.file, 'v1');
-  const run = { version, sticky: undefined, sessions: [] };
+  const run = { version, sticky: undefined, sessions: [], fresh: [] };
   after(async () => {
-    for (const s of run.sessions) s.stop();
+    for (const s of [...run.sessions, ...run.fresh]) s.stop();
     await h.stopSticky(run.sticky);
     fs.rmSync(version.dir, { recursive: true, force: true });
   });
@@ -152,6 +154,7 @@ for (const c of cases) {
       assert.match(during.generation0, /state:draining/);
       assert.match(during.generation1, /state:accepting/);
       const fresh = await openSessions(sticky.url, 12);
+      run.fresh = fresh; // stopped after the test, whatever happens
       for (const s of fresh) {
         assert.equal(s.hellos[0].version, 'v2', `a ${s.transport} session opened after the reload`);
         assert.ok(pids[1].includes(s.hellos[0].pid));
@@ -238,6 +241,7 @@ describe('sticky reload: a new version that exits at once', () => {
     assert.deepEqual(pids[0].sort(), oldPids);
     assert.match(st.generation0, /state:accepting/);
     const fresh = await openSessions(sticky.url, 9);
+    run.fresh = fresh; // stopped after the test, whatever happens
     for (const s of fresh) {
       assert.equal(s.hellos[0].version, 'v1');
       assert.ok(oldPids.includes(s.hellos[0].pid));
