@@ -80,7 +80,7 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 
 const USAGE: &str =
     "usage: sticky-bench core [--quick] [--rounds N] [--duration SECS] [--clients N]
-                    [--modes sticky,per-syn,batch:W,cookie,bpf-cookie,floor] [--sessions N] [--learned N]
+                    [--modes sticky,batch:1ms,cookie,floor,bpf-cookie] [--sessions N] [--learned N]
                     [--no-memory | --memory-only] [--learn on|off] [--json PATH] [--readme PATH]
                     [--sticky PATH] [--worker PATH] [--direct ADDR] [--ws-learn]
                     [--foreign]
@@ -91,11 +91,9 @@ const USAGE: &str =
   --duration SECS  length of each workload in each round
   --clients N      concurrent clients, one new connection per request
                    (default 64; the established workload uses 8)
-  --modes K,..     placements to compare: sticky (its defaults), per-syn
-                   (--rotation-batch off), cookie, bpf-cookie (where the
-                   kernel has its kfunc), floor (default: these five),
-                   batch[:WINDOW] (sticky --rotation-batch WINDOW, default
-                   1ms; e.g. batch:250us,batch:4ms)
+  --modes K,..     placements to compare: sticky, cookie, floor (default
+                   these three), batch[:WINDOW] (sticky --rotation-batch
+                   WINDOW, default 1ms; e.g. batch:250us,batch:2ms)
   --sessions N     sessions registered for the memory measurement
                    (default 1,000,000)
   --learned N      sessions learned for the memory measurement
@@ -164,7 +162,7 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
         rounds: 3,
         duration: Duration::from_secs(3),
         clients: 64,
-        modes: Mode::default_modes(),
+        modes: Mode::ALL.to_vec(),
         memory: None,
         memory_only: false,
         json: None,
@@ -254,37 +252,17 @@ fn number(s: &str) -> Result<f64, String> {
 
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Mode {
-    /// sticky's defaults (rotation, per batch of 2 ms while busy).
     Sticky,
-    /// Rotation at every SYN (`--rotation-batch off`).
-    PerSyn,
     /// Sticky with `--rotation-batch` of this many microseconds.
     Batch(u32),
     Cookie,
     Floor,
-    /// `--placement bpf-cookie` (Linux 6.9+): by default only where the
-    /// kernel has its kfunc (`default_modes`), else sticky would fall back
-    /// to rotation under this label.
+    /// `--placement bpf-cookie` (Linux 6.9+): on request only (`--modes`).
     BpfCookie,
 }
 
 impl Mode {
-    const ALL: [Mode; 5] = [
-        Mode::Sticky,
-        Mode::PerSyn,
-        Mode::Cookie,
-        Mode::BpfCookie,
-        Mode::Floor,
-    ];
-
-    /// What `--modes` defaults to.
-    fn default_modes() -> Vec<Mode> {
-        let bpf_cookie = crate::host::kernel_has_bpf_cookie();
-        Mode::ALL
-            .into_iter()
-            .filter(|&m| m != Mode::BpfCookie || bpf_cookie)
-            .collect()
-    }
+    const ALL: [Mode; 3] = [Mode::Sticky, Mode::Cookie, Mode::Floor];
 
     fn parse(key: &str) -> Result<Mode, String> {
         if key == "batch" {
@@ -295,15 +273,15 @@ impl Mode {
         }
         Mode::ALL
             .into_iter()
+            .chain([Mode::BpfCookie])
             .find(|m| m.label() == key)
             .ok_or(format!(
-                "unknown mode {key:?} (sticky, per-syn, batch[:WINDOW], cookie, bpf-cookie, floor)"
+                "unknown mode {key:?} (sticky, batch[:WINDOW], cookie, floor, bpf-cookie)"
             ))
     }
     fn label(self) -> String {
         match self {
             Mode::Sticky => "sticky".into(),
-            Mode::PerSyn => "per-syn".into(),
             Mode::Batch(us) if us % 1000 == 0 => format!("batch:{}ms", us / 1000),
             Mode::Batch(us) => format!("batch:{us}us"),
             Mode::Cookie => "cookie".into(),
@@ -314,7 +292,7 @@ impl Mode {
     /// Value of `sticky run --placement`.
     fn placement(self) -> &'static str {
         match self {
-            Mode::Sticky | Mode::PerSyn | Mode::Batch(_) => "sticky",
+            Mode::Sticky | Mode::Batch(_) => "sticky",
             Mode::Cookie => "cookie",
             Mode::Floor => "syn",
             Mode::BpfCookie => "bpf-cookie",
@@ -323,7 +301,6 @@ impl Mode {
     /// Extra `sticky run` arguments of the mode.
     fn args(self) -> Vec<String> {
         match self {
-            Mode::PerSyn => vec!["--rotation-batch".into(), "off".into()],
             Mode::Batch(us) => vec!["--rotation-batch".into(), format!("{us}us")],
             _ => Vec::new(),
         }
@@ -802,14 +779,14 @@ impl Cluster {
             .args(match (mode, opts.learn) {
                 // The control: no cgroup program at all, so the foreign
                 // check (which runs in them) is off too unless asked for.
-                (
-                    Mode::Sticky | Mode::PerSyn | Mode::Batch(_) | Mode::Cookie | Mode::BpfCookie,
-                    false,
-                ) if opts.foreign.is_none() => &["--learn", "off", "--foreign-requests", "off"][..],
-                (
-                    Mode::Sticky | Mode::PerSyn | Mode::Batch(_) | Mode::Cookie | Mode::BpfCookie,
-                    false,
-                ) => &["--learn", "off"][..],
+                (Mode::Sticky | Mode::Batch(_) | Mode::Cookie | Mode::BpfCookie, false)
+                    if opts.foreign.is_none() =>
+                {
+                    &["--learn", "off", "--foreign-requests", "off"][..]
+                }
+                (Mode::Sticky | Mode::Batch(_) | Mode::Cookie | Mode::BpfCookie, false) => {
+                    &["--learn", "off"][..]
+                }
                 _ => &[],
             })
             .args(extra)

@@ -62,12 +62,12 @@ pub struct RunArgs {
     #[arg(long, default_value = "1ms", value_parser = parse_duration)]
     pub rotate: Duration,
     /// Rotate per batch (default placement): while connections overlap on
-    /// a CPU, rotate at most once per WINDOW (at most 100ms), so that one
-    /// rotation places them all; a connection arriving alone still rotates
-    /// at once. Queued connections wait up to WINDOW. `off`: a rotation at
-    /// every SYN. Default: 2ms.
-    #[arg(long, value_name = "WINDOW|off", value_parser = parse_batch_window)]
-    pub rotation_batch: Option<BatchWindow>,
+    /// a CPU, rotate at most once per WINDOW (e.g. 1ms, at most 100ms), so
+    /// that one rotation places them all; a connection arriving alone still
+    /// rotates at once. Queued connections wait up to WINDOW. Default: a
+    /// rotation at every SYN.
+    #[arg(long, value_name = "WINDOW", value_parser = parse_batch_window)]
+    pub rotation_batch: Option<Duration>,
     /// How long workers get to exit after SIGTERM before SIGKILL.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub grace: Duration,
@@ -224,7 +224,7 @@ impl Settings {
             // stack (TIME_WAIT reuses) take the sorting path (reqsk.rs).
             PlacementArg::BpfCookie => Mode::Sticky,
         };
-        if args.rotation_batch.is_some_and(|w| w.0.is_some()) && mode != Mode::Sticky {
+        if args.rotation_batch.is_some() && mode != Mode::Sticky {
             log!("--rotation-batch: this placement rotates no listener per connection; ignored (it applies to --placement sticky)");
         }
         let command = WorkerCommand::resolve(&args.command)?;
@@ -241,7 +241,7 @@ impl Settings {
             cookie_key_period: args.cookie_key_period,
             sid_param: args.sid_param,
             rotate: args.rotate,
-            rotation_batch: args.rotation_batch.unwrap_or(DEFAULT_BATCH_WINDOW).0,
+            rotation_batch: args.rotation_batch,
             grace: args.grace,
             drain: args.drain,
             control: args.control,
@@ -360,28 +360,17 @@ pub fn default_control(port: u16) -> PathBuf {
     dir.join(format!("sticky-{port}.sock"))
 }
 
-/// `--rotation-batch`: a window, or None (`off`): a rotation per SYN.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct BatchWindow(pub Option<Duration>);
-
 /// Longest `--rotation-batch`: queued connections wait up to it.
 const BATCH_WINDOW_MAX: Duration = Duration::from_millis(100);
 
-/// The default window: 1-2 ms measured best (README, "Rotation per
-/// batch"): equal to a rotation per SYN serially, better under concurrency.
-const DEFAULT_BATCH_WINDOW: BatchWindow = BatchWindow(Some(Duration::from_millis(2)));
-
-fn parse_batch_window(s: &str) -> Result<BatchWindow, String> {
-    if s == "off" {
-        return Ok(BatchWindow(None));
-    }
+fn parse_batch_window(s: &str) -> Result<Duration, String> {
     let window = parse_duration(s)?;
     if window > BATCH_WINDOW_MAX {
         return Err(format!(
-            "`{s}` is longer than 100ms: queued connections would wait that long (try 2ms, or off)"
+            "`{s}` is longer than 100ms: queued connections would wait that long (try 1ms)"
         ));
     }
-    Ok(BatchWindow(Some(window)))
+    Ok(window)
 }
 
 /// "1ms", "500us", "2s", "1.5s", "100ns".
