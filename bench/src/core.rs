@@ -91,9 +91,10 @@ const USAGE: &str =
   --duration SECS  length of each workload in each round
   --clients N      concurrent clients, one new connection per request
                    (default 64; the established workload uses 8)
-  --modes K,..     placements to compare: sticky, cookie, floor (default
-                   these three), batch[:WINDOW] (sticky --rotation-batch
-                   WINDOW, default 1ms; e.g. batch:250us,batch:2ms)
+  --modes K,..     placements to compare: sticky, cookie, bpf-cookie (where
+                   the kernel has its kfunc), floor (default: these),
+                   batch[:WINDOW] (sticky --rotation-batch WINDOW, default
+                   1ms; e.g. batch:250us,batch:2ms)
   --sessions N     sessions registered for the memory measurement
                    (default 1,000,000)
   --learned N      sessions learned for the memory measurement
@@ -162,7 +163,7 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
         rounds: 3,
         duration: Duration::from_secs(3),
         clients: 64,
-        modes: Mode::ALL.to_vec(),
+        modes: Mode::default_modes(),
         memory: None,
         memory_only: false,
         json: None,
@@ -257,12 +258,23 @@ enum Mode {
     Batch(u32),
     Cookie,
     Floor,
-    /// `--placement bpf-cookie` (Linux 6.9+): on request only (`--modes`).
+    /// `--placement bpf-cookie` (Linux 6.9+): by default only where the
+    /// kernel has its kfunc (`default_modes`), else sticky would fall back
+    /// to rotation under this label.
     BpfCookie,
 }
 
 impl Mode {
-    const ALL: [Mode; 3] = [Mode::Sticky, Mode::Cookie, Mode::Floor];
+    const ALL: [Mode; 4] = [Mode::Sticky, Mode::Cookie, Mode::BpfCookie, Mode::Floor];
+
+    /// What `--modes` defaults to.
+    fn default_modes() -> Vec<Mode> {
+        let bpf_cookie = crate::host::kernel_has_bpf_cookie();
+        Mode::ALL
+            .into_iter()
+            .filter(|&m| m != Mode::BpfCookie || bpf_cookie)
+            .collect()
+    }
 
     fn parse(key: &str) -> Result<Mode, String> {
         if key == "batch" {
@@ -273,7 +285,6 @@ impl Mode {
         }
         Mode::ALL
             .into_iter()
-            .chain([Mode::BpfCookie])
             .find(|m| m.label() == key)
             .ok_or(format!(
                 "unknown mode {key:?} (sticky, batch[:WINDOW], cookie, floor, bpf-cookie)"
