@@ -241,6 +241,60 @@ impl Cluster {
         panic!("could not place sessions on every worker: {counts:?}");
     }
 
+    /// `total` sid-carrying long-polling requests, each on a new
+    /// connection, from `clients` threads; returns how many were not
+    /// answered 200 by their sid's owner.
+    pub fn sid_requests_from(
+        &self,
+        sessions: &[(String, usize)],
+        total: usize,
+        clients: usize,
+    ) -> usize {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let (wrong, next) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        std::thread::scope(|scope| {
+            for _ in 0..clients {
+                scope.spawn(|| loop {
+                    let n = next.fetch_add(1, Ordering::Relaxed);
+                    if n >= total {
+                        return;
+                    }
+                    let (sid, owner) = &sessions[n % sessions.len()];
+                    let target = format!("/socket.io/?EIO=4&transport=polling&sid={sid}");
+                    let r = request(self.addr, "GET", &target, b"");
+                    if r.status != 200 || r.worker != Some(*owner) {
+                        wrong.fetch_add(1, Ordering::Relaxed);
+                    }
+                });
+            }
+        });
+        wrong.load(Ordering::Relaxed)
+    }
+
+    /// `n` clients that connect, stay silent for `silence`, then send a
+    /// sid request each; returns how many their sid's owner answered.
+    pub fn silent_clients_on_owner(
+        &self,
+        sessions: &[(String, usize)],
+        n: usize,
+        silence: Duration,
+    ) -> usize {
+        let silent: Vec<TcpStream> = (0..n)
+            .map(|_| TcpStream::connect(self.addr).unwrap())
+            .collect();
+        std::thread::sleep(silence);
+        let mut right = 0;
+        for (i, mut s) in silent.into_iter().enumerate() {
+            let (sid, owner) = &sessions[i % sessions.len()];
+            let req = format!("GET /?sid={sid} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+            s.write_all(req.as_bytes()).unwrap();
+            let r = read_response(s);
+            assert_eq!(r.status, 200);
+            right += usize::from(r.worker == Some(*owner));
+        }
+        right
+    }
+
     /// The control socket's `stats` answer, as name -> value.
     pub fn stats(&self) -> HashMap<String, String> {
         let line = control_line(&self.control, "stats");

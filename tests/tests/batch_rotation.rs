@@ -17,8 +17,7 @@ use std::{
 };
 
 use sticky_tests::{
-    demo_worker_bin, python3_bin, read_response, request, signal, Cluster, TempDir,
-    ENGINE_IO_POLLING_PY,
+    demo_worker_bin, python3_bin, read_response, signal, Cluster, TempDir, ENGINE_IO_POLLING_PY,
 };
 
 /// Long enough that a connection made to wait for the window would find
@@ -29,48 +28,13 @@ fn delta(before: &HashMap<String, String>, after: &HashMap<String, String>, k: &
     after[k].parse::<u64>().unwrap() - before[k].parse::<u64>().unwrap()
 }
 
-/// `total` sid-carrying connections from `clients` threads; returns how many
-/// did not reach their sid's owner.
-fn concurrent_sid_requests(
-    cluster: &Cluster,
-    sessions: Vec<(String, usize)>,
-    total: usize,
-    clients: usize,
-) -> usize {
-    let sessions = Arc::new(sessions);
-    let wrong = Arc::new(AtomicUsize::new(0));
-    let next = Arc::new(AtomicUsize::new(0));
-    let threads: Vec<_> = (0..clients)
-        .map(|_| {
-            let (sessions, wrong, next, addr) =
-                (sessions.clone(), wrong.clone(), next.clone(), cluster.addr);
-            std::thread::spawn(move || loop {
-                let n = next.fetch_add(1, Ordering::Relaxed);
-                if n >= total {
-                    return;
-                }
-                let (sid, owner) = &sessions[n % sessions.len()];
-                let target = format!("/socket.io/?EIO=4&transport=polling&sid={sid}");
-                let r = request(addr, "GET", &target, b"");
-                if r.status != 200 || r.worker != Some(*owner) {
-                    wrong.fetch_add(1, Ordering::Relaxed);
-                }
-            })
-        })
-        .collect();
-    for t in threads {
-        t.join().unwrap();
-    }
-    wrong.load(Ordering::Relaxed)
-}
-
 #[test]
 fn sid_connections_from_64_clients_reach_their_owner_in_fewer_rotations() {
     let cluster = Cluster::start(3, &["--rotation-batch", "2ms"]);
     let sessions = cluster.sessions_on_every_worker(3, 4);
     let before = cluster.stats();
     let total = 10_000;
-    let wrong = concurrent_sid_requests(&cluster, sessions, total, 64);
+    let wrong = cluster.sid_requests_from(&sessions, total, 64);
     let after = cluster.stats();
     let d = |k| delta(&before, &after, k);
     println!(
@@ -138,7 +102,7 @@ fn connections_that_wait_for_the_window_are_placed_from_the_queue() {
     let sessions = cluster.sessions_on_every_worker(2, 3);
     let before = cluster.stats();
     let total = 2_000;
-    let wrong = concurrent_sid_requests(&cluster, sessions, total, 64);
+    let wrong = cluster.sid_requests_from(&sessions, total, 64);
     let after = cluster.stats();
     let d = |k| delta(&before, &after, k);
     println!(
@@ -274,7 +238,7 @@ fn sids_stay_on_their_owner_across_a_reload_and_an_adoption() {
             .count()
             == WORKERS
     });
-    let wrong_reloaded = concurrent_sid_requests(&old, sessions.clone(), 2_000, 64);
+    let wrong_reloaded = old.sid_requests_from(&sessions, 2_000, 64);
     // The supervisor killed: a new one, per batch too, adopts both generations.
     let addr = old.addr.to_string();
     signal(old.pid(), libc::SIGKILL);
@@ -286,7 +250,7 @@ fn sids_stay_on_their_owner_across_a_reload_and_an_adoption() {
         "the old generation was not adopted:\n{log}"
     );
     let before = new.stats();
-    let wrong_adopted = concurrent_sid_requests(&new, sessions, 2_000, 64);
+    let wrong_adopted = new.sid_requests_from(&sessions, 2_000, 64);
     let after = new.stats();
     println!(
         "--rotation-batch 1ms, 2,000 sid connections from 64 clients: after a reload wrong={}, \

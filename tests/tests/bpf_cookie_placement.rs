@@ -155,19 +155,7 @@ fn large_bodies_cross_both_ways_and_silent_clients_are_placed_when_they_speak() 
     }
     // Nothing is kept after the SYN-ACK: the first data, 2 s later, makes
     // the connection on the owner.
-    let silent: Vec<std::net::TcpStream> = (0..20)
-        .map(|_| std::net::TcpStream::connect(cluster.addr).unwrap())
-        .collect();
-    std::thread::sleep(Duration::from_secs(2));
-    let mut right = 0;
-    for (i, mut s) in silent.into_iter().enumerate() {
-        let (sid, owner) = &sessions[i % sessions.len()];
-        let req = format!("GET /?sid={sid} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-        s.write_all(req.as_bytes()).unwrap();
-        let r = read_response(s);
-        assert_eq!(r.status, 200);
-        right += usize::from(r.worker == Some(*owner));
-    }
+    let right = cluster.silent_clients_on_owner(&sessions, 20, Duration::from_secs(2));
     println!(
         "20 clients silent for 2 s after connect, then a sid request: {right}/20 on their owner"
     );

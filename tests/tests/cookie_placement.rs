@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::net::TcpStream;
 use std::time::Duration;
 
 use sticky_tests::{connect_from, read_response, request, Cluster, NetNs, ENGINE_IO_POLLING_PY};
@@ -112,19 +111,7 @@ fn a_client_silent_after_connect_is_placed_when_it_speaks() {
     // cookie) makes the connection on the owner.
     let cluster = Cluster::start(2, COOKIE);
     let sessions = cluster.sessions_on_every_worker(2, 1);
-    let silent: Vec<TcpStream> = (0..20)
-        .map(|_| TcpStream::connect(cluster.addr).unwrap())
-        .collect();
-    std::thread::sleep(Duration::from_secs(2));
-    let mut right = 0;
-    for (i, mut s) in silent.into_iter().enumerate() {
-        let (sid, owner) = &sessions[i % sessions.len()];
-        let req = format!("GET /?sid={sid} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-        s.write_all(req.as_bytes()).unwrap();
-        let r = read_response(s);
-        assert_eq!(r.status, 200);
-        right += usize::from(r.worker == Some(*owner));
-    }
+    let right = cluster.silent_clients_on_owner(&sessions, 20, Duration::from_secs(2));
     println!(
         "20 clients silent for 2 s after connect, then a sid request: {right}/20 on their owner"
     );

@@ -1,16 +1,7 @@
 //! Placement, end to end: real `sticky run`, real demo workers, real
 //! connections on loopback, real kernel programs.
 
-use std::{
-    collections::HashMap,
-    io::Write,
-    net::TcpStream,
-    sync::{
-        atomic::{AtomicUsize, Ordering},
-        Arc,
-    },
-    time::Duration,
-};
+use std::{collections::HashMap, io::Write, net::TcpStream, time::Duration};
 
 use sticky_tests::{read_response, request, Cluster};
 
@@ -27,50 +18,20 @@ fn per_worker(cluster: &Cluster, n: usize, target: &str, workers: usize) -> Vec<
 #[test]
 fn ten_thousand_sid_connections_from_64_clients_reach_their_owner() {
     let cluster = Cluster::start(3, &[]);
-    let sessions = Arc::new(cluster.sessions_on_every_worker(3, 4));
+    let sessions = cluster.sessions_on_every_worker(3, 4);
     let before = cluster.stats();
     let (total, clients) = (10_000usize, 64usize);
-    let wrong = Arc::new(AtomicUsize::new(0));
-    let next = Arc::new(AtomicUsize::new(0));
-    let threads: Vec<_> = (0..clients)
-        .map(|_| {
-            let (sessions, wrong, next, addr) =
-                (sessions.clone(), wrong.clone(), next.clone(), cluster.addr);
-            std::thread::spawn(move || loop {
-                let n = next.fetch_add(1, Ordering::Relaxed);
-                if n >= total {
-                    return;
-                }
-                let (sid, owner) = &sessions[n % sessions.len()];
-                let r = request(
-                    addr,
-                    "GET",
-                    &format!("/socket.io/?EIO=4&transport=polling&sid={sid}"),
-                    b"",
-                );
-                if r.status != 200 || r.worker != Some(*owner) {
-                    wrong.fetch_add(1, Ordering::Relaxed);
-                }
-            })
-        })
-        .collect();
-    for t in threads {
-        t.join().unwrap();
-    }
+    let wrong = cluster.sid_requests_from(&sessions, total, clients);
     let after = cluster.stats();
     let delta = |k: &str| after[k].parse::<u64>().unwrap() - before[k].parse::<u64>().unwrap();
     println!(
         "{total} connections: wrong={} by_sid={} placed_queue={} placed_softirq={}",
-        wrong.load(Ordering::Relaxed),
+        wrong,
         delta("by_sid"),
         delta("placed_queue"),
         delta("placed_softirq")
     );
-    assert_eq!(
-        wrong.load(Ordering::Relaxed),
-        0,
-        "connections reached the wrong worker"
-    );
+    assert_eq!(wrong, 0, "connections reached the wrong worker");
     assert!(delta("by_sid") >= total as u64);
 }
 
