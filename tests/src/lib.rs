@@ -17,6 +17,11 @@ use std::{
     time::{Duration, Instant},
 };
 
+/// How much counter `k` grew between two `Cluster::stats` answers.
+pub fn delta(before: &HashMap<String, String>, after: &HashMap<String, String>, k: &str) -> u64 {
+    after[k].parse::<u64>().unwrap() - before[k].parse::<u64>().unwrap()
+}
+
 /// A minimal Engine.IO long-polling responder with no sticky code (run
 /// with `python3_bin()`): its sessions reach sticky only by learning.
 pub const ENGINE_IO_POLLING_PY: &str =
@@ -269,6 +274,35 @@ impl Cluster {
             }
         });
         wrong.load(Ordering::Relaxed)
+    }
+
+    /// `n` requests, in blocks of one sid each, from `threads` clients at
+    /// once; returns how many reached the sid's owner (every one must be
+    /// answered).
+    pub fn requests_on_owner(
+        &self,
+        sessions: &[(String, usize)],
+        n: usize,
+        threads: usize,
+    ) -> usize {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..threads)
+                .map(|t| {
+                    scope.spawn(move || {
+                        (t..n)
+                            .step_by(threads)
+                            .filter(|i| {
+                                let (sid, owner) = &sessions[i * sessions.len() / n];
+                                let r = self.get(&format!("/?sid={sid}"));
+                                assert_eq!(r.status, 200, "{}", r.text());
+                                r.worker == Some(*owner)
+                            })
+                            .count()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).sum()
+        })
     }
 
     /// `n` clients that connect, stay silent for `silence`, then send a

@@ -6,7 +6,6 @@
 //! several connections.
 
 use std::{
-    collections::HashMap,
     io::Write,
     net::TcpStream,
     sync::{
@@ -16,6 +15,7 @@ use std::{
     time::Duration,
 };
 
+use sticky_tests::delta;
 use sticky_tests::{
     demo_worker_bin, python3_bin, read_response, signal, Cluster, TempDir, ENGINE_IO_POLLING_PY,
 };
@@ -23,10 +23,6 @@ use sticky_tests::{
 /// Long enough that a connection made to wait for the window would find
 /// its listener still open and take the queue path.
 const LONG_WINDOW: &str = "50ms";
-
-fn delta(before: &HashMap<String, String>, after: &HashMap<String, String>, k: &str) -> u64 {
-    after[k].parse::<u64>().unwrap() - before[k].parse::<u64>().unwrap()
-}
 
 #[test]
 fn sid_connections_from_64_clients_reach_their_owner_in_fewer_rotations() {

@@ -10,13 +10,10 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::time::Duration;
 
+use sticky_tests::delta;
 use sticky_tests::{connect_from, read_response, Cluster, NetNs, ENGINE_IO_POLLING_PY};
 
 const BPF_COOKIE: &[&str] = &["--placement", "bpf-cookie", "--balance", "round-robin"];
-
-fn delta(before: &HashMap<String, String>, after: &HashMap<String, String>, k: &str) -> u64 {
-    after[k].parse::<u64>().unwrap() - before[k].parse::<u64>().unwrap()
-}
 
 /// The first line of sticky's log containing `what`, waiting for it (5 s).
 fn log_line(cluster: &Cluster, what: &str) -> String {
@@ -52,29 +49,6 @@ fn runs(cluster: &Cluster) -> bool {
     false
 }
 
-/// `n` requests, in blocks of one sid each, from `threads` clients at once;
-/// returns how many reached the sid's owner (every one must be answered).
-fn on_owner(cluster: &Cluster, sessions: &[(String, usize)], n: usize, threads: usize) -> usize {
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..threads)
-            .map(|t| {
-                scope.spawn(move || {
-                    (t..n)
-                        .step_by(threads)
-                        .filter(|i| {
-                            let (sid, owner) = &sessions[i * sessions.len() / n];
-                            let r = cluster.get(&format!("/?sid={sid}"));
-                            assert_eq!(r.status, 200, "{}", r.text());
-                            r.worker == Some(*owner)
-                        })
-                        .count()
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).sum()
-    })
-}
-
 #[test]
 fn every_sid_request_reaches_its_owner_through_a_cookie_of_stickys_own() {
     let cluster = Cluster::start(3, BPF_COOKIE);
@@ -84,8 +58,8 @@ fn every_sid_request_reaches_its_owner_through_a_cookie_of_stickys_own() {
     let sessions = cluster.sessions_on_every_worker(3, 2);
     let before = cluster.stats();
     let (serial, concurrent) = (300, 1_280);
-    let placed =
-        on_owner(&cluster, &sessions, serial, 1) + on_owner(&cluster, &sessions, concurrent, 64);
+    let placed = cluster.requests_on_owner(&sessions, serial, 1)
+        + cluster.requests_on_owner(&sessions, concurrent, 64);
     // Requests without a sid are balanced (round-robin: every worker).
     let mut seen = [0usize; 3];
     for _ in 0..30 {
@@ -518,7 +492,8 @@ fn ipv6_sid_requests_reach_their_owner_with_every_option() {
     }
     let sessions = cluster.sessions_on_every_worker(2, 2);
     let before = cluster.stats();
-    let placed = on_owner(&cluster, &sessions, 100, 1) + on_owner(&cluster, &sessions, 200, 16);
+    let placed = cluster.requests_on_owner(&sessions, 100, 1)
+        + cluster.requests_on_owner(&sessions, 200, 16);
     let after = cluster.stats();
     let options = server_options(&cluster, &sessions[0].0);
     let d = |k: &str| delta(&before, &after, k);

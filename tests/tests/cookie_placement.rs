@@ -3,40 +3,13 @@
 //! sorting-listener rotation (no user-space step per connection). Real
 //! `sticky run`, real demo workers, real sockets.
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::time::Duration;
 
+use sticky_tests::delta;
 use sticky_tests::{connect_from, read_response, request, Cluster, NetNs, ENGINE_IO_POLLING_PY};
 
 const COOKIE: &[&str] = &["--placement", "cookie", "--balance", "round-robin"];
-
-fn delta(before: &HashMap<String, String>, after: &HashMap<String, String>, k: &str) -> u64 {
-    after[k].parse::<u64>().unwrap() - before[k].parse::<u64>().unwrap()
-}
-
-/// `n` requests, in blocks of one sid each, from `threads` clients at once;
-/// returns how many reached the sid's owner (every one must be answered).
-fn on_owner(cluster: &Cluster, sessions: &[(String, usize)], n: usize, threads: usize) -> usize {
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..threads)
-            .map(|t| {
-                scope.spawn(move || {
-                    (t..n)
-                        .step_by(threads)
-                        .filter(|i| {
-                            let (sid, owner) = &sessions[i * sessions.len() / n];
-                            let r = cluster.get(&format!("/?sid={sid}"));
-                            assert_eq!(r.status, 200, "{}", r.text());
-                            r.worker == Some(*owner)
-                        })
-                        .count()
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).sum()
-    })
-}
 
 /// The first line of sticky's log containing `what`, waiting for it (5 s).
 fn log_line(cluster: &Cluster, what: &str) -> String {
@@ -61,8 +34,8 @@ fn every_connection_is_placed_by_cookie_without_a_rotation() {
     let sessions = cluster.sessions_on_every_worker(3, 2);
     let before = cluster.stats();
     let (serial, concurrent) = (300, 1_280);
-    let placed =
-        on_owner(&cluster, &sessions, serial, 1) + on_owner(&cluster, &sessions, concurrent, 64);
+    let placed = cluster.requests_on_owner(&sessions, serial, 1)
+        + cluster.requests_on_owner(&sessions, concurrent, 64);
     let after = cluster.stats();
     let d = |k: &str| delta(&before, &after, k);
     let n = (serial + concurrent) as u64;
@@ -124,7 +97,7 @@ fn ipv6_cookie_placement() {
     let cluster = Cluster::start_with("[::1]:0", 2, COOKIE, &[worker.to_str().unwrap()]);
     let sessions = cluster.sessions_on_every_worker(2, 2);
     let before = cluster.stats();
-    let placed = on_owner(&cluster, &sessions, 100, 4);
+    let placed = cluster.requests_on_owner(&sessions, 100, 4);
     let after = cluster.stats();
     println!(
         "IPv6 cookie placement: {placed}/100 on their owner, placed_cookie +{}",
@@ -175,7 +148,7 @@ fn without_syncookies_cookie_mode_falls_back_to_rotation() {
     assert!(line.is_some(), "{log}");
     assert!(ready.contains("(balance: round-robin)"), "{ready}");
     let sessions = cluster.sessions_on_every_worker(2, 1);
-    let placed = on_owner(&cluster, &sessions, 40, 1);
+    let placed = cluster.requests_on_owner(&sessions, 40, 1);
     assert_eq!(placed, 40);
     assert_eq!(cluster.counter("placed_cookie"), 0);
 }

@@ -14,6 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use sticky_tests::delta;
 use sticky_tests::{
     fd_count, map_entries, parse_response, raise_nofile, random_sid, Cluster, NetNs,
 };
@@ -97,10 +98,6 @@ fn client_hello() -> Vec<u8> {
     ]);
     hello.extend(b"sticky.dev");
     hello
-}
-
-fn delta(before: &HashMap<String, String>, after: &HashMap<String, String>, k: &str) -> u64 {
-    after[k].parse::<u64>().unwrap() - before[k].parse::<u64>().unwrap()
 }
 
 /// Plays one row; returns a description of what went wrong, if anything.
