@@ -29,36 +29,44 @@
 		v0 += v3; v3 = SIP_ROTL(v3, 21); v3 ^= v0;                      \
 		v2 += v1; v1 = SIP_ROTL(v1, 17); v1 ^= v2; v2 = SIP_ROTL(v2, 32); \
 	} while (0)
+/* The state from the key, one message word (2 compression rounds), and
+ * the length word with the 4 finalization rounds: the hash. */
+#define SIP_INIT(v0, v1, v2, v3, key)                                         \
+	__u64 v0 = 0x736f6d6570736575ULL ^ (key)[0];                          \
+	__u64 v1 = 0x646f72616e646f6dULL ^ (key)[1];                          \
+	__u64 v2 = 0x6c7967656e657261ULL ^ (key)[0];                          \
+	__u64 v3 = 0x7465646279746573ULL ^ (key)[1]
+#define SIP_WORD(v0, v1, v2, v3, m)                                           \
+	do {                                                                  \
+		v3 ^= (m);                                                    \
+		SIP_ROUND(v0, v1, v2, v3);                                    \
+		SIP_ROUND(v0, v1, v2, v3);                                    \
+		v0 ^= (m);                                                    \
+	} while (0)
+#define SIP_FINISH(v0, v1, v2, v3, len)                                       \
+	({                                                                    \
+		SIP_WORD(v0, v1, v2, v3, (__u64)(len) << 56);                 \
+		v2 ^= 0xff;                                                   \
+		SIP_ROUND(v0, v1, v2, v3);                                    \
+		SIP_ROUND(v0, v1, v2, v3);                                    \
+		SIP_ROUND(v0, v1, v2, v3);                                    \
+		SIP_ROUND(v0, v1, v2, v3);                                    \
+		v0 ^ v1 ^ v2 ^ v3;                                            \
+	})
 
 static __noinline __attribute__((unused)) __u64 sticky_sid_hash(const struct sticky_sid *sid,
 					const __u64 *key)
 {
-	__u64 k0 = key[0], k1 = key[1], m, b;
-	__u64 v0 = 0x736f6d6570736575ULL ^ k0;
-	__u64 v1 = 0x646f72616e646f6dULL ^ k1;
-	__u64 v2 = 0x6c7967656e657261ULL ^ k0;
-	__u64 v3 = 0x7465646279746573ULL ^ k1;
+	SIP_INIT(v0, v1, v2, v3, key);
+	__u64 m;
 	int i;
 
 #pragma unroll
 	for (i = 0; i < STICKY_SID_MAX / 8; i++) {
 		__builtin_memcpy(&m, &sid->bytes[i * 8], 8); /* little-endian */
-		v3 ^= m;
-		SIP_ROUND(v0, v1, v2, v3);
-		SIP_ROUND(v0, v1, v2, v3);
-		v0 ^= m;
+		SIP_WORD(v0, v1, v2, v3, m);
 	}
-	b = (__u64)STICKY_SID_MAX << 56; /* the length byte, no tail bytes */
-	v3 ^= b;
-	SIP_ROUND(v0, v1, v2, v3);
-	SIP_ROUND(v0, v1, v2, v3);
-	v0 ^= b;
-	v2 ^= 0xff;
-	SIP_ROUND(v0, v1, v2, v3);
-	SIP_ROUND(v0, v1, v2, v3);
-	SIP_ROUND(v0, v1, v2, v3);
-	SIP_ROUND(v0, v1, v2, v3);
-	return v0 ^ v1 ^ v2 ^ v3;
+	return SIP_FINISH(v0, v1, v2, v3, STICKY_SID_MAX); /* no tail bytes */
 }
 _Static_assert(STICKY_SID_MAX % 8 == 0 && STICKY_SID_MAX < 256, "whole words, one length byte");
 
@@ -69,30 +77,11 @@ _Static_assert(STICKY_SID_MAX % 8 == 0 && STICKY_SID_MAX < 256, "whole words, on
 static __noinline __attribute__((unused)) __u64 sticky_siphash_2u64(__u64 m0, __u64 m1,
 								   const __u64 *key)
 {
-	__u64 k0 = key[0], k1 = key[1], b = (__u64)16 << 56;
-	__u64 v0 = 0x736f6d6570736575ULL ^ k0;
-	__u64 v1 = 0x646f72616e646f6dULL ^ k1;
-	__u64 v2 = 0x6c7967656e657261ULL ^ k0;
-	__u64 v3 = 0x7465646279746573ULL ^ k1;
+	SIP_INIT(v0, v1, v2, v3, key);
 
-	v3 ^= m0;
-	SIP_ROUND(v0, v1, v2, v3);
-	SIP_ROUND(v0, v1, v2, v3);
-	v0 ^= m0;
-	v3 ^= m1;
-	SIP_ROUND(v0, v1, v2, v3);
-	SIP_ROUND(v0, v1, v2, v3);
-	v0 ^= m1;
-	v3 ^= b;
-	SIP_ROUND(v0, v1, v2, v3);
-	SIP_ROUND(v0, v1, v2, v3);
-	v0 ^= b;
-	v2 ^= 0xff;
-	SIP_ROUND(v0, v1, v2, v3);
-	SIP_ROUND(v0, v1, v2, v3);
-	SIP_ROUND(v0, v1, v2, v3);
-	SIP_ROUND(v0, v1, v2, v3);
-	return v0 ^ v1 ^ v2 ^ v3;
+	SIP_WORD(v0, v1, v2, v3, m0);
+	SIP_WORD(v0, v1, v2, v3, m1);
+	return SIP_FINISH(v0, v1, v2, v3, 16);
 }
 
 #endif /* STICKY_SIPHASH_H */

@@ -221,12 +221,8 @@ impl SortingLoop {
             }
             if !queued && !rang {
                 // The clock: rotate only if SYNs came since the last rotation.
-                let active = self.rotate_on_clock && self.syns() != syns_at_rotation;
-                tick = if active {
-                    self.period
-                } else {
-                    (tick * 2).min(self.period * IDLE_BACKOFF)
-                };
+                let active;
+                (active, tick) = self.clock(tick, self.syns() != syns_at_rotation);
                 next_tick = Instant::now() + tick;
                 if !active {
                     continue;
@@ -235,6 +231,19 @@ impl SortingLoop {
             syns_at_rotation = self.syns();
             self.rotate_or_log();
         }
+    }
+
+    /// The fallback clock, after a wait that nothing ended: whether to
+    /// rotate (SYNs came since the last rotation), and the next tick: the
+    /// period while SYNs come, else backing off up to `IDLE_BACKOFF` periods.
+    fn clock(&self, tick: Duration, syns_came: bool) -> (bool, Duration) {
+        let active = self.rotate_on_clock && syns_came;
+        let next = if active {
+            self.period
+        } else {
+            (tick * 2).min(self.period * IDLE_BACKOFF)
+        };
+        (active, next)
     }
 
     fn rotate_or_log(&mut self) {

@@ -351,6 +351,19 @@ impl Cluster {
         v.strip_prefix("pid:")?.split(',').next()?.parse().ok()
     }
 
+    /// The first line of sticky's log containing `what`, waiting for it
+    /// (5 s).
+    pub fn log_line(&self, what: &str) -> String {
+        for _ in 0..500 {
+            let log = self.log.lock().unwrap().clone();
+            if let Some(line) = log.lines().find(|l| l.contains(what)) {
+                return line.to_string();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("no {what:?} in sticky's log:\n{}", self.log.lock().unwrap());
+    }
+
     /// Waits until `f` holds, up to `limit`.
     pub fn wait_for(&self, what: &str, limit: Duration, mut f: impl FnMut(&Cluster) -> bool) {
         let start = Instant::now();

@@ -15,25 +15,10 @@ use sticky_tests::{connect_from, read_response, Cluster, NetNs, ENGINE_IO_POLLIN
 
 const BPF_COOKIE: &[&str] = &["--placement", "bpf-cookie", "--balance", "round-robin"];
 
-/// The first line of sticky's log containing `what`, waiting for it (5 s).
-fn log_line(cluster: &Cluster, what: &str) -> String {
-    for _ in 0..500 {
-        let log = cluster.log.lock().unwrap().clone();
-        if let Some(line) = log.lines().find(|l| l.contains(what)) {
-            return line.to_string();
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    panic!(
-        "no {what:?} in sticky's log:\n{}",
-        cluster.log.lock().unwrap()
-    );
-}
-
 /// Whether bpf-cookie runs; if not (a kernel without the kfunc), checks
 /// that sticky said so in one line and serves with the default placement.
 fn runs(cluster: &Cluster) -> bool {
-    let ready = log_line(cluster, "listening on");
+    let ready = cluster.log_line("listening on");
     if ready.contains("placement: bpf-cookie") {
         return true;
     }
@@ -657,7 +642,7 @@ fn clients_across_a_veth_link_are_answered_on_that_interface() {
     if !runs(&cluster) {
         return;
     }
-    let attached = log_line(&cluster, "sticky's SYN cookies on the ingress of");
+    let attached = cluster.log_line("sticky's SYN cookies on the ingress of");
     let sessions = cluster.sessions_on_every_worker(2, 2);
     let before = cluster.stats();
     let port = cluster.addr.port();

@@ -11,25 +11,10 @@ use sticky_tests::{connect_from, read_response, request, Cluster, NetNs, ENGINE_
 
 const COOKIE: &[&str] = &["--placement", "cookie", "--balance", "round-robin"];
 
-/// The first line of sticky's log containing `what`, waiting for it (5 s).
-fn log_line(cluster: &Cluster, what: &str) -> String {
-    for _ in 0..500 {
-        let log = cluster.log.lock().unwrap().clone();
-        if let Some(line) = log.lines().find(|l| l.contains(what)) {
-            return line.to_string();
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    panic!(
-        "no {what:?} in sticky's log:\n{}",
-        cluster.log.lock().unwrap()
-    );
-}
-
 #[test]
 fn every_connection_is_placed_by_cookie_without_a_rotation() {
     let cluster = Cluster::start(3, COOKIE);
-    let ready = log_line(&cluster, "listening on");
+    let ready = cluster.log_line("listening on");
     assert!(ready.contains("placement: cookie"), "{ready}");
     let sessions = cluster.sessions_on_every_worker(3, 2);
     let before = cluster.stats();
@@ -141,7 +126,7 @@ fn without_syncookies_cookie_mode_falls_back_to_rotation() {
         &[worker.to_str().unwrap()],
         |cmd| ns.configure(cmd),
     );
-    let ready = log_line(&cluster, "listening on");
+    let ready = cluster.log_line("listening on");
     let log = cluster.log.lock().unwrap().clone();
     let line = log.lines().find(|l| l.contains("tcp_syncookies is 0"));
     println!("tcp_syncookies=0: {}", line.unwrap_or("(no line)"));

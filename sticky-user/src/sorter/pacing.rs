@@ -34,7 +34,7 @@ use std::{
 
 use sticky_common::counter;
 
-use super::{readable, wait, SortingLoop, IDLE_BACKOFF};
+use super::{readable, wait, SortingLoop};
 
 /// While busy, the longest a sorting listener stays in its slot after its
 /// window with no connection queued on it, taking SYNs whose data has not
@@ -144,12 +144,8 @@ impl SortingLoop {
                 let mut now = self.progress();
                 if !queued && !rang {
                     // The fallback clock, as per SYN.
-                    let active = self.rotate_on_clock && now.syns != pacer.syns_at_rotation();
-                    tick = if active {
-                        self.period
-                    } else {
-                        (tick * 2).min(self.period * IDLE_BACKOFF)
-                    };
+                    let active;
+                    (active, tick) = self.clock(tick, now.syns != pacer.syns_at_rotation());
                     next_tick = Instant::now() + tick;
                     if !active {
                         continue;
